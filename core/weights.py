@@ -1,0 +1,361 @@
+"""The weights manifest: which files the app can use, where they are looked for, and verification.
+
+Lookup order for a file (first hit wins):
+  1. an explicit path given by the caller,
+  2. ``$ANYFACE_WEIGHTS_DIR`` (``<dir>/<pack>/<file>`` or ``<dir>/<file>``),
+  3. the user data dir (``<user_data>/weights/<pack>/<file>``),
+  4. the bundled resources (``resources/weights/<pack>/<file>``).
+
+Existence and size are checked on every lookup (cheap); the full sha256 is streamed on first load,
+on import and on "verify", and remembered per (path, size, mtime) so later loads stay fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from core.errors import CancelledError, CorruptWeightsError, MissingFile, MissingWeightsError, UnknownWeightsError
+
+ENV_WEIGHTS_DIR = "ANYFACE_WEIGHTS_DIR"
+ENV_DATA_DIR = "ANYFACE_DATA_DIR"
+ENV_RESOURCES = "ANYFACE_RESOURCES"
+APP_NAME = "AnyFace Desktop"
+
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], bool]
+
+
+def resources_dir() -> Path:
+    """The bundled resources folder (``resources/`` of the source tree unless overridden)."""
+    env = os.environ.get(ENV_RESOURCES)
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "resources"
+
+
+def user_data_dir() -> Path:
+    """Per-user writable data dir (imported/downloaded weights, caches, pins)."""
+    env = os.environ.get(ENV_DATA_DIR)
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+
+
+def default_manifest_path() -> Path:
+    return resources_dir() / "weights" / "manifest.json"
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One entry of the manifest."""
+
+    id: str
+    file_name: str
+    pack: str
+    role: str
+    sha256: str | None
+    size: int | None
+    source: str
+    url: str = ""
+    license: str = ""
+    format: str = "safetensors"
+    optional: bool = False
+
+    def where_to_get(self) -> str:
+        return self.url or self.source
+
+
+@dataclass(frozen=True)
+class PackInfo:
+    """A model pack: a generator + CLIP + text-to-latent models that belong together."""
+
+    id: str
+    title: str
+    resolution: int
+    description: str
+    files: tuple[str, ...]
+    bundled: bool = False
+
+
+@dataclass(frozen=True)
+class FileStatus:
+    file: WeightFile
+    state: str  # "present" | "missing" | "corrupt" | "unverified"
+    path: Path | None
+    detail: str = ""
+
+
+@dataclass
+class Manifest:
+    """Parsed ``manifest.json``."""
+
+    files: dict[str, WeightFile]
+    packs: dict[str, PackInfo]
+    path: Path | None = None
+
+    @classmethod
+    def load(cls, path: Path | str | None = None) -> "Manifest":
+        path = Path(path) if path else default_manifest_path()
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        files = {}
+        for entry in data.get("files", []):
+            wf = WeightFile(**entry)
+            if wf.id in files:
+                raise ValueError(f"Duplicate weight id '{wf.id}' in {path}")
+            files[wf.id] = wf
+        packs = {}
+        for pid, p in data.get("packs", {}).items():
+            packs[pid] = PackInfo(id=pid, title=p["title"], resolution=int(p["resolution"]),
+                                  description=p.get("description", ""), files=tuple(p["files"]),
+                                  bundled=bool(p.get("bundled", False)))
+            for fid in packs[pid].files:
+                if fid not in files:
+                    raise ValueError(f"Pack '{pid}' names unknown file '{fid}' in {path}")
+        return cls(files=files, packs=packs, path=Path(path))
+
+    def get(self, id: str) -> WeightFile:
+        try:
+            return self.files[id]
+        except KeyError:
+            raise UnknownWeightsError(id, list(self.files)) from None
+
+    def pack(self, id: str) -> PackInfo:
+        try:
+            return self.packs[id]
+        except KeyError:
+            raise UnknownWeightsError(id, list(self.packs)) from None
+
+    def pack_files(self, pack: str) -> list[WeightFile]:
+        return [self.files[f] for f in self.pack(pack).files]
+
+    def to_json(self) -> dict:
+        return {
+            "version": 1,
+            "packs": {p.id: {"title": p.title, "resolution": p.resolution, "description": p.description,
+                             "files": list(p.files), "bundled": p.bundled} for p in self.packs.values()},
+            "files": [dict(vars(f)) for f in self.files.values()],
+        }
+
+    def save(self, path: Path | str | None = None) -> None:
+        path = Path(path or self.path or default_manifest_path())
+        atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def search_paths(wf: WeightFile, explicit: Path | str | None = None) -> list[Path]:
+    """Every place ``wf`` is looked for, in precedence order."""
+    paths: list[Path] = []
+    if explicit:
+        paths.append(Path(explicit))
+    env = os.environ.get(ENV_WEIGHTS_DIR)
+    if env:
+        paths += [Path(env) / wf.pack / wf.file_name, Path(env) / wf.file_name]
+    paths.append(user_data_dir() / "weights" / wf.pack / wf.file_name)
+    paths.append(resources_dir() / "weights" / wf.pack / wf.file_name)
+    return paths
+
+
+def sha256_file(path: Path | str, progress: ProgressFn | None = None,
+                should_cancel: CancelFn | None = None, chunk: int = 1 << 20) -> str:
+    """Streamed sha256 of a file, with progress (bytes done, total) and cooperative cancel."""
+    path = Path(path)
+    total = path.stat().st_size
+    h = hashlib.sha256()
+    done = 0
+    with open(path, "rb") as f:
+        while True:
+            if should_cancel is not None and should_cancel():
+                raise CancelledError("Verification cancelled.")
+            buf = f.read(chunk)
+            if not buf:
+                break
+            h.update(buf)
+            done += len(buf)
+            if progress is not None:
+                progress(done, total)
+    return h.hexdigest()
+
+
+class _VerifiedCache:
+    """Remembers files whose sha256 was checked, keyed by (path, size, mtime_ns)."""
+
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.path = user_data_dir() / "verified.json"
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _key(p: Path) -> str:
+        st = p.stat()
+        return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+    def get(self, p: Path) -> str | None:
+        return self._read().get(self._key(p))
+
+    def put(self, p: Path, sha: str) -> None:
+        with self._lock:
+            data = self._read()
+            data[self._key(p)] = sha
+            try:
+                atomic_write_text(self.path, json.dumps(data, indent=0))
+            except OSError:
+                pass  # a read-only data dir only costs a re-hash next time
+
+
+def pinned_sha256(wf: WeightFile) -> str | None:
+    """The manifest hash, or the hash pinned on the first verified download where none is published."""
+    if wf.sha256:
+        return wf.sha256
+    try:
+        pins = json.loads((user_data_dir() / "pins.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return pins.get(wf.id)
+
+
+def pin_sha256(wf: WeightFile, sha: str) -> None:
+    """Record the hash of a first verified download of a file whose hash is not published."""
+    p = user_data_dir() / "pins.json"
+    try:
+        pins = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pins = {}
+    pins[wf.id] = sha
+    atomic_write_text(p, json.dumps(pins, indent=2))
+
+
+def check_size(wf: WeightFile, path: Path) -> None:
+    size = path.stat().st_size
+    if wf.size is not None and size != wf.size:
+        raise CorruptWeightsError(wf.id, path, f"size is {size:,} bytes, expected {wf.size:,}", wf.where_to_get())
+
+
+def verify_file(wf: WeightFile, path: Path | str, progress: ProgressFn | None = None,
+                should_cancel: CancelFn | None = None, use_cache: bool = True) -> str:
+    """Check size then the streamed sha256; returns the digest. Raises ``CorruptWeightsError``."""
+    path = Path(path)
+    check_size(wf, path)
+    cache = _VerifiedCache()
+    expected = pinned_sha256(wf)
+    if use_cache:
+        cached = cache.get(path)
+        if cached is not None and (expected is None or cached == expected):
+            return cached
+    digest = sha256_file(path, progress, should_cancel)
+    if expected is not None and digest != expected:
+        raise CorruptWeightsError(wf.id, path, f"sha256 is {digest}, expected {expected}", wf.where_to_get())
+    cache.put(path, digest)
+    return digest
+
+
+def find_file(wf: WeightFile, explicit: Path | str | None = None) -> Path | None:
+    for p in search_paths(wf, explicit):
+        if p.is_file():
+            return p
+    return None
+
+
+def locate(id: str | WeightFile, explicit: Path | str | None = None, *, manifest: Manifest | None = None,
+           verify: bool = False, progress: ProgressFn | None = None,
+           should_cancel: CancelFn | None = None) -> Path:
+    """Find a weight file on the lookup path, check its size (and sha256 when ``verify``)."""
+    wf = id if isinstance(id, WeightFile) else (manifest or Manifest.load()).get(id)
+    path = find_file(wf, explicit)
+    if path is None:
+        raise MissingWeightsError([MissingFile(wf.id, wf.file_name, tuple(map(str, search_paths(wf, explicit))),
+                                               wf.where_to_get())])
+    if verify:
+        verify_file(wf, path, progress, should_cancel)
+    else:
+        check_size(wf, path)
+    return path
+
+
+def locate_pack(pack: str, *, manifest: Manifest | None = None, verify: bool = False,
+                include_optional: bool = True, progress: ProgressFn | None = None,
+                should_cancel: CancelFn | None = None) -> dict[str, Path]:
+    """Paths of every file of a pack, keyed by role. All missing files are reported together."""
+    manifest = manifest or Manifest.load()
+    found: dict[str, Path] = {}
+    missing: list[MissingFile] = []
+    for wf in manifest.pack_files(pack):
+        path = find_file(wf)
+        if path is None:
+            if not wf.optional:
+                missing.append(MissingFile(wf.id, wf.file_name, tuple(map(str, search_paths(wf))), wf.where_to_get()))
+            continue
+        if wf.optional and not include_optional:
+            continue
+        found[wf.role] = path
+    if missing:
+        raise MissingWeightsError(missing)
+    for wf in manifest.pack_files(pack):
+        if wf.role in found:
+            if verify:
+                verify_file(wf, found[wf.role], progress, should_cancel)
+            else:
+                check_size(wf, found[wf.role])
+    return found
+
+
+def pack_status(pack: str, *, manifest: Manifest | None = None, verify: bool = False,
+                progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> list[FileStatus]:
+    """Per-file status (present / missing / corrupt / unverified) for the model manager."""
+    manifest = manifest or Manifest.load()
+    out = []
+    for wf in manifest.pack_files(pack):
+        path = find_file(wf)
+        if path is None:
+            out.append(FileStatus(wf, "missing", None, "looked in: " + "; ".join(map(str, search_paths(wf)))))
+            continue
+        try:
+            if verify:
+                verify_file(wf, path, progress, should_cancel)
+                out.append(FileStatus(wf, "present", path))
+            else:
+                check_size(wf, path)
+                cached = _VerifiedCache().get(path)
+                ok = cached is not None and (pinned_sha256(wf) in (None, cached))
+                out.append(FileStatus(wf, "present" if ok else "unverified", path))
+        except CorruptWeightsError as e:
+            out.append(FileStatus(wf, "corrupt", path, e.reason))
+    return out
+
+
+def usable_packs(manifest: Manifest | None = None) -> list[str]:
+    """Packs whose required files are all present with the right size."""
+    manifest = manifest or Manifest.load()
+    ok = []
+    for pid in manifest.packs:
+        states = [s.state for s in pack_status(pid, manifest=manifest) if not s.file.optional]
+        if states and all(s in ("present", "unverified") for s in states):
+            ok.append(pid)
+    return ok
+
+
+def iter_manifest_files(manifest: Manifest) -> Iterable[WeightFile]:
+    return manifest.files.values()

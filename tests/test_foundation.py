@@ -1,0 +1,180 @@
+"""Layout rules, entry points and the weights manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core import weights
+from core.errors import CorruptWeightsError, MissingWeightsError, UnknownWeightsError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(code: str, timeout=120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.mark.parametrize("module", ["core", "core.weights", "core.device", "core.errors", "anyface_desktop.cli"])
+def test_core_and_cli_never_import_qt_or_training(module):
+    import pkgutil
+
+    extra = ""
+    if module == "core":  # import every core module, not just the package
+        import core
+
+        names = [m.name for m in pkgutil.iter_modules(core.__path__)]
+        extra = "; ".join(f"import core.{n}" for n in names)
+    r = _run(f"import {module}; {extra}\nimport sys\n"
+             "bad = [m for m in sys.modules if m.split('.')[0] in ('PySide6', 'training', 'anyface_desktop') "
+             "and not m.startswith('anyface_desktop.cli') and m != 'anyface_desktop']\n"
+             "print('BAD', bad)")
+    assert r.returncode == 0, r.stderr
+    assert "BAD []" in r.stdout, r.stdout
+
+
+def test_cli_version_and_help():
+    r = subprocess.run([sys.executable, "-m", "anyface_desktop.cli", "--version"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "anyface 0.1.0" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "anyface_desktop.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "examples:" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "anyface_desktop.cli", "--no-such-flag"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2
+
+
+def test_gui_entry_point_starts_and_closes_offscreen(tmp_path):
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "main.py", "--quit-after", "300"], capture_output=True, text=True,
+                       timeout=180, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_device_choice(monkeypatch):
+    from core import device
+
+    assert device.pick_device("cpu").type == "cpu"
+    monkeypatch.setenv("ANYFACE_DEVICE", "cpu")
+    assert device.pick_device().type == "cpu"
+    assert device.pick_device("auto").type == device.available_devices()[0].split(":")[0]
+    if "cuda:7" not in device.available_devices():
+        with pytest.raises(ValueError, match="Available"):
+            device.pick_device("cuda:7")
+
+
+# ----------------------------------------------------------------------------------- weights
+
+
+@pytest.fixture
+def toy_manifest(tmp_path, monkeypatch):
+    """A manifest with one real file whose size and sha256 are known, in a fake resources dir."""
+    res = tmp_path / "resources"
+    (res / "weights" / "toy").mkdir(parents=True)
+    payload = os.urandom(3000)
+    (res / "weights" / "toy" / "a.bin").write_bytes(payload)
+    man = {
+        "version": 1,
+        "packs": {"toy": {"title": "Toy", "resolution": 8, "files": ["toy-a", "toy-b"]}},
+        "files": [
+            {"id": "toy-a", "file_name": "a.bin", "pack": "toy", "role": "generator", "sha256": hashlib.sha256(payload).hexdigest(),
+             "size": len(payload), "source": "https://example.invalid/a.bin"},
+            {"id": "toy-b", "file_name": "b.bin", "pack": "toy", "role": "clip", "sha256": None, "size": None,
+             "source": "https://example.invalid/b.bin"},
+        ],
+    }
+    (res / "weights" / "manifest.json").write_text(json.dumps(man))
+    monkeypatch.setenv("ANYFACE_RESOURCES", str(res))
+    return weights.Manifest.load(), res, payload
+
+
+def test_real_manifest_parses_and_has_provenance():
+    m = weights.Manifest.load()
+    assert "tiny" in m.packs and "ffhq-1024" in m.packs
+    for f in m.files.values():
+        assert f.license and f.source, f.id
+    assert m.get("nvlabs-ffhq-1024").sha256.startswith("a205a346")
+
+
+def test_unknown_id_lists_valid_ids(toy_manifest):
+    m, _, _ = toy_manifest
+    with pytest.raises(UnknownWeightsError) as e:
+        m.get("nope")
+    assert "toy-a" in str(e.value) and "toy-b" in str(e.value)
+
+
+def test_missing_file_names_itself_where_and_source(toy_manifest):
+    m, res, _ = toy_manifest
+    with pytest.raises(MissingWeightsError) as e:
+        weights.locate("toy-b", manifest=m)
+    msg = str(e.value)
+    assert "toy-b" in msg and "b.bin" in msg and "example.invalid/b.bin" in msg
+    assert str(res / "weights" / "toy" / "b.bin") in msg
+    assert str(weights.user_data_dir()) in msg
+    with pytest.raises(MissingWeightsError) as e:
+        weights.locate_pack("toy", manifest=m)
+    assert [x.id for x in e.value.missing] == ["toy-b"]
+
+
+def test_wrong_size_and_wrong_hash_are_corrupt(toy_manifest, tmp_path, monkeypatch):
+    m, res, payload = toy_manifest
+    wdir = tmp_path / "w"
+    (wdir / "toy").mkdir(parents=True)
+    monkeypatch.setenv("ANYFACE_WEIGHTS_DIR", str(wdir))
+    (wdir / "toy" / "a.bin").write_bytes(payload[:-1])
+    with pytest.raises(CorruptWeightsError, match="size"):
+        weights.locate("toy-a", manifest=m)
+    flipped = bytes([payload[0] ^ 1]) + payload[1:]
+    (wdir / "toy" / "a.bin").write_bytes(flipped)
+    assert weights.locate("toy-a", manifest=m) == wdir / "toy" / "a.bin"  # size ok: cheap check passes
+    with pytest.raises(CorruptWeightsError, match="sha256"):
+        weights.locate("toy-a", manifest=m, verify=True)
+    states = {s.file.id: s.state for s in weights.pack_status("toy", manifest=m, verify=True)}
+    assert states == {"toy-a": "corrupt", "toy-b": "missing"}
+
+
+def test_lookup_order_precedence(toy_manifest, tmp_path, monkeypatch):
+    m, res, payload = toy_manifest
+    wf = m.get("toy-a")
+    bundled = res / "weights" / "toy" / "a.bin"
+    assert weights.locate(wf) == bundled
+    user = weights.user_data_dir() / "weights" / "toy" / "a.bin"
+    user.parent.mkdir(parents=True)
+    user.write_bytes(payload)
+    assert weights.locate(wf) == user
+    envdir = tmp_path / "envw"
+    envdir.mkdir()
+    (envdir / "a.bin").write_bytes(payload)
+    monkeypatch.setenv("ANYFACE_WEIGHTS_DIR", str(envdir))
+    assert weights.locate(wf) == envdir / "a.bin"
+    explicit = tmp_path / "explicit.bin"
+    explicit.write_bytes(payload)
+    assert weights.locate(wf, explicit) == explicit
+
+
+def test_verify_streams_with_progress_cancel_and_cache(toy_manifest):
+    m, res, payload = toy_manifest
+    wf = m.get("toy-a")
+    seen = []
+    digest = weights.verify_file(wf, res / "weights" / "toy" / "a.bin", progress=lambda d, t: seen.append((d, t)), use_cache=False)
+    assert digest == wf.sha256 and seen[-1] == (3000, 3000)
+    from core.errors import CancelledError
+
+    with pytest.raises(CancelledError):
+        weights.sha256_file(res / "weights" / "toy" / "a.bin", should_cancel=lambda: True)
+    states = {s.file.id: s.state for s in weights.pack_status("toy", manifest=m)}
+    assert states["toy-a"] == "present"  # cached after the verify above
+
+
+def test_cli_models_list_json(toy_manifest):
+    env = dict(os.environ)
+    r = subprocess.run([sys.executable, "-m", "anyface_desktop.cli", "--json", "models", "verify", "--pack", "toy"],
+                       capture_output=True, text=True, cwd=ROOT, env=env)
+    rows = json.loads(r.stdout)
+    assert {x["id"]: x["state"] for x in rows} == {"toy-a": "present", "toy-b": "missing"}
+    assert r.returncode == 1
