@@ -176,6 +176,10 @@ def _transfer(url: str, part: Path, *, size, progress, should_cancel, timeout) -
 
 def weight_destination(wf: WeightFile) -> Path:
     """Where a downloaded/imported file of the manifest is stored."""
+    if wf.install_to == "torch_hub":
+        import torch.hub
+
+        return Path(torch.hub.get_dir()) / "checkpoints" / wf.file_name
     return user_data_dir() / "weights" / wf.pack / wf.file_name
 
 

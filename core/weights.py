@@ -67,6 +67,8 @@ class WeightFile:
     license: str = ""
     format: str = "safetensors"
     optional: bool = False
+    #: "" = the app's weights folders; "torch_hub" = torch.hub.get_dir()/checkpoints (face-alignment looks there)
+    install_to: str = ""
 
     def where_to_get(self) -> str:
         return self.url or self.source
@@ -165,6 +167,10 @@ def search_paths(wf: WeightFile, explicit: Path | str | None = None) -> list[Pat
     paths: list[Path] = []
     if explicit:
         paths.append(Path(explicit))
+    if wf.install_to == "torch_hub":
+        import torch.hub
+
+        paths.append(Path(torch.hub.get_dir()) / "checkpoints" / wf.file_name)
     env = os.environ.get(ENV_WEIGHTS_DIR)
     if env:
         paths += [Path(env) / wf.pack / wf.file_name, Path(env) / wf.file_name]
@@ -347,10 +353,13 @@ def pack_status(pack: str, *, manifest: Manifest | None = None, verify: bool = F
 
 
 def usable_packs(manifest: Manifest | None = None) -> list[str]:
-    """Packs whose required files are all present with the right size."""
+    """Model packs (generator + CLIP) whose required files are all present with the right size.
+    Auxiliary packs (resolution 0, e.g. detector weights) are not model packs."""
     manifest = manifest or Manifest.load()
     ok = []
     for pid in manifest.packs:
+        if manifest.packs[pid].resolution <= 0:
+            continue
         states = [s.state for s in pack_status(pid, manifest=manifest) if not s.file.optional]
         if states and all(s in ("present", "unverified") for s in states):
             ok.append(pid)
