@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import traceback
+from pathlib import Path
 
-from PySide6.QtWidgets import QMessageBox, QWidget
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout,
+                               QLabel, QLineEdit, QMessageBox, QPushButton, QSpinBox, QWidget)
 
 from core.errors import AnyFaceError
 
+log = logging.getLogger("anyface.gui")
 
-def show_error(parent: QWidget | None, exc: BaseException, detail: str | None = None) -> None:
+
+def show_error(parent: QWidget | None, exc: BaseException, detail: str | None = None) -> QMessageBox:
     """A message box with the short text and the traceback as detail (never raises)."""
     title = getattr(exc, "title", "Error") if isinstance(exc, AnyFaceError) else "Unexpected error"
     box = QMessageBox(parent)
@@ -21,4 +27,87 @@ def show_error(parent: QWidget | None, exc: BaseException, detail: str | None = 
     if len(rest) > 1:
         box.setInformativeText(rest[1][:2000])
     box.setDetailedText(detail or "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+    _open_boxes.append(box)
+    box.finished.connect(lambda *_: _open_boxes.remove(box) if box in _open_boxes else None)
+    log.warning("%s: %s", title, short)
     box.open()
+    return box
+
+
+_open_boxes: list = []
+
+
+def open_error_boxes() -> list:
+    """Error boxes currently shown (tests look at these)."""
+    return list(_open_boxes)
+
+
+class ExportDialog(QDialog):
+    """Export As: file, format, size, quality, latent alongside."""
+
+    def __init__(self, settings, suggested_path: str, native_size: int, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setWindowTitle("Export")
+        self.settings = settings
+        form = QFormLayout(self)
+        self.path = QLineEdit(suggested_path)
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse)
+        row = QHBoxLayout()
+        row.addWidget(self.path, 1)
+        row.addWidget(browse)
+        self.fmt = QComboBox()
+        for key, label in (("png", "PNG (lossless)"), ("jpg", "JPEG"), ("webp", "WebP")):
+            self.fmt.addItem(label, key)
+        self.fmt.setCurrentIndex(max(0, self.fmt.findData(settings.get("export/format"))))
+        self.fmt.currentIndexChanged.connect(self._fmt_changed)
+        self.size = QSpinBox()
+        self.size.setRange(0, 8192)
+        self.size.setSpecialValueText(f"As is ({native_size} px)")
+        self.size.setSuffix(" px (longest side)")
+        self.size.setValue(int(settings.get("export/size")))
+        self.quality = QSpinBox()
+        self.quality.setRange(1, 100)
+        self.quality.setValue(int(settings.get("export/quality")))
+        self.latent = QCheckBox("Save the latent (.npz) alongside")
+        self.latent.setChecked(bool(settings.get("export/latent")))
+        note = QLabel("The file is tagged “made/edited with AnyFace Desktop” with the prompt and model pack.")
+        note.setWordWrap(True)
+        form.addRow("File:", row)
+        form.addRow("Format:", self.fmt)
+        form.addRow("Size:", self.size)
+        form.addRow("Quality:", self.quality)
+        form.addRow("", self.latent)
+        form.addRow(note)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Save | QDialogButtonBox.StandardButton.Cancel)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        form.addRow(buttons)
+        self._fmt_changed()
+
+    def _fmt_changed(self) -> None:
+        key = self.fmt.currentData()
+        self.quality.setEnabled(key != "png")
+        p = Path(self.path.text())
+        if p.suffix.lower().lstrip(".") not in (key, "jpeg" if key == "jpg" else key):
+            self.path.setText(str(p.with_suffix("." + key)))
+
+    def _browse(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export", self.path.text(),
+                                              "Images (*.png *.jpg *.jpeg *.webp)")
+        if path:
+            self.path.setText(path)
+            suf = Path(path).suffix.lower().lstrip(".")
+            i = self.fmt.findData("jpg" if suf == "jpeg" else suf)
+            if i >= 0:
+                self.fmt.setCurrentIndex(i)
+
+    def options(self) -> dict:
+        opts = {"path": self.path.text().strip(), "fmt": self.fmt.currentData(), "size": self.size.value() or None,
+                "quality": self.quality.value(), "save_latent": self.latent.isChecked()}
+        self.settings.set("export/format", opts["fmt"])
+        self.settings.set("export/size", self.size.value())
+        self.settings.set("export/quality", opts["quality"])
+        self.settings.set("export/latent", opts["save_latent"])
+        return opts

@@ -1,34 +1,711 @@
-"""Main window of AnyFace Desktop."""
+"""Main window of AnyFace Desktop: canvas, captions + strength, gallery, history, export, batch, models."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QLabel, QMainWindow, QVBoxLayout, QWidget
+import logging
+import time
+from pathlib import Path
 
+from PySide6.QtCore import QByteArray, Qt, QTimer
+from PySide6.QtGui import QAction, QActionGroup, QKeySequence
+from PySide6.QtWidgets import (QComboBox, QFileDialog, QLabel, QMainWindow, QProgressBar, QPushButton, QSplitter,
+                               QTabWidget, QToolBar, QVBoxLayout, QWidget)
+
+from anyface_desktop.backend import Backend, EditOutcome, FaceState, PhotoState
+from anyface_desktop.canvas import PhotoCanvas
+from anyface_desktop.captions import CaptionEditor
+from anyface_desktop.dialogs import ExportDialog, open_error_boxes, show_error
+from anyface_desktop.gallery import Gallery
+from anyface_desktop.history_panel import History, HistoryEntry, HistoryPanel
+from anyface_desktop.scheduler import LiveScheduler
+from anyface_desktop.settings import Settings, SettingsDialog
+from anyface_desktop.worker import Job, WorkerHost
 from core import weights
+
+log = logging.getLogger("anyface.gui")
+LONG_JOBS = {"load", "open", "invert", "generate", "more", "export", "batch"}
 
 
 class MainWindow(QMainWindow):
-    def __init__(self, pack: str | None = None, device: str | None = None):
+    def __init__(self, pack: str | None = None, device: str | None = None, *, backend: Backend | None = None,
+                 settings: Settings | None = None):
         super().__init__()
         self.setWindowTitle("AnyFace Desktop")
-        self.resize(1200, 800)
-        self.pack_id = pack or "tiny"
-        self.device_pref = device
-        central = QWidget()
-        lay = QVBoxLayout(central)
-        self.empty_label = QLabel(self._empty_text())
-        self.empty_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        self.empty_label.setWordWrap(True)
-        lay.addWidget(self.empty_label)
-        self.setCentralWidget(central)
+        self.resize(1280, 820)
+        self.setAcceptDrops(True)
+        self.settings = settings or Settings()
+        self.pack_id = pack or str(self.settings.get("pack") or "tiny")
+        self.device_pref = device or self.settings.device
+        self.engine_info = None
+        self.engine_error: BaseException | None = None
+        self.photo: PhotoState | None = None
+        self.face: FaceState | None = None
+        self.source: HistoryEntry | None = None  # what edits start from (a photo's face or a generated face)
+        self.history = History()
+        self.display = "photo"  # "photo" (pasted back into the full photo) | "crop" (the aligned face)
+        self.scheduler = LiveScheduler()
+        self.last_timing = ""
+        self._jobs: dict[int, Job] = {}
+        self._progress_job: Job | None = None
+        self._closing = False
+        self.model_manager = None
 
-    def _empty_text(self) -> str:
-        usable = weights.usable_packs()
-        if self.pack_id in usable:
-            return "Open a photo (Ctrl+O) or type captions to generate faces."
-        return (f"No usable model pack yet ('{self.pack_id}' is missing files).\n"
-                "Build the bundled pack with `make pack`, or import the official files in Models.")
+        self.host = WorkerHost(backend or Backend(pack=self.pack_id, device=self.device_pref), parent=self)
+        w = self.host.worker
+        w.result.connect(self._on_result)
+        w.failed.connect(self._on_failed)
+        w.cancelled.connect(self._on_cancelled)
+        w.finished.connect(self._on_finished)
+        w.progress.connect(self._on_progress)
+
+        self._build_ui()
+        self._build_actions()
+        self._restore_geometry()
+        self.captions.set_history(self.settings.prompt_history())
+        self._update_actions()
+        self._preview_timer = QTimer(self)
+        self._preview_timer.setSingleShot(True)
+        self._preview_timer.setInterval(0)
+        self._preview_timer.timeout.connect(self.request_preview)
+        self.load_engine()
+
+    # ================================================================== UI
+    def _build_ui(self) -> None:
+        self.canvas = PhotoCanvas()
+        self.canvas.fileDropped.connect(self.open_photo)
+        self.canvas.facePicked.connect(self.pick_face)
+        self.captions = CaptionEditor()
+        self.captions.captionsChanged.connect(lambda *_: self._schedule_preview())
+        self.captions.settingsChanged.connect(self._schedule_preview)
+        self.captions.strengthChanged.connect(lambda *_: self._schedule_preview())
+        self.captions.slider.sliderReleased.connect(self._commit_current)
+        self.gallery = Gallery()
+        self.gallery.generateRequested.connect(self.generate)
+        self.gallery.moreLikeRequested.connect(self.more_like)
+        self.gallery.editRequested.connect(self.edit_generated)
+        self.history_panel = HistoryPanel()
+        self.history_panel.jumpRequested.connect(self.jump_history)
+
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self.gallery, "Generate")
+        self.tabs.addTab(self.history_panel, "History")
+        side = QWidget()
+        sl = QVBoxLayout(side)
+        sl.setContentsMargins(6, 6, 6, 6)
+        sl.addWidget(self.captions, 3)
+        sl.addWidget(self.tabs, 4)
+        side.setMinimumWidth(340)
+        self.splitter = QSplitter()
+        self.splitter.addWidget(self.canvas)
+        self.splitter.addWidget(side)
+        self.splitter.setStretchFactor(0, 3)
+        self.splitter.setStretchFactor(1, 1)
+        self.splitter.setSizes([880, 400])
+        self.setCentralWidget(self.splitter)
+
+        sb = self.statusBar()
+        self.progress = QProgressBar()
+        self.progress.setMaximumWidth(220)
+        self.progress.setTextVisible(True)
+        self.progress.hide()
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.clicked.connect(self.cancel_long_job)
+        self.cancel_btn.hide()
+        self.device_label = QLabel("Device: …")
+        self.pack_label = QLabel(f"Pack: {self.pack_id}")
+        self.timing_label = QLabel("")
+        for wdg in (self.progress, self.cancel_btn):
+            sb.addWidget(wdg)
+        for wdg in (self.timing_label, self.pack_label, self.device_label):
+            sb.addPermanentWidget(wdg)
+        self._update_canvas_empty_text()
+
+    def _build_actions(self) -> None:
+        def act(text, slot, shortcut=None, tip=None, checkable=False):
+            a = QAction(text, self)
+            if shortcut:
+                a.setShortcut(QKeySequence(shortcut))
+            if tip:
+                a.setToolTip(tip)
+                a.setStatusTip(tip)
+            a.setCheckable(checkable)
+            a.triggered.connect(slot)
+            self.addAction(a)
+            return a
+
+        self.act_open = act("&Open photo…", self.open_dialog, QKeySequence.StandardKey.Open, "Open a photo (Ctrl+O)")
+        self.act_save = act("&Export", self.quick_export, "Ctrl+S", "Export to the default folder (Ctrl+S)")
+        self.act_save_as = act("Export &As…", self.export_as, "Ctrl+Shift+S", "Export with options (Ctrl+Shift+S)")
+        self.act_undo = act("&Undo", self.undo, "Ctrl+Z", "Undo (Ctrl+Z)")
+        self.act_redo = act("&Redo", self.redo, "Ctrl+Shift+Z", "Redo (Ctrl+Shift+Z)")
+        self.act_generate = act("&Generate faces", lambda: self.generate(self.gallery.count.value(),
+                                                                          self.gallery.seed.value()),
+                                "Ctrl+G", "Generate new faces from the captions (Ctrl+G)")
+        self.act_batch = act("&Batch…", self.open_batch, "Ctrl+B", "Edit a folder of photos (Ctrl+B)")
+        self.act_models = act("&Models…", self.open_model_manager, None, "Model packs and their files")
+        self.act_settings = act("&Settings…", self.open_settings, QKeySequence.StandardKey.Preferences, "Settings")
+        self.act_fit = act("&Fit", lambda: self.canvas.fit(), "Ctrl+0", "Fit the photo in the window (Ctrl+0)")
+        self.act_zoom_in = act("Zoom &in", lambda: self.canvas.zoom_by(1.25), QKeySequence.StandardKey.ZoomIn)
+        self.act_zoom_out = act("Zoom &out", lambda: self.canvas.zoom_by(0.8), QKeySequence.StandardKey.ZoomOut)
+        self.act_quit = act("&Quit", self.close, QKeySequence.StandardKey.Quit)
+        self.view_group = QActionGroup(self)
+        self.act_after = act("After", lambda: self.set_view_mode("after"), None, "Show the edit", True)
+        self.act_before = act("Before", lambda: self.set_view_mode("before"), "B", "Show the original (B)", True)
+        self.act_wipe = act("Wipe", lambda: self.set_view_mode("wipe"), "W", "Before | after with a divider (W)", True)
+        for a in (self.act_after, self.act_before, self.act_wipe):
+            self.view_group.addAction(a)
+        self.act_after.setChecked(True)
+
+        mb = self.menuBar()
+        m = mb.addMenu("&File")
+        m.addAction(self.act_open)
+        self.recent_menu = m.addMenu("Open &recent")
+        self.recent_menu.aboutToShow.connect(self._fill_recent)
+        self._fill_recent()
+        m.addSeparator()
+        m.addActions([self.act_save, self.act_save_as])
+        m.addSeparator()
+        m.addAction(self.act_batch)
+        m.addSeparator()
+        m.addAction(self.act_quit)
+        m = mb.addMenu("&Edit")
+        m.addActions([self.act_undo, self.act_redo])
+        m.addSeparator()
+        m.addAction(self.act_generate)
+        m.addSeparator()
+        m.addAction(self.act_settings)
+        m = mb.addMenu("&View")
+        m.addActions([self.act_after, self.act_before, self.act_wipe])
+        m.addSeparator()
+        m.addActions([self.act_fit, self.act_zoom_in, self.act_zoom_out])
+        m = mb.addMenu("&Models")
+        m.addAction(self.act_models)
+
+        tb = QToolBar("Main")
+        tb.setObjectName("main_toolbar")
+        tb.setMovable(False)
+        tb.addAction(self.act_open)
+        tb.addAction(self.act_save_as)
+        tb.addSeparator()
+        tb.addAction(self.act_undo)
+        tb.addAction(self.act_redo)
+        tb.addSeparator()
+        tb.addAction(self.act_after)
+        tb.addAction(self.act_before)
+        tb.addAction(self.act_wipe)
+        tb.addAction(self.act_fit)
+        self.display_combo = QComboBox()
+        self.display_combo.addItem("Full photo", "photo")
+        self.display_combo.addItem("Aligned face", "crop")
+        self.display_combo.setToolTip("Show the edited face pasted back into the photo, or the aligned crop")
+        self.display_combo.currentIndexChanged.connect(lambda *_: self.set_display(self.display_combo.currentData()))
+        tb.addWidget(self.display_combo)
+        self.face_combo = QComboBox()
+        self.face_combo.setToolTip("Which face of the photo to edit (or click a box on the photo)")
+        self.face_combo.activated.connect(lambda i: self.pick_face(i))
+        self.face_combo_action = tb.addWidget(self.face_combo)
+        self.face_combo_action.setVisible(False)
+        tb.addSeparator()
+        tb.addAction(self.act_generate)
+        tb.addAction(self.act_batch)
+        tb.addAction(self.act_models)
+        tb.addAction(self.act_settings)
+        self.addToolBar(tb)
+
+    def _fill_recent(self) -> None:
+        self.recent_menu.clear()
+        files = self.settings.recent_files()
+        if not files:
+            a = self.recent_menu.addAction("(none yet)")
+            a.setEnabled(False)
+        for p in files:
+            a = self.recent_menu.addAction(Path(p).name)
+            a.setToolTip(p)
+            a.triggered.connect(lambda _=False, p=p: self.open_photo(p))
+
+    def _restore_geometry(self) -> None:
+        g = self.settings.q.value("window/geometry")
+        if isinstance(g, QByteArray):
+            self.restoreGeometry(g)
+
+    def _update_canvas_empty_text(self) -> None:
+        if self.engine_error is not None or self.pack_id not in weights.usable_packs():
+            self.canvas.empty_text = (
+                f"The model pack '{self.pack_id}' is not usable yet (files missing).\n\n"
+                "Open Models to see which files are missing and where to put them, build the bundled pack with "
+                "`make pack`, or import the official files.")
+        else:
+            self.canvas.empty_text = ("Drop a photo here, press Ctrl+O to open one,\n"
+                                      "or type captions on the right and press Generate.")
+        self.canvas.update()
+
+    def _update_actions(self) -> None:
+        has_result = self.history.current is not None
+        self.act_undo.setEnabled(self.history.can_undo())
+        self.act_redo.setEnabled(self.history.can_redo())
+        self.act_save.setEnabled(has_result)
+        self.act_save_as.setEnabled(has_result)
+        self.act_generate.setEnabled(self.engine_info is not None)
+        self.gallery.generate_btn.setEnabled(self.engine_info is not None)
+        self.display_combo.setEnabled(self.face is not None)
+
+    def _set_timing(self, kind: str, seconds: float) -> None:
+        self.last_timing = f"{kind} {seconds * 1000:.0f} ms" if seconds < 10 else f"{kind} {seconds:.1f} s"
+        self.timing_label.setText("Last: " + self.last_timing)
+
+    # ================================================================== jobs
+    @property
+    def idle(self) -> bool:
+        """No job running or waiting and no preview about to be requested."""
+        return not self.host.busy and not self.scheduler.busy and not self._preview_timer.isActive()
+
+    def submit(self, kind: str, fn, stamp: int = 0) -> Job:
+        job = self.host.submit(kind, fn, stamp or self.scheduler.next_stamp())
+        self._jobs[job.id] = job
+        if kind in LONG_JOBS:
+            self._progress_job = job
+            self.progress.setRange(0, 0)
+            self.progress.setFormat(kind)
+            self.progress.show()
+            self.cancel_btn.setVisible(kind not in ("load", "export"))
+            self.canvas.set_busy({"load": "Loading models…", "open": "Finding faces…", "invert": "Inverting the face…",
+                                  "generate": "Generating…", "more": "Generating…", "batch": "Batch running…",
+                                  "export": "Exporting…"}.get(kind, ""))
+        return job
+
+    def cancel_long_job(self) -> None:
+        if self._progress_job is not None:
+            self.host.cancel(self._progress_job)
+
+    def _on_progress(self, job: Job, done: int, total: int) -> None:
+        if job is self._progress_job and total > 0:
+            self.progress.setRange(0, total)
+            self.progress.setValue(done)
+            self.progress.setFormat(f"{job.kind} %p%")
+
+    def _on_finished(self, job: Job) -> None:
+        self._jobs.pop(job.id, None)
+        if job is self._progress_job:
+            self._progress_job = None
+            self.progress.hide()
+            self.cancel_btn.hide()
+            self.canvas.set_busy("")
+        if job.kind == "preview":
+            ok = getattr(job, "_accepted", None)
+            accept, nxt = self.scheduler.finished(job.stamp, ok=bool(ok))
+            if accept and getattr(job, "_value", None) is not None:
+                self._show_preview(job._value, commit=self.scheduler.is_current(job.stamp))
+            if nxt is not None:
+                self._start_preview(nxt)
+
+    def _on_result(self, job: Job, value) -> None:
+        if self._closing:
+            return
+        handler = getattr(self, f"_done_{job.kind}", None)
+        if job.kind == "preview":
+            job._accepted, job._value = True, value  # shown in _on_finished via the scheduler
+            return
+        self._set_timing(job.kind, job.seconds)
+        if handler is not None:
+            handler(job, value)
+
+    def _on_failed(self, job: Job, exc: BaseException, tb: str) -> None:
+        if self._closing:
+            return
+        if job.kind == "load":
+            self.engine_error = exc
+            self.device_label.setText("Device: —")
+            self._update_canvas_empty_text()
+            from core.errors import MissingWeightsError
+
+            if isinstance(exc, MissingWeightsError):
+                self.statusBar().showMessage("Model pack missing: open Models for details", 10000)
+                return
+        if job.kind == "batch" and self.batch_dialog is not None:
+            self.batch_dialog.job_failed(exc, tb)
+        if job.kind == "preview" and open_error_boxes():
+            log.warning("preview failed again: %s", exc)  # one box at a time while dragging
+            return
+        show_error(self, exc, tb)
+
+    def _on_cancelled(self, job: Job) -> None:
+        if not self._closing and job.kind in LONG_JOBS:
+            self.statusBar().showMessage(f"{job.kind.capitalize()} cancelled", 5000)
+        if job.kind == "batch" and self.batch_dialog is not None and not self._closing:
+            self.batch_dialog.job_cancelled()
+
+    # ================================================================== engine
+    batch_dialog = None
+
+    def load_engine(self) -> None:
+        pack, device = self.pack_id, self.device_pref
+        self.engine_info = None
+        self.submit("load", lambda b, progress, cancel: b.load(pack, device))
+
+    def _done_load(self, job: Job, info) -> None:
+        self.engine_info = info
+        self.engine_error = None
+        self.device_label.setText(f"Device: {info.device}")
+        self.pack_label.setText(f"Pack: {info.pack_id} ({info.resolution} px)")
+        self.captions.set_methods(info.methods)
+        self.captions.set_num_ws(info.num_ws)
+        self._update_canvas_empty_text()
+        self._update_actions()
+        self.statusBar().showMessage(f"Models loaded in {info.seconds:.1f} s", 4000)
+
+    # ================================================================== photo
+    def open_dialog(self) -> None:
+        start = (self.settings.recent_files() or [str(Path.home())])[0]
+        path, _ = QFileDialog.getOpenFileName(self, "Open photo", str(Path(start).parent if Path(start).is_file() else start),
+                                              "Images (*.png *.jpg *.jpeg *.webp *.bmp *.tif *.tiff)")
+        if path:
+            self.open_photo(path)
 
     def open_photo(self, path: str) -> None:
-        self.empty_label.setText(f"Opened {path}")
+        path = str(path)
+        self.scheduler.invalidate()
+        self.host.cancel(kind="invert")
+        detector = self.settings.detector
+        self.settings.add_recent_file(path)
+        self.submit("open", lambda b, progress, cancel: _open_photo_any_faces(b, path, detector))
+
+    def _done_open(self, job: Job, photo: PhotoState) -> None:
+        self.photo = photo
+        self.face = None
+        self.source = None
+        self.history.reset()
+        self.history_panel.show_history(self.history)
+        self.setWindowTitle(f"{Path(photo.path).name} — AnyFace Desktop")
+        self.canvas.set_images(photo.image, None, refit=True)
+        boxes = photo.face_boxes()
+        self.canvas.set_faces(boxes, 0 if boxes else -1)
+        self.face_combo.clear()
+        for i in range(len(boxes)):
+            self.face_combo.addItem(f"Face {i + 1} of {len(boxes)}")
+        self.face_combo_action.setVisible(len(boxes) > 1)
+        self._update_actions()
+        if not boxes:
+            from core.errors import NoFaceFoundError
+
+            show_error(self, NoFaceFoundError(
+                f"No face was found in {Path(photo.path).name}.\nTry another photo or another face detector in "
+                "Settings. You can still generate faces from text."))
+            return
+        self.pick_face(0)
+
+    def pick_face(self, index: int) -> None:
+        if self.photo is None or not (0 <= index < len(self.photo.faces)):
+            return
+        self.canvas.set_faces(self.photo.face_boxes(), index)
+        self.face_combo.setCurrentIndex(index)
+        self.scheduler.invalidate()
+        self.host.cancel(kind="invert")
+        photo, tier = self.photo, self.settings.tier
+        self.submit("invert", lambda b, progress, cancel: b.prepare_face(photo, index, tier, progress, cancel))
+
+    def _done_invert(self, job: Job, face: FaceState) -> None:
+        if self.photo is None or face.photo is not self.photo:
+            return  # a newer photo was opened meanwhile
+        self.face = face
+        first = HistoryEntry("Photo (inverted)", face.ws, face.reconstruction, face.photo.image,
+                             params={"captions": [], "strength": 0.0})
+        self.source = first
+        self.history.reset(first)
+        self.history_panel.show_history(self.history)
+        self._update_actions()
+        self._show_entry(first)
+        self.statusBar().showMessage(f"Face {face.index + 1} ready ({face.seconds:.2f} s). Add captions and move the "
+                                     "strength slider.", 6000)
+        self._schedule_preview()
+
+    # ================================================================== live preview
+    def _schedule_preview(self) -> None:
+        if self.source is not None and self.captions.captions():
+            self._preview_timer.start()
+
+    def preview_params(self) -> dict:
+        return dict(captions=self.captions.captions(), strength=self.captions.strength(),
+                    method=self.captions.method_key(), identity_layers=self.captions.identity_layers(), seed=0)
+
+    def request_preview(self) -> None:
+        if self.source is None or not self.captions.captions() or self.engine_info is None and self.engine_error:
+            return
+        req = self.scheduler.request((self.source, self.face, self.preview_params()))
+        if req is not None:
+            self._start_preview(req)
+
+    def _start_preview(self, req) -> None:
+        source, face, params = req.params
+
+        def fn(b, progress, cancel):
+            return b.edit(face, source.ws, params["captions"], params["strength"], params["method"],
+                          params["identity_layers"], params["seed"])
+
+        self.submit("preview", fn, stamp=req.stamp)
+
+    def _show_preview(self, out: EditOutcome, commit: bool) -> None:
+        if self.source is None:
+            return
+        self._set_timing("preview", out.seconds)
+        p = out.params
+        caps = " | ".join(p.get("captions", []))
+        entry = HistoryEntry(f"“{caps[:40]}” @ {p.get('strength', 0):.2f}", out.result.ws, out.result.image,
+                             out.composed, out.result, p)
+        self._live_entry = entry
+        self._show_entry(entry)
+        if commit and not self.captions.slider.isSliderDown():
+            self._commit(entry)
+
+    def _commit_current(self) -> None:
+        entry = getattr(self, "_live_entry", None)
+        if entry is not None and not self.scheduler.busy:
+            self._commit(entry)
+
+    def _commit(self, entry: HistoryEntry) -> None:
+        cur = self.history.current
+        if cur is entry:
+            return
+        if cur is not None and cur.params == entry.params:
+            return
+        self.history.push(entry)
+        self.settings.add_prompt(" | ".join(entry.params.get("captions", [])))
+        self.captions.set_history(self.settings.prompt_history())
+        self.history_panel.show_history(self.history)
+        self._update_actions()
+
+    def _show_entry(self, entry: HistoryEntry) -> None:
+        if self.face is not None:
+            if self.display == "crop":
+                self.canvas.set_images(self.face.aligned, entry.face_image)
+            else:
+                self.canvas.set_images(self.face.photo.image, entry.composed if entry.composed is not None
+                                       else self.face.photo.image)
+        else:
+            before = self.source.face_image if self.source is not None else entry.face_image
+            self.canvas.set_images(before, entry.face_image)
+        self.current_entry = entry
+
+    def set_display(self, mode: str) -> None:
+        self.display = mode or "photo"
+        self.canvas.set_faces(self.photo.face_boxes() if self.photo and self.display == "photo" else [],
+                              self.face.index if self.face else -1)
+        entry = getattr(self, "current_entry", None)
+        if entry is not None:
+            self._show_entry(entry)
+            self.canvas.fit()
+
+    def set_view_mode(self, mode: str) -> None:
+        self.canvas.set_view_mode(mode)
+        {"after": self.act_after, "before": self.act_before, "wipe": self.act_wipe}[mode].setChecked(True)
+
+    # ================================================================== undo / redo
+    def _restore(self, entry: HistoryEntry | None) -> None:
+        if entry is None:
+            return
+        self.scheduler.invalidate()
+        self._live_entry = entry
+        self._show_entry(entry)
+        if entry.params.get("captions"):
+            self.captions.set_captions(entry.params["captions"], emit=False)
+            self.captions.set_strength(entry.params.get("strength", 0.0), emit=False)
+        self.history_panel.show_history(self.history)
+        self._update_actions()
+
+    def undo(self) -> None:
+        if self.history.can_undo():
+            self._restore(self.history.undo())
+
+    def redo(self) -> None:
+        if self.history.can_redo():
+            self._restore(self.history.redo())
+
+    def jump_history(self, index: int) -> None:
+        if index != self.history.index:
+            self._restore(self.history.jump(index))
+
+    # ================================================================== generate
+    def generate(self, n: int = 4, seed: int = 0) -> None:
+        caps = self.captions.captions()
+        if not caps:
+            from core.errors import CaptionError
+
+            show_error(self, CaptionError("Add at least one caption first.\nType a description such as "
+                                          "“a smiling woman with red hair” and press Add."))
+            return
+        method = self.captions.method_key()
+        self.settings.add_prompt(" | ".join(caps))
+        self.captions.set_history(self.settings.prompt_history())
+        self.tabs.setCurrentWidget(self.gallery)
+        self.submit("generate", lambda b, progress, cancel: b.synthesize(caps, n, seed, method, 1.0, progress, cancel))
+
+    def _done_generate(self, job: Job, results: list) -> None:
+        self.gallery.set_results(results)
+        self.gallery.seed.setValue(self.gallery.seed.value() + len(results))  # next press: new faces
+        self.statusBar().showMessage(f"{len(results)} faces in {job.seconds:.2f} s. Double-click one to edit it.", 6000)
+        if self.photo is None and results:
+            self.canvas.set_images(results[0].image, None, refit=True)
+
+    def more_like(self, picked) -> None:
+        caps = self.captions.captions() or list(getattr(picked, "captions", []) or [])
+        n, seed, method = self.gallery.count.value(), self.gallery.seed.value(), self.captions.method_key()
+        self.submit("more", lambda b, progress, cancel: b.more_like(picked, caps, n, seed, method,
+                                                                    progress=progress, should_cancel=cancel))
+
+    def _done_more(self, job: Job, results: list) -> None:
+        self._done_generate(job, results)
+
+    def edit_generated(self, result) -> None:
+        if result is None:
+            return
+        self.scheduler.invalidate()
+        self.photo, self.face = None, None
+        self.canvas.set_faces([])
+        self.face_combo_action.setVisible(False)
+        first = HistoryEntry(f"Generated face (seed {result.seed})", result.ws, result.image, None, result,
+                             params={"captions": list(getattr(result, "captions", []) or []), "strength": 0.0,
+                                     "seed": result.seed, "method": getattr(result, "method", "")})
+        self.source = first
+        self.history.reset(first)
+        self.history_panel.show_history(self.history)
+        self.canvas.set_images(result.image, result.image, refit=True)
+        self.current_entry = first
+        self.setWindowTitle(f"Generated face (seed {result.seed}) — AnyFace Desktop")
+        self._update_actions()
+        self.tabs.setCurrentWidget(self.history_panel)
+        self.statusBar().showMessage("Editing the generated face: change the captions or move the slider.", 6000)
+
+    # ================================================================== export
+    def _export_image(self, entry: HistoryEntry):
+        if self.face is not None and self.display == "photo" and entry.composed is not None:
+            return entry.composed
+        return entry.face_image
+
+    def _suggest_path(self, fmt: str) -> str:
+        out = Path(self.settings.output_dir)
+        stem = Path(self.photo.path).stem + "_anyface" if self.photo else "anyface_face"
+        i = 1
+        while True:
+            p = out / f"{stem}_{i:03d}.{fmt}"
+            if not p.exists():
+                return str(p)
+            i += 1
+
+    def quick_export(self) -> None:
+        if self.history.current is None:
+            return
+        fmt = str(self.settings.get("export/format"))
+        self.export_to(dict(path=self._suggest_path(fmt), fmt=fmt, size=int(self.settings.get("export/size")) or None,
+                            quality=int(self.settings.get("export/quality")),
+                            save_latent=bool(self.settings.get("export/latent"))))
+
+    def export_as(self) -> None:
+        entry = self.history.current
+        if entry is None:
+            return
+        img = self._export_image(entry)
+        dlg = ExportDialog(self.settings, self._suggest_path(str(self.settings.get("export/format"))),
+                           max(img.shape[:2]), self)
+        self._export_dialog = dlg
+        dlg.accepted.connect(lambda: self.export_to(dlg.options()))
+        dlg.open()
+
+    def export_to(self, opts: dict):
+        from anyface_desktop.export import ExportRequest
+
+        entry = getattr(self, "current_entry", None) or self.history.current
+        if entry is None:
+            return None
+        p = entry.params
+        req = ExportRequest(path=opts["path"], image=self._export_image(entry), fmt=opts.get("fmt", "png"),
+                            quality=int(opts.get("quality", 92)), size=opts.get("size"),
+                            save_latent=bool(opts.get("save_latent", True)), ws=entry.ws,
+                            captions=list(p.get("captions", [])), method=str(p.get("method", "")),
+                            strength=p.get("strength"), seed=p.get("seed"),
+                            pack=self.engine_info.pack_id if self.engine_info else self.pack_id,
+                            edited=self.face is not None,
+                            inputs=[self.photo.path] if self.photo else [])
+        return self.submit("export", lambda b, progress, cancel: b.export(req))
+
+    def _done_export(self, job: Job, res) -> None:
+        self.last_export = res
+        msg = f"Exported {res.image_path}" + (f" and {Path(res.latent_path).name}" if res.latent_path else "")
+        self.statusBar().showMessage(msg, 8000)
+
+    # ================================================================== batch / models / settings
+    def open_batch(self) -> None:
+        from anyface_desktop.batch_dialog import BatchDialog
+
+        if self.batch_dialog is None:
+            self.batch_dialog = BatchDialog(self)
+        self.batch_dialog.prefill(self.captions.captions(), self.captions.strength(), self.captions.method_key(),
+                                  self.captions.identity_layers(), self.settings.output_dir)
+        self.batch_dialog.show()
+        self.batch_dialog.raise_()
+
+    def run_batch(self, batch_job) -> Job:
+        return self.submit("batch", lambda b, progress, cancel: b.run_batch(batch_job, progress, cancel))
+
+    def _done_batch(self, job: Job, report) -> None:
+        if self.batch_dialog is not None:
+            self.batch_dialog.job_done(report)
+
+    def open_model_manager(self) -> None:
+        from anyface_desktop.model_manager import ModelManager
+
+        if self.model_manager is None:
+            self.model_manager = ModelManager(self.pack_id, self)
+            self.model_manager.packChosen.connect(self.use_pack)
+        self.model_manager.refresh()
+        self.model_manager.show()
+        self.model_manager.raise_()
+
+    def use_pack(self, pack: str) -> None:
+        self.pack_id = pack
+        self.settings.set("pack", pack)
+        self.pack_label.setText(f"Pack: {pack}")
+        self.load_engine()
+
+    def open_settings(self) -> None:
+        from core.device import available_devices
+
+        dlg = SettingsDialog(self.settings, available_devices(), self)
+        if dlg.exec():
+            changed = dlg.apply()
+            if "device" in changed:
+                self.device_pref = changed["device"]
+                self.host.backend.engine = None  # reloaded on the worker thread
+                self.load_engine()
+
+    # ================================================================== window
+    def dragEnterEvent(self, e):  # noqa: N802
+        self.canvas.dragEnterEvent(e)
+
+    def dropEvent(self, e):  # noqa: N802
+        self.canvas.dropEvent(e)
+
+    def closeEvent(self, e):  # noqa: N802
+        self._closing = True
+        t0 = time.perf_counter()
+        self._preview_timer.stop()
+        if self.model_manager is not None:
+            self.model_manager.shutdown()
+        if self.batch_dialog is not None:
+            self.batch_dialog.close()
+        self.host.shutdown()
+        log.debug("worker stopped in %.2f s", time.perf_counter() - t0)
+        try:
+            self.settings.set("window/geometry", self.saveGeometry())
+            self.settings.sync()
+        except Exception:  # noqa: BLE001
+            pass
+        super().closeEvent(e)
+
+
+def _open_photo_any_faces(b: Backend, path: str, detector: str) -> PhotoState:
+    """Open a photo; a photo with no face is still shown (the GUI explains), so NoFaceFoundError is caught here."""
+    from core.errors import NoFaceFoundError
+
+    try:
+        return b.open_photo(path, detector)
+    except NoFaceFoundError:
+        return PhotoState(path=str(path), image=b.read_image(path), faces=[])

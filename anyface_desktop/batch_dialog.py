@@ -1,0 +1,165 @@
+"""Batch dialog: a folder of photos x captions -> edited photos, with progress, cancel and a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtWidgets import (QComboBox, QDialog, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit,
+                               QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QVBoxLayout, QWidget)
+
+from anyface_desktop.backend import BATCH_SUFFIXES, BatchJob
+from anyface_desktop.captions import METHOD_LABELS
+
+
+class BatchDialog(QDialog):
+    """Runs through the main window's worker (the engine lives there); never blocks the GUI thread."""
+
+    def __init__(self, window):
+        super().__init__(window)
+        self.window = window
+        self.job = None
+        self.report = None
+        self.identity_layers = None
+        self.setWindowTitle("Batch edit a folder")
+        self.resize(620, 520)
+        lay = QVBoxLayout(self)
+        form = QFormLayout()
+        self.input = QLineEdit()
+        self.input.setPlaceholderText("Folder with photos (PNG, JPEG, WebP…)")
+        self.output = QLineEdit()
+        self.captions = QLineEdit()
+        self.captions.setPlaceholderText("captions separated by |   e.g.  smiling | grey hair")
+        self.strength = QDoubleSpinBox()
+        self.strength.setRange(0.0, 1.0)
+        self.strength.setSingleStep(0.05)
+        self.strength.setValue(0.6)
+        self.method = QComboBox()
+        for k, v in METHOD_LABELS.items():
+            self.method.addItem(v, k)
+        self.fmt = QComboBox()
+        for k in ("png", "jpg", "webp"):
+            self.fmt.addItem(k.upper(), k)
+        form.addRow("Photos from:", self._with_browse(self.input, "Photos folder"))
+        form.addRow("Captions:", self.captions)
+        form.addRow("Strength:", self.strength)
+        form.addRow("Method:", self.method)
+        form.addRow("Format:", self.fmt)
+        form.addRow("Save to:", self._with_browse(self.output, "Output folder"))
+        lay.addLayout(form)
+        self.progress = QProgressBar()
+        self.progress.setValue(0)
+        lay.addWidget(self.progress)
+        self.log = QPlainTextEdit()
+        self.log.setReadOnly(True)
+        self.log.setPlaceholderText("The report appears here when the batch ends: every photo edited, and every photo "
+                                    "that could not be (with the reason).")
+        lay.addWidget(self.log, 1)
+        row = QHBoxLayout()
+        row.addStretch(1)
+        self.start_btn = QPushButton("Start")
+        self.start_btn.setDefault(True)
+        self.start_btn.clicked.connect(self.start)
+        self.cancel_btn = QPushButton("Cancel batch")
+        self.cancel_btn.setEnabled(False)
+        self.cancel_btn.clicked.connect(self.cancel)
+        self.close_btn = QPushButton("Close")
+        self.close_btn.clicked.connect(self.close)
+        row.addWidget(self.start_btn)
+        row.addWidget(self.cancel_btn)
+        row.addWidget(self.close_btn)
+        lay.addLayout(row)
+        window.host.worker.progress.connect(self._on_progress)
+
+    def _with_browse(self, edit: QLineEdit, title: str) -> QWidget:
+        w = QWidget()
+        h = QHBoxLayout(w)
+        h.setContentsMargins(0, 0, 0, 0)
+        h.addWidget(edit, 1)
+        b = QPushButton("Browse…")
+        b.clicked.connect(lambda: self._browse(edit, title))
+        h.addWidget(b)
+        return w
+
+    def _browse(self, edit: QLineEdit, title: str) -> None:
+        d = QFileDialog.getExistingDirectory(self, title, edit.text())
+        if d:
+            edit.setText(d)
+
+    def prefill(self, captions, strength, method, identity_layers, output_dir) -> None:
+        if captions and not self.captions.text():
+            self.captions.setText(" | ".join(captions))
+        if self.job is None:
+            self.strength.setValue(strength)
+            i = self.method.findData(method)
+            self.method.setCurrentIndex(max(0, i))
+            self.identity_layers = identity_layers
+        if not self.output.text():
+            self.output.setText(str(Path(output_dir) / "batch"))
+
+    def batch_job(self) -> BatchJob:
+        s = self.window.settings
+        return BatchJob(input_dir=self.input.text().strip(),
+                        captions=[c.strip() for c in self.captions.text().split("|") if c.strip()],
+                        output_dir=self.output.text().strip(), strength=self.strength.value(),
+                        method=self.method.currentData(), identity_layers=self.identity_layers,
+                        detector=s.detector, tier=s.tier, fmt=self.fmt.currentData())
+
+    def start(self) -> None:
+        bj = self.batch_job()
+        problem = None
+        if not bj.input_dir or not Path(bj.input_dir).is_dir():
+            problem = "Choose the folder that holds the photos."
+        elif not any(p.suffix.lower() in BATCH_SUFFIXES for p in Path(bj.input_dir).iterdir()):
+            problem = f"No photos (PNG, JPEG, WebP, BMP, TIFF) in {bj.input_dir}."
+        elif not bj.captions:
+            problem = "Type at least one caption (separate several with |)."
+        elif not bj.output_dir:
+            problem = "Choose an output folder."
+        elif Path(bj.output_dir).resolve() == Path(bj.input_dir).resolve():
+            problem = "The output folder must differ from the input folder (inputs are never overwritten)."
+        if problem:
+            QMessageBox.warning(self, "Batch", problem)
+            return
+        self.report = None
+        self.log.setPlainText(f"Editing photos in {bj.input_dir} …")
+        self.progress.setRange(0, 0)
+        self.start_btn.setEnabled(False)
+        self.cancel_btn.setEnabled(True)
+        self.job = self.window.run_batch(bj)
+
+    def cancel(self) -> None:
+        if self.job is not None:
+            self.window.host.cancel(self.job)
+            self.cancel_btn.setEnabled(False)
+            self.log.appendPlainText("Cancelling after the current photo…")
+
+    def _on_progress(self, job, done: int, total: int) -> None:
+        if job is self.job and total:
+            self.progress.setRange(0, total)
+            self.progress.setValue(done)
+            self.progress.setFormat(f"%v / %m photos")
+
+    def _finish(self) -> None:
+        self.job = None
+        self.start_btn.setEnabled(True)
+        self.cancel_btn.setEnabled(False)
+
+    def job_done(self, report) -> None:
+        self.report = report
+        self.progress.setRange(0, max(1, report.total))
+        self.progress.setValue(len(report.items))
+        self.log.setPlainText(report.summary())
+        self._finish()
+
+    def job_failed(self, exc, tb) -> None:
+        self.log.appendPlainText(f"Batch failed: {exc}")
+        self._finish()
+
+    def job_cancelled(self) -> None:
+        self.log.appendPlainText("Batch cancelled.")
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self._finish()
+
+    def closeEvent(self, e):  # noqa: N802
+        super().closeEvent(e)  # a running batch keeps running; the window's close cancels it

@@ -1,0 +1,271 @@
+"""The photo canvas: zoom/pan/fit, before/after toggle and wipe divider, face picker, drag-and-drop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PySide6.QtCore import QPointF, QRectF, Qt, Signal
+from PySide6.QtGui import QColor, QFont, QImage, QPainter, QPen, QPixmap
+from PySide6.QtWidgets import QSizePolicy, QWidget
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def to_qimage(img: np.ndarray) -> QImage:
+    """numpy [H, W, 3] uint8 RGB -> QImage (a deep copy; call on the GUI thread)."""
+    img = np.ascontiguousarray(img, dtype=np.uint8)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    h, w = img.shape[:2]
+    return QImage(img.data, w, h, 3 * w, QImage.Format.Format_RGB888).copy()
+
+
+def to_pixmap(img: np.ndarray) -> QPixmap:
+    return QPixmap.fromImage(to_qimage(img))
+
+
+class PhotoCanvas(QWidget):
+    """Shows a 'before' and an 'after' image of the same size.
+
+    view_mode: "after" | "before" | "wipe" (the divider shows before on the left, after on the right).
+    """
+
+    fileDropped = Signal(str)
+    facePicked = Signal(int)
+    zoomChanged = Signal(float)
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setAcceptDrops(True)
+        self.setMouseTracking(True)
+        self.setMinimumSize(320, 240)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
+        self.before: QPixmap | None = None
+        self.after: QPixmap | None = None
+        self.view_mode = "after"
+        self.wipe = 0.5
+        self.scale = 1.0
+        self.offset = QPointF(0, 0)
+        self.fit_mode = True
+        self.face_boxes: list[tuple[float, float, float, float]] = []
+        self.selected_face = -1
+        self.empty_text = "Drop a photo here or press Ctrl+O"
+        self.busy_text = ""
+        self._drag: str | None = None
+        self._last = QPointF()
+
+    # ------------------------------------------------------------------ content
+    def set_images(self, before: np.ndarray | None, after: np.ndarray | None = None, refit: bool = False) -> None:
+        old_size = self.before.size() if self.before is not None else None
+        self.before = to_pixmap(before) if before is not None else None
+        self.after = to_pixmap(after) if after is not None else None
+        if refit or old_size is None or (self.before is not None and self.before.size() != old_size):
+            self.fit()
+        self.update()
+
+    def set_after(self, after: np.ndarray | None) -> None:
+        self.after = to_pixmap(after) if after is not None else None
+        if self.before is None and self.after is not None:
+            self.fit()
+        self.update()
+
+    def clear(self) -> None:
+        self.before = self.after = None
+        self.face_boxes = []
+        self.selected_face = -1
+        self.update()
+
+    def set_faces(self, boxes, selected: int = -1) -> None:
+        self.face_boxes = [tuple(map(float, b)) for b in boxes]
+        self.selected_face = selected
+        self.update()
+
+    def set_view_mode(self, mode: str) -> None:
+        assert mode in ("after", "before", "wipe")
+        self.view_mode = mode
+        self.update()
+
+    def set_busy(self, text: str) -> None:
+        self.busy_text = text
+        self.update()
+
+    def _base(self) -> QPixmap | None:
+        return self.before if self.before is not None else self.after
+
+    # ------------------------------------------------------------------ geometry
+    def fit(self) -> None:
+        pm = self._base()
+        self.fit_mode = True
+        if pm is None or pm.width() == 0:
+            return
+        s = min((self.width() - 16) / pm.width(), (self.height() - 16) / pm.height())
+        self.scale = max(0.01, s)
+        self.offset = QPointF((self.width() - pm.width() * self.scale) / 2, (self.height() - pm.height() * self.scale) / 2)
+        self.zoomChanged.emit(self.scale)
+        self.update()
+
+    def zoom_by(self, factor: float, anchor: QPointF | None = None) -> None:
+        if self._base() is None:
+            return
+        anchor = anchor if anchor is not None else QPointF(self.width() / 2, self.height() / 2)
+        new = min(32.0, max(0.05, self.scale * factor))
+        f = new / self.scale
+        self.offset = anchor - (anchor - self.offset) * f
+        self.scale = new
+        self.fit_mode = False
+        self.zoomChanged.emit(self.scale)
+        self.update()
+
+    def actual_size(self) -> None:
+        self.zoom_by(1.0 / self.scale)
+
+    def image_rect(self) -> QRectF:
+        pm = self._base()
+        if pm is None:
+            return QRectF()
+        return QRectF(self.offset.x(), self.offset.y(), pm.width() * self.scale, pm.height() * self.scale)
+
+    def to_image(self, p: QPointF) -> QPointF:
+        return (p - self.offset) / self.scale
+
+    def resizeEvent(self, e):  # noqa: N802
+        if self.fit_mode:
+            self.fit()
+        super().resizeEvent(e)
+
+    # ------------------------------------------------------------------ painting
+    def paintEvent(self, e):  # noqa: N802
+        p = QPainter(self)
+        p.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform, self.scale < 4)
+        pal = self.palette()
+        p.fillRect(self.rect(), pal.color(pal.ColorRole.Base).darker(110))
+        base = self._base()
+        if base is None:
+            p.setPen(pal.color(pal.ColorRole.PlaceholderText))
+            f = QFont(self.font())
+            f.setPointSizeF(f.pointSizeF() * 1.3)
+            p.setFont(f)
+            p.drawText(self.rect().adjusted(24, 24, -24, -24), Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap,
+                       self.busy_text or self.empty_text)
+            return
+        r = self.image_rect()
+        before = self.before if self.before is not None else self.after
+        after = self.after if self.after is not None else self.before
+        if self.view_mode == "before":
+            p.drawPixmap(r, before, QRectF(before.rect()))
+        elif self.view_mode == "after" or self.after is None:
+            p.drawPixmap(r, after, QRectF(after.rect()))
+        else:
+            x = r.left() + r.width() * self.wipe
+            p.save()
+            p.setClipRect(QRectF(r.left(), r.top(), x - r.left(), r.height()))
+            p.drawPixmap(r, before, QRectF(before.rect()))
+            p.setClipRect(QRectF(x, r.top(), r.right() - x, r.height()))
+            p.drawPixmap(r, after, QRectF(after.rect()))
+            p.restore()
+            p.setPen(QPen(QColor(255, 255, 255, 230), 2))
+            p.drawLine(QPointF(x, r.top()), QPointF(x, r.bottom()))
+            p.setBrush(QColor(255, 255, 255, 230))
+            p.drawEllipse(QPointF(x, r.center().y()), 7, 7)
+            self._label(p, QPointF(r.left() + 8, r.top() + 8), "Before")
+            self._label(p, QPointF(r.right() - 8, r.top() + 8), "After", right=True)
+        if len(self.face_boxes) > 1:
+            for i, (x0, y0, x1, y1) in enumerate(self.face_boxes):
+                br = QRectF(self.offset + QPointF(x0, y0) * self.scale, self.offset + QPointF(x1, y1) * self.scale)
+                sel = i == self.selected_face
+                p.setBrush(Qt.BrushStyle.NoBrush)
+                p.setPen(QPen(QColor(80, 200, 255) if sel else QColor(255, 210, 60), 3 if sel else 2))
+                p.drawRect(br)
+                self._label(p, br.topLeft() + QPointF(0, -22), f"Face {i + 1}")
+        if self.busy_text:
+            self._label(p, QPointF(12, self.height() - 34), self.busy_text)
+
+    def _label(self, p: QPainter, at: QPointF, text: str, right: bool = False) -> None:
+        fm = p.fontMetrics()
+        w, h = fm.horizontalAdvance(text) + 12, fm.height() + 6
+        box = QRectF(at.x() - (w if right else 0), at.y(), w, h)
+        p.setPen(Qt.PenStyle.NoPen)
+        p.setBrush(QColor(0, 0, 0, 150))
+        p.drawRoundedRect(box, 4, 4)
+        p.setPen(QColor(255, 255, 255))
+        p.drawText(box, Qt.AlignmentFlag.AlignCenter, text)
+
+    # ------------------------------------------------------------------ interaction
+    def _near_divider(self, pos: QPointF) -> bool:
+        if self.view_mode != "wipe" or self.after is None:
+            return False
+        r = self.image_rect()
+        return abs(pos.x() - (r.left() + r.width() * self.wipe)) < 10 and r.top() <= pos.y() <= r.bottom()
+
+    def face_at(self, pos: QPointF) -> int:
+        ip = self.to_image(pos)
+        for i, (x0, y0, x1, y1) in enumerate(self.face_boxes):
+            if x0 <= ip.x() <= x1 and y0 <= ip.y() <= y1:
+                return i
+        return -1
+
+    def set_wipe(self, frac: float) -> None:
+        self.wipe = min(1.0, max(0.0, frac))
+        self.update()
+
+    def mousePressEvent(self, e):  # noqa: N802
+        pos = e.position()
+        if e.button() == Qt.MouseButton.LeftButton:
+            if self._near_divider(pos):
+                self._drag = "wipe"
+            else:
+                if len(self.face_boxes) > 1:
+                    i = self.face_at(pos)
+                    if i >= 0:
+                        self.facePicked.emit(i)
+                        return
+                self._drag = "pan"
+                self._last = pos
+                self.setCursor(Qt.CursorShape.ClosedHandCursor)
+
+    def mouseMoveEvent(self, e):  # noqa: N802
+        pos = e.position()
+        if self._drag == "wipe":
+            r = self.image_rect()
+            if r.width() > 0:
+                self.set_wipe((pos.x() - r.left()) / r.width())
+        elif self._drag == "pan":
+            self.offset += pos - self._last
+            self._last = pos
+            self.fit_mode = False
+            self.update()
+        else:
+            self.setCursor(Qt.CursorShape.SplitHCursor if self._near_divider(pos) else Qt.CursorShape.ArrowCursor)
+
+    def mouseReleaseEvent(self, e):  # noqa: N802
+        self._drag = None
+        self.unsetCursor()
+
+    def mouseDoubleClickEvent(self, e):  # noqa: N802
+        self.fit()
+
+    def wheelEvent(self, e):  # noqa: N802
+        d = e.angleDelta().y()
+        if d:
+            self.zoom_by(1.15 ** (d / 120), e.position())
+
+    def dragEnterEvent(self, e):  # noqa: N802
+        if self._dropped_path(e.mimeData()):
+            e.acceptProposedAction()
+
+    def dropEvent(self, e):  # noqa: N802
+        path = self._dropped_path(e.mimeData())
+        if path:
+            e.acceptProposedAction()
+            self.fileDropped.emit(path)
+
+    @staticmethod
+    def _dropped_path(mime) -> str | None:
+        if not mime.hasUrls():
+            return None
+        for url in mime.urls():
+            if url.isLocalFile() and Path(url.toLocalFile()).suffix.lower() in IMAGE_SUFFIXES:
+                return url.toLocalFile()
+        return None

@@ -1,0 +1,213 @@
+"""Caption editor: any number of captions (add / remove / edit in place), prompt history, method choice,
+identity lock and the strength slider."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import QSignalBlocker, QStringListModel, Qt, Signal
+from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QCompleter, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
+                               QListWidget, QListWidgetItem, QMenu, QPushButton, QSlider, QSpinBox, QToolButton,
+                               QVBoxLayout, QWidget)
+
+METHOD_LABELS = {"cmd": "AnyFace (CMD)", "cvae": "Fast text2StyleGAN (text-free CVAE)", "knn": "KNN latent bank"}
+SLIDER_STEPS = 100
+
+
+class CaptionEditor(QWidget):
+    """Emits ``captionsChanged(list)`` when the caption list changes and ``settingsChanged()`` when the method,
+    identity lock or strength change. ``strengthChanged(float)`` fires continuously while dragging."""
+
+    captionsChanged = Signal(list)
+    settingsChanged = Signal()
+    strengthChanged = Signal(float)
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        title = QLabel("<b>Captions</b> — describe the face, one idea per caption")
+        title.setWordWrap(True)
+        lay.addWidget(title)
+
+        self.list = QListWidget()
+        self.list.setEditTriggers(QAbstractItemView.EditTrigger.DoubleClicked | QAbstractItemView.EditTrigger.EditKeyPressed
+                                  | QAbstractItemView.EditTrigger.SelectedClicked)
+        self.list.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.list.setMinimumHeight(90)
+        self.list.itemChanged.connect(self._item_changed)
+        self.list.setToolTip("Double-click a caption to edit it; Delete removes the selected ones")
+        lay.addWidget(self.list, 1)
+
+        row = QHBoxLayout()
+        self.entry = QLineEdit()
+        self.entry.setPlaceholderText("e.g. a smiling woman with red hair")
+        self.entry.returnPressed.connect(self.add_from_entry)
+        self._history_model = QStringListModel()
+        comp = QCompleter(self._history_model, self)
+        comp.setCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
+        comp.setFilterMode(Qt.MatchFlag.MatchContains)
+        self.entry.setCompleter(comp)
+        self.add_btn = QPushButton("Add")
+        self.add_btn.clicked.connect(self.add_from_entry)
+        self.remove_btn = QPushButton("Remove")
+        self.remove_btn.clicked.connect(self.remove_selected)
+        self.history_btn = QToolButton()
+        self.history_btn.setText("History")
+        self.history_btn.setToolTip("Prompts used before")
+        self.history_btn.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        self.history_menu = QMenu(self)
+        self.history_btn.setMenu(self.history_menu)
+        row.addWidget(self.entry, 1)
+        row.addWidget(self.add_btn)
+        row.addWidget(self.remove_btn)
+        row.addWidget(self.history_btn)
+        lay.addLayout(row)
+
+        form = QFormLayout()
+        self.method = QComboBox()
+        self.method.setToolTip("Which text-to-latent model turns the captions into a face code")
+        self.method.currentIndexChanged.connect(lambda *_: self.settingsChanged.emit())
+        self.identity = QSpinBox()
+        self.identity.setRange(0, 18)
+        self.identity.setValue(4)
+        self.identity.setSuffix(" layers")
+        self.identity.setToolTip("How many coarse layers (pose, face shape, identity) stay from the photo")
+        self.identity.valueChanged.connect(lambda *_: self.settingsChanged.emit())
+        srow = QHBoxLayout()
+        self.slider = QSlider(Qt.Orientation.Horizontal)
+        self.slider.setRange(0, SLIDER_STEPS)
+        self.slider.setValue(60)
+        self.slider.setToolTip("How far the edit goes (live preview)")
+        self.slider.valueChanged.connect(self._slider_moved)
+        self.strength_label = QLabel()
+        self.strength_label.setMinimumWidth(36)
+        srow.addWidget(self.slider, 1)
+        srow.addWidget(self.strength_label)
+        form.addRow("Method:", self.method)
+        form.addRow("Identity lock:", self.identity)
+        form.addRow("Strength:", srow)
+        lay.addLayout(form)
+        self.set_methods(["cmd", "cvae", "knn"])
+        self._slider_moved(self.slider.value())
+        self._update_buttons()
+        self.list.itemSelectionChanged.connect(self._update_buttons)
+
+    # ------------------------------------------------------------------ captions
+    def captions(self) -> list[str]:
+        out = []
+        for i in range(self.list.count()):
+            t = self.list.item(i).text().strip()
+            if t:
+                out.append(t)
+        return out
+
+    def prompt(self) -> str:
+        return " | ".join(self.captions())
+
+    def _new_item(self, text: str) -> QListWidgetItem:
+        item = QListWidgetItem(text)
+        item.setFlags(item.flags() | Qt.ItemFlag.ItemIsEditable)
+        return item
+
+    def add_caption(self, text: str) -> None:
+        text = text.strip()
+        if not text:
+            return
+        with QSignalBlocker(self.list):
+            self.list.addItem(self._new_item(text))
+        self._update_buttons()
+        self.captionsChanged.emit(self.captions())
+
+    def set_captions(self, captions: list[str], emit: bool = True) -> None:
+        with QSignalBlocker(self.list):
+            self.list.clear()
+            for c in captions:
+                if c.strip():
+                    self.list.addItem(self._new_item(c.strip()))
+        self._update_buttons()
+        if emit:
+            self.captionsChanged.emit(self.captions())
+
+    def edit_caption(self, row: int, text: str) -> None:
+        """Edit in place (what a double-click + typing does)."""
+        self.list.item(row).setText(text)
+
+    def add_from_entry(self) -> None:
+        text = self.entry.text()
+        if " | " in text:  # a prompt from history: several captions
+            for part in text.split(" | "):
+                self.add_caption(part)
+        else:
+            self.add_caption(text)
+        self.entry.clear()
+
+    def remove_selected(self) -> None:
+        rows = sorted({self.list.row(i) for i in self.list.selectedItems()}, reverse=True)
+        if not rows and self.list.count():
+            rows = [self.list.count() - 1]
+        with QSignalBlocker(self.list):
+            for r in rows:
+                self.list.takeItem(r)
+        self._update_buttons()
+        self.captionsChanged.emit(self.captions())
+
+    def _item_changed(self, item: QListWidgetItem) -> None:
+        if not item.text().strip():
+            with QSignalBlocker(self.list):
+                self.list.takeItem(self.list.row(item))
+        self._update_buttons()
+        self.captionsChanged.emit(self.captions())
+
+    def keyPressEvent(self, e):  # noqa: N802
+        if e.key() == Qt.Key.Key_Delete and self.list.hasFocus():
+            self.remove_selected()
+            return
+        super().keyPressEvent(e)
+
+    def _update_buttons(self) -> None:
+        self.remove_btn.setEnabled(self.list.count() > 0)
+
+    # ------------------------------------------------------------------ history
+    def set_history(self, prompts: list[str]) -> None:
+        self._history_model.setStringList(prompts)
+        self.history_menu.clear()
+        if not prompts:
+            a = self.history_menu.addAction("(no prompts yet)")
+            a.setEnabled(False)
+        for p in prompts:
+            a = self.history_menu.addAction(p if len(p) < 80 else p[:77] + "…")
+            a.triggered.connect(lambda _=False, p=p: self.set_captions(p.split(" | ")))
+
+    # ------------------------------------------------------------------ method / identity / strength
+    def set_methods(self, methods: list[str]) -> None:
+        current = self.method_key()
+        with QSignalBlocker(self.method):
+            self.method.clear()
+            for m in methods:
+                self.method.addItem(METHOD_LABELS.get(m, m), m)
+            i = self.method.findData(current)
+            self.method.setCurrentIndex(max(0, i))
+
+    def method_key(self) -> str:
+        return self.method.currentData() or "cmd"
+
+    def set_num_ws(self, num_ws: int) -> None:
+        self.identity.setRange(0, max(0, num_ws - 1))
+        if self.identity.value() > num_ws - 1:
+            self.identity.setValue(min(4, num_ws - 1))
+
+    def identity_layers(self) -> int:
+        return int(self.identity.value())
+
+    def strength(self) -> float:
+        return self.slider.value() / SLIDER_STEPS
+
+    def set_strength(self, value: float, emit: bool = True) -> None:
+        with QSignalBlocker(self.slider):
+            self.slider.setValue(round(value * SLIDER_STEPS))
+        self.strength_label.setText(f"{self.strength():.2f}")
+        if emit:
+            self.strengthChanged.emit(self.strength())
+
+    def _slider_moved(self, v: int) -> None:
+        self.strength_label.setText(f"{v / SLIDER_STEPS:.2f}")
+        self.strengthChanged.emit(v / SLIDER_STEPS)

@@ -1,0 +1,96 @@
+"""Generate mode: text -> a gallery of N faces (seed shown), "more like this", pick one to edit."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import QSize, Qt, Signal
+from PySide6.QtGui import QIcon
+from PySide6.QtWidgets import (QHBoxLayout, QLabel, QListView, QListWidget, QListWidgetItem, QPushButton, QSpinBox,
+                               QVBoxLayout, QWidget)
+
+from anyface_desktop.canvas import to_pixmap
+
+
+class Gallery(QWidget):
+    generateRequested = Signal(int, int)  # n, seed
+    moreLikeRequested = Signal(object)  # FaceResult
+    editRequested = Signal(object)  # FaceResult
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.results: list = []
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        row = QHBoxLayout()
+        self.generate_btn = QPushButton("Generate")
+        self.generate_btn.setToolTip("Make new faces from the captions (Ctrl+G)")
+        self.generate_btn.clicked.connect(lambda: self.generateRequested.emit(self.count.value(), self.seed.value()))
+        self.count = QSpinBox()
+        self.count.setRange(1, 64)
+        self.count.setValue(4)
+        self.count.setPrefix("× ")
+        self.seed = QSpinBox()
+        self.seed.setRange(0, 2**31 - 1)
+        self.seed.setPrefix("seed ")
+        self.seed.setToolTip("Same captions + same seed = same faces")
+        row.addWidget(self.generate_btn)
+        row.addWidget(self.count)
+        row.addWidget(self.seed)
+        row.addStretch(1)
+        lay.addLayout(row)
+        self.view = QListWidget()
+        self.view.setViewMode(QListView.ViewMode.IconMode)
+        self.view.setResizeMode(QListView.ResizeMode.Adjust)
+        self.view.setMovement(QListView.Movement.Static)
+        self.view.setIconSize(QSize(128, 128))
+        self.view.setSpacing(6)
+        self.view.setUniformItemSizes(True)
+        self.view.setMinimumHeight(170)
+        self.view.itemDoubleClicked.connect(lambda it: self.editRequested.emit(self.current()))
+        self.view.itemSelectionChanged.connect(self._update_buttons)
+        lay.addWidget(self.view, 1)
+        self.placeholder = QLabel("Type captions, then Generate to see faces here.")
+        self.placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.placeholder.setEnabled(False)
+        lay.addWidget(self.placeholder)
+        brow = QHBoxLayout()
+        self.more_btn = QPushButton("More like this")
+        self.more_btn.clicked.connect(lambda: self.current() is not None and self.moreLikeRequested.emit(self.current()))
+        self.edit_btn = QPushButton("Edit this face")
+        self.edit_btn.clicked.connect(lambda: self.current() is not None and self.editRequested.emit(self.current()))
+        brow.addWidget(self.more_btn)
+        brow.addWidget(self.edit_btn)
+        brow.addStretch(1)
+        lay.addLayout(brow)
+        self._update_buttons()
+
+    def current(self):
+        item = self.view.currentItem()
+        if item is None or not item.isSelected():
+            return None
+        return self.results[item.data(Qt.ItemDataRole.UserRole)]
+
+    def set_results(self, results: list, append: bool = False) -> None:
+        if not append:
+            self.view.clear()
+            self.results = []
+        for r in results:
+            idx = len(self.results)
+            self.results.append(r)
+            label = f"seed {r.seed}" if getattr(r, "seed", None) is not None else f"#{idx + 1}"
+            item = QListWidgetItem(QIcon(to_pixmap(r.image).scaled(128, 128, Qt.AspectRatioMode.KeepAspectRatio,
+                                                                   Qt.TransformationMode.SmoothTransformation)), label)
+            item.setData(Qt.ItemDataRole.UserRole, idx)
+            item.setToolTip(f"{label}\n{' | '.join(getattr(r, 'captions', []) or [])}\nDouble-click to edit")
+            self.view.addItem(item)
+        self.placeholder.setVisible(not self.results)
+        if results and self.view.currentItem() is None:
+            self.view.setCurrentRow(0)
+        self._update_buttons()
+
+    def select(self, row: int) -> None:
+        self.view.setCurrentRow(row)
+
+    def _update_buttons(self) -> None:
+        ok = self.current() is not None
+        self.more_btn.setEnabled(ok)
+        self.edit_btn.setEnabled(ok)

@@ -1,0 +1,103 @@
+"""Undo/redo over the edit history, and the panel that lists it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PySide6.QtCore import QSignalBlocker, Signal
+from PySide6.QtGui import QFont
+from PySide6.QtWidgets import QLabel, QListWidget, QListWidgetItem, QVBoxLayout, QWidget
+
+
+@dataclass
+class HistoryEntry:
+    """One state the user can go back to: what is shown and how it was made."""
+
+    label: str
+    ws: Any  # Tensor [num_ws, w_dim] (the face code of this state)
+    face_image: np.ndarray  # [R, R, 3] the face (aligned crop or generated face)
+    composed: np.ndarray | None = None  # the full photo with this face pasted back (photo edits only)
+    result: Any = None  # core.engine.FaceResult (None for the starting state)
+    params: dict = field(default_factory=dict)  # captions, strength, method, identity_layers, seed
+
+
+class History:
+    """A linear undo stack; pushing after an undo drops the redo branch.
+
+    When core.latents.EditHistory is available it keeps the latent record (what is saved with an export);
+    this class keeps what the GUI shows for each state.
+    """
+
+    def __init__(self) -> None:
+        self.entries: list[HistoryEntry] = []
+        self.index = -1
+
+    def reset(self, first: HistoryEntry | None = None) -> None:
+        self.entries = [first] if first is not None else []
+        self.index = len(self.entries) - 1
+
+    def push(self, entry: HistoryEntry) -> None:
+        del self.entries[self.index + 1:]
+        self.entries.append(entry)
+        self.index = len(self.entries) - 1
+
+    @property
+    def current(self) -> HistoryEntry | None:
+        return self.entries[self.index] if 0 <= self.index < len(self.entries) else None
+
+    def can_undo(self) -> bool:
+        return self.index > 0
+
+    def can_redo(self) -> bool:
+        return self.index < len(self.entries) - 1
+
+    def undo(self) -> HistoryEntry | None:
+        if self.can_undo():
+            self.index -= 1
+        return self.current
+
+    def redo(self) -> HistoryEntry | None:
+        if self.can_redo():
+            self.index += 1
+        return self.current
+
+    def jump(self, index: int) -> HistoryEntry | None:
+        if 0 <= index < len(self.entries):
+            self.index = index
+        return self.current
+
+
+class HistoryPanel(QWidget):
+    jumpRequested = Signal(int)
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        self.list = QListWidget()
+        self.list.currentRowChanged.connect(self._row_changed)
+        lay.addWidget(self.list, 1)
+        self.hint = QLabel("Edits appear here. Ctrl+Z / Ctrl+Shift+Z to undo and redo; click a step to go back to it.")
+        self.hint.setWordWrap(True)
+        self.hint.setEnabled(False)
+        lay.addWidget(self.hint)
+
+    def show_history(self, history: History) -> None:
+        with QSignalBlocker(self.list):
+            self.list.clear()
+            for i, e in enumerate(history.entries):
+                item = QListWidgetItem(f"{i + 1}. {e.label}")
+                if i > history.index:
+                    item.setForeground(self.palette().color(self.palette().ColorRole.PlaceholderText))
+                if i == history.index:
+                    f = QFont(self.font())
+                    f.setBold(True)
+                    item.setFont(f)
+                self.list.addItem(item)
+            self.list.setCurrentRow(history.index)
+
+    def _row_changed(self, row: int) -> None:
+        if row >= 0:
+            self.jumpRequested.emit(row)

@@ -1,0 +1,148 @@
+"""Persistent settings (QSettings) and the Settings dialog."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PySide6.QtCore import QSettings, QStandardPaths
+from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit,
+                               QPushButton, QWidget)
+
+ENV_SETTINGS_FILE = "ANYFACE_SETTINGS_FILE"  # tests point this at an .ini in tmp_path
+DETECTORS = [("auto", "Automatic (best available)"), ("dlib", "dlib HOG + 68 landmarks (FFHQ)"),
+             ("yunet", "YuNet (OpenCV)"), ("fan", "face-alignment FAN (optional weights)")]
+TIERS = [("fast", "Fast (encoder only)"), ("balanced", "Balanced (encoder + a few steps)"),
+         ("best", "Best (encoder + optimisation)")]
+MAX_RECENT = 10
+MAX_PROMPTS = 30
+
+
+def _default_output_dir() -> str:
+    pics = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.PicturesLocation) or str(Path.home())
+    return str(Path(pics) / "AnyFace")
+
+
+class Settings:
+    """Typed access to the app's QSettings."""
+
+    DEFAULTS = {"device": "auto", "detector": "auto", "tier": "fast", "pack": "tiny", "export/format": "png",
+                "export/quality": 92, "export/size": 0, "export/latent": True, "generate/count": 4}
+
+    def __init__(self, qsettings: QSettings | None = None):
+        if qsettings is None:
+            path = os.environ.get(ENV_SETTINGS_FILE)
+            qsettings = QSettings(path, QSettings.Format.IniFormat) if path else QSettings()
+        self.q = qsettings
+
+    def get(self, key: str, default=None):
+        default = self.DEFAULTS.get(key, default)
+        v = self.q.value(key, default)
+        if isinstance(default, bool):
+            return v in (True, "true", "1", 1)
+        if isinstance(default, int) and not isinstance(default, bool):
+            try:
+                return int(v)
+            except (TypeError, ValueError):
+                return default
+        return v
+
+    def set(self, key: str, value) -> None:
+        self.q.setValue(key, value)
+
+    def sync(self) -> None:
+        self.q.sync()
+
+    # named accessors
+    @property
+    def device(self) -> str:
+        return str(self.get("device"))
+
+    @property
+    def detector(self) -> str:
+        return str(self.get("detector"))
+
+    @property
+    def tier(self) -> str:
+        return str(self.get("tier"))
+
+    @property
+    def output_dir(self) -> str:
+        return str(self.get("output_dir", "") or _default_output_dir())
+
+    def _list(self, key: str) -> list[str]:
+        v = self.q.value(key, [])
+        if isinstance(v, str):
+            return [v] if v else []
+        return [str(x) for x in (v or [])]
+
+    def recent_files(self) -> list[str]:
+        return [p for p in self._list("recent_files") if Path(p).exists()]
+
+    def add_recent_file(self, path: str) -> None:
+        path = str(Path(path).resolve())
+        items = [p for p in self._list("recent_files") if p != path]
+        self.set("recent_files", [path] + items[: MAX_RECENT - 1])
+
+    def prompt_history(self) -> list[str]:
+        return self._list("prompt_history")
+
+    def add_prompt(self, prompt: str) -> None:
+        if not prompt.strip():
+            return
+        items = [p for p in self._list("prompt_history") if p != prompt]
+        self.set("prompt_history", [prompt] + items[: MAX_PROMPTS - 1])
+
+
+class SettingsDialog(QDialog):
+    def __init__(self, settings: Settings, devices: list[str], parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setWindowTitle("Settings")
+        self.settings = settings
+        form = QFormLayout(self)
+        self.device = QComboBox()
+        for d in ["auto"] + [d for d in devices if d != "auto"]:
+            self.device.addItem("Automatic (GPU if available)" if d == "auto" else d, d)
+        self._select(self.device, settings.device)
+        self.detector = QComboBox()
+        for key, label in DETECTORS:
+            self.detector.addItem(label, key)
+        self._select(self.detector, settings.detector)
+        self.tier = QComboBox()
+        for key, label in TIERS:
+            self.tier.addItem(label, key)
+        self._select(self.tier, settings.tier)
+        self.output = QLineEdit(settings.output_dir)
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse)
+        row = QHBoxLayout()
+        row.addWidget(self.output, 1)
+        row.addWidget(browse)
+        form.addRow("Device:", self.device)
+        form.addRow("Face detector:", self.detector)
+        form.addRow("Photo inversion:", self.tier)
+        form.addRow("Default output folder:", row)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        form.addRow(buttons)
+
+    @staticmethod
+    def _select(combo: QComboBox, value: str) -> None:
+        i = combo.findData(value)
+        combo.setCurrentIndex(max(0, i))
+
+    def _browse(self) -> None:
+        d = QFileDialog.getExistingDirectory(self, "Default output folder", self.output.text())
+        if d:
+            self.output.setText(d)
+
+    def apply(self) -> dict:
+        """Store the choices; returns the keys that changed."""
+        new = {"device": self.device.currentData(), "detector": self.detector.currentData(),
+               "tier": self.tier.currentData(), "output_dir": self.output.text().strip()}
+        changed = {k: v for k, v in new.items() if str(self.settings.get(k, "")) != str(v)}
+        for k, v in new.items():
+            self.settings.set(k, v)
+        self.settings.sync()
+        return changed

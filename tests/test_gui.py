@@ -1,0 +1,524 @@
+"""GUI logic with a fake engine (fast, deterministic): captions, live preview stamps, undo/redo, export
+metadata, error boxes, cancel, responsiveness, clean close. End-to-end tests on the real pack: test_gui_e2e.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("pytestqt")
+
+from anyface_desktop.backend import Backend, BatchJob  # noqa: E402
+from anyface_desktop.dialogs import open_error_boxes  # noqa: E402
+from anyface_desktop.export import read_provenance  # noqa: E402
+from anyface_desktop.settings import ENV_SETTINGS_FILE, Settings  # noqa: E402
+from core.errors import CancelledError, InvalidImageError  # noqa: E402
+
+pytestmark = pytest.mark.gui
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+
+
+# ------------------------------------------------------------------------------------------ fakes
+@dataclass
+class FakeResult:
+    image: np.ndarray
+    ws: torch.Tensor
+    seed: int | None
+    captions: list = field(default_factory=list)
+    method: str = "cmd"
+    strength: float | None = None
+
+
+class FakeEngine:
+    """Same method signatures as core.engine.Engine; images are a deterministic function of ws."""
+
+    pack_id, resolution, num_ws, w_dim, device = "fake", 32, 6, 8, "cpu"
+    methods = ["cmd", "cvae", "knn"]
+
+    def __init__(self, delay: float = 0.0, fail_on: str | None = None):
+        self.delay, self.fail_on = delay, fail_on
+        self.edit_calls = 0
+        self.lock = threading.Lock()
+
+    def _text_ws(self, captions, seed=0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(abs(hash(tuple(captions))) % 2**31 + seed)
+        return torch.randn(self.num_ws, self.w_dim, generator=g)
+
+    def render(self, ws) -> np.ndarray:
+        ws = torch.as_tensor(ws, dtype=torch.float32).reshape(self.num_ws, self.w_dim)
+        rgb = (torch.sigmoid(ws[-3:].mean(1) * 2) * 255).numpy()
+        yy, xx = np.mgrid[0:self.resolution, 0:self.resolution] / self.resolution
+        img = np.empty((self.resolution, self.resolution, 3), np.float32)
+        for c in range(3):
+            img[..., c] = rgb[c] * (0.6 + 0.4 * (xx if c == 0 else yy))
+        return img.clip(0, 255).astype(np.uint8)
+
+    def synthesize(self, captions, n=4, seed=0, method="cmd", diversity=1.0, *, progress=None, should_cancel=None):
+        out = []
+        for i in range(n):
+            if should_cancel is not None and should_cancel():
+                raise CancelledError()
+            ws = self._text_ws(captions, seed + i) * diversity
+            out.append(FakeResult(self.render(ws), ws, seed + i, list(captions), method))
+            if progress is not None:
+                progress(i + 1, n)
+        return out
+
+    def edit(self, source_ws, captions, strength, method="cmd", identity_layers=None, *, seed=0, progress=None,
+             should_cancel=None):
+        with self.lock:
+            self.edit_calls += 1
+        if self.fail_on and any(self.fail_on in c for c in captions):
+            raise ValueError(f"fake engine cannot do '{self.fail_on}'")
+        if self.delay:
+            time.sleep(self.delay)
+        k = identity_layers or 0
+        ws = source_ws.clone()
+        ws[k:] = source_ws[k:] + strength * (self._text_ws(captions)[k:] * 3 - source_ws[k:])
+        return FakeResult(self.render(ws), ws, seed, list(captions), method, strength)
+
+
+class FakeBackend(Backend):
+    """Photo steps without models: faces are boxes given by the file name; inversion is slow and cancellable."""
+
+    def __init__(self, engine=None, invert_seconds: float = 0.0):
+        super().__init__(engine or FakeEngine())
+        self.invert_seconds = invert_seconds
+
+    def load(self, pack=None, device=None, progress=None, should_cancel=None):
+        return self.info(0.0)
+
+    def read_image(self, path):
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"))
+        except Exception as e:  # noqa: BLE001
+            raise InvalidImageError(f"{Path(path).name} is not a readable image.") from e
+
+    def detect_faces(self, image, detector):
+        h, w = image.shape[:2]
+        name = getattr(self, "_name", "")
+        return [] if "noface" in name else [(w * 0.25, h * 0.2, w * 0.6, h * 0.7), (w * 0.65, h * 0.3, w * 0.9, h * 0.6)][
+            : 2 if "two" in name else 1]
+
+    def open_photo(self, path, detector="auto"):
+        self._name = Path(path).name
+        return super().open_photo(path, detector)
+
+    def align_face(self, image, face, size):
+        from PIL import Image
+
+        x0, y0, x1, y1 = map(int, face)
+        crop = Image.fromarray(image[y0:y1, x0:x1]).resize((size, size))
+        return np.asarray(crop), (x0, y0, x1, y1)
+
+    def invert(self, aligned, tier, progress, should_cancel):
+        steps = 20
+        for i in range(steps):
+            if should_cancel is not None and should_cancel():
+                raise CancelledError()
+            time.sleep(self.invert_seconds / steps)
+            if progress is not None:
+                progress(i + 1, steps)
+        return torch.as_tensor(aligned.reshape(-1)[: 48].astype(np.float32) / 128 - 1).reshape(6, 8)
+
+    def paste_back(self, original, face, transform):
+        from PIL import Image
+
+        x0, y0, x1, y1 = transform
+        out = original.copy()
+        out[y0:y1, x0:x1] = np.asarray(Image.fromarray(face).resize((x1 - x0, y1 - y0)))
+        return out
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(autouse=True)
+def _settings_file(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_SETTINGS_FILE, str(tmp_path / "settings.ini"))
+    yield
+    for box in open_error_boxes():
+        box.close()
+
+
+@pytest.fixture
+def photo(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    img = (rng.random((120, 160, 3)) * 60 + np.linspace(60, 190, 160)[None, :, None]).astype(np.uint8)
+    p = tmp_path / "portrait.png"
+    from PIL import Image
+
+    Image.fromarray(img).save(p)
+    return p
+
+
+def make_window(qtbot, backend=None):
+    from anyface_desktop.main_window import MainWindow
+
+    win = MainWindow(pack="tiny", device="cpu", backend=backend or FakeBackend())
+    qtbot.addWidget(win)
+    win.show()
+    qtbot.waitUntil(lambda: win.engine_info is not None, timeout=5000)
+    return win
+
+
+def close_window(qtbot, win):
+    win.close()
+    assert not win.host.thread.isRunning()
+
+
+def wait_idle(qtbot, win, timeout=10000):
+    qtbot.waitUntil(lambda: win.idle, timeout=timeout)
+
+
+def open_ready(qtbot, win, path):
+    win.open_photo(str(path))
+    qtbot.waitUntil(lambda: win.face is not None, timeout=10000)
+    wait_idle(qtbot, win)
+
+
+# ------------------------------------------------------------------------------------------ tests
+def test_empty_window_and_screenshot(qtbot):
+    win = make_window(qtbot)
+    assert win.engine_info.methods == ["cmd", "cvae", "knn"]
+    assert win.captions.method.count() == 3
+    assert "Device" in win.device_label.text() and "fake" in win.pack_label.text()
+    assert not win.act_undo.isEnabled() and not win.act_save.isEnabled()
+    close_window(qtbot, win)
+
+
+def test_captions_add_remove_edit_in_place(qtbot):
+    from anyface_desktop.captions import CaptionEditor
+
+    ed = CaptionEditor()
+    qtbot.addWidget(ed)
+    seen = []
+    ed.captionsChanged.connect(seen.append)
+    ed.entry.setText("a smiling woman")
+    ed.add_from_entry()
+    ed.add_caption("red hair")
+    ed.add_caption("   ")
+    assert ed.captions() == ["a smiling woman", "red hair"] and seen[-1] == ed.captions()
+    ed.edit_caption(1, "ginger locks")
+    assert ed.captions() == ["a smiling woman", "ginger locks"] and seen[-1] == ed.captions()
+    ed.edit_caption(0, "")  # emptied in place -> removed
+    assert ed.captions() == ["ginger locks"]
+    ed.list.setCurrentRow(0)
+    ed.remove_selected()
+    assert ed.captions() == []
+    ed.set_history(["a | b", "c"])
+    ed.history_menu.actions()[0].trigger()
+    assert ed.captions() == ["a", "b"]
+
+
+def test_open_photo_slider_preview_drops_stale_and_undo_redo(qtbot, photo):
+    engine = FakeEngine(delay=0.03)
+    win = make_window(qtbot, FakeBackend(engine))
+    open_ready(qtbot, win, photo)
+    assert win.face is not None and win.history.index == 0
+    win.captions.add_caption("a smiling face")
+    win.captions.add_caption("grey hair")
+    wait_idle(qtbot, win)
+    first = win.current_entry.face_image.copy()
+    assert win.history.index >= 1
+    # a drag: 30 slider moves while the engine takes 30 ms per edit
+    calls0 = engine.edit_calls
+    win.captions.slider.setSliderDown(True)
+    for v in range(0, 100, 3):
+        win.captions.slider.setValue(v)
+        qtbot.wait(2)
+    win.captions.slider.setSliderDown(False)
+    wait_idle(qtbot, win)
+    runs = engine.edit_calls - calls0
+    assert runs < 20, f"dragging queued work behind itself ({runs} edits for 34 moves)"
+    assert win.scheduler.dropped > 0
+    assert win.current_entry.params["strength"] == pytest.approx(win.captions.strength())
+    assert not np.array_equal(first, win.current_entry.face_image)  # the preview changed
+    n = win.history.index
+    assert n >= 2
+    last = win.current_entry.face_image.copy()
+    qtbot.keyClick(win, "z", modifier=__import__("PySide6.QtCore", fromlist=["Qt"]).Qt.KeyboardModifier.ControlModifier)
+    win.undo() if win.history.index == n else None
+    assert win.history.index == n - 1
+    assert not np.array_equal(win.current_entry.face_image, last)
+    win.redo()
+    assert win.history.index == n and np.array_equal(win.current_entry.face_image, last)
+    win.jump_history(0)
+    assert win.history.index == 0 and win.act_redo.isEnabled()
+    assert win.history_panel.list.count() == n + 1
+    wait_idle(qtbot, win)
+    close_window(qtbot, win)
+
+
+def test_stale_result_after_new_photo_is_not_shown(qtbot, photo, tmp_path):
+    engine = FakeEngine(delay=0.2)
+    win = make_window(qtbot, FakeBackend(engine))
+    open_ready(qtbot, win, photo)
+    win.captions.add_caption("smile")
+    qtbot.waitUntil(lambda: win.scheduler.in_flight is not None, timeout=2000)
+    stamp = win.scheduler.in_flight.stamp
+    win.scheduler.invalidate()  # what opening another photo does
+    wait_idle(qtbot, win)
+    assert win.history.index == 0 and win.current_entry.params.get("strength") == 0.0, stamp
+    close_window(qtbot, win)
+
+
+def test_generate_gallery_more_like_this_and_edit(qtbot):
+    win = make_window(qtbot)
+    win.captions.add_caption("an old man with a beard")
+    win.generate(4, 7)
+    qtbot.waitUntil(lambda: len(win.gallery.results) == 4, timeout=5000)
+    assert [r.seed for r in win.gallery.results] == [7, 8, 9, 10]
+    assert win.gallery.view.item(0).text() == "seed 7"
+    # reproducible by seed
+    again = FakeEngine().synthesize(["an old man with a beard"], 4, 7)
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(again, win.gallery.results))
+    picked = win.gallery.results[1]
+    win.gallery.select(1)
+    win.gallery.more_btn.click()
+    qtbot.waitUntil(lambda: not win.host.busy and win.gallery.results and win.gallery.results[0] is not picked
+                    and len(win.gallery.results) == 4 and win.gallery.results[0].seed != 7, timeout=5000)
+    win.gallery.select(0)
+    win.gallery.edit_btn.click()
+    assert win.source is not None and win.face is None and win.history.index == 0
+    win.captions.set_strength(0.9)
+    wait_idle(qtbot, win)
+    assert win.history.index == 1
+    close_window(qtbot, win)
+
+
+def test_export_writes_metadata_and_latent_never_over_input(qtbot, photo, tmp_path):
+    win = make_window(qtbot)
+    open_ready(qtbot, win, photo)
+    win.captions.add_caption("blue eyes")
+    wait_idle(qtbot, win)
+    for fmt in ("png", "jpg", "webp"):
+        out = tmp_path / "out" / f"face.{fmt}"
+        win.export_to({"path": str(out), "fmt": fmt, "size": 64, "quality": 90, "save_latent": True})
+        wait_idle(qtbot, win)
+        assert out.exists() and out.with_suffix(".npz").exists()
+        meta = read_provenance(str(out))
+        assert meta["provenance"] == "made/edited with AnyFace Desktop"
+        assert meta["prompt"] == "blue eyes" and meta["pack"] == "fake"
+        from PIL import Image
+
+        with Image.open(out) as im:
+            assert max(im.size) == 64
+    before = photo.read_bytes()
+    win.export_to({"path": str(photo), "fmt": "png"})
+    qtbot.waitUntil(lambda: bool(open_error_boxes()), timeout=5000)
+    assert "input" in open_error_boxes()[-1].text().lower()
+    assert photo.read_bytes() == before
+    for b in open_error_boxes():
+        b.close()
+    close_window(qtbot, win)
+
+
+def test_engine_failure_becomes_error_box_and_app_survives(qtbot, photo):
+    win = make_window(qtbot, FakeBackend(FakeEngine(fail_on="explode")))
+    open_ready(qtbot, win, photo)
+    win.captions.add_caption("explode")
+    qtbot.waitUntil(lambda: bool(open_error_boxes()), timeout=5000)
+    box = open_error_boxes()[-1]
+    assert "explode" in box.text() and "Traceback" in box.detailedText()
+    box.close()
+    wait_idle(qtbot, win)
+    win.captions.set_captions(["fine"])
+    wait_idle(qtbot, win)
+    assert win.current_entry.params["captions"] == ["fine"]
+    close_window(qtbot, win)
+
+
+def test_unreadable_photo_shows_error(qtbot, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    win = make_window(qtbot)
+    win.open_photo(str(bad))
+    qtbot.waitUntil(lambda: bool(open_error_boxes()), timeout=5000)
+    assert "broken.png" in open_error_boxes()[-1].text()
+    for b in open_error_boxes():
+        b.close()
+    close_window(qtbot, win)
+
+
+def test_several_faces_picker(qtbot, tmp_path, photo):
+    two = tmp_path / "two_people.png"
+    two.write_bytes(photo.read_bytes())
+    win = make_window(qtbot)
+    open_ready(qtbot, win, two)
+    assert win.face_combo.count() == 2 and win.face_combo_action.isVisible()
+    assert len(win.canvas.face_boxes) == 2
+    win.pick_face(1)
+    qtbot.waitUntil(lambda: win.face is not None and win.face.index == 1, timeout=5000)
+    close_window(qtbot, win)
+
+
+def test_inversion_cancel_never_blocks_event_loop_and_no_result_after_cancel(qtbot, photo):
+    win = make_window(qtbot, FakeBackend(invert_seconds=1.0))
+    gaps, last = [], [time.perf_counter()]
+
+    def tick():
+        now = time.perf_counter()
+        gaps.append(now - last[0])
+        last[0] = now
+
+    from PySide6.QtCore import QTimer
+
+    probe = QTimer()
+    probe.setInterval(10)
+    probe.timeout.connect(tick)
+    probe.start()
+    results = []
+    win.host.worker.result.connect(lambda job, v: results.append(job.kind))
+    cancelled = []
+    win.host.worker.cancelled.connect(lambda job: cancelled.append(job.kind))
+    win.open_photo(str(photo))
+    qtbot.waitUntil(lambda: win.host.active and any(j.kind == "invert" for j in win.host.active.values()), timeout=5000)
+    qtbot.wait(300)
+    win.cancel_long_job()
+    qtbot.waitUntil(lambda: "invert" in cancelled, timeout=5000)
+    wait_idle(qtbot, win)
+    probe.stop()
+    assert "invert" not in results and win.face is None
+    assert max(gaps) < 0.1, f"event loop blocked for {max(gaps) * 1000:.0f} ms"
+    # and a full inversion with the probe running
+    win.host.backend.invert_seconds = 0.5
+    last[0] = time.perf_counter()
+    gaps.clear()
+    probe.start()
+    win.pick_face(0)
+    qtbot.waitUntil(lambda: win.face is not None, timeout=5000)
+    probe.stop()
+    assert max(gaps) < 0.1, f"event loop blocked for {max(gaps) * 1000:.0f} ms"
+    close_window(qtbot, win)
+
+
+def test_close_while_inverting_cancels_and_waits(qtbot, photo):
+    win = make_window(qtbot, FakeBackend(invert_seconds=30))
+    win.open_photo(str(photo))
+    qtbot.waitUntil(lambda: any(j.kind == "invert" for j in win.host.active.values()), timeout=5000)
+    t0 = time.perf_counter()
+    win.close()
+    assert not win.host.thread.isRunning()
+    assert time.perf_counter() - t0 < 5
+
+
+def test_batch_with_fake_engine_report_and_cancel(qtbot, tmp_path, photo):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        (src / f"p{i}.png").write_bytes(photo.read_bytes())
+    (src / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (src / "noface.png").write_bytes(photo.read_bytes())
+    win = make_window(qtbot)
+    win.open_batch()
+    dlg = win.batch_dialog
+    dlg.input.setText(str(src))
+    dlg.output.setText(str(tmp_path / "out"))
+    dlg.captions.setText("smiling | grey hair")
+    dlg.start()
+    qtbot.waitUntil(lambda: dlg.report is not None, timeout=10000)
+    rep = dlg.report
+    assert len(rep.ok) == 3 and {Path(i.path).name for i in rep.failed} == {"corrupt.jpg", "noface.png"}
+    assert "corrupt.jpg" in dlg.log.toPlainText() and "noface.png" in dlg.log.toPlainText()
+    assert len(list((tmp_path / "out").glob("*.png"))) == 3
+    # cancel
+    win.host.backend.invert_seconds = 0.5
+    dlg.output.setText(str(tmp_path / "out2"))
+    dlg.start()
+    qtbot.wait(200)
+    dlg.cancel()
+    qtbot.waitUntil(lambda: dlg.job is None, timeout=10000)
+    assert "cancelled" in dlg.log.toPlainText().lower()
+    assert len(list((tmp_path / "out2").glob("*.png"))) < 3
+    close_window(qtbot, win)
+
+
+def test_model_manager_states_and_verify(qtbot, tmp_path, monkeypatch):
+    import hashlib
+    import json
+
+    res = tmp_path / "resources"
+    (res / "weights" / "toy").mkdir(parents=True)
+    payload = b"x" * 300000
+    (res / "weights" / "toy" / "a.bin").write_bytes(payload)
+    (res / "weights" / "toy" / "c.bin").write_bytes(b"wrong size")
+    man = {"version": 1, "packs": {"toy": {"title": "Toy pack", "resolution": 8, "files": ["toy-a", "toy-b", "toy-c"]}},
+           "files": [{"id": "toy-a", "file_name": "a.bin", "pack": "toy", "role": "generator",
+                      "sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload), "source": "here"},
+                     {"id": "toy-b", "file_name": "b.bin", "pack": "toy", "role": "clip", "sha256": None,
+                      "size": None, "source": "https://example.invalid/b.bin"},
+                     {"id": "toy-c", "file_name": "c.bin", "pack": "toy", "role": "cmd", "sha256": None,
+                      "size": 5, "source": "there"}]}
+    (res / "weights" / "manifest.json").write_text(json.dumps(man))
+    monkeypatch.setenv("ANYFACE_RESOURCES", str(res))
+    from anyface_desktop.model_manager import ModelManager
+
+    mm = ModelManager("toy")
+    qtbot.addWidget(mm)
+    states = {s.file.id: s.state for s in mm.statuses}
+    assert states == {"toy-a": "unverified", "toy-b": "missing", "toy-c": "corrupt"}
+    assert "No model pack is ready" in mm.banner.text()
+    assert "example.invalid/b.bin" in mm.table.item(1, 3).text()
+    mm.verify()
+    qtbot.waitUntil(lambda: mm.job is None, timeout=10000)
+    assert {s.file.id: s.state for s in mm.statuses}["toy-a"] == "present"
+    # import the missing file
+    b = tmp_path / "b.bin"
+    b.write_bytes(b"clip weights")
+    mm.import_paths("toy", [str(b)])
+    qtbot.waitUntil(lambda: mm.job is None, timeout=10000)
+    assert {s.file.id: s.state for s in mm.statuses}["toy-b"] in ("present", "unverified")
+    mm.shutdown()
+    assert not mm.host.thread.isRunning()
+
+
+def test_settings_persist(tmp_path, qtbot):
+    s = Settings()
+    s.set("device", "cpu")
+    s.set("tier", "best")
+    s.add_recent_file(str(tmp_path))
+    s.add_prompt("a | b")
+    s.sync()
+    s2 = Settings()
+    assert s2.device == "cpu" and s2.tier == "best" and s2.prompt_history() == ["a | b"]
+    assert s2.recent_files() == [str(tmp_path.resolve())]
+
+
+def test_worker_never_emits_result_after_cancel(qtbot):
+    from anyface_desktop.worker import WorkerHost
+
+    host = WorkerHost(None)
+    got = []
+    host.worker.result.connect(lambda j, v: got.append(("result", v)))
+    host.worker.cancelled.connect(lambda j: got.append(("cancelled", j.kind)))
+    started = threading.Event()
+
+    def slow(_b, progress, cancel):
+        started.set()
+        time.sleep(0.2)  # ignores should_cancel on purpose: finishes, but its result is still dropped
+        return 42
+
+    job = host.submit("slow", slow)
+    assert started.wait(5)
+    host.cancel(job)
+    with qtbot.waitSignal(host.worker.finished, timeout=5000):
+        pass
+    qtbot.wait(20)
+    assert got == [("cancelled", "slow")]
+
+    def boom(_b, progress, cancel):
+        raise RuntimeError("boom")
+
+    with qtbot.waitSignal(host.worker.failed, timeout=5000) as blocker:
+        host.submit("boom", boom)
+    assert isinstance(blocker.args[1], RuntimeError) and "boom" in blocker.args[2]
+    host.shutdown()
+    assert not host.thread.isRunning()
