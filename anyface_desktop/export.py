@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +14,6 @@ from core import __version__
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 SOFTWARE = f"AnyFace Desktop {__version__}"
-EXIF_DESCRIPTION, EXIF_SOFTWARE = 0x010E, 0x0131
 
 
 @dataclass
@@ -57,11 +54,12 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def export_image(req: ExportRequest) -> ExportResult:
-    """Write the image (atomically) with the provenance tag, and ``<stem>.npz`` with the latent."""
+    """Write the image (atomically, via core.io.write_image) with the provenance tag, and ``<stem>.npz`` with the
+    latent. Refuses to write over any of ``req.inputs``."""
     from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
 
     from core.errors import OutputError
+    from core.io import write_image
 
     path = Path(req.path)
     fmt = req.fmt.lower().lstrip(".")
@@ -70,67 +68,36 @@ def export_image(req: ExportRequest) -> ExportResult:
     for src in req.inputs:
         if src and _same_file(path, Path(src)):
             raise OutputError(f"Refusing to write over the input photo {path}. Choose another file name.")
-    img = Image.fromarray(np.ascontiguousarray(req.image, dtype=np.uint8), "RGB")
-    if req.size and max(img.size) != req.size:
-        scale = req.size / max(img.size)
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
+    img = np.ascontiguousarray(req.image, dtype=np.uint8)
+    if req.size and max(img.shape[:2]) != req.size:
+        pil = Image.fromarray(img, "RGB")
+        scale = req.size / max(pil.size)
+        pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.LANCZOS)
+        img = np.asarray(pil)
     meta = provenance(req)
-    text = json.dumps(meta)
-    exif = Image.Exif()
-    exif[EXIF_SOFTWARE] = SOFTWARE
-    exif[EXIF_DESCRIPTION] = text
-    kw: dict = {"exif": exif.tobytes()}
-    if FORMATS[fmt] == "PNG":
-        info = PngInfo()
-        info.add_text("Software", SOFTWARE)
-        info.add_text("Description", f"{PROVENANCE}; prompt: {meta['prompt']}; pack: {req.pack}")
-        info.add_text("AnyFace", text)
-        kw["pnginfo"] = info
-    else:
-        kw["quality"] = int(req.quality)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            img.save(tmp, FORMATS[fmt], **kw)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-    except OSError as e:
-        raise OutputError(f"Cannot write {path}: {e.strerror or e}. Choose another folder.") from e
+    desc = f"{PROVENANCE} (AI-{'edited' if req.edited else 'generated'}); prompt: {meta['prompt']}; pack: {req.pack}"
+    written = write_image(path, img, FORMATS[fmt], int(req.quality), metadata=meta, protect=list(req.inputs),
+                          description=desc)
     latent_path = None
     if req.save_latent and req.ws is not None:
-        latent_path = str(path.with_suffix(".npz"))
+        latent_path = str(Path(written).with_suffix(".npz"))
+        for src in req.inputs:
+            if src and _same_file(Path(latent_path), Path(src)):
+                raise OutputError(f"Refusing to write the latent over the input {src}.")
         save_latent_file(latent_path, req)
-    return ExportResult(str(path), latent_path)
+    return ExportResult(str(written), latent_path)
 
 
 def save_latent_file(path: str, req: ExportRequest) -> None:
-    try:
-        from core.latents import save_latent
-    except ImportError:  # core.latents not there yet: a plain npz with the same keys
-        save_latent = None
-    if save_latent is not None:
-        save_latent(path, req.ws, captions=list(req.captions), seed=req.seed, method=req.method, pack_id=req.pack,
-                    provenance=PROVENANCE)
-        return
-    ws = req.ws.detach().cpu().numpy() if hasattr(req.ws, "detach") else np.asarray(req.ws)
-    np.savez(path, ws=ws, captions=np.array(list(req.captions)), seed=req.seed if req.seed is not None else -1,
-             method=req.method, pack_id=req.pack, provenance=PROVENANCE)
+    from core.latents import save_latent
+
+    save_latent(path, req.ws, captions=list(req.captions), seed=req.seed, method=req.method, pack_id=req.pack,
+                provenance=PROVENANCE, strength=req.strength, kind="edited" if req.edited else "generated")
 
 
 def read_provenance(path: str) -> dict | None:
-    """The provenance dict written by :func:`export_image` (PNG text chunk or EXIF), or None."""
-    from PIL import Image
+    """The provenance dict written by :func:`export_image` (PNG text chunk or EXIF/XMP), or None."""
+    from core.io import read_metadata
 
-    with Image.open(path) as im:
-        text = im.info.get("AnyFace") if hasattr(im, "info") else None
-        if not text:
-            text = im.getexif().get(EXIF_DESCRIPTION)
-    if not text:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
+    meta = read_metadata(path)
+    return meta if meta.get("provenance") else None

@@ -24,48 +24,51 @@ class HistoryEntry:
 
 
 class History:
-    """A linear undo stack; pushing after an undo drops the redo branch.
+    """The GUI's view of the engine's ``core.latents.EditHistory``: a linear undo stack whose states are
+    ``HistoryEntry`` s; pushing after an undo drops the redo branch; jumping moves by undo/redo steps."""
 
-    When core.latents.EditHistory is available it keeps the latent record (what is saved with an export);
-    this class keeps what the GUI shows for each state.
-    """
+    def __init__(self, max_len: int = 200) -> None:
+        from core.latents import EditHistory
 
-    def __init__(self) -> None:
-        self.entries: list[HistoryEntry] = []
-        self.index = -1
+        self._h: EditHistory[HistoryEntry] = EditHistory(max_len=max_len)
 
-    def reset(self, first: HistoryEntry | None = None) -> None:
-        self.entries = [first] if first is not None else []
-        self.index = len(self.entries) - 1
+    @property
+    def entries(self) -> list[HistoryEntry]:
+        return self._h.items()
 
-    def push(self, entry: HistoryEntry) -> None:
-        del self.entries[self.index + 1:]
-        self.entries.append(entry)
-        self.index = len(self.entries) - 1
+    @property
+    def index(self) -> int:
+        return self._h.index
 
     @property
     def current(self) -> HistoryEntry | None:
-        return self.entries[self.index] if 0 <= self.index < len(self.entries) else None
+        return self._h.current
+
+    def reset(self, first: HistoryEntry | None = None) -> None:
+        self._h.clear()
+        if first is not None:
+            self._h.push(first)
+
+    def push(self, entry: HistoryEntry) -> None:
+        self._h.push(entry)
 
     def can_undo(self) -> bool:
-        return self.index > 0
+        return self._h.can_undo()
 
     def can_redo(self) -> bool:
-        return self.index < len(self.entries) - 1
+        return self._h.can_redo()
 
     def undo(self) -> HistoryEntry | None:
-        if self.can_undo():
-            self.index -= 1
-        return self.current
+        return self._h.undo()
 
     def redo(self) -> HistoryEntry | None:
-        if self.can_redo():
-            self.index += 1
-        return self.current
+        return self._h.redo()
 
     def jump(self, index: int) -> HistoryEntry | None:
-        if 0 <= index < len(self.entries):
-            self.index = index
+        while self._h.index > index and self._h.can_undo():
+            self._h.undo()
+        while self._h.index < index and self._h.can_redo():
+            self._h.redo()
         return self.current
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from PySide6.QtCore import QByteArray, Qt, QTimer
 from PySide6.QtGui import QAction, QActionGroup, QKeySequence
 from PySide6.QtWidgets import (QComboBox, QFileDialog, QLabel, QMainWindow, QProgressBar, QPushButton, QSplitter,
-                               QTabWidget, QToolBar, QVBoxLayout, QWidget)
+                               QStyle, QTabWidget, QToolBar, QVBoxLayout, QWidget)
 
 from anyface_desktop.backend import Backend, EditOutcome, FaceState, PhotoState
 from anyface_desktop.canvas import PhotoCanvas
@@ -114,6 +114,9 @@ class MainWindow(QMainWindow):
         self.device_label = QLabel("Device: …")
         self.pack_label = QLabel(f"Pack: {self.pack_id}")
         self.timing_label = QLabel("")
+        self.timing_label.setMinimumWidth(150)
+        self.device_label.setMinimumWidth(150)
+        self.pack_label.setMinimumWidth(140)
         for wdg in (self.progress, self.cancel_btn):
             sb.addWidget(wdg)
         for wdg in (self.timing_label, self.pack_label, self.device_label):
@@ -121,8 +124,17 @@ class MainWindow(QMainWindow):
         self._update_canvas_empty_text()
 
     def _build_actions(self) -> None:
+        style = self.style()
+        SP = QStyle.StandardPixmap
+        icons = {"&Open photo…": SP.SP_DialogOpenButton, "Export &As…": SP.SP_DialogSaveButton,
+                 "&Undo": SP.SP_ArrowBack, "&Redo": SP.SP_ArrowForward, "&Fit": SP.SP_TitleBarMaxButton,
+                 "&Generate faces": SP.SP_FileDialogContentsView, "&Batch…": SP.SP_DirOpenIcon,
+                 "&Models…": SP.SP_DriveHDIcon, "&Settings…": SP.SP_FileDialogDetailedView}
+
         def act(text, slot, shortcut=None, tip=None, checkable=False):
             a = QAction(text, self)
+            if text in icons:
+                a.setIcon(style.standardIcon(icons[text]))
             if shortcut:
                 a.setShortcut(QKeySequence(shortcut))
             if tip:
@@ -184,6 +196,7 @@ class MainWindow(QMainWindow):
         tb = QToolBar("Main")
         tb.setObjectName("main_toolbar")
         tb.setMovable(False)
+        tb.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
         tb.addAction(self.act_open)
         tb.addAction(self.act_save_as)
         tb.addSeparator()
@@ -229,7 +242,7 @@ class MainWindow(QMainWindow):
             self.restoreGeometry(g)
 
     def _update_canvas_empty_text(self) -> None:
-        if self.engine_error is not None or self.pack_id not in weights.usable_packs():
+        if self.engine_info is None and (self.engine_error is not None or self.pack_id not in weights.usable_packs()):
             self.canvas.empty_text = (
                 f"The model pack '{self.pack_id}' is not usable yet (files missing).\n\n"
                 "Open Models to see which files are missing and where to put them, build the bundled pack with "
@@ -391,7 +404,8 @@ class MainWindow(QMainWindow):
                 f"No face was found in {Path(photo.path).name}.\nTry another photo or another face detector in "
                 "Settings. You can still generate faces from text."))
             return
-        self.pick_face(0)
+        areas = [(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes]
+        self.pick_face(int(max(range(len(areas)), key=areas.__getitem__)))  # the main subject first
 
     def pick_face(self, index: int) -> None:
         if self.photo is None or not (0 <= index < len(self.photo.faces)):

@@ -23,7 +23,7 @@ from core import weights
 STATE_COLORS = {"present": QColor(40, 150, 70), "unverified": QColor(150, 120, 20), "missing": QColor(190, 60, 50),
                 "corrupt": QColor(190, 60, 50)}
 STATE_TEXT = {"present": "✔ present (verified)", "unverified": "● present (not verified yet)", "missing": "✘ missing",
-              "corrupt": "✘ corrupt"}
+              "corrupt": "✘ corrupt", "optional": "– not installed (optional)"}
 
 
 def import_weight_file(wf: weights.WeightFile, src: str, progress=None, should_cancel=None) -> Path:
@@ -54,7 +54,7 @@ class ModelManager(QDialog):
     def __init__(self, current_pack: str = "tiny", parent: QWidget | None = None):
         super().__init__(parent)
         self.setWindowTitle("Models")
-        self.resize(900, 520)
+        self.resize(1040, 560)
         self.current_pack = current_pack
         self.host = WorkerHost(None, name="AnyFace model files", parent=self)
         self.host.worker.result.connect(self._on_result)
@@ -92,6 +92,7 @@ class ModelManager(QDialog):
         rl.addWidget(self.table, 1)
         split.addWidget(right)
         split.setStretchFactor(1, 1)
+        split.setSizes([330, 710])
         lay.addWidget(split, 1)
         row = QHBoxLayout()
         self.progress = QProgressBar()
@@ -158,16 +159,19 @@ class ModelManager(QDialog):
         self.table.setRowCount(len(self.statuses))
         for r, s in enumerate(self.statuses):
             wf = s.file
-            what = str(s.path) if s.path else f"missing — get it from: {wf.where_to_get()}"
+            what = str(s.path) if s.path else f"get it from: {wf.where_to_get()}"
+            state = s.state
+            if state == "missing" and wf.optional:
+                state = "optional"
             if s.state == "corrupt":
                 what = f"{s.path}: {s.detail}"
-            cells = [f"{wf.file_name}" + (" (optional)" if wf.optional else ""), wf.role, STATE_TEXT.get(s.state, s.state),
+            cells = [f"{wf.file_name}" + (" (optional)" if wf.optional else ""), wf.role, STATE_TEXT.get(state, state),
                      what]
             for c, text in enumerate(cells):
                 it = QTableWidgetItem(text)
                 it.setToolTip(f"{wf.id}\n{text}\nlicense: {wf.license}\n{s.detail}")
                 if c == 2:
-                    it.setForeground(STATE_COLORS.get(s.state, QColor()))
+                    it.setForeground(STATE_COLORS.get(state, QColor(120, 120, 120)))
                 self.table.setItem(r, c, it)
         self.table.resizeColumnsToContents()
         self.table.horizontalHeader().setSectionResizeMode(3, QHeaderView.ResizeMode.Stretch)

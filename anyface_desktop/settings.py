@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from PySide6.QtCore import QSettings, QStandardPaths
+from PySide6.QtCore import QSettings, QStandardPaths, Qt
 from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit,
                                QPushButton, QWidget)
 
@@ -105,8 +105,18 @@ class SettingsDialog(QDialog):
             self.device.addItem("Automatic (GPU if available)" if d == "auto" else d, d)
         self._select(self.device, settings.device)
         self.detector = QComboBox()
+        try:
+            from core.align import detector_status
+
+            status = detector_status()
+        except Exception:  # noqa: BLE001 - Settings must open even if a detector backend is broken
+            status = {}
         for key, label in DETECTORS:
-            self.detector.addItem(label, key)
+            reason = status.get(key)
+            self.detector.addItem(label + (" — unavailable" if reason else ""), key)
+            if reason:
+                self.detector.setItemData(self.detector.count() - 1, f"Cannot run here: {reason}",
+                                          Qt.ItemDataRole.ToolTipRole)
         self._select(self.detector, settings.detector)
         self.tier = QComboBox()
         for key, label in TIERS:
