@@ -89,7 +89,7 @@ class PackInfo:
 @dataclass(frozen=True)
 class FileStatus:
     file: WeightFile
-    state: str  # "present" | "missing" | "corrupt" | "unverified"
+    state: str  # "present" | "missing" | "corrupt" | "unverified" | "not needed"
     path: Path | None
     detail: str = ""
 
@@ -301,31 +301,49 @@ def locate(id: str | WeightFile, explicit: Path | str | None = None, *, manifest
     return path
 
 
+def _by_role(manifest: Manifest, pack: str) -> dict[str, list[WeightFile]]:
+    roles: dict[str, list[WeightFile]] = {}
+    for wf in manifest.pack_files(pack):
+        roles.setdefault(wf.role, []).append(wf)
+    return roles
+
+
+def locate_pack_files(pack: str, *, manifest: Manifest | None = None, verify: bool = False,
+                      include_optional: bool = True, progress: ProgressFn | None = None,
+                      should_cancel: CancelFn | None = None) -> dict[str, tuple[WeightFile, Path]]:
+    """(entry, path) of every role of a pack. Several files with the same role are alternatives
+    (e.g. NVIDIA's ffhq.pkl or rosinality's .pt): the first one present is used. All roles that no
+    file satisfies are reported together in one ``MissingWeightsError``."""
+    manifest = manifest or Manifest.load()
+    found: dict[str, tuple[WeightFile, Path]] = {}
+    missing: list[MissingFile] = []
+    for role, wfs in _by_role(manifest, pack).items():
+        hit = next(((wf, p) for wf in wfs if (p := find_file(wf)) is not None), None)
+        if hit is None:
+            if not all(wf.optional for wf in wfs):
+                missing += [MissingFile(wf.id, wf.file_name, tuple(map(str, search_paths(wf))), wf.where_to_get())
+                            for wf in wfs]
+            continue
+        if hit[0].optional and not include_optional:
+            continue
+        found[role] = hit
+    if missing:
+        raise MissingWeightsError(missing)
+    for wf, path in found.values():
+        if verify:
+            verify_file(wf, path, progress, should_cancel)
+        else:
+            check_size(wf, path)
+    return found
+
+
 def locate_pack(pack: str, *, manifest: Manifest | None = None, verify: bool = False,
                 include_optional: bool = True, progress: ProgressFn | None = None,
                 should_cancel: CancelFn | None = None) -> dict[str, Path]:
-    """Paths of every file of a pack, keyed by role. All missing files are reported together."""
-    manifest = manifest or Manifest.load()
-    found: dict[str, Path] = {}
-    missing: list[MissingFile] = []
-    for wf in manifest.pack_files(pack):
-        path = find_file(wf)
-        if path is None:
-            if not wf.optional:
-                missing.append(MissingFile(wf.id, wf.file_name, tuple(map(str, search_paths(wf))), wf.where_to_get()))
-            continue
-        if wf.optional and not include_optional:
-            continue
-        found[wf.role] = path
-    if missing:
-        raise MissingWeightsError(missing)
-    for wf in manifest.pack_files(pack):
-        if wf.role in found:
-            if verify:
-                verify_file(wf, found[wf.role], progress, should_cancel)
-            else:
-                check_size(wf, found[wf.role])
-    return found
+    """Paths of every role of a pack (see :func:`locate_pack_files`)."""
+    files = locate_pack_files(pack, manifest=manifest, verify=verify, include_optional=include_optional,
+                              progress=progress, should_cancel=should_cancel)
+    return {role: path for role, (_, path) in files.items()}
 
 
 def pack_status(pack: str, *, manifest: Manifest | None = None, verify: bool = False,
@@ -333,10 +351,15 @@ def pack_status(pack: str, *, manifest: Manifest | None = None, verify: bool = F
     """Per-file status (present / missing / corrupt / unverified) for the model manager."""
     manifest = manifest or Manifest.load()
     out = []
+    roles = _by_role(manifest, pack)
     for wf in manifest.pack_files(pack):
         path = find_file(wf)
         if path is None:
-            out.append(FileStatus(wf, "missing", None, "looked in: " + "; ".join(map(str, search_paths(wf)))))
+            others = [o for o in roles[wf.role] if o is not wf and find_file(o) is not None]
+            if others:
+                out.append(FileStatus(wf, "not needed", None, f"alternative {others[0].id} is present"))
+            else:
+                out.append(FileStatus(wf, "missing", None, "looked in: " + "; ".join(map(str, search_paths(wf)))))
             continue
         try:
             if verify:
@@ -360,9 +383,11 @@ def usable_packs(manifest: Manifest | None = None) -> list[str]:
     for pid in manifest.packs:
         if manifest.packs[pid].resolution <= 0:
             continue
-        states = [s.state for s in pack_status(pid, manifest=manifest) if not s.file.optional]
-        if states and all(s in ("present", "unverified") for s in states):
-            ok.append(pid)
+        try:
+            locate_pack(pid, manifest=manifest)
+        except (MissingWeightsError, CorruptWeightsError):
+            continue
+        ok.append(pid)
     return ok
 
 

@@ -178,3 +178,24 @@ def test_cli_models_list_json(toy_manifest):
     rows = json.loads(r.stdout)
     assert {x["id"]: x["state"] for x in rows} == {"toy-a": "present", "toy-b": "missing"}
     assert r.returncode == 1
+
+
+def test_files_with_the_same_role_are_alternatives(tmp_path, monkeypatch):
+    res = tmp_path / "resources"
+    (res / "weights" / "p").mkdir(parents=True)
+    (res / "weights" / "p" / "alt2.bin").write_bytes(b"abc")
+    (res / "weights" / "p" / "clip.bin").write_bytes(b"c")
+    files = [{"id": i, "file_name": f, "pack": "p", "role": r, "sha256": None, "size": None, "source": "s", "license": "l"}
+             for i, f, r in [("alt1", "alt1.bin", "generator"), ("alt2", "alt2.bin", "generator"), ("c", "clip.bin", "clip")]]
+    (res / "weights" / "manifest.json").write_text(json.dumps(
+        {"packs": {"p": {"title": "P", "resolution": 8, "files": ["alt1", "alt2", "c"]}}, "files": files}))
+    monkeypatch.setenv("ANYFACE_RESOURCES", str(res))
+    m = weights.Manifest.load()
+    files_found = weights.locate_pack_files("p", manifest=m)
+    assert files_found["generator"][0].id == "alt2"
+    assert {s.file.id: s.state for s in weights.pack_status("p", manifest=m)}["alt1"] == "not needed"
+    assert weights.usable_packs(m) == ["p"]
+    (res / "weights" / "p" / "alt2.bin").unlink()
+    with pytest.raises(MissingWeightsError) as e:
+        weights.locate_pack("p", manifest=m)
+    assert {x.id for x in e.value.missing} == {"alt1", "alt2"}
