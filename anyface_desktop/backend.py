@@ -68,6 +68,7 @@ class EngineInfo:
     resolution: int
     num_ws: int
     seconds: float
+    coarse_layers: int = 4
 
 
 class Backend:
@@ -86,12 +87,23 @@ class Backend:
             self.pack = pack
         if device is not None:
             self.device = device
-        if self.engine is None or pack is not None and getattr(self.engine, "pack_id", None) != pack:
+        if (self.engine is None or pack is not None and getattr(self.engine, "pack_id", None) != pack
+                or device is not None and self._device_changed(device)):
             from core.device import pick_device
             from core.engine import Engine
 
-            self.engine = Engine.from_pack(self.pack, device=pick_device(self.device))
+            self.engine = None  # free the old pack first
+            self.engine = Engine.from_pack(self.pack, device=pick_device(self.device), progress=progress,
+                                           should_cancel=should_cancel)
         return self.info(time.perf_counter() - t0)
+
+    def _device_changed(self, device: str) -> bool:
+        try:
+            from core.device import pick_device
+
+            return str(pick_device(device)) != str(getattr(self.engine, "device", ""))
+        except Exception:  # noqa: BLE001 - an unavailable device is reported by the load itself
+            return True
 
     def info(self, seconds: float = 0.0) -> EngineInfo:
         e = self.require_engine()
@@ -103,7 +115,8 @@ class Backend:
         except Exception:  # noqa: BLE001 - a fake engine may have a fake device
             dev_s = str(dev)
         return EngineInfo(pack_id=str(getattr(e, "pack_id", self.pack)), device=dev_s, methods=list(e.methods),
-                          resolution=int(e.resolution), num_ws=int(e.num_ws), seconds=seconds)
+                          resolution=int(e.resolution), num_ws=int(e.num_ws), seconds=seconds,
+                          coarse_layers=int(getattr(e, "coarse_layers", min(4, int(e.num_ws) - 1))))
 
     def require_engine(self):
         if self.engine is None:
@@ -129,9 +142,11 @@ class Backend:
         return align_face(image, face, size)
 
     def invert(self, aligned: np.ndarray, tier: str, progress: ProgressFn, should_cancel: CancelFn):
+        e = self.require_engine()
+        if hasattr(e, "invert"):
+            return e.invert(aligned, tier, progress=progress, should_cancel=should_cancel)
         from core.inversion import invert
 
-        e = self.require_engine()
         return invert(e.generator, aligned, tier=tier, encoder=getattr(e, "encoder", None),
                       clip=getattr(e, "clip", None), progress=progress, should_cancel=should_cancel)
 
@@ -208,57 +223,32 @@ class Backend:
         return export_image(request)
 
     # ------------------------------------------------------------------ batch
-    def run_batch(self, job: "BatchJob", progress: ProgressFn = None, should_cancel: CancelFn = None) -> "BatchReport":
-        """A folder of photos x captions -> edited photos, with a per-file report. Uses core.batch when present."""
+    def batch_processor(self, job: "BatchJob"):
+        """The per-photo step of a batch: core.batch's EditProcessor (read -> detect -> align -> invert -> edit ->
+        paste back) on this backend's engine. Tests swap in a processor built from fake steps."""
+        from core.batch import EditProcessor
+
+        return EditProcessor(self.require_engine(), job.captions, strength=job.strength, method=job.method,
+                             identity_layers=job.identity_layers, tier=job.tier, fmt=job.fmt, detector=job.detector,
+                             save_latent=job.save_latent)
+
+    def run_batch(self, job: "BatchJob", progress: ProgressFn = None, should_cancel: CancelFn = None):
+        """A folder of photos x captions -> edited photos (core.batch: resumable, atomic, per-file report).
+        Returns core.batch.BatchReport. On cancel the partial report is kept in ``last_batch_report`` and
+        CancelledError is raised."""
+        from core import batch as core_batch
+        from core.errors import CancelledError
+
+        self.last_batch_report = None
+        proc = self.batch_processor(job)
         try:
-            from core import batch as core_batch
-        except ImportError:
-            core_batch = None
-        if core_batch is not None and hasattr(core_batch, "run_batch"):
-            return _adapt_report(core_batch.run_batch(
-                self.require_engine(), job.input_dir, job.captions, output_dir=job.output_dir, strength=job.strength,
-                method=job.method, identity_layers=job.identity_layers, detector=job.detector, tier=job.tier,
-                fmt=job.fmt, progress=progress, should_cancel=should_cancel))
-        return self._run_batch_fallback(job, progress, should_cancel)
-
-    def _run_batch_fallback(self, job: "BatchJob", progress: ProgressFn, should_cancel: CancelFn) -> "BatchReport":
-        from anyface_desktop.export import ExportRequest, export_image
-        from core.errors import AnyFaceError, CancelledError
-
-        files = sorted(p for p in Path(job.input_dir).iterdir()
-                       if p.is_file() and p.suffix.lower() in BATCH_SUFFIXES)
-        report = BatchReport(job=job)
-        t0 = time.perf_counter()
-        for i, p in enumerate(files):
-            if should_cancel is not None and should_cancel():
-                report.cancelled = True
-                break
-            if progress is not None:
-                progress(i, len(files))
-            out = Path(job.output_dir) / f"{p.stem}_anyface.{job.fmt}"
-            try:
-                photo = self.open_photo(str(p), job.detector)
-                face = self.prepare_face(photo, 0, job.tier, None, should_cancel)
-                res = self.edit(face, face.ws, job.captions, job.strength, job.method, job.identity_layers)
-                export_image(ExportRequest(str(out), res.composed, fmt=job.fmt, ws=res.result.ws,
-                                           captions=job.captions, method=job.method, strength=job.strength,
-                                           pack=str(getattr(self.engine, "pack_id", self.pack)), inputs=[str(p)]))
-                report.items.append(BatchItem(str(p), "ok", str(out)))
-            except CancelledError:
-                report.cancelled = True
-                break
-            except AnyFaceError as exc:
-                report.items.append(BatchItem(str(p), "failed", None, f"{exc.title}: {str(exc).splitlines()[0]}"))
-            except Exception as exc:  # noqa: BLE001 - one bad file never stops a batch
-                report.items.append(BatchItem(str(p), "failed", None, f"{type(exc).__name__}: {exc}"))
-        if progress is not None and not report.cancelled:
-            progress(len(files), len(files))
-        report.total = len(files)
-        report.seconds = time.perf_counter() - t0
+            report = core_batch.run(job.input_dir, job.output_dir, proc, params=getattr(proc, "params", None),
+                                    progress=progress, should_cancel=should_cancel)
+        except CancelledError as e:
+            self.last_batch_report = getattr(e, "report", None)
+            raise
+        self.last_batch_report = report
         return report
-
-
-BATCH_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 @dataclass
@@ -272,50 +262,4 @@ class BatchJob:
     detector: str = "auto"
     tier: str = "fast"
     fmt: str = "png"
-
-
-@dataclass
-class BatchItem:
-    path: str
-    status: str  # ok | failed | skipped
-    output: str | None = None
-    error: str = ""
-
-
-@dataclass
-class BatchReport:
-    job: Any = None
-    items: list[BatchItem] = field(default_factory=list)
-    total: int = 0
-    cancelled: bool = False
-    seconds: float = 0.0
-
-    @property
-    def failed(self) -> list[BatchItem]:
-        return [i for i in self.items if i.status == "failed"]
-
-    @property
-    def ok(self) -> list[BatchItem]:
-        return [i for i in self.items if i.status == "ok"]
-
-    def summary(self) -> str:
-        head = (f"{len(self.ok)} of {self.total} photos edited, {len(self.failed)} failed"
-                + (", cancelled" if self.cancelled else "") + f" ({self.seconds:.1f} s).")
-        lines = [head]
-        for it in self.items:
-            name = Path(it.path).name
-            lines.append(f"  ✔ {name} -> {Path(it.output).name}" if it.status == "ok" else f"  ✘ {name}: {it.error}")
-        return "\n".join(lines)
-
-
-def _adapt_report(r: Any) -> BatchReport:
-    """core.batch's report -> BatchReport (field names may differ; read what is there)."""
-    if isinstance(r, BatchReport):
-        return r
-    rep = BatchReport(total=int(getattr(r, "total", 0) or 0), cancelled=bool(getattr(r, "cancelled", False)),
-                      seconds=float(getattr(r, "seconds", 0.0) or 0.0))
-    for it in getattr(r, "items", []) or []:
-        rep.items.append(BatchItem(str(getattr(it, "path", getattr(it, "input", ""))), str(getattr(it, "status", "")),
-                                   getattr(it, "output", None), str(getattr(it, "error", "") or "")))
-    rep.total = rep.total or len(rep.items)
-    return rep
+    save_latent: bool = False

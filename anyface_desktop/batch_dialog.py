@@ -7,7 +7,8 @@ from pathlib import Path
 from PySide6.QtWidgets import (QComboBox, QDialog, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit,
                                QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QVBoxLayout, QWidget)
 
-from anyface_desktop.backend import BATCH_SUFFIXES, BatchJob
+from anyface_desktop.backend import BatchJob
+from core.batch import IMAGE_SUFFIXES
 from anyface_desktop.captions import METHOD_LABELS
 
 
@@ -109,7 +110,7 @@ class BatchDialog(QDialog):
         problem = None
         if not bj.input_dir or not Path(bj.input_dir).is_dir():
             problem = "Choose the folder that holds the photos."
-        elif not any(p.suffix.lower() in BATCH_SUFFIXES for p in Path(bj.input_dir).iterdir()):
+        elif not any(p.suffix.lower() in IMAGE_SUFFIXES for p in Path(bj.input_dir).iterdir()):
             problem = f"No photos (PNG, JPEG, WebP, BMP, TIFF) in {bj.input_dir}."
         elif not bj.captions:
             problem = "Type at least one caption (separate several with |)."
@@ -147,7 +148,7 @@ class BatchDialog(QDialog):
     def job_done(self, report) -> None:
         self.report = report
         self.progress.setRange(0, max(1, report.total))
-        self.progress.setValue(len(report.items))
+        self.progress.setValue(report.ok + report.failed)
         self.log.setPlainText(report.summary())
         self._finish()
 
@@ -155,10 +156,12 @@ class BatchDialog(QDialog):
         self.log.appendPlainText(f"Batch failed: {exc}")
         self._finish()
 
-    def job_cancelled(self) -> None:
-        self.log.appendPlainText("Batch cancelled.")
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
+    def job_cancelled(self, partial=None) -> None:
+        self.report = partial
+        if partial is not None:
+            self.log.setPlainText("Batch cancelled.\n" + partial.summary())
+        else:
+            self.log.appendPlainText("Batch cancelled.")
         self._finish()
 
     def closeEvent(self, e):  # noqa: N802

@@ -190,10 +190,13 @@ class CaptionEditor(QWidget):
     def method_key(self) -> str:
         return self.method.currentData() or "cmd"
 
-    def set_num_ws(self, num_ws: int) -> None:
-        self.identity.setRange(0, max(0, num_ws - 1))
-        if self.identity.value() > num_ws - 1:
-            self.identity.setValue(min(4, num_ws - 1))
+    def set_num_ws(self, num_ws: int, default_identity: int | None = None) -> None:
+        with QSignalBlocker(self.identity):
+            self.identity.setRange(0, max(0, num_ws - 1))
+            if default_identity is not None:
+                self.identity.setValue(default_identity)
+            self.identity.setToolTip(f"How many of the {num_ws} coarse-to-fine layers (pose, face shape, identity) "
+                                     "stay from the photo")
 
     def identity_layers(self) -> int:
         return int(self.identity.value())

@@ -21,6 +21,7 @@ class HistoryEntry:
     composed: np.ndarray | None = None  # the full photo with this face pasted back (photo edits only)
     result: Any = None  # core.engine.FaceResult (None for the starting state)
     params: dict = field(default_factory=dict)  # captions, strength, method, identity_layers, seed
+    source: "HistoryEntry | None" = None  # the state this edit started from (None: this entry is a starting state)
 
 
 class History:

@@ -150,6 +150,8 @@ class MainWindow(QMainWindow):
         self.act_save_as = act("Export &As…", self.export_as, "Ctrl+Shift+S", "Export with options (Ctrl+Shift+S)")
         self.act_undo = act("&Undo", self.undo, "Ctrl+Z", "Undo (Ctrl+Z)")
         self.act_redo = act("&Redo", self.redo, "Ctrl+Shift+Z", "Redo (Ctrl+Shift+Z)")
+        self.act_apply = act("A&pply edit", self.apply_edit, "Ctrl+Return",
+                             "Keep this edit and stack the next captions on top of it (Ctrl+Enter)")
         self.act_generate = act("&Generate faces", lambda: self.generate(self.gallery.count.value(),
                                                                           self.gallery.seed.value()),
                                 "Ctrl+G", "Generate new faces from the captions (Ctrl+G)")
@@ -183,6 +185,8 @@ class MainWindow(QMainWindow):
         m = mb.addMenu("&Edit")
         m.addActions([self.act_undo, self.act_redo])
         m.addSeparator()
+        m.addAction(self.act_apply)
+        m.addSeparator()
         m.addAction(self.act_generate)
         m.addSeparator()
         m.addAction(self.act_settings)
@@ -202,6 +206,7 @@ class MainWindow(QMainWindow):
         tb.addSeparator()
         tb.addAction(self.act_undo)
         tb.addAction(self.act_redo)
+        tb.addAction(self.act_apply)
         tb.addSeparator()
         tb.addAction(self.act_after)
         tb.addAction(self.act_before)
@@ -256,6 +261,8 @@ class MainWindow(QMainWindow):
         has_result = self.history.current is not None
         self.act_undo.setEnabled(self.history.can_undo())
         self.act_redo.setEnabled(self.history.can_redo())
+        cur = getattr(self, "current_entry", None)
+        self.act_apply.setEnabled(cur is not None and cur.source is not None)
         self.act_save.setEnabled(has_result)
         self.act_save_as.setEnabled(has_result)
         self.act_generate.setEnabled(self.engine_info is not None)
@@ -345,7 +352,7 @@ class MainWindow(QMainWindow):
         if not self._closing and job.kind in LONG_JOBS:
             self.statusBar().showMessage(f"{job.kind.capitalize()} cancelled", 5000)
         if job.kind == "batch" and self.batch_dialog is not None and not self._closing:
-            self.batch_dialog.job_cancelled()
+            self.batch_dialog.job_cancelled(getattr(self.host.backend, "last_batch_report", None))
 
     # ================================================================== engine
     batch_dialog = None
@@ -353,7 +360,7 @@ class MainWindow(QMainWindow):
     def load_engine(self) -> None:
         pack, device = self.pack_id, self.device_pref
         self.engine_info = None
-        self.submit("load", lambda b, progress, cancel: b.load(pack, device))
+        self.submit("load", lambda b, progress, cancel: b.load(pack, device, progress, cancel))
 
     def _done_load(self, job: Job, info) -> None:
         self.engine_info = info
@@ -361,7 +368,7 @@ class MainWindow(QMainWindow):
         self.device_label.setText(f"Device: {info.device}")
         self.pack_label.setText(f"Pack: {info.pack_id} ({info.resolution} px)")
         self.captions.set_methods(info.methods)
-        self.captions.set_num_ws(info.num_ws)
+        self.captions.set_num_ws(info.num_ws, info.coarse_layers)
         self._update_canvas_empty_text()
         self._update_actions()
         self.statusBar().showMessage(f"Models loaded in {info.seconds:.1f} s", 4000)
@@ -452,8 +459,10 @@ class MainWindow(QMainWindow):
         source, face, params = req.params
 
         def fn(b, progress, cancel):
-            return b.edit(face, source.ws, params["captions"], params["strength"], params["method"],
-                          params["identity_layers"], params["seed"])
+            out = b.edit(face, source.ws, params["captions"], params["strength"], params["method"],
+                         params["identity_layers"], params["seed"])
+            out.source = source
+            return out
 
         self.submit("preview", fn, stamp=req.stamp)
 
@@ -463,8 +472,11 @@ class MainWindow(QMainWindow):
         self._set_timing("preview", out.seconds)
         p = out.params
         caps = " | ".join(p.get("captions", []))
+        source = getattr(out, "source", None) or self.source
+        if source is not self.source:
+            return  # made from a source that is no longer current (an apply or undo happened meanwhile)
         entry = HistoryEntry(f"“{caps[:40]}” @ {p.get('strength', 0):.2f}", out.result.ws, out.result.image,
-                             out.composed, out.result, p)
+                             out.composed, out.result, p, source=source)
         self._live_entry = entry
         self._show_entry(entry)
         if commit and not self.captions.slider.isSliderDown():
@@ -488,6 +500,7 @@ class MainWindow(QMainWindow):
         self._update_actions()
 
     def _show_entry(self, entry: HistoryEntry) -> None:
+        self.current_entry = entry
         if self.face is not None:
             if self.display == "crop":
                 self.canvas.set_images(self.face.aligned, entry.face_image)
@@ -497,7 +510,7 @@ class MainWindow(QMainWindow):
         else:
             before = self.source.face_image if self.source is not None else entry.face_image
             self.canvas.set_images(before, entry.face_image)
-        self.current_entry = entry
+        self._update_actions()
 
     def set_display(self, mode: str) -> None:
         self.display = mode or "photo"
@@ -513,9 +526,29 @@ class MainWindow(QMainWindow):
         {"after": self.act_after, "before": self.act_before, "wipe": self.act_wipe}[mode].setChecked(True)
 
     # ================================================================== undo / redo
+    def apply_edit(self) -> None:
+        """Make the current edit the starting point of the next ones (edits stack)."""
+        entry = getattr(self, "current_entry", None)
+        if entry is None or entry.source is None:
+            return
+        self.scheduler.invalidate()
+        caps = " | ".join(entry.params.get("captions", []))
+        applied = HistoryEntry(f"Applied “{caps[:40]}”", entry.ws, entry.face_image, entry.composed, entry.result,
+                               params={"captions": [], "strength": 0.0, "applied": True,
+                                       "applied_captions": entry.params.get("captions", [])})
+        self.history.push(applied)
+        self.source = applied
+        self._live_entry = applied
+        self._show_entry(applied)
+        self.captions.set_captions([], emit=False)
+        self.history_panel.show_history(self.history)
+        self._update_actions()
+        self.statusBar().showMessage("Edit applied: the next captions edit this result.", 5000)
+
     def _restore(self, entry: HistoryEntry | None) -> None:
         if entry is None:
             return
+        self.source = entry.source if entry.source is not None else entry
         self.scheduler.invalidate()
         self._live_entry = entry
         self._show_entry(entry)

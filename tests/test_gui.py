@@ -130,6 +130,17 @@ class FakeBackend(Backend):
                 progress(i + 1, steps)
         return torch.as_tensor(aligned.reshape(-1)[: 48].astype(np.float32) / 128 - 1).reshape(6, 8)
 
+    def batch_processor(self, job):
+        from core.batch import image_output
+
+        def process(path, should_cancel=None):
+            photo = self.open_photo(str(path), job.detector)
+            face = self.prepare_face(photo, 0, job.tier, None, should_cancel)
+            out = self.edit(face, face.ws, job.captions, job.strength, job.method, job.identity_layers)
+            return [image_output(out.composed, job.fmt, metadata={"captions": job.captions})]
+
+        return process
+
     def paste_back(self, original, face, transform):
         from PIL import Image
 
@@ -244,11 +255,10 @@ def test_open_photo_slider_preview_drops_stale_and_undo_redo(qtbot, photo):
     n = win.history.index
     assert n >= 2
     last = win.current_entry.face_image.copy()
-    qtbot.keyClick(win, "z", modifier=__import__("PySide6.QtCore", fromlist=["Qt"]).Qt.KeyboardModifier.ControlModifier)
-    win.undo() if win.history.index == n else None
+    win.act_undo.trigger()
     assert win.history.index == n - 1
     assert not np.array_equal(win.current_entry.face_image, last)
-    win.redo()
+    win.act_redo.trigger()
     assert win.history.index == n and np.array_equal(win.current_entry.face_image, last)
     win.jump_history(0)
     assert win.history.index == 0 and win.act_redo.isEnabled()
@@ -426,7 +436,7 @@ def test_batch_with_fake_engine_report_and_cancel(qtbot, tmp_path, photo):
     dlg.start()
     qtbot.waitUntil(lambda: dlg.report is not None, timeout=10000)
     rep = dlg.report
-    assert len(rep.ok) == 3 and {Path(i.path).name for i in rep.failed} == {"corrupt.jpg", "noface.png"}
+    assert rep.ok == 3 and {Path(i.path).name for i in rep.failed_items} == {"corrupt.jpg", "noface.png"}
     assert "corrupt.jpg" in dlg.log.toPlainText() and "noface.png" in dlg.log.toPlainText()
     assert len(list((tmp_path / "out").glob("*.png"))) == 3
     # cancel
@@ -437,6 +447,7 @@ def test_batch_with_fake_engine_report_and_cancel(qtbot, tmp_path, photo):
     dlg.cancel()
     qtbot.waitUntil(lambda: dlg.job is None, timeout=10000)
     assert "cancelled" in dlg.log.toPlainText().lower()
+    assert dlg.report is not None and dlg.report.cancelled and dlg.report.ok < 3
     assert len(list((tmp_path / "out2").glob("*.png"))) < 3
     close_window(qtbot, win)
 
@@ -522,3 +533,80 @@ def test_worker_never_emits_result_after_cancel(qtbot):
     assert isinstance(blocker.args[1], RuntimeError) and "boom" in blocker.args[2]
     host.shutdown()
     assert not host.thread.isRunning()
+
+
+def test_drag_and_drop_recent_files_and_shortcuts(qtbot, photo):
+    from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
+    from PySide6.QtGui import QDropEvent
+
+    win = make_window(qtbot)
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(photo))])
+    ev = QDropEvent(QPointF(20, 20), Qt.DropAction.CopyAction, mime, Qt.MouseButton.NoButton,
+                    Qt.KeyboardModifier.NoModifier)
+    win.canvas.dropEvent(ev)
+    qtbot.waitUntil(lambda: win.face is not None, timeout=5000)
+    wait_idle(qtbot, win)
+    win._fill_recent()
+    assert [a.text() for a in win.recent_menu.actions()] == [photo.name]
+    assert win.act_open.shortcut().toString() == "Ctrl+O"
+    assert win.act_undo.shortcut().toString() == "Ctrl+Z"
+    assert win.act_redo.shortcut().toString() == "Ctrl+Shift+Z"
+    assert win.act_save.shortcut().toString() == "Ctrl+S"
+    assert win.act_save_as.shortcut().toString() == "Ctrl+Shift+S"
+    # zoom / pan / fit / before-after / aligned crop
+    fit_scale = win.canvas.scale
+    win.act_zoom_in.trigger()
+    assert win.canvas.scale > fit_scale
+    win.act_fit.trigger()
+    assert win.canvas.scale == pytest.approx(fit_scale)
+    win.captions.add_caption("smile")
+    wait_idle(qtbot, win)
+    for mode in ("before", "wipe", "after"):
+        win.set_view_mode(mode)
+        assert win.canvas.view_mode == mode
+    win.canvas.set_wipe(0.3)
+    assert win.canvas.wipe == pytest.approx(0.3)
+    win.display_combo.setCurrentIndex(1)  # aligned crop
+    assert win.canvas.after.width() == FakeEngine.resolution
+    win.display_combo.setCurrentIndex(0)
+    assert win.canvas.after.width() == 160
+    close_window(qtbot, win)
+
+
+def test_excepthook_shows_error_box(qtbot):
+    import sys
+
+    from anyface_desktop.app import install_excepthook
+
+    old = sys.excepthook
+    try:
+        install_excepthook()
+        try:
+            raise RuntimeError("something unexpected")
+        except RuntimeError:
+            sys.excepthook(*sys.exc_info())
+        box = open_error_boxes()[-1]
+        assert box.text() == "something unexpected" and "Traceback" in box.detailedText()
+    finally:
+        sys.excepthook = old
+
+
+def test_apply_edit_stacks_and_undo_restores_source(qtbot, photo):
+    win = make_window(qtbot)
+    open_ready(qtbot, win, photo)
+    start = win.source
+    win.captions.add_caption("smile")
+    wait_idle(qtbot, win)
+    edited = win.current_entry
+    win.act_apply.trigger()
+    assert win.source is not start and torch.equal(win.source.ws, edited.ws) and win.captions.captions() == []
+    win.captions.add_caption("grey hair")
+    wait_idle(qtbot, win)
+    assert win.current_entry.source is win.source
+    k = win.history.index
+    win.jump_history(1)  # back to the first edit: its source is the photo again
+    assert win.source is start
+    win.jump_history(k)
+    assert win.source.params.get("applied")
+    close_window(qtbot, win)

@@ -209,9 +209,9 @@ def test_e2e_batch_report_and_cancel(qtbot, win, workdir):
     assert probe.worst_ms < 100, f"event loop blocked {probe.worst_ms:.0f} ms during the batch"
     rep = dlg.report
     assert rep is not None, dlg.log.toPlainText()
-    failed = {Path(i.path).name for i in rep.failed}
+    failed = {Path(i.path).name for i in rep.failed_items}
     assert {"coffee.png", "corrupt.jpg"} <= failed, dlg.log.toPlainText()
-    assert len(rep.ok) == 2 and all(Path(i.output).exists() for i in rep.ok)
+    assert rep.ok == 2 and all(Path(i.output).exists() for i in rep.items if i.status == "ok")
     text = dlg.log.toPlainText()
     assert "coffee.png" in text and "corrupt.jpg" in text
     # cancel: a bigger folder, cancelled right after it starts
