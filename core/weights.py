@@ -52,6 +52,11 @@ def default_manifest_path() -> Path:
     return resources_dir() / "weights" / "manifest.json"
 
 
+def local_manifest_path() -> Path:
+    """The user's own manifest: files registered by Import (converted generators, custom packs)."""
+    return user_data_dir() / "weights" / "manifest.local.json"
+
+
 @dataclass(frozen=True)
 class WeightFile:
     """One entry of the manifest."""
@@ -103,9 +108,28 @@ class Manifest:
     path: Path | None = None
 
     @classmethod
-    def load(cls, path: Path | str | None = None) -> "Manifest":
+    def load(cls, path: Path | str | None = None, *, overlay: bool = True) -> "Manifest":
+        """Parse the bundled manifest, merged with the user's local one (files registered by Import)
+        unless ``overlay`` is False or an explicit path is given."""
+        use_overlay = overlay and path is None
         path = Path(path) if path else default_manifest_path()
         data = json.loads(Path(path).read_text(encoding="utf-8"))
+        local = local_manifest_path()
+        if use_overlay and local.is_file():
+            try:
+                extra = json.loads(local.read_text(encoding="utf-8"))
+            except ValueError:
+                extra = {}
+            known = {f["id"] for f in data.get("files", [])}
+            data["files"] = list(data.get("files", [])) + [f for f in extra.get("files", []) if f["id"] not in known]
+            data.setdefault("packs", {})
+            for pid, p in extra.get("packs", {}).items():
+                if pid in data["packs"]:
+                    base = data["packs"][pid]
+                    pre = [f for f in p.get("prepend", []) if f not in base["files"]]
+                    base["files"] = pre + list(base["files"])
+                else:
+                    data["packs"][pid] = p
         files = {}
         for entry in data.get("files", []):
             wf = WeightFile(**entry)
