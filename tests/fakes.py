@@ -5,7 +5,8 @@
   than ``context_length`` tokens are truncated with a warning. Image: a tiny CNN on a 32 px resize.
 - ``FakeGenerator``: the StyleGAN2 ``Generator`` interface (``z_dim, w_dim, num_ws, img_resolution,
   img_channels, config, w_avg``, ``mapping``, ``synthesis``, ``forward``) with a tiny MLP mapping and a
-  synthesis where every layer of ws modulates the image, so layer-wise edits are visible.
+  synthesis where every layer of ws modulates the image through a bounded residual update (smooth, like a
+  trained generator), so layer-wise edits are visible and move the image gradually.
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ class FakeGenerator(nn.Module):
         assert ws.ndim == 3 and ws.shape[1:] == (self.num_ws, self.w_dim), ws.shape
         x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
         for j in range(self.num_ws):
-            s = 1.0 + torch.einsum("nd,dc->nc", ws[:, j], self.styles[j])  # [N, 4]
-            x = torch.tanh(torch.einsum("nchw,ck->nkhw", x * s[:, :, None, None], self.mix[j]) + x)
+            s = 1.0 + 0.5 * torch.tanh(torch.einsum("nd,dc->nc", ws[:, j], self.styles[j]))  # [N, 4] bounded
+            x = x + 0.3 * torch.tanh(torch.einsum("nchw,ck->nkhw", x * s[:, :, None, None], self.mix[j]))
         return torch.tanh(torch.einsum("nchw,ck->nkhw", x, self.to_rgb))  # [N, 3, H, W] in [-1, 1]
 
     def forward(self, z, truncation_psi=1.0, truncation_cutoff=None, noise_mode="const"):

@@ -1,0 +1,464 @@
+"""The editing engine: one object over a model pack that turns captions into faces and edits faces.
+
+- ``synthesize``: text -> N faces. As in AnyFace, the text code sets the LAST layers of W+ (attributes)
+  and the mapping network on random z sets the FIRST ``coarse_layers`` (pose, topology, diversity);
+  paper: 4 of 18 layers, scaled with ``num_ws`` here.
+- ``edit``: a source W+ code (an inverted photo or a generated face) + captions + a strength in [0, 1].
+  The split between source layers and text layers moves continuously from the last layer (strength 0:
+  the source, bit for bit) down to ``identity_layers`` (strength 1), blending each layer between source
+  and text as the split passes it, so the result moves smoothly away from the source; the first
+  ``identity_layers`` layers are never touched.
+- Text codes are cached per (caption set, method, seed, n, diversity): one slider step with a cached
+  code costs one synthesis call.
+
+Three text-to-latent methods: ``"cmd"`` (AnyFace Cross Modal Distillation), ``"cvae"`` (Fast
+text2StyleGAN conditional VAE), ``"knn"`` (the training-free latent bank). ``Engine.methods`` lists the
+ones the loaded pack has. Results are returned on the CPU: images as uint8 numpy, codes as float32 tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+import time
+import unicodedata
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.cmd import CMD
+from core.cvae import CVAE
+from core.device import pick_device
+from core.errors import AnyFaceError, CancelledError, CaptionError, InvalidCheckpointError
+from core.latent_bank import LatentBank
+
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], bool]
+
+METHODS = ("cmd", "cvae", "knn")
+METHOD_TITLES = {"cmd": "AnyFace (CMD)", "cvae": "Text-free (Fast-t2S CVAE)", "knn": "KNN latent bank"}
+
+
+class MethodUnavailableError(AnyFaceError, ValueError):
+    """The requested text-to-latent method is not part of the loaded pack."""
+
+    title = "Method not available"
+
+
+@dataclass
+class FaceResult:
+    """One face: ``image`` uint8 [H, W, 3] and its code ``ws`` [num_ws, w_dim] (float32, CPU)."""
+
+    image: np.ndarray
+    ws: torch.Tensor
+    seed: int | None
+    captions: tuple[str, ...]
+    method: str | None
+    strength: float | None = None
+    diversity: float | None = None
+    identity_layers: int | None = None
+    pack_id: str | None = None
+    elapsed_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save_latent(self, path, **extra) -> Path:
+        """Save ``ws`` with this result's provenance (see ``core.latents.save_latent``)."""
+        from core.latents import save_latent
+
+        meta = dict(strength=self.strength, diversity=self.diversity, identity_layers=self.identity_layers)
+        meta.update(extra)
+        return save_latent(path, self.ws, captions=list(self.captions), seed=self.seed, method=self.method,
+                           pack_id=self.pack_id, **{k: v for k, v in meta.items() if v is not None})
+
+
+def clean_captions(captions: str | Iterable[str]) -> tuple[str, ...]:
+    """Normalise (NFC, collapse whitespace), drop empty ones and duplicates, keep the user's order.
+    Raises ``CaptionError`` when nothing is left."""
+    if isinstance(captions, str):
+        captions = [captions]
+    out: list[str] = []
+    seen: set[str] = set()
+    for c in captions or ():
+        if c is None:
+            continue
+        c = " ".join(unicodedata.normalize("NFC", str(c)).split())
+        if c and c not in seen:
+            seen.add(c)
+            out.append(c)
+    if not out:
+        raise CaptionError("No caption to work with: type at least one description of the face "
+                           "(e.g. 'a young woman with red hair').")
+    return tuple(out)
+
+
+def sub_seed(seed: int, salt: str) -> int:
+    """A decorrelated 63-bit seed derived from (seed, salt): independent streams for z, CVAE and KNN."""
+    h = hashlib.sha256(f"{int(seed)}:{salt}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def coarse_layers_for(num_ws: int) -> int:
+    """Layers taken from the mapping network in synthesis (paper: 4 of 18), at least 1, below num_ws."""
+    return int(min(max(1, round(4 * num_ws / 18)), max(num_ws - 1, 1)))
+
+
+def layer_weights(num_ws: int, strength: float, identity_layers: int) -> torch.Tensor:
+    """Per-layer text weight a_j in [0, 1] for an edit: the split position s = num_ws - strength *
+    (num_ws - identity_layers) moves from the last layer to ``identity_layers``; a_j = clamp(j + 1 - s, 0, 1)
+    (layers at or past the split are text, the layer the split is in is blended by its fraction)."""
+    s = num_ws - float(strength) * (num_ws - identity_layers)
+    j = torch.arange(num_ws, dtype=torch.float64)
+    return (j + 1 - s).clamp(0.0, 1.0).to(torch.float32)
+
+
+def blend_layers(source: torch.Tensor, target: torch.Tensor, strength: float, identity_layers: int) -> torch.Tensor:
+    """Edit blend of two codes [..., num_ws, w_dim] (see :func:`layer_weights`)."""
+    a = layer_weights(source.shape[-2], strength, identity_layers).to(source.device).unsqueeze(-1)
+    return torch.lerp(source, target.to(source), a)
+
+
+def to_uint8(img: torch.Tensor) -> np.ndarray:
+    """[N, 3, H, W] in [-1, 1] -> uint8 numpy [N, H, W, 3] on CPU."""
+    x = ((img.detach().float().clamp(-1, 1) + 1) * 127.5).round_().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def _tick(progress: ProgressFn | None, done: int, total: int) -> None:
+    if progress is not None:
+        progress(done, total)
+
+
+def _check(should_cancel: CancelFn | None, what: str) -> None:
+    if should_cancel is not None and should_cancel():
+        raise CancelledError(f"{what} was cancelled.")
+
+
+def bank_cache_path(pack_id: str) -> Path:
+    """Where a KNN bank built on this machine for a pack without one is kept (user data dir)."""
+    from core.weights import user_data_dir
+
+    return user_data_dir() / "banks" / f"{pack_id}.safetensors"
+
+
+class Engine:
+    """Text-to-face synthesis and text-driven editing over one generator + CLIP pair.
+
+    ``Engine(generator, clip, cmd=None, cvae=None, bank=None, encoder=None, pack_id="custom", device=None)``;
+    ``Engine.from_pack(pack_id="tiny", device=None)`` loads a pack from the weights manifest.
+    Attributes: ``pack_id, device, resolution, num_ws, w_dim, coarse_layers, methods``.
+    Not thread-safe for concurrent calls: own it from one worker thread.
+    """
+
+    base_truncation = 0.7  # z truncation psi at diversity 1 (psi = min(1, base * diversity))
+    knn_k = 16
+    knn_m = 3
+
+    def __init__(self, generator, clip, cmd: CMD | None = None, cvae: CVAE | None = None,
+                 bank: LatentBank | None = None, encoder=None, pack_id: str = "custom",
+                 device: torch.device | str | None = None, *, cache_size: int = 64):
+        self.device = device if isinstance(device, torch.device) else pick_device(device)
+        self.pack_id = pack_id
+        self.generator = generator.to(self.device).eval()
+        self.clip = self._to_device(clip)
+        self.cmd = cmd.to(self.device).eval() if cmd is not None else None
+        self.cvae = cvae.to(self.device).eval() if cvae is not None else None
+        self.bank = bank
+        self.encoder = self._to_device(encoder) if encoder is not None else None
+        self.z_dim = int(generator.z_dim)
+        self.num_ws = int(generator.num_ws)
+        self.w_dim = int(generator.w_dim)
+        self.resolution = int(generator.img_resolution)
+        self.coarse_layers = coarse_layers_for(self.num_ws)
+        self._check_compatible()
+        self._cache_size = int(cache_size)
+        self._emb_cache: OrderedDict = OrderedDict()
+        self._code_cache: OrderedDict = OrderedDict()
+        self._lock = threading.RLock()
+
+    def _to_device(self, model):
+        if hasattr(model, "to"):
+            moved = model.to(self.device)
+            model = moved if moved is not None else model
+        if hasattr(model, "eval"):
+            model.eval()
+        return model
+
+    def _check_compatible(self) -> None:
+        emb = int(getattr(self.clip, "embed_dim", 0))
+        problems = []
+        for name, m in (("CMD", self.cmd), ("CVAE", self.cvae), ("KNN bank", self.bank)):
+            if m is None:
+                continue
+            if (m.num_ws, m.w_dim) != (self.num_ws, self.w_dim):
+                problems.append(f"{name} makes codes {m.num_ws}x{m.w_dim}, the generator takes {self.num_ws}x{self.w_dim}")
+            if emb and m.embed_dim != emb:
+                problems.append(f"{name} expects CLIP embeddings of width {m.embed_dim}, the CLIP gives {emb}")
+        if problems:
+            raise InvalidCheckpointError(f"The files of pack '{self.pack_id}' do not belong together: "
+                                         + "; ".join(problems) + ". Rebuild them with training/ for this "
+                                         "generator and CLIP.")
+
+    # ------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pack(cls, pack_id: str = "tiny", device: torch.device | str | None = None, *, manifest=None,
+                  progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> "Engine":
+        """Load every file of a pack (roles generator, clip, cmd, cvae, knn, encoder; the last four optional).
+        A KNN bank built with :meth:`build_bank` for a pack that has none is picked up from the user data dir."""
+        from core.checkpoints import load_generator
+        from core.clip import load_clip
+        from core.weights import locate_pack
+
+        dev = device if isinstance(device, torch.device) else pick_device(device)
+        paths = locate_pack(pack_id, manifest=manifest)
+        steps = ["generator", "clip", "cmd", "cvae", "knn", "encoder"]
+        loaded: dict[str, Any] = {}
+        for i, role in enumerate(steps):
+            _check(should_cancel, "Loading the models")
+            path = paths.get(role)
+            if role == "knn" and path is None and bank_cache_path(pack_id).is_file():
+                path = bank_cache_path(pack_id)
+            if path is not None:
+                if role == "generator":
+                    loaded[role] = load_generator(path, device=dev)
+                elif role == "clip":
+                    loaded[role] = load_clip(path, device=dev)
+                elif role == "cmd":
+                    loaded[role] = CMD.load(path, dev)
+                elif role == "cvae":
+                    loaded[role] = CVAE.load(path, dev)
+                elif role == "knn":
+                    loaded[role] = LatentBank.load(path)
+                elif role == "encoder":
+                    loaded[role] = _load_encoder(path, dev)
+            _tick(progress, i + 1, len(steps))
+        return cls(loaded["generator"], loaded["clip"], cmd=loaded.get("cmd"), cvae=loaded.get("cvae"),
+                   bank=loaded.get("knn"), encoder=loaded.get("encoder"), pack_id=pack_id, device=dev)
+
+    @property
+    def methods(self) -> list[str]:
+        """Text-to-latent methods available with the loaded models, in preference order."""
+        have = {"cmd": self.cmd is not None, "cvae": self.cvae is not None, "knn": self.bank is not None}
+        return [m for m in METHODS if have[m]]
+
+    @property
+    def default_method(self) -> str | None:
+        return self.methods[0] if self.methods else None
+
+    def _method(self, method: str | None) -> str:
+        method = (method or self.default_method or "cmd").lower()
+        if method not in METHODS:
+            raise MethodUnavailableError(f"Unknown method '{method}'. Available: {', '.join(METHODS)}.")
+        if method not in self.methods:
+            have = ", ".join(self.methods) or "none"
+            hint = ("build a KNN bank (Models > Build KNN bank, or Engine.build_bank)" if method == "knn"
+                    else "train it with `python -m training.build_pack` for this generator and CLIP")
+            raise MethodUnavailableError(f"Method '{method}' ({METHOD_TITLES[method]}) is not part of pack "
+                                         f"'{self.pack_id}'. Available here: {have}. To get it, {hint}.")
+        return method
+
+    # ------------------------------------------------------------------------------------------------------
+    def _cache_put(self, cache: OrderedDict, key, value) -> None:
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > self._cache_size:
+            cache.popitem(last=False)
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._emb_cache.clear()
+            self._code_cache.clear()
+
+    @torch.inference_mode()
+    def text_embedding(self, captions: str | Iterable[str]) -> torch.Tensor:
+        """CLIP text embeddings [k, D] of the cleaned captions, in sorted order (so a set has one embedding
+        matrix whatever the order it was typed in). Cached."""
+        caps = clean_captions(captions)
+        key = frozenset(caps)
+        with self._lock:
+            hit = self._emb_cache.get(key)
+            if hit is not None:
+                self._emb_cache.move_to_end(key)
+                return hit
+        emb = self.clip.encode_text(sorted(caps))
+        emb = torch.as_tensor(emb).to(self.device, torch.float32)
+        if emb.ndim != 2 or emb.shape[0] != len(caps):
+            raise RuntimeError(f"CLIP encode_text returned {tuple(emb.shape)} for {len(caps)} captions")
+        with self._lock:
+            self._cache_put(self._emb_cache, key, emb)
+        return emb
+
+    @torch.inference_mode()
+    def text_codes(self, captions: str | Iterable[str], method: str | None = "cmd", n: int = 1, seed: int = 0,
+                   diversity: float = 1.0) -> torch.Tensor:
+        """Text codes ws [n, num_ws, w_dim] on the engine device; code i depends only on (captions, method,
+        seed + i, diversity). Cached per (caption set, method, seed, n, diversity)."""
+        caps = clean_captions(captions)
+        method = self._method(method)
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        diversity = float(diversity)
+        if not math.isfinite(diversity) or diversity < 0:
+            raise ValueError(f"diversity must be >= 0, got {diversity}")
+        key = (frozenset(caps), method, int(seed) if method != "cmd" else 0, int(n), diversity if method != "cmd" else 0.0)
+        with self._lock:
+            hit = self._code_cache.get(key)
+            if hit is not None:
+                self._code_cache.move_to_end(key)
+                return hit
+        emb = self.text_embedding(caps)  # [k, D]
+        if method == "cmd":
+            codes = self.cmd(emb.unsqueeze(0)).expand(n, -1, -1)
+        else:
+            e = F.normalize(emb.mean(0), dim=0)  # the set's direction in CLIP space
+            if method == "cvae":
+                codes = torch.cat([self.cvae.sample(e, 1, temperature=diversity,
+                                                    generator=sub_seed(int(seed) + i, "cvae"))
+                                   for i in range(n)])
+            else:
+                codes = torch.cat([self.bank.query(e, k=self.knn_k, m=self.knn_m, n=1,
+                                                   seed=sub_seed(int(seed) + i, "knn"), diversity=diversity)
+                                   for i in range(n)])
+        codes = codes.to(self.device, torch.float32).contiguous()
+        assert codes.shape == (n, self.num_ws, self.w_dim), codes.shape
+        with self._lock:
+            self._cache_put(self._code_cache, key, codes)
+        return codes
+
+    # ------------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _render_batch(self, ws: torch.Tensor) -> np.ndarray:
+        img = self.generator.synthesis(ws.to(self.device, torch.float32), noise_mode="const")  # [N,3,H,W] in [-1,1]
+        return to_uint8(img)
+
+    def render(self, ws, *, batch_size: int = 8, progress: ProgressFn | None = None,
+               should_cancel: CancelFn | None = None) -> np.ndarray:
+        """ws [num_ws, w_dim] -> uint8 [H, W, 3]; ws [N, num_ws, w_dim] -> uint8 [N, H, W, 3]."""
+        ws = torch.as_tensor(ws)
+        single = ws.ndim == 2
+        ws = ws.reshape(-1, self.num_ws, self.w_dim) if ws.shape[-2:] == (self.num_ws, self.w_dim) else None
+        if ws is None:
+            raise ValueError(f"ws must be [num_ws={self.num_ws}, w_dim={self.w_dim}] or [N, num_ws, w_dim]")
+        out = []
+        for i in range(0, ws.shape[0], batch_size):
+            _check(should_cancel, "Rendering")
+            out.append(self._render_batch(ws[i:i + batch_size]))
+            _tick(progress, min(i + batch_size, ws.shape[0]), ws.shape[0])
+        imgs = np.concatenate(out)
+        return imgs[0] if single else imgs
+
+    @torch.inference_mode()
+    def synthesize(self, captions: str | Sequence[str], n: int = 4, seed: int = 0, method: str | None = "cmd",
+                   diversity: float = 1.0, *, truncation_psi: float | None = None, batch_size: int = 8,
+                   progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> list[FaceResult]:
+        """Text -> ``n`` faces. Face i has seed ``seed + i`` and is reproduced alone by
+        ``synthesize(captions, 1, seed + i, ...)``. The text code sets layers ``coarse_layers..num_ws``,
+        the mapping network on random z the first ``coarse_layers``. ``diversity`` (>= 0) scales the
+        randomness: the CVAE temperature, the KNN mixing, and z truncation (psi = min(1, 0.7 * diversity)
+        unless ``truncation_psi`` is given)."""
+        t0 = time.perf_counter()
+        caps = clean_captions(captions)
+        method = self._method(method)
+        n = int(n)
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        batches = math.ceil(n / batch_size)
+        total = 1 + batches
+        _tick(progress, 0, total)
+        _check(should_cancel, "Generating faces")
+        codes = self.text_codes(caps, method, n, seed, diversity)  # [n, num_ws, w_dim]
+        psi = float(truncation_psi) if truncation_psi is not None else min(1.0, self.base_truncation * float(diversity))
+        z = torch.stack([torch.randn(self.z_dim, generator=torch.Generator().manual_seed(sub_seed(seed + i, "z")))
+                         for i in range(n)]).to(self.device)
+        ws_z = self.generator.mapping(z, truncation_psi=psi)  # [n, num_ws, w_dim]
+        c = self.coarse_layers
+        ws = torch.cat([ws_z[:, :c], codes[:, c:]], 1)
+        _tick(progress, 1, total)
+        images = []
+        for b in range(batches):
+            _check(should_cancel, "Generating faces")
+            images.append(self._render_batch(ws[b * batch_size:(b + 1) * batch_size]))
+            _tick(progress, 2 + b, total)
+        images = np.concatenate(images)
+        ws_cpu = ws.float().cpu()
+        dt = (time.perf_counter() - t0) / n
+        return [FaceResult(image=images[i], ws=ws_cpu[i].clone(), seed=int(seed) + i, captions=caps, method=method,
+                           diversity=float(diversity), pack_id=self.pack_id, elapsed_s=dt,
+                           extra={"truncation_psi": psi, "coarse_layers": c}) for i in range(n)]
+
+    @torch.inference_mode()
+    def edit(self, source_ws, captions: str | Sequence[str], strength: float, method: str | None = "cmd",
+             identity_layers: int | None = None, *, seed: int = 0, diversity: float = 0.0,
+             progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> FaceResult:
+        """Edit a face code ``source_ws`` [num_ws, w_dim] toward the captions.
+
+        ``strength`` in [0, 1]: 0 returns the source exactly (same values, bit for bit); the distance to the
+        source grows strictly with strength (layers blend in one after another, from the last layer down to
+        ``identity_layers``). The first ``identity_layers`` layers (default ``coarse_layers``; 0 ..
+        num_ws - 1) always keep the source. ``seed``/``diversity`` pick the text code for the CVAE/KNN
+        methods (diversity 0: their most typical code)."""
+        t0 = time.perf_counter()
+        src = torch.as_tensor(source_ws).detach()
+        if src.ndim == 3 and src.shape[0] == 1:
+            src = src[0]
+        if src.shape != (self.num_ws, self.w_dim):
+            raise ValueError(f"source_ws must be [{self.num_ws}, {self.w_dim}], got {tuple(src.shape)}")
+        src = src.to("cpu", torch.float32)
+        strength = float(strength)
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        L = self.coarse_layers if identity_layers is None else int(identity_layers)
+        if not 0 <= L < self.num_ws:
+            raise ValueError(f"identity_layers must be in [0, {self.num_ws - 1}], got {identity_layers}")
+        caps = clean_captions(captions)
+        method = self._method(method)
+        _tick(progress, 0, 2)
+        _check(should_cancel, "The edit")
+        if strength == 0.0:
+            ws_out = src.clone()
+        else:
+            code = self.text_codes(caps, method, 1, seed, diversity)[0]
+            ws_out = blend_layers(src.to(self.device), code, strength, L)
+        _tick(progress, 1, 2)
+        _check(should_cancel, "The edit")
+        image = self._render_batch(ws_out.unsqueeze(0))[0]
+        _tick(progress, 2, 2)
+        return FaceResult(image=image, ws=ws_out if strength == 0.0 else ws_out.float().cpu(), seed=int(seed),
+                          captions=caps, method=method, strength=strength, diversity=float(diversity),
+                          identity_layers=L, pack_id=self.pack_id, elapsed_s=time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------------------------------------------
+    def build_bank(self, size: int = 20000, batch: int = 32, *, truncation: float = 1.0, seed: int = 0,
+                   save: bool = True, progress: ProgressFn | None = None,
+                   should_cancel: CancelFn | None = None) -> LatentBank:
+        """Build a KNN bank for this generator + CLIP (enables the "knn" method); saved to
+        :func:`bank_cache_path` when ``save`` so ``from_pack`` finds it next time."""
+        bank = LatentBank.build(self.generator, self.clip, size=size, batch=batch, truncation=truncation, seed=seed,
+                                progress=progress, should_cancel=should_cancel)
+        if save:
+            bank.save(bank_cache_path(self.pack_id))
+        self.bank = bank
+        self._check_compatible()
+        return bank
+
+    def invert(self, aligned_img: np.ndarray, tier: str = "fast", *, progress: ProgressFn | None = None,
+               should_cancel: CancelFn | None = None) -> torch.Tensor:
+        """Invert an aligned face (uint8 [H, W, 3]) to W+ [num_ws, w_dim] (CPU) with ``core.inversion``."""
+        from core import inversion
+
+        ws = inversion.invert(self.generator, aligned_img, tier=tier, encoder=self.encoder, clip=self.clip,
+                              progress=progress, should_cancel=should_cancel)
+        return torch.as_tensor(ws).detach().float().cpu().reshape(self.num_ws, self.w_dim)
+
+
+def _load_encoder(path, device):
+    try:
+        from core.inversion import Encoder
+    except ImportError:
+        return None
+    return Encoder.load(path, device=device)

@@ -1,0 +1,382 @@
+"""Engine: synthesis and editing over tiny random-weight models (fakes), latent files, edit history."""
+
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from core.cmd import CMD
+from core.cvae import CVAE
+from core.engine import (Engine, FaceResult, MethodUnavailableError, blend_layers, clean_captions, coarse_layers_for,
+                         layer_weights)
+from core.errors import CancelledError, CaptionError, InvalidCheckpointError
+from core.latent_bank import LatentBank
+from core.latents import EditHistory, load_latent, save_latent
+from tests.fakes import FakeClip, FakeGenerator
+
+NUM_WS, W_DIM, D = 8, 16, 32
+METHODS = ["cmd", "cvae", "knn"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_models():
+    torch.manual_seed(0)
+    G = FakeGenerator(num_ws=NUM_WS, w_dim=W_DIM, img_resolution=16)
+    clip = FakeClip(embed_dim=D)
+    cmd = CMD(D, NUM_WS, W_DIM, d_model=32, num_layers=2, num_heads=4, hidden_dim=64, dropout=0.0)
+    cvae = CVAE(D, NUM_WS, W_DIM, z_dim=8, hidden_dim=32, num_layers=2)
+    with torch.no_grad():  # random, non-trivial outputs
+        cmd.head[-1].weight.normal_(std=0.3)
+        cvae.decoder[-1].weight.normal_(std=0.5)
+    cmd.set_w_avg(G.w_avg)
+    cvae.set_w_stats(G.w_avg, 0.5)
+    bank = LatentBank.build(G, clip, size=64, batch=32, seed=0)
+    return G, clip, cmd, cvae, bank
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    G, clip, cmd, cvae, bank = make_models()
+    return Engine(G, clip, cmd=cmd, cvae=cvae, bank=bank, pack_id="test", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def source(engine) -> torch.Tensor:
+    z = torch.randn(1, engine.z_dim, generator=torch.Generator().manual_seed(42))
+    with torch.no_grad():
+        return engine.generator.mapping(z)[0].clone()
+
+
+def test_attributes(engine):
+    assert engine.methods == ["cmd", "cvae", "knn"]
+    assert (engine.num_ws, engine.w_dim, engine.resolution) == (NUM_WS, W_DIM, 16)
+    assert engine.coarse_layers == 2 == coarse_layers_for(8)
+    assert coarse_layers_for(18) == 4 and coarse_layers_for(10) == 2 and coarse_layers_for(2) == 1
+
+
+def test_caption_cleaning():
+    assert clean_captions(["  a  man ", "", "   ", "a man", "red hair"]) == ("a man", "red hair")
+    assert clean_captions("one") == ("one",)
+    for bad in ([], [""], ["  ", "\n\t"], None):
+        with pytest.raises(CaptionError):
+            clean_captions(bad)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_synthesize_shapes_and_determinism(engine, method):
+    seen = []
+    res = engine.synthesize(["a smiling woman", "red hair"], n=3, seed=5, method=method,
+                            progress=lambda d, t: seen.append((d, t)))
+    assert len(res) == 3 and seen[-1][0] == seen[-1][1]
+    for i, r in enumerate(res):
+        assert isinstance(r, FaceResult)
+        assert r.image.shape == (16, 16, 3) and r.image.dtype == np.uint8
+        assert r.ws.shape == (NUM_WS, W_DIM) and r.ws.dtype == torch.float32 and r.ws.device.type == "cpu"
+        assert r.seed == 5 + i and r.method == method and r.captions == ("a smiling woman", "red hair")
+    again = engine.synthesize(["a smiling woman", "red hair"], n=3, seed=5, method=method)
+    for a, b in zip(res, again):
+        assert torch.equal(a.ws, b.ws) and np.array_equal(a.image, b.image)
+    other = engine.synthesize(["a smiling woman", "red hair"], n=3, seed=6, method=method)
+    assert not torch.equal(res[1].ws, other[1].ws)
+    # face i is reproduced alone by seed + i
+    alone = engine.synthesize(["a smiling woman", "red hair"], n=1, seed=6, method=method)[0]
+    torch.testing.assert_close(alone.ws, res[1].ws, atol=1e-6, rtol=0)
+    # the text code sets the last layers: with the CMD, all faces share them
+    if method == "cmd":
+        c = engine.coarse_layers
+        assert torch.equal(res[0].ws[c:], res[2].ws[c:]) and not torch.equal(res[0].ws[:c], res[2].ws[:c])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_caption_order_invariance(engine, method):
+    caps = ["a bald man", "wearing glasses", "a big smile", "blue background"]
+    a = engine.synthesize(caps, n=2, seed=1, method=method)
+    b = engine.synthesize(caps[::-1], n=2, seed=1, method=method)
+    engine.clear_cache()
+    c = engine.synthesize([caps[2], caps[0], caps[3], caps[1]], n=2, seed=1, method=method)
+    for x, y, z in zip(a, b, c):
+        torch.testing.assert_close(x.ws, y.ws, atol=1e-6, rtol=0)
+        torch.testing.assert_close(x.ws, z.ws, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 20, 25])
+def test_any_number_of_captions(engine, k):
+    caps = [f"caption number {i} about the face" for i in range(k)]
+    r = engine.synthesize(caps, n=1, seed=0)[0]
+    assert r.ws.shape == (NUM_WS, W_DIM) and len(r.captions) == k
+
+
+def test_unicode_emoji_and_long_captions(engine):
+    long = " ".join(["a very long description of a smiling face"] * 40)
+    caps = ["Ein Mann mit rotem Bart", "一个戴眼镜的女人", "😀 happy face 👓", "çà et là — ünïcödé"]
+    for c in caps:
+        assert engine.synthesize([c], n=1)[0].ws.shape == (NUM_WS, W_DIM)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        r = engine.synthesize([long, "red hair"], n=1, seed=3)[0]
+    assert r.ws.shape == (NUM_WS, W_DIM) and torch.isfinite(r.ws).all()
+    assert any("truncated" in str(x.message) for x in w)
+
+
+def test_no_captions_is_an_error(engine, source):
+    with pytest.raises(CaptionError):
+        engine.synthesize([], n=1)
+    with pytest.raises(CaptionError):
+        engine.synthesize(["", "   "], n=1)
+    with pytest.raises(CaptionError):
+        engine.edit(source, ["  "], 0.5)
+
+
+def test_diversity(engine):
+    caps = ["a face"]
+    calm = engine.synthesize(caps, n=4, seed=0, method="cvae", diversity=0.0)
+    wild = engine.synthesize(caps, n=4, seed=0, method="cvae", diversity=1.5)
+    c = engine.coarse_layers
+    spread = lambda rs: torch.stack([r.ws for r in rs]).std(0).mean()  # noqa: E731
+    assert spread(wild) > spread(calm)
+    # diversity 0: no randomness in the text code, and z truncated to the average
+    assert torch.equal(calm[0].ws[c:], calm[3].ws[c:])
+    torch.testing.assert_close(calm[0].ws[:c], engine.generator.w_avg.expand(c, -1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_edit_strength_zero_is_exact(engine, source, method):
+    r = engine.edit(source, ["red hair"], 0.0, method=method)
+    assert torch.equal(r.ws, source) and r.ws.dtype == torch.float32
+    assert np.array_equal(r.image, engine.render(source))
+    assert r.strength == 0.0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_edit_moves_strictly_away(engine, source, method):
+    strengths = [0.0, 0.25, 0.5, 0.75, 1.0]
+    res = [engine.edit(source, ["a smiling woman with red hair"], s, method=method) for s in strengths]
+    src_img = res[0].image.astype(np.float64)
+    ws_d = [float((r.ws - source).norm()) for r in res]
+    img_d = [float(np.abs(r.image.astype(np.float64) - src_img).mean()) for r in res]
+    assert ws_d[0] == 0.0 and img_d[0] == 0.0
+    assert all(b > a for a, b in zip(ws_d, ws_d[1:])), ws_d
+    assert all(b > a for a, b in zip(img_d, img_d[1:])), img_d
+    # identity layers stay bit for bit
+    for r in res:
+        assert torch.equal(r.ws[: engine.coarse_layers], source[: engine.coarse_layers])
+    # strength 1: every layer past the identity layers is the text code
+    code = engine.text_codes(["a smiling woman with red hair"], method, 1, 0, 0.0)[0].cpu()
+    assert torch.equal(res[-1].ws[engine.coarse_layers:], code[engine.coarse_layers:])
+
+
+def test_edit_is_smooth(engine, source):
+    """Fine steps: no jumps (each step moves the code by a bounded amount)."""
+    steps = np.linspace(0, 1, 41)
+    ws = [engine.edit(source, ["curly hair"], float(s)).ws for s in steps]
+    jumps = [float((b - a).norm()) for a, b in zip(ws, ws[1:])]
+    total = float((ws[-1] - ws[0]).norm())
+    assert max(jumps) < 0.25 * total
+
+
+@pytest.mark.parametrize("L", [0, 1, 4, NUM_WS - 1])
+def test_identity_layers_locked(engine, source, L):
+    for s in (0.3, 1.0):
+        r = engine.edit(source, ["an old man"], s, identity_layers=L)
+        assert torch.equal(r.ws[:L], source[:L]) and r.identity_layers == L
+        assert not torch.equal(r.ws[L:], source[L:])
+    for bad in (-1, NUM_WS):
+        with pytest.raises(ValueError):
+            engine.edit(source, ["an old man"], 0.5, identity_layers=bad)
+
+
+def test_edit_argument_checks(engine, source):
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError):
+            engine.edit(source, ["x"], bad)
+    with pytest.raises(ValueError):
+        engine.edit(source[:3], ["x"], 0.5)
+    r = engine.edit(source.unsqueeze(0).numpy().astype(np.float64), ["x"], 0.5)  # numpy [1, num_ws, w_dim] ok
+    assert r.ws.shape == (NUM_WS, W_DIM)
+
+
+def test_layer_weights():
+    a = layer_weights(8, 0.0, 2)
+    assert torch.equal(a, torch.zeros(8))
+    assert torch.equal(layer_weights(8, 1.0, 2), torch.tensor([0, 0, 1, 1, 1, 1, 1, 1.0]))
+    half = layer_weights(8, 0.5, 2)  # split at 5.0: layers 5..7 text
+    assert torch.equal(half, torch.tensor([0, 0, 0, 0, 0, 1, 1, 1.0]))
+    frac = layer_weights(8, 0.25, 2)  # split at 6.5: layer 6 half, layer 7 text
+    assert torch.allclose(frac, torch.tensor([0, 0, 0, 0, 0, 0, 0.5, 1.0]))
+    src, tgt = torch.zeros(8, 3), torch.ones(8, 3)
+    assert torch.equal(blend_layers(src, tgt, 0.25, 2)[:, 0], frac)
+
+
+def test_text_code_cache_and_fast_path(engine, source):
+    engine.clear_cache()
+    calls = {"n": 0}
+    orig = engine.clip.encode_text
+
+    def counting(caps):
+        calls["n"] += 1
+        return orig(caps)
+
+    engine.clip.encode_text = counting
+    try:
+        for s in (0.1, 0.2, 0.3):
+            engine.edit(source, ["green eyes", "freckles"], s)
+        engine.edit(source, ["freckles", "green eyes", "  "], 0.4)
+        engine.synthesize(["green eyes", "freckles"], n=2, method="cvae")
+    finally:
+        del engine.clip.encode_text
+    assert calls["n"] == 1
+
+
+def test_cancel_and_progress(engine, source):
+    with pytest.raises(CancelledError):
+        engine.synthesize(["a face"], n=4, should_cancel=lambda: True)
+    flags = iter([False, True])
+    with pytest.raises(CancelledError):
+        engine.synthesize(["a face"], n=20, batch_size=4, should_cancel=lambda: next(flags, True))
+    with pytest.raises(CancelledError):
+        engine.edit(source, ["a face"], 0.5, should_cancel=lambda: True)
+    seen = []
+    engine.edit(source, ["a face"], 0.5, progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (2, 2)
+
+
+def test_render(engine, source):
+    one = engine.render(source)
+    many = engine.render(torch.stack([source, source * 0.5]))
+    assert one.shape == (16, 16, 3) and many.shape == (2, 16, 16, 3) and one.dtype == np.uint8
+    assert np.array_equal(one, many[0])
+
+
+def test_missing_method_and_mismatch():
+    G, clip, cmd, cvae, bank = make_models()
+    e = Engine(G, clip, cvae=cvae, device="cpu")
+    assert e.methods == ["cvae"] and e.default_method == "cvae"
+    with pytest.raises(MethodUnavailableError, match="Available here: cvae"):
+        e.synthesize(["a face"], n=1, method="cmd")
+    assert e.synthesize(["a face"], n=1, method=None)[0].method == "cvae"
+    with pytest.raises(MethodUnavailableError):
+        e.synthesize(["a face"], n=1, method="magic")
+    wrong = CMD(D, NUM_WS + 1, W_DIM, d_model=32, num_layers=1, num_heads=4, hidden_dim=32)
+    with pytest.raises(InvalidCheckpointError, match="do not belong together"):
+        Engine(G, clip, cmd=wrong, device="cpu")
+
+
+def test_build_bank_enables_knn(tmp_path):
+    G, clip, cmd, cvae, bank = make_models()
+    e = Engine(G, clip, device="cpu", pack_id="nobank")
+    assert e.methods == []
+    e.build_bank(size=32, batch=16)
+    assert e.methods == ["knn"]
+    assert e.synthesize(["a face"], n=2, method="knn")[1].ws.shape == (NUM_WS, W_DIM)
+    from core.engine import bank_cache_path
+
+    assert bank_cache_path("nobank").is_file()
+
+
+def test_from_pack(tmp_path, monkeypatch):
+    """Pack loading through the manifest; the generator/CLIP loaders are stubbed with the fakes."""
+    import json
+
+    G, clip, cmd, cvae, bank = make_models()
+    root = tmp_path / "weights"
+    (root / "toy").mkdir(parents=True)
+    (root / "toy" / "generator.bin").write_bytes(b"g")
+    (root / "toy" / "clip.bin").write_bytes(b"c")
+    cmd.save(root / "toy" / "cmd.safetensors")
+    bank.save(root / "toy" / "knn.safetensors")
+    files = [dict(id=f"toy-{r}", file_name=f, pack="toy", role=r, sha256=None, size=None, source="test",
+                  optional=r not in ("generator", "clip"))
+             for r, f in [("generator", "generator.bin"), ("clip", "clip.bin"), ("cmd", "cmd.safetensors"),
+                          ("cvae", "cvae.safetensors"), ("knn", "knn.safetensors")]]
+    manifest = {"version": 1, "packs": {"toy": {"title": "Toy", "resolution": 16, "files": [f["id"] for f in files]}},
+                "files": files}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("ANYFACE_RESOURCES", str(tmp_path))
+    ckpt = types.ModuleType("core.checkpoints")
+    ckpt.load_generator = lambda path, device=None: G
+    clipmod = types.ModuleType("core.clip")
+    clipmod.load_clip = lambda path, device=None: clip
+    monkeypatch.setitem(sys.modules, "core.checkpoints", ckpt)
+    monkeypatch.setitem(sys.modules, "core.clip", clipmod)
+    seen = []
+    e = Engine.from_pack("toy", device="cpu", progress=lambda d, t: seen.append(d))
+    assert e.pack_id == "toy" and e.methods == ["cmd", "knn"] and seen[-1] == 6
+    r = e.synthesize(["a face"], n=1)[0]
+    assert r.pack_id == "toy"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# latents and history
+
+def test_latent_npz_roundtrip(tmp_path, engine, source):
+    r = engine.edit(source, ["红发 😀", "a smile"], 0.6, method="cvae", seed=4)
+    p = tmp_path / "face.npz"
+    r.save_latent(p, note="hi")
+    lf = load_latent(p)
+    assert torch.equal(lf.ws, r.ws) and lf.captions == ["红发 😀", "a smile"]
+    assert (lf.seed, lf.method, lf.pack_id) == (4, "cvae", "test")
+    assert lf.extra["strength"] == 0.6 and lf.extra["note"] == "hi"
+    with np.load(p, allow_pickle=False) as data:  # plain arrays, no pickles
+        assert set(data.files) == {"ws", "meta"}
+    p2 = tmp_path / "plain"  # no .npz suffix is added
+    save_latent(p2, source.numpy(), captions=["x"], seed=None, method=None, pack_id=None)
+    assert p2.is_file() and torch.equal(load_latent(p2).ws, source)
+    assert not list(tmp_path.glob(".*.tmp"))
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(InvalidCheckpointError):
+        load_latent(bad)
+    with pytest.raises(ValueError):
+        save_latent(tmp_path / "nan.npz", torch.full((2, 3), float("nan")), captions=[], seed=0, method="cmd",
+                    pack_id="x")
+
+
+def test_edit_history_roundtrip():
+    h = EditHistory(max_len=3)
+    assert h.current is None and not h.can_undo() and not h.can_redo()
+    for x in "abc":
+        h.push(x)
+    assert h.current == "c" and h.undo() == "b" and h.undo() == "a" and not h.can_undo()
+    assert h.undo() == "a" and h.redo() == "b" and h.redo() == "c" and not h.can_redo()
+    h.undo()
+    h.push("d")  # drops the redo branch
+    assert h.items() == ["a", "b", "d"] and not h.can_redo()
+    h.push("e")  # bounded: the oldest goes
+    assert h.items() == ["b", "d", "e"] and h.index == 2 and len(h) == 3
+    h.clear()
+    assert len(h) == 0 and h.current is None
+
+
+def test_with_real_stylegan2():
+    """The engine over the real StyleGAN2 module (tiny random config): shapes, exact strength 0, strictly
+    growing code distance, identity layers locked."""
+    stylegan2 = pytest.importorskip("core.stylegan2")
+    torch.manual_seed(0)
+    G = stylegan2.Generator.from_config(dict(resolution=16, z_dim=32, w_dim=32, mapping_layers=2,
+                                             channels={4: 16, 8: 16, 16: 16}))
+    clip = FakeClip(embed_dim=D)
+    cmd = CMD(D, G.num_ws, G.w_dim, d_model=32, num_layers=1, num_heads=4, hidden_dim=32, dropout=0.0)
+    with torch.no_grad():
+        cmd.head[-1].weight.normal_(std=0.3)
+    e = Engine(G, clip, cmd=cmd, device="cpu")
+    assert e.num_ws == G.num_ws == 6 and e.coarse_layers == 1
+    faces = e.synthesize(["a face", "short hair"], n=2, seed=0)
+    assert faces[0].image.shape == (16, 16, 3)
+    src = faces[0].ws
+    res = [e.edit(src, ["red hair"], s) for s in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert torch.equal(res[0].ws, src)
+    d = [float((r.ws - src).norm()) for r in res]
+    assert all(b > a for a, b in zip(d, d[1:]))
+    assert all(torch.equal(r.ws[:1], src[:1]) for r in res)
