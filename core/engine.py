@@ -296,8 +296,9 @@ class Engine:
     @torch.inference_mode()
     def text_codes(self, captions: str | Iterable[str], method: str | None = "cmd", n: int = 1, seed: int = 0,
                    diversity: float = 1.0) -> torch.Tensor:
-        """Text codes ws [n, num_ws, w_dim] on the engine device; code i depends only on (captions, method,
-        seed + i, diversity). Cached per (caption set, method, seed, n, diversity)."""
+        """Text codes ws [n, num_ws, w_dim] on the engine device (read-only: may be a cached/expanded view);
+        code i depends only on (captions, method, seed + i, diversity); the CMD code on the captions alone.
+        Cached per (caption set, method, seed, n, diversity)."""
         caps = clean_captions(captions)
         method = self._method(method)
         if n < 1:
@@ -305,15 +306,18 @@ class Engine:
         diversity = float(diversity)
         if not math.isfinite(diversity) or diversity < 0:
             raise ValueError(f"diversity must be >= 0, got {diversity}")
-        key = (frozenset(caps), method, int(seed) if method != "cmd" else 0, int(n), diversity if method != "cmd" else 0.0)
+        if method == "cmd":  # deterministic: one code per caption set, whatever the seed, n and diversity
+            key = (frozenset(caps), method)
+        else:
+            key = (frozenset(caps), method, int(seed), int(n), diversity)
         with self._lock:
             hit = self._code_cache.get(key)
             if hit is not None:
                 self._code_cache.move_to_end(key)
-                return hit
+                return hit.expand(n, -1, -1) if method == "cmd" else hit
         emb = self.text_embedding(caps)  # [k, D]
         if method == "cmd":
-            codes = self.cmd(emb.unsqueeze(0)).expand(n, -1, -1)
+            codes = self.cmd(emb.unsqueeze(0))  # [1, num_ws, w_dim]
         else:
             e = F.normalize(emb.mean(0), dim=0)  # the set's direction in CLIP space
             if method == "cvae":
@@ -325,10 +329,10 @@ class Engine:
                                                    seed=sub_seed(int(seed) + i, "knn"), diversity=diversity)
                                    for i in range(n)])
         codes = codes.to(self.device, torch.float32).contiguous()
-        assert codes.shape == (n, self.num_ws, self.w_dim), codes.shape
+        assert codes.shape[1:] == (self.num_ws, self.w_dim), codes.shape
         with self._lock:
             self._cache_put(self._code_cache, key, codes)
-        return codes
+        return codes.expand(n, -1, -1) if method == "cmd" else codes
 
     # ------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
