@@ -11,8 +11,28 @@ from core import __version__
 EXIT_OK, EXIT_FAILED_ITEMS, EXIT_USAGE = 0, 1, 2
 
 EPILOG = """examples:
+  anyface generate "a smiling woman with glasses" -n 8 --seed 1 -o faces/
+  anyface edit photo.jpg --caption "grey hair" --caption "smiling" --strength 0.6 -o edited/
+  anyface edit photos/ --recursive --caption "a beard" --face all --tier fast --format jpg -o edited/
+  anyface edit photos/ --caption "old" --shard 2/8 -o edited/     # worker 2 of 8 (job array)
+  anyface batch-merge edited/                                     # one report for all shards
   anyface models list
   anyface models verify --pack tiny
+  anyface models import ~/Downloads/ffhq.pkl
+  anyface convert stylegan2-ffhq-config-f.pt -o ffhq1024.safetensors
+
+exit codes: 0 all ok, 1 some items failed, 2 usage error, 130 interrupted (re-run to resume).
+"""
+
+EDIT_EPILOG = """A folder run is resumable: re-run the same command and finished photos are skipped, missing or
+partial outputs redone. Inputs are never modified. Each run writes anyface-report.csv/.json (every
+input with its status and the reason of each failure) next to the outputs.
+
+examples:
+  anyface edit photo.jpg --caption "grey hair" -o edited/
+  anyface edit photos/ --recursive --caption "smiling" --caption "blue eyes" --strength 0.5 -o edited/
+  anyface edit photos/ --caption "a beard" --aligned-only --save-latent --format webp -o crops/
+  anyface edit photos/ --caption "old" --shard $((SLURM_ARRAY_TASK_ID+1))/$SLURM_ARRAY_TASK_COUNT -o edited/
 """
 
 
@@ -25,13 +45,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="machine-readable results on stdout")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    # the global flags are accepted after the command too (`anyface edit ... --json`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    with_pack = argparse.ArgumentParser(add_help=False, parents=[common])
+    with_pack.add_argument("--pack", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    g = sub.add_parser("generate", parents=[with_pack], formatter_class=fmt, help="make faces from captions",
+                       description="Make new faces from one or more captions.",
+                       epilog='example:\n  anyface generate "a young man with curly hair" "smiling" -n 8 --seed 1 -o out/')
+    g.add_argument("captions", nargs="+", metavar="CAPTION", help="one or more captions (combined)")
+    g.add_argument("-n", type=int, default=4, help="number of faces (default 4)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first face; face i uses seed+i (default 0)")
+    g.add_argument("--method", choices=("cmd", "cvae", "knn"), default=None,
+                   help="text-to-latent method (default: the pack's first)")
+    g.add_argument("--diversity", type=float, default=1.0, help="how varied the faces are (default 1.0)")
+    g.add_argument("-o", "--output", default=".", help="output folder (default: current folder)")
+    g.add_argument("--format", choices=("png", "jpg", "webp"), default="png")
+    g.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+    g.add_argument("--save-latent", action="store_true", help="also save each face's W+ code (.npz)")
+
+    e = sub.add_parser("edit", parents=[with_pack], formatter_class=fmt, help="edit the faces of photos",
+                       description="Edit the faces of a photo, or of every photo in a folder, toward captions.",
+                       epilog=EDIT_EPILOG)
+    e.add_argument("input", metavar="PHOTO|FOLDER")
+    e.add_argument("--caption", action="append", default=[], help="a caption; repeat for several (required)")
+    e.add_argument("--strength", type=float, default=0.6, help="0 = unchanged .. 1 = full edit (default 0.6)")
+    e.add_argument("--method", choices=("cmd", "cvae", "knn"), default=None)
+    e.add_argument("--identity-layers", type=int, default=None, metavar="L",
+                   help="first L layers keep the source (identity); default: the engine's coarse layers")
+    e.add_argument("--face", default="largest", metavar="largest|all|N",
+                   help="which face: the largest (default), all, or number N (0 = leftmost)")
+    e.add_argument("--tier", choices=("fast", "balanced", "best"), default="fast", help="inversion quality")
+    e.add_argument("--detector", choices=("auto", "dlib", "yunet", "fan"), default="auto")
+    e.add_argument("-o", "--output", required=True, help="output folder (may equal the input folder)")
+    e.add_argument("--aligned-only", action="store_true", help="save the edited aligned face crops only")
+    e.add_argument("--format", choices=("png", "jpg", "webp"), default="png")
+    e.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+    e.add_argument("--save-latent", action="store_true", help="also save each edited face's W+ code (.npz)")
+    e.add_argument("--recursive", "-r", action="store_true", help="include subfolders (mirrored in the output)")
+    e.add_argument("--shard", default=None, metavar="K/N",
+                   help="process only shard K of N (1 <= K <= N) of the inputs; merge with batch-merge")
+    e.add_argument("--seed", type=int, default=0, help="seed of the text code (cvae/knn methods)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace existing files at output names this batch did not write (never inputs)")
+
+    bm = sub.add_parser("batch-merge", parents=[common], formatter_class=fmt,
+                        help="combine the reports of sharded runs",
+                        description="Combine the manifests/reports of several runs (shards) into one report.",
+                        epilog="example:\n  anyface batch-merge out-1/ out-2/ out-3/ -o merged/")
+    bm.add_argument("sources", nargs="+", metavar="OUT", help="output folders (or manifest .jsonl files)")
+    bm.add_argument("-o", "--output", default=None, help="where to write the merged report (default: the first OUT)")
 
     m = sub.add_parser("models", help="list, verify or import model files")
     msub = m.add_subparsers(dest="models_command", metavar="ACTION")
-    ml = msub.add_parser("list", help="packs and the state of their files")
+    ml = msub.add_parser("list", help="packs and the state of their files", parents=[common])
     ml.add_argument("--pack", dest="models_pack", default=None)
-    mv = msub.add_parser("verify", help="check the sha256 of every file of a pack")
+    mv = msub.add_parser("verify", help="check the sha256 of every file of a pack", parents=[common])
     mv.add_argument("--pack", dest="models_pack", default=None)
+    mi = msub.add_parser("import", parents=[common], formatter_class=fmt,
+                         help="import local official files (generators are converted to safetensors)",
+                         epilog="example:\n  anyface models import ~/Downloads/ffhq.pkl ~/Downloads/ViT-B-32.pt")
+    mi.add_argument("files", nargs="+", metavar="FILE")
+    mi.add_argument("--pack", dest="models_pack", default=None, help="pack to add a generator to")
+
+    cv = sub.add_parser("convert", parents=[common], help="convert an official StyleGAN2 checkpoint to AnyFace safetensors")
+    cv.add_argument("input", help="rosinality .pt (g_ema + latent_avg) or NVlabs network .pkl (G_ema)")
+    cv.add_argument("-o", "--output", required=True, help="output .safetensors file")
     return p
 
 
@@ -46,10 +129,12 @@ def cmd_models(args) -> int:
     from core import weights
     from core.errors import AnyFaceError
 
-    manifest = weights.Manifest.load()
     if args.models_command is None:
-        print("usage: anyface models {list,verify} [--pack PACK]", file=sys.stderr)
+        print("usage: anyface models {list,verify,import} ...", file=sys.stderr)
         return EXIT_USAGE
+    if args.models_command == "import":
+        return cmd_models_import(args)
+    manifest = weights.Manifest.load()
     packs = [args.models_pack or args.pack] if (args.models_pack or args.pack) else list(manifest.packs)
     rows, bad = [], 0
     for pid in packs:
@@ -67,7 +152,254 @@ def cmd_models(args) -> int:
     return EXIT_FAILED_ITEMS if (bad and args.models_command == "verify") else EXIT_OK
 
 
-COMMANDS = {"models": cmd_models}
+def cmd_convert(args) -> int:
+    from pathlib import Path
+
+    from core.checkpoints import convert_checkpoint, detect_format, load_generator
+
+    src, dst = Path(args.input), Path(args.output)
+    if not src.is_file():
+        print(f"error: {src} does not exist", file=sys.stderr)
+        return EXIT_USAGE
+    if dst.resolve() == src.resolve():
+        print("error: the output must not overwrite the input", file=sys.stderr)
+        return EXIT_USAGE
+    fmt = detect_format(src)
+    convert_checkpoint(src, dst)
+    G = load_generator(dst)
+    info = {"input": str(src), "format": fmt, "output": str(dst), "resolution": G.img_resolution,
+            "num_ws": G.num_ws, "z_dim": G.z_dim, "w_dim": G.w_dim, "config": G.config}
+    _print(args, info, f"converted {src} ({fmt}) -> {dst}: {G.img_resolution}px, num_ws={G.num_ws}, "
+                       f"z_dim={G.z_dim}, w_dim={G.w_dim}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ shared helpers
+
+class _Progress:
+    """A tqdm bar on stderr fed by core's ``progress(done, total)``; silent with --quiet / --json."""
+
+    def __init__(self, args, desc: str, unit: str = "it"):
+        self.enabled = not (getattr(args, "quiet", False) or getattr(args, "json", False))
+        self.desc, self.unit, self.bar = desc, unit, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr, dynamic_ncols=True,
+                            leave=False)
+        if total != self.bar.total:
+            self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class _CancelOnSignal:
+    """First Ctrl-C (or SIGTERM from a job scheduler) asks the running job to stop cleanly; a second Ctrl-C
+    interrupts at once."""
+
+    def __init__(self, quiet: bool = False):
+        self.flag, self.quiet, self._old = False, quiet, {}
+
+    def __call__(self) -> bool:
+        return self.flag
+
+    def _handler(self, signum, frame):
+        import signal
+
+        if self.flag and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.flag = True
+        if not self.quiet:
+            print("\nstopping after the current item (Ctrl-C again to abort)...", file=sys.stderr)
+
+    def __enter__(self):
+        import signal
+
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handler)
+            except (ValueError, OSError):  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+def _load_engine(args):
+    from core.device import pick_device
+    from core.engine import Engine
+
+    try:
+        device = pick_device(args.device)
+    except (ValueError, RuntimeError) as e:
+        raise _UsageError(str(e)) from e
+    bar = _Progress(args, "loading models", "file")
+    try:
+        return Engine.from_pack(args.pack or "tiny", device=device, progress=bar)
+    finally:
+        bar.close()
+
+
+class _UsageError(Exception):
+    """Bad arguments found after parsing (exit code 2)."""
+
+
+def _slug(captions, limit: int = 40) -> str:
+    import re
+    import unicodedata
+
+    text = unicodedata.normalize("NFKD", " ".join(captions)).encode("ascii", "ignore").decode().lower()
+    s = re.sub(r"[^a-z0-9]+", "-", text).strip("-")[:limit].strip("-")
+    return s or "face"
+
+
+# ------------------------------------------------------------------------------------------ generate
+
+def cmd_generate(args) -> int:
+    from pathlib import Path
+
+    from core.io import unique_path, write_image
+
+    if args.n < 1:
+        raise _UsageError("-n must be at least 1")
+    engine = _load_engine(args)
+    out = Path(args.output)
+    bar = _Progress(args, "generating", "step")
+    with _CancelOnSignal(args.quiet or args.json) as cancel:
+        try:
+            results = engine.synthesize(args.captions, n=args.n, seed=args.seed, method=args.method,
+                                        diversity=args.diversity, progress=bar, should_cancel=cancel)
+        finally:
+            bar.close()
+    fmt = {"jpeg": "jpg"}.get(args.format, args.format)
+    slug, rows = _slug(args.captions), []
+    for r in results:
+        meta = {"captions": list(r.captions), "seed": r.seed, "method": r.method, "pack": r.pack_id,
+                "diversity": r.diversity}
+        path = write_image(unique_path(out / f"{slug}_s{r.seed}.{fmt}"), r.image, fmt, quality=args.quality,
+                           metadata=meta, overwrite=False)
+        row = {"image": str(path), "seed": r.seed, "method": r.method, "captions": list(r.captions)}
+        if args.save_latent:
+            row["latent"] = str(r.save_latent(unique_path(path.with_suffix(".npz"))))
+        rows.append(row)
+    _print(args, {"pack": engine.pack_id, "outputs": rows},
+           "\n".join(r["image"] + (f"  (+ {Path(r['latent']).name})" if "latent" in r else "") for r in rows))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ edit
+
+def cmd_edit(args) -> int:
+    from pathlib import Path
+
+    from core import batch
+    from core.errors import CancelledError
+
+    try:
+        shard = batch.parse_shard(args.shard)
+        face = batch.parse_face(args.face)
+    except ValueError as e:
+        raise _UsageError(str(e)) from e
+    src = Path(args.input)
+    if not src.exists() and not src.is_symlink():
+        raise _UsageError(f"'{src}' does not exist; give a photo or a folder of photos")
+    if not args.caption:
+        raise _UsageError("give at least one --caption")
+    if not 0.0 <= args.strength <= 1.0:
+        raise _UsageError("--strength must be between 0 and 1")
+    engine = _load_engine(args)
+    try:
+        proc = batch.EditProcessor(engine, args.caption, strength=args.strength, method=args.method,
+                                   identity_layers=args.identity_layers, face=face, tier=args.tier, fmt=args.format,
+                                   quality=args.quality, aligned_only=args.aligned_only,
+                                   save_latent=args.save_latent, detector=args.detector, seed=args.seed)
+    except ValueError as e:
+        raise _UsageError(str(e)) from e
+    bar = _Progress(args, "editing", "photo")
+    with _CancelOnSignal(args.quiet or args.json) as cancel:
+        try:
+            report = batch.run(src, args.output, proc, recursive=args.recursive, shard=shard, params=proc.params,
+                               overwrite=args.overwrite, progress=bar, should_cancel=cancel)
+        except CancelledError as e:
+            report = getattr(e, "report", None)
+        finally:
+            bar.close()
+    return _report_out(args, report)
+
+
+def _report_out(args, report) -> int:
+    if report is None:
+        print("cancelled", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps({"summary": report.to_json(), "items": [it.to_json() for it in report.items]}, indent=2))
+    else:
+        if not args.quiet:
+            failed = report.failed_items
+            for it in failed[:50]:
+                print(f"FAILED {it.rel}: [{it.code}] {it.reason}", file=sys.stderr)
+            if len(failed) > 50:
+                print(f"... and {len(failed) - 50} more failures, see {report.report_csv}", file=sys.stderr)
+        print(report.summary_line())
+    if report.cancelled:
+        return 130
+    return report.exit_code
+
+
+# ------------------------------------------------------------------------------------------ batch-merge
+
+def cmd_batch_merge(args) -> int:
+    from core import batch
+
+    report = batch.merge_reports(args.sources, args.output)
+    return _report_out(args, report)
+
+
+# ------------------------------------------------------------------------------------------ models import
+
+def cmd_models_import(args) -> int:
+    from core import packs
+
+    rows, bad = [], 0
+    for f in args.files:
+        bar = _Progress(args, f"hashing {f}", "B")
+        try:
+            r = packs.import_file(f, pack=args.models_pack or args.pack, progress=bar)
+        except Exception as e:  # noqa: BLE001 - report each file, keep going
+            from core.errors import AnyFaceError
+
+            if not isinstance(e, (AnyFaceError, OSError)):
+                raise
+            bad += 1
+            rows.append({"file": f, "ok": False, "error": str(e)})
+            print(f"error: {f}: {e}", file=sys.stderr)
+            continue
+        finally:
+            bar.close()
+        rows.append({"file": f, "ok": True, "id": r.id, "pack": r.pack, "role": r.role, "path": str(r.path),
+                     "verified": r.known, "sha256": r.sha256, "note": r.note})
+    text = "\n".join(f"{r['file']} -> {r['path']} ({r['pack']}/{r['role']}, "
+                     f"{'sha256 verified' if r['verified'] else 'unverified: ' + r['note']})"
+                     for r in rows if r["ok"])
+    _print(args, rows, text)
+    return EXIT_FAILED_ITEMS if bad else EXIT_OK
+
+
+COMMANDS = {"models": cmd_models, "convert": cmd_convert, "generate": cmd_generate, "edit": cmd_edit,
+            "batch-merge": cmd_batch_merge}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
+    except _UsageError as e:
+        print(f"anyface: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except AnyFaceError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED_ITEMS

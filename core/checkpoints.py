@@ -269,6 +269,8 @@ ALLOWED_GLOBALS = {
     # protocol <= 3 pickles (Python 3.7 era) spell sets (nn.Module._non_persistent_buffers_set) this way
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
+    ("__builtin__", "set"): set,
+    ("__builtin__", "frozenset"): frozenset,
 }
 
 
@@ -279,9 +281,9 @@ class RestrictedUnpickler(pickle.Unpickler):
         fn = ALLOWED_GLOBALS.get((module, name))
         if fn is None:
             raise UnsafeCheckpointError(
-                f"Refused to load a pickle that references '{module}.{name}'. Only StyleGAN2 network "
-                "pickles (stylegan2-ada-pytorch) are accepted, and they are read without running any code "
-                "they contain. If you trust this file, convert it with the official tools to a state dict.")
+                f"Refused to load a pickle that references '{module}.{name}': it is not a StyleGAN2 network "
+                "pickle and may run code. Nothing in it was executed. Use an official stylegan2-ada-pytorch "
+                "network pickle (.pkl), a rosinality checkpoint (.pt) or an AnyFace .safetensors file.")
         return fn
 
     def persistent_load(self, pid):

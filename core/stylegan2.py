@@ -151,9 +151,9 @@ class _Resample(nn.Module):
         return F.conv_transpose2d(x, self.kernel_for(x), stride=2, padding=self.taps // 2 - 1,
                                   groups=x.shape[1])
 
-    def blur_after_transposed_conv(self, x: torch.Tensor) -> torch.Tensor:
-        """Filter the [2H+1] output of a stride-2 transposed 3x3 conv down to [2H]."""
-        return F.conv2d(x, self.kernel_for(x), padding=self.taps // 2 - 1, groups=x.shape[1])
+    def blur_after_transposed_conv(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Filter the [2H+1] output of a stride-2 transposed 3x3 conv down to [2H] (then add ``bias``)."""
+        return F.conv2d(x, self.kernel_for(x), bias, padding=self.taps // 2 - 1, groups=x.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,39 +237,55 @@ class SynthesisLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "const",
                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        # x [N, I, H, W], w [N, w_dim] -> [N, O, H', W']
         dtype = x.dtype
         styles = self.affine(w.float())                                   # [N, I]
         weight = self.weight
         if dtype == torch.float16:  # keep fp16 intermediates in range; the scales cancel in demod
             weight = weight * (1 / weight.abs().amax(dim=[1, 2, 3], keepdim=True).clamp_min(1e-8))
             styles = styles * (1 / styles.abs().amax(dim=1, keepdim=True).clamp_min(1e-8))
-        # demodulation coefficients: 1 / ||w_oik * s_i||_2 per sample and output channel
-        dcoefs = (styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8).rsqrt()  # [N, O]
-        x = x * styles.to(dtype)[:, :, None, None]
-        weight = weight.to(dtype)
-        if self.up:
-            x = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)
-            x = self._resample[0].blur_after_transposed_conv(x)
-        else:
-            x = F.conv2d(x, weight, padding=self.padding)
-        x = x * dcoefs.to(dtype)[:, :, None, None]
+        # demodulation 1 / ||w_oik * s_i||_2, times the leaky-ReLU gain (lrelu(a) * g == lrelu(a * g), g > 0)
+        dcoefs = (styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8).rsqrt() * SQRT2  # [N, O]
+        bias = (self.bias * SQRT2).to(dtype)
+        inplace = not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        if x.shape[0] == 1:  # modulate/demodulate the weight itself: no extra passes over x
+            wmod = (weight * styles[0][None, :, None, None] * dcoefs[0][:, None, None, None]).to(dtype)
+            x = self._conv(x, wmod, bias)
+        else:  # shared weight: scale the input, then the output
+            x = self._conv(x * styles.to(dtype)[:, :, None, None], weight.to(dtype), None)
+            x = torch.addcmul(bias[None, :, None, None], x, dcoefs.to(dtype)[:, :, None, None])
 
+        strength = self.noise_strength * SQRT2
         if noise is not None:
             n = noise.to(device=x.device, dtype=dtype)
             n = n.reshape(-1, 1, *n.shape[-2:]) if n.ndim != 2 else n
-            x = x + n * self.noise_strength.to(dtype)
         elif noise_mode == "const":
-            x = x + self.noise_const.to(dtype) * self.noise_strength.to(dtype)
+            n = self.noise_const.to(dtype)
         elif noise_mode == "random":
             n = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=dtype)
-            x = x + n * self.noise_strength.to(dtype)
-        elif noise_mode != "none":
+        elif noise_mode == "none":
+            n = None
+        else:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
-
-        x = F.leaky_relu(x + self.bias.to(dtype)[None, :, None, None], LRELU_SLOPE) * SQRT2
-        if self.conv_clamp is not None:
-            x = x.clamp(-self.conv_clamp, self.conv_clamp)
+        if inplace:
+            if n is not None:
+                x.addcmul_(n, strength.to(dtype))
+            x = F.leaky_relu_(x, LRELU_SLOPE)
+            if self.conv_clamp is not None:
+                x.clamp_(-self.conv_clamp, self.conv_clamp)
+        else:
+            if n is not None:
+                x = torch.addcmul(x, n, strength.to(dtype))
+            x = F.leaky_relu(x, LRELU_SLOPE)
+            if self.conv_clamp is not None:
+                x = x.clamp(-self.conv_clamp, self.conv_clamp)
         return x
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.up:  # stride-2 transposed conv [2H+1], then the FIR filter (and bias) -> [2H]
+            x = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)
+            return self._resample[0].blur_after_transposed_conv(x, bias)
+        return F.conv2d(x, weight, bias, padding=self.padding)
 
 
 class ToRGB(nn.Module):
@@ -286,7 +302,10 @@ class ToRGB(nn.Module):
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         styles = self.affine(w.float()) * self.weight_gain
-        x = F.conv2d(x * styles.to(dtype)[:, :, None, None], self.weight.to(dtype), self.bias.to(dtype))
+        if x.shape[0] == 1:
+            x = F.conv2d(x, (self.weight * styles[0][None, :, None, None]).to(dtype), self.bias.to(dtype))
+        else:
+            x = F.conv2d(x * styles.to(dtype)[:, :, None, None], self.weight.to(dtype), self.bias.to(dtype))
         if self.conv_clamp is not None:
             x = x.clamp(-self.conv_clamp, self.conv_clamp)
         return x

@@ -214,3 +214,88 @@ def test_training_gradients_and_w_avg_ema():
     missing = [n for n, p in G.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
     assert G.w_avg.grad is None and not G.w_avg.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------- older network pickles
+
+def _old_style_pickle(tmp_path, monkeypatch) -> Path:
+    """Re-write the NVlabs fixture the way Python 3.7 / numpy 1.x pickles look (protocol 3, numpy.core,
+    builtins.set), with an ADA ``augment_pipe`` persistent object added."""
+    import collections
+    import pickle
+    import sys
+    import types
+
+    from core.checkpoints import PersistentObject, _EasyDict, restricted_load
+
+    with open(GOLDEN / "nvlabs_tiny.pkl", "rb") as f:
+        data = restricted_load(f)
+
+    persistence = types.ModuleType("torch_utils.persistence")
+    util = types.ModuleType("dnnlib.util")
+
+    def _reconstruct_persistent_obj(meta):  # never called: only pickled by reference
+        raise AssertionError
+
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    EasyDict = type("EasyDict", (dict,), {"__module__": "dnnlib.util"})
+    util.EasyDict = EasyDict
+    for name, mod in {"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence,
+                      "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": util}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+
+    class OldPickler(pickle.Pickler):
+        def reducer_override(self, obj):
+            if isinstance(obj, PersistentObject):
+                meta = {"type": "class", "version": 6, "module_src": "# source not included",
+                        "class_name": obj.class_name, "state": obj.state}
+                return _reconstruct_persistent_obj, (meta,)
+            if isinstance(obj, _EasyDict):
+                return EasyDict, (), None, None, iter(obj.items())
+            return NotImplemented
+
+    aug_state = {"_parameters": {}, "_buffers": {"p": torch.zeros([]), "Hz_geom": torch.randn(12)},
+                 "_non_persistent_buffers_set": set(), "_modules": {}, "xflip": 1.0,
+                 "_init_kwargs": _EasyDict(xflip=1)}
+    data["augment_pipe"] = PersistentObject({"type": "class", "class_name": "training.augment.AugmentPipe",
+                                             "state": aug_state})
+    # parameters as nn.Parameter again (exercises _rebuild_parameter)
+    for obj in [data["G_ema"]]:
+        stack = [obj]
+        while stack:
+            o = stack.pop()
+            o.state["_parameters"] = collections.OrderedDict(
+                (k, torch.nn.Parameter(v, requires_grad=False)) for k, v in o.state["_parameters"].items())
+            o.state["_non_persistent_buffers_set"] = set()
+            stack += [m for m in o.state["_modules"].values() if isinstance(m, PersistentObject)]
+    buf = __import__("io").BytesIO()
+    OldPickler(buf, protocol=3).dump(data)
+    raw = buf.getvalue().replace(b"cnumpy._core.multiarray\nscalar\n", b"cnumpy.core.multiarray\nscalar\n")
+    assert b"cnumpy.core.multiarray\nscalar\n" in raw and b"cbuiltins\nset\n" in raw
+    out = tmp_path / "old.pkl"
+    out.write_bytes(raw)
+    return out
+
+
+@torch.no_grad()
+def test_old_style_network_pickle_loads(tmp_path, monkeypatch, nv):
+    _, io = nv
+    path = _old_style_pickle(tmp_path, monkeypatch)
+    monkeypatch.undo()  # the loader must not need the fake modules
+    G = load_generator(path)
+    close(G(io["z"]), io["img_a"])
+
+
+def test_cli_convert(tmp_path, capsys, nv):
+    from anyface_desktop.cli import main
+
+    _, io = nv
+    out = tmp_path / "nv.safetensors"
+    assert main(["convert", str(GOLDEN / "nvlabs_tiny.pkl"), "-o", str(out)]) == 0
+    assert "num_ws=8" in capsys.readouterr().out
+    with torch.no_grad():
+        close(load_generator(out)(io["z"], truncation_psi=io["truncation_psi_b"]), io["img_b"])
+    assert main(["convert", str(GOLDEN / "malicious.pkl"), "-o", str(tmp_path / "m.safetensors")]) == 1
+    assert "Refused" in capsys.readouterr().err and not (tmp_path / "m.safetensors").exists()
