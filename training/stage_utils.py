@@ -1,0 +1,365 @@
+"""Shared plumbing of the text-to-latent stages (CMD, CVAE, KNN, encoder, evaluate).
+
+- Generic model arguments: ``--generator`` and ``--clip`` take any file/spec that
+  ``core.checkpoints.load_generator`` / ``core.clip.load_clip`` accept, or ``toy`` (tiny random models for
+  tests and smoke runs), so the same commands train for the tiny pack and for FFHQ-1024 + ViT-B/32.
+- The generated-sample cache: (z, w, CLIP image embedding, annotator labels, caption pool + its CLIP text
+  embeddings) for N generator samples, built once (sharded over ranks under torchrun) and reused.
+- Writing a weight file with its manifest entry (sha256 + size), touching only that entry.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training import dist
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DIR = REPO / "resources" / "weights" / "tiny"
+RUNS = REPO / "runs"
+MANIFEST = REPO / "resources" / "weights" / "manifest.json"
+
+# annotator attributes that captions describe (eyes/glasses are measured but not captioned)
+CAPTIONED = ("hair", "skin", "background", "mouth", "smile", "yaw", "pitch", "light", "sidelight")
+
+
+# ---------------------------------------------------------------------------------------------- toy models
+
+TOY_GENERATOR = dict(resolution=16, z_dim=32, w_dim=32, mapping_layers=2, channels={"4": 16, "8": 16, "16": 16},
+                     w_avg_beta=0.995)
+
+
+def toy_generator(seed: int = 0):
+    """A tiny random StyleGAN2 (16 px, 6 ws x 32) with a measured w_avg: for tests and --smoke."""
+    from core.stylegan2 import Generator
+
+    torch.manual_seed(seed)
+    g = Generator.from_config(TOY_GENERATOR)
+    with torch.no_grad():
+        g.w_avg = g.estimate_w_avg(n=512, seed=seed, batch=512)
+    return g.eval().requires_grad_(False)
+
+
+class ToyClip(nn.Module):
+    """A tiny random model with the ClipEncoder protocol (bag-of-hashed-words text tower, conv image tower)."""
+
+    def __init__(self, embed_dim: int = 32, vocab: int = 512, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.embed_dim, self.vocab = int(embed_dim), int(vocab)
+        self.register_buffer("words", torch.randn(vocab, embed_dim, generator=g))
+        self.conv1 = nn.Conv2d(3, 16, 3, 2, 1)
+        self.conv2 = nn.Conv2d(16, 32, 3, 2, 1)
+        self.proj = nn.Linear(32, embed_dim)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        self.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.words.device
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        rows = []
+        for c in captions:
+            ids = [zlib.crc32(w.encode()) % self.vocab for w in c.lower().replace(",", " ").split()] or [0]
+            rows.append(self.words[ids].mean(0))
+        return F.normalize(torch.stack(rows), dim=-1)
+
+    def image_features(self, img: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(img.to(self.words.dtype), size=(16, 16), mode="bilinear", align_corners=False)
+        x = F.leaky_relu(self.conv1(x), 0.2)
+        return F.leaky_relu(self.conv2(x), 0.2).flatten(1)
+
+    def encode_image(self, img: torch.Tensor) -> torch.Tensor:
+        f = self.image_features(img).view(img.shape[0], 32, -1).mean(-1)
+        return F.normalize(self.proj(f), dim=-1)
+
+
+def load_pair(generator: str, clip: str, device: torch.device):
+    """(generator, clip) from generic arguments: paths/specs, or ``toy``. Both frozen, eval mode."""
+    if generator == "toy":
+        g = toy_generator()
+    else:
+        from core.checkpoints import load_generator
+
+        g = load_generator(generator, device=device)
+    if clip == "toy":
+        c = ToyClip()
+    else:
+        from core.clip import load_clip
+
+        c = load_clip(clip, device=device)
+    g = g.to(device).eval().requires_grad_(False)
+    if hasattr(c, "to"):
+        c = c.to(device) or c
+    if hasattr(c, "eval"):
+        c.eval()
+    if isinstance(c, nn.Module):
+        c.requires_grad_(False)
+    return g, c
+
+
+def default_model_paths() -> tuple[str, str]:
+    return str(TINY_DIR / "generator.safetensors"), str(TINY_DIR / "clip.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+
+def common_args(p: argparse.ArgumentParser, *, out_name: str, manifest_id: str, steps: int, batch: int,
+                lr: float) -> argparse.ArgumentParser:
+    gen, clip = default_model_paths()
+    p.add_argument("--generator", default=gen, help="generator file (ours, rosinality .pt, NVlabs .pkl) or 'toy'")
+    p.add_argument("--clip", default=clip, help="CLIP file/spec for core.clip.load_clip, or 'toy'")
+    p.add_argument("--out", default=str(TINY_DIR / out_name), help="where the trained weights go")
+    p.add_argument("--manifest-id", default=manifest_id,
+                   help="manifest entry to update with sha256+size ('' = none; only when --out is that entry's file)")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch", type=int, default=batch, help="GLOBAL batch (split over torchrun processes)")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="auto|cpu|cuda|mps (default: $ANYFACE_DEVICE or auto)")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                   help="mixed precision on CUDA (ignored on CPU)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch default)")
+    p.add_argument("--ckpt", default="", help="training checkpoint path (default: runs/<stage>.ckpt.pt)")
+    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--resume", action="store_true", help="continue from --ckpt if it exists (any world size)")
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="stop at this global step (schedule of --steps kept; continue later with --resume)")
+    p.add_argument("--time-limit", type=float, default=0.0,
+                   help="stop after this many minutes (0: none); the weights are still written")
+    return p
+
+
+def setup(args: argparse.Namespace) -> dist.DistInfo:
+    info = dist.init(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(dist.rank_seed(args.seed))
+    return info
+
+
+class StopClock:
+    """--time-limit, agreed across ranks (rank 0 decides, so every rank stops at the same step)."""
+
+    def __init__(self, minutes: float):
+        self.t0 = time.time()
+        self.limit = minutes * 60.0
+
+    def expired(self) -> bool:
+        if self.limit <= 0:
+            return False
+        flag = torch.tensor([1.0 if time.time() - self.t0 > self.limit else 0.0])
+        if dist.info().distributed and dist.info().backend == "gloo":
+            torch.distributed.broadcast(flag, 0)
+        elif dist.info().distributed:
+            f = flag.to(dist.info().device)
+            torch.distributed.broadcast(f, 0)
+            flag = f.cpu()
+        return bool(flag.item() > 0)
+
+
+# ---------------------------------------------------------------------------------------------- weights + manifest
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def update_manifest(file_id: str, path: str | os.PathLike, manifest: str | os.PathLike = MANIFEST) -> bool:
+    """Set sha256 + size of entry ``file_id`` from ``path`` when ``path`` is that entry's bundled file.
+    Only that entry changes (JSON loaded, modified, written atomically). Returns True if it was updated."""
+    if not file_id:
+        return False
+    path, manifest = Path(path).resolve(), Path(manifest)
+    if not manifest.is_file():
+        return False
+    data = json.loads(manifest.read_text(encoding="utf-8"))
+    for entry in data.get("files", []):
+        if entry.get("id") != file_id:
+            continue
+        expected = (manifest.parent / entry.get("pack", "") / entry["file_name"]).resolve()
+        if expected != path:
+            dist.log(f"[manifest] {path} is not the bundled file of {file_id} ({expected}); manifest unchanged")
+            return False
+        entry["sha256"] = sha256_of(path)
+        entry["size"] = path.stat().st_size
+        from core.weights import atomic_write_text
+
+        atomic_write_text(manifest, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        dist.log(f"[manifest] {file_id}: size {entry['size']}, sha256 {entry['sha256'][:16]}...")
+        return True
+    return False
+
+
+def ckpt_path(args: argparse.Namespace, stage: str) -> Path:
+    return Path(args.ckpt) if args.ckpt else RUNS / f"{stage}.ckpt.pt"
+
+
+# ---------------------------------------------------------------------------------------------- sample cache
+
+def _labels_to_row(labels: dict[str, str]) -> list[int]:
+    from training.annotate import ATTRIBUTES
+
+    return [ATTRIBUTES[a].index(labels[a]) if a in labels else -1 for a in ATTRIBUTES]
+
+
+def row_to_labels(row) -> dict[str, str]:
+    from training.annotate import ATTRIBUTES
+
+    return {a: ATTRIBUTES[a][int(v)] for a, v in zip(ATTRIBUTES, row) if int(v) >= 0}
+
+
+def render_uint8(img: torch.Tensor) -> np.ndarray:
+    """[N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3]."""
+    return ((img.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def annotate_faces(faces: np.ndarray) -> list[dict[str, str]]:
+    """Annotator labels of uint8 faces [N, H, W, 3] (any size; the annotator works at 64 px)."""
+    import cv2
+
+    from training.annotate import annotate
+
+    out = []
+    for f in faces:
+        if f.shape[0] != 64:
+            f = cv2.resize(f, (64, 64), interpolation=cv2.INTER_AREA)
+        out.append(annotate(np.ascontiguousarray(f)).labels)
+    return out
+
+
+def fake_labels(ws: torch.Tensor) -> list[dict[str, str]]:
+    """Deterministic pseudo-labels from the code itself (for toy/--no-annotate runs: no dlib)."""
+    from training.annotate import ATTRIBUTES
+
+    names = [a for a in CAPTIONED]
+    out = []
+    for w in ws.reshape(ws.shape[0], -1):
+        lab = {}
+        for j, a in enumerate(names):
+            vals = ATTRIBUTES[a]
+            v = float(w[(7 * j) % w.numel()])
+            lab[a] = vals[int(abs(v) * 997) % len(vals)]
+        out.append(lab)
+    return out
+
+
+@torch.no_grad()
+def build_samples(generator, clip, n: int, *, seed: int = 0, batch: int = 32, truncation: float = 1.0,
+                  annotate: bool = True, captions_per_face: int = 6,
+                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Generate ``n`` (z, w, CLIP image embedding, labels, caption pool, caption embeddings) samples.
+
+    z for sample i is row i of one seeded [n, z_dim] draw, so the cache is the same for any world size; under
+    torchrun each rank renders/annotates its share and the shares are gathered in order."""
+    from training.captions import caption_bank
+
+    dev = generator.w_avg.device
+    z_all = torch.randn(n, generator.z_dim, generator=torch.Generator().manual_seed(seed))
+    share = dist.shard_indices(n)
+    ws_p, emb_p, lab_p = [], [], []
+    done = 0
+    t0 = time.time()
+    for lo in range(share.start, share.stop, batch):
+        hi = min(lo + batch, share.stop)
+        z = z_all[lo:hi].to(dev)
+        w = generator.mapping(z, truncation_psi=truncation)  # [b, num_ws, w_dim]
+        img = generator.synthesis(w, noise_mode="const")  # [b, 3, H, W] in [-1, 1]
+        emb_p.append(clip.encode_image(img).float().cpu())
+        ws_p.append(w[:, 0].float().cpu())
+        labels = annotate_faces(render_uint8(img)) if annotate else fake_labels(w[:, 0].cpu())
+        lab_p.append(torch.tensor([_labels_to_row(lb) for lb in labels], dtype=torch.int8))
+        done += hi - lo
+        if progress is not None:
+            progress(done, len(share))
+    w_all = dist.gather_cat(torch.cat(ws_p) if ws_p else torch.zeros(0, generator.w_dim))
+    e_all = dist.gather_cat(torch.cat(emb_p) if emb_p else torch.zeros(0, clip.embed_dim))
+    l_all = dist.gather_cat(torch.cat(lab_p) if lab_p else torch.zeros(0, 11, dtype=torch.int8))
+    # caption pools and their text embeddings (sharded too)
+    pools = [caption_bank(row_to_labels(l_all[i]), captions_per_face, seed * 1_000_003 + i) for i in range(n)]
+    cap_p = []
+    for lo in range(share.start, share.stop, 64):
+        hi = min(lo + 64, share.stop)
+        flat = [c for i in range(lo, hi) for c in pools[i]]
+        cap_p.append(clip.encode_text(flat).float().cpu().view(hi - lo, captions_per_face, -1).half())
+    c_all = dist.gather_cat(torch.cat(cap_p) if cap_p else torch.zeros(0, captions_per_face, clip.embed_dim).half())
+    dist.log(f"[samples] {n} samples in {time.time() - t0:.0f} s")
+    return dict(z=z_all, w=w_all, emb=e_all, labels=l_all, cap_emb=c_all, captions=pools,
+                meta=dict(seed=seed, n=n, truncation=truncation, annotated=annotate,
+                          num_ws=int(generator.num_ws), w_dim=int(generator.w_dim), embed_dim=int(clip.embed_dim)))
+
+
+def samples_cache_path(generator_spec: str, clip_spec: str, n: int, seed: int, annotate: bool) -> Path:
+    def tag(spec: str) -> str:
+        p = Path(spec)
+        if p.is_file():
+            st = p.stat()
+            return f"{p.name}:{st.st_size}:{int(st.st_mtime)}"
+        return spec
+
+    key = hashlib.sha1(f"{tag(generator_spec)}|{tag(clip_spec)}|{n}|{seed}|{annotate}".encode()).hexdigest()[:12]
+    return RUNS / f"samples_{n}_{key}.pt"
+
+
+def load_or_build_samples(args: argparse.Namespace, generator, clip, n: int, *, annotate: bool = True,
+                          path: str = "") -> dict[str, Any]:
+    """The sample cache for (generator, clip, n, seed): loaded from runs/ (or ``path``) if there, else built
+    (all ranks take part) and saved by rank 0."""
+    p = Path(path) if path else samples_cache_path(args.generator, args.clip, n, args.seed, annotate)
+    if p.is_file():
+        data = torch.load(str(p), map_location="cpu", weights_only=True)
+        dist.log(f"[samples] loaded {p} ({data['w'].shape[0]} samples)")
+        return data
+    last = [0.0]
+
+    def prog(done: int, total: int) -> None:
+        if time.time() - last[0] > 30 or done == total:
+            last[0] = time.time()
+            dist.log(f"[samples] rank 0: {done}/{total}")
+
+    data = build_samples(generator, clip, n, seed=args.seed, annotate=annotate, progress=prog)
+    if dist.info().is_main:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        torch.save(data, tmp)
+        os.replace(tmp, p)
+        dist.log(f"[samples] saved {p}")
+    dist.barrier()
+    return data
+
+
+def pick_captions(cap_emb: torch.Tensor, idx: torch.Tensor, rng: random.Random, max_k: int = 5):
+    """For sample indices ``idx`` take 1..max_k captions of each one's pool: (emb [B, k_max, D], mask [B, k_max])."""
+    from core.cmd import pad_sets
+
+    pool = cap_emb.shape[1]
+    sets = []
+    for i in idx.tolist():
+        k = rng.randint(1, min(max_k, pool))
+        sets.append(cap_emb[i, rng.sample(range(pool), k)].float())
+    return pad_sets(sets)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
