@@ -9,13 +9,13 @@ Guarantees
 - Streaming: folders are listed one at a time (sorted names) and walked depth first; images are never
   kept. Memory grows only with the resume index (one small record per input already in the manifest)
   and the names of the folder being listed.
-- Stable order: the order of relative paths compared part by part (``a/b.jpg`` < ``a.jpg``? no: parts
-  ``("a", "b.jpg")`` vs ``("a.jpg",)``), i.e. what a sorted depth-first walk gives.
+- Stable order: relative paths sorted part by part (``order_key``), which is what a depth-first walk of
+  sorted folder listings gives; the same on every run and every machine.
 - Resumable: ``<out>/.anyface-batch/manifest[.shard-K-of-N].jsonl`` (JSON lines, append-only) records
   ``started`` before and ``ok``/``failed`` after each input, with the outputs' sizes. A re-run skips inputs
   whose outputs all exist with the recorded size and the same job parameters, and redoes the rest
   (missing, truncated or foreign outputs; items that were running when the process died; failures).
-- Atomic outputs: written into ``<out>/.anyface-batch/tmp-*`` then ``os.replace``d into place, so a
+- Atomic outputs: written into ``<out>/.anyface-batch/tmp.*`` then ``os.replace``d into place, so a
   partial file never has a final name; a new run clears its own staging folder.
 - Inputs are never modified: inputs are only opened for reading; output names carry the ``_anyface``
   tag, are checked to stay inside the output folder, never replace an input, and never replace a file
@@ -24,8 +24,8 @@ Guarantees
   (``a.jpg``, ``a.png``) their extension joins the name (``a_jpg_anyface.png``), and any remaining clash
   gets a short hash of the source name. Names depend only on the folder's listing, so resumed and
   sharded runs agree. Subfolders are mirrored (``--recursive``); symlinked folders are not followed.
-- Keeps going: each failing input is recorded with a reason code and a message (``report.csv`` and
-  ``report.json`` next to the outputs) and the run goes on.
+- Keeps going: each failing input is recorded with a reason code and a message (``anyface-report.csv``
+  and ``.json`` next to the outputs) and the run goes on.
 - Cancel: ``should_cancel`` is checked between inputs and passed to ``process``; the runner stops,
   writes the report of what is done and raises :class:`CancelledError` (its ``report`` attribute holds the
   :class:`BatchReport`). The manifest is append-only, so it is consistent at any instant, even after
@@ -68,6 +68,8 @@ MANIFEST_VERSION = 1
 #: Output names the runner makes; such files inside the output folder are never taken as inputs.
 _OUTPUT_NAME = re.compile(re.escape(OUTPUT_TAG) + r"(_[A-Za-z0-9]+)?\.[A-Za-z0-9]+$")
 
+_MAX_STEM_BYTES = 200
+
 # reason codes of failed items (the report's "code" column)
 CODES = ("invalid_image", "too_large", "no_face", "face_too_small", "permission_denied", "symlink_loop",
          "missing", "not_a_file", "unlistable_folder", "write_failed", "unsafe_output", "error")
@@ -97,17 +99,31 @@ def image_output(img, fmt: str = "png", *, tag: str = "", quality: int = 95,
                  metadata: Mapping[str, object] | None = None) -> Output:
     """An image output (uint8 [H, W, 3]) written with ``core.io.write_image`` (provenance metadata)."""
     fmt = {"jpeg": "jpg"}.get(fmt.lower(), fmt.lower())
+    meta = _printable(dict(metadata or {}))
 
     def write(path: Path) -> None:
         from core.io import write_image
 
-        write_image(path, img, fmt, quality=quality, metadata=dict(metadata or {}))
+        write_image(path, img, fmt, quality=quality, metadata=meta)
 
     return Output(fmt, write, tag)
 
 
+def _printable(v):
+    """Metadata with file names that are not valid UTF-8 (lone surrogates) made encodable."""
+    if isinstance(v, str):
+        return v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if isinstance(v, dict):
+        return {_printable(k): _printable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_printable(x) for x in v]
+    return v
+
+
 def latent_output(ws, *, tag: str = "", **meta) -> Output:
     """A latent ``.npz`` written with ``core.latents.save_latent`` (``meta``: captions, seed, method, pack_id...)."""
+
+    meta = _printable(meta)
 
     def write(path: Path) -> None:
         from core.latents import save_latent
@@ -174,6 +190,11 @@ def plan_stems(names: Sequence[str]) -> dict[str, str]:
     for nm in names:
         stem, ext = os.path.splitext(nm)
         out[nm] = stem if by_stem[stem.casefold()] == 1 else f"{stem}_{ext.lstrip('.')}"
+    for nm, v in list(out.items()):
+        if len(v.encode("utf-8", "surrogateescape")) > _MAX_STEM_BYTES:  # keep <stem>_anyface_face9.webp < 255 bytes
+            h = hashlib.sha256(nm.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+            cut = v.encode("utf-8", "surrogateescape")[:_MAX_STEM_BYTES - 9].decode("utf-8", "ignore")
+            out[nm] = f"{cut}_{h}"
     seen: dict[str, int] = {}
     for v in out.values():
         seen[v.casefold()] = seen.get(v.casefold(), 0) + 1
@@ -352,7 +373,7 @@ class _ReportWriter:
         self.csv_path, self.json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
         tag = uuid.uuid4().hex[:8]
         self._csv_tmp, self._json_tmp = state_dir / f"{stem}.{tag}.csv.tmp", state_dir / f"{stem}.{tag}.json.tmp"
-        self._csv_f = open(self._csv_tmp, "w", encoding="utf-8", newline="")
+        self._csv_f = open(self._csv_tmp, "w", encoding="utf-8", errors="backslashreplace", newline="")
         self._csv = csv.DictWriter(self._csv_f, CSV_FIELDS)
         self._csv.writeheader()
         self._json_f = open(self._json_tmp, "w", encoding="utf-8")
@@ -362,11 +383,11 @@ class _ReportWriter:
     def add(self, item: BatchItem) -> None:
         d = item.to_json()
         self._csv.writerow({**d, "outputs": ";".join(d["outputs"])})
-        self._json_f.write((",\n" if self._n else "") + json.dumps(d, ensure_ascii=False))
+        self._json_f.write((",\n" if self._n else "") + json.dumps(d))
         self._n += 1
 
     def close(self, summary: dict) -> None:
-        self._json_f.write('\n],\n"summary": ' + json.dumps(summary, ensure_ascii=False) + "}\n")
+        self._json_f.write('\n],\n"summary": ' + json.dumps(summary) + "}\n")
         for f in (self._csv_f, self._json_f):
             f.flush()
             os.fsync(f.fileno())
@@ -439,7 +460,7 @@ class _Manifest:
 
     def write(self, rec: dict) -> None:
         self.f.seek(0, os.SEEK_END)
-        self.f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape"))
+        self.f.write((json.dumps(rec) + "\n").encode("ascii"))
         self.f.flush()
 
     def close(self) -> None:
@@ -453,9 +474,21 @@ class _Manifest:
 
 # ----------------------------------------------------------------------------------------------- errors
 
+class NotAFileError(InvalidImageError):
+    """An input name that is a device, a pipe or a socket."""
+
+
+class UnsafeOutputError(OutputError):
+    """An output path would leave the output folder or replace an input."""
+
+    title = "Unsafe output path"
+
+
 def classify(exc: BaseException) -> tuple[str, str]:
     """(code, reason) for an exception raised while processing one input."""
     first = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, NotAFileError):
+        return "not_a_file", first
     if isinstance(exc, ImageTooLargeError):
         return "too_large", first
     if isinstance(exc, InvalidImageError):
@@ -466,6 +499,8 @@ def classify(exc: BaseException) -> tuple[str, str]:
         return "face_too_small", first
     if isinstance(exc, NoFaceFoundError):
         return "no_face", first
+    if isinstance(exc, UnsafeOutputError):
+        return "unsafe_output", first
     if isinstance(exc, OutputError):
         return "write_failed", first
     if isinstance(exc, AnyFaceError):
@@ -491,7 +526,7 @@ def precheck(path: Path) -> None:
     import stat as _stat
 
     if not _stat.S_ISREG(st.st_mode):
-        raise InvalidImageError(f"'{path.name}' is not a regular file.")
+        raise NotAFileError(f"'{path.name}' is not a regular file.")
     if st.st_size == 0:
         raise InvalidImageError(f"'{path.name}' is empty (0 bytes).")
     with open(path, "rb") as f:  # PermissionError here
@@ -571,7 +606,7 @@ def run(input: str | os.PathLike, output_dir: str | os.PathLike, process: Callab
                         "shard": list(shard) if shard else None, "pid": os.getpid()})
         total = count_inputs(src, recursive=recursive, shard=shard, output_dir=out)
         report.total = total
-        writer = _ReportWriter(out, REPORT_STEM + _shard_tag(shard), state)
+        writer = _ReportWriter(out, REPORT_STEM + _shard_tag(shard), staging)
         if progress is not None:
             progress(0, total)
         done = 0
@@ -595,6 +630,7 @@ def run(input: str | os.PathLike, output_dir: str | os.PathLike, process: Callab
     except CancelledError as e:
         report.cancelled = True
         _finish(report, writer, manifest, t0)
+        shutil.rmtree(staging, ignore_errors=True)
         e.report = report
         raise
     except BaseException:
@@ -618,24 +654,31 @@ def _finish(report: BatchReport, writer: _ReportWriter | None, manifest: _Manife
     manifest.close()
 
 
-def _owned(index: dict, rel: str, name: str) -> bool:
-    rec = index.get(rel)
-    return rec is not None and name in (rec.get("outputs") or []) + (rec.get("planned") or [])
+def _owned(rec: dict | None) -> list[str]:
+    """Output names an input's record says this batch wrote (or was about to move into place)."""
+    rec = rec or {}
+    return sorted(set(rec.get("outputs") or []) | set(rec.get("owned") or []))
 
 
 def _run_one(item: BatchInput, out: Path, out_res: Path, staging: Path, process, manifest: _Manifest,
              index: dict, job: str, overwrite: bool, should_cancel: CancelFn | None) -> BatchItem:
     t0 = time.perf_counter()
     base = BatchItem(item.rel, "failed", path=str(item.path), out_dir=str(out))
+    owned = _owned(index.get(item.rel))
     if item.error is not None:
         base.code, base.reason = item.error
-        rec = {"rel": item.rel, "status": "failed", "code": base.code, "reason": base.reason, "job": job}
+        rec = {"rel": item.rel, "status": "failed", "code": base.code, "reason": base.reason, "job": job,
+               "owned": owned, "input": str(item.path)}
         manifest.write(rec)
         index[item.rel] = rec
         return base
-    prev = index.get(item.rel) or {}
-    planned = sorted(set((prev.get("outputs") or []) + (prev.get("planned") or [])))
-    manifest.write({"rel": item.rel, "status": "started", "job": job, "planned": planned, "time": time.time()})
+
+    def started() -> None:
+        rec = {"rel": item.rel, "status": "started", "job": job, "owned": list(owned), "time": time.time()}
+        manifest.write(rec)
+        index[item.rel] = rec
+
+    started()
     written: list[str] = []
     sizes: dict[str, int] = {}
     try:
@@ -646,13 +689,9 @@ def _run_one(item: BatchInput, out: Path, out_res: Path, staging: Path, process,
         names = [f"{item.out_stem}{OUTPUT_TAG}{o.tag}.{o.ext}" for o in outputs]
         if len(set(n.casefold() for n in names)) != len(names):
             raise AnyFaceError(f"The processor returned two outputs with the same name ({names}).")
-        # record the names before any file appears, so a kill after a rename still knows they are ours
-        manifest.write({"rel": item.rel, "status": "started", "job": job, "planned": sorted(set(planned + names)),
-                        "time": time.time()})
-        index[item.rel] = {"rel": item.rel, "status": "started", "planned": sorted(set(planned + names))}
         for o, name in zip(outputs, names):
             final = out / name
-            _safe_target(final, out_res, item, index, name, overwrite)
+            _safe_target(final, out_res, item, owned, name, overwrite)
             tmp = staging / f"{uuid.uuid4().hex}.{o.ext}"
             try:
                 o.write(tmp)
@@ -660,7 +699,10 @@ def _run_one(item: BatchInput, out: Path, out_res: Path, staging: Path, process,
                     raise OutputError(f"The writer for {name} produced no file.")
                 size = tmp.stat().st_size
                 final.parent.mkdir(parents=True, exist_ok=True)
-                _safe_target(final, out_res, item, index, name, overwrite)
+                _safe_target(final, out_res, item, owned, name, overwrite)
+                if name not in owned:  # claim the name before it appears, so a kill right after still knows
+                    owned.append(name)
+                    started()
                 os.replace(tmp, final)
             except OSError as e:
                 raise OutputError(f"Could not write '{final}': {e.strerror or e}.") from e
@@ -674,36 +716,36 @@ def _run_one(item: BatchInput, out: Path, out_res: Path, staging: Path, process,
     except Exception as e:  # noqa: BLE001 - one bad file never stops a batch
         code, reason = classify(e)
         base.code, base.reason, base.seconds = code, reason, time.perf_counter() - t0
-        rec = {"rel": item.rel, "status": "failed", "code": code, "reason": reason, "job": job,
-               "planned": sorted(set(planned + written)), "seconds": round(base.seconds, 4), "time": time.time()}
+        rec = {"rel": item.rel, "status": "failed", "code": code, "reason": reason, "job": job, "owned": owned,
+               "seconds": round(base.seconds, 4), "time": time.time(), "input": str(item.path)}
         manifest.write(rec)
         index[item.rel] = rec
         return base
     seconds = time.perf_counter() - t0
-    rec = {"rel": item.rel, "status": "ok", "outputs": written, "sizes": sizes, "job": job,
-           "seconds": round(seconds, 4), "time": time.time()}
+    rec = {"rel": item.rel, "status": "ok", "outputs": written, "sizes": sizes, "job": job, "owned": owned,
+           "seconds": round(seconds, 4), "time": time.time(), "input": str(item.path)}
     manifest.write(rec)
     index[item.rel] = rec
     return BatchItem(item.rel, "ok", outputs=written, seconds=seconds, path=str(item.path), out_dir=str(out))
 
 
-def _safe_target(final: Path, out_res: Path, item: BatchInput, index: dict, name: str, overwrite: bool) -> None:
+def _safe_target(final: Path, out_res: Path, item: BatchInput, owned: list[str], name: str, overwrite: bool) -> None:
     """Refuse targets outside the output folder, inputs, and files this batch did not write."""
     parent = final.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not _under(parent.resolve(), out_res):
-        raise OutputError(f"Refusing to write '{final}': it would land outside the output folder {out_res} "
-                          "(through a symlinked folder).")
+        raise UnsafeOutputError(f"Refusing to write '{final}': it would land outside the output folder {out_res} "
+                                "(through a symlinked folder).")
     if os.path.lexists(final):
         try:
             if os.path.samefile(final, item.path):
-                raise OutputError(f"Refusing to overwrite the input '{item.path}'.")
+                raise UnsafeOutputError(f"Refusing to overwrite the input '{item.path}'.")
         except OSError:
             pass
         if final.is_dir() and not final.is_symlink():
             raise OutputError(f"'{final}' is a folder; cannot write an output there.")
-        if not (_owned(index, item.rel, name) or overwrite):
+        if not (name in owned or overwrite):
             raise OutputError(f"'{final}' already exists and was not written by this batch; it is left alone. Move "
                               "it away, choose another output folder, or allow overwriting.")
 
@@ -748,11 +790,13 @@ def merge_reports(sources: Iterable[str | os.PathLike], dest: str | os.PathLike 
                 rec, out_dir = merged[rel]
                 if rec["status"] == "ok":
                     bi = BatchItem(rel, "ok", outputs=list(rec.get("outputs", [])),
-                                   seconds=float(rec.get("seconds", 0)), out_dir=str(out_dir))
+                                   seconds=float(rec.get("seconds", 0)), out_dir=str(out_dir),
+                                   path=rec.get("input", ""))
                     report.ok += 1
                 elif rec["status"] == "failed":
                     bi = BatchItem(rel, "failed", code=rec.get("code", ""), reason=rec.get("reason", ""),
-                                   seconds=float(rec.get("seconds", 0)), out_dir=str(out_dir))
+                                   seconds=float(rec.get("seconds", 0)), out_dir=str(out_dir),
+                                   path=rec.get("input", ""))
                     report.failed += 1
                 else:
                     bi = BatchItem(rel, "failed", code="error", reason="Not finished (the run was stopped before "
@@ -760,7 +804,7 @@ def merge_reports(sources: Iterable[str | os.PathLike], dest: str | os.PathLike 
                     report.failed += 1
                 report.total += 1
                 writer.add(bi)
-                mf.write(json.dumps({**rec, "out_dir": str(out_dir)}, ensure_ascii=False) + "\n")
+                mf.write(json.dumps({**rec, "out_dir": str(out_dir)}) + "\n")
         os.replace(mtmp, state / "manifest.merged.jsonl")
         report.seconds = time.perf_counter() - t0
         writer.close(report.to_json())
@@ -802,7 +846,7 @@ class EditProcessor:
     def __init__(self, engine, captions: Sequence[str], *, strength: float = 0.6, method: str = "cmd",
                  identity_layers: int | None = None, face: str | int = "largest", tier: str = "fast",
                  fmt: str = "png", quality: int = 95, aligned_only: bool = False, save_latent: bool = False,
-                 detector: str = "auto", seed: int = 0, min_face: int = 16):
+                 detector: str = "auto", seed: int = 0):
         from core.engine import clean_captions
 
         self.engine = engine
@@ -817,7 +861,6 @@ class EditProcessor:
         if self.fmt not in ("png", "jpg", "webp"):
             raise ValueError(f"format is png, jpg or webp, got {fmt!r}")
         self.quality, self.aligned_only, self.save_latent = int(quality), bool(aligned_only), bool(save_latent)
-        self.min_face = int(min_face)
 
     @property
     def params(self) -> dict:
@@ -827,43 +870,19 @@ class EditProcessor:
                 "quality": self.quality, "aligned_only": self.aligned_only, "save_latent": self.save_latent,
                 "detector": self.detector, "seed": self.seed, "pack": str(getattr(self.engine, "pack_id", ""))}
 
-    def _pick(self, faces: list, name: str) -> list[int]:
-        if self.face == "all":
-            return list(range(len(faces)))
-        if self.face == "largest":
-            return [max(range(len(faces)), key=lambda i: faces[i].area)]
-        if self.face >= len(faces):
-            raise NoFaceFoundError(f"{name} has {len(faces)} face(s); face number {self.face} does not exist "
-                                   "(faces are numbered from 0, left to right).")
-        return [self.face]
-
     def __call__(self, path: Path, should_cancel: CancelFn | None = None) -> list[Output]:
-        from core.align import align_face, detect_faces, paste_back
-        from core.io import read_image
+        from core.photo import compose_all, prepare_photo, with_alpha
 
         name = Path(path).name
-        img = read_image(path)  # [H, W, 3] uint8
-        _check(should_cancel)
-        faces = list(detect_faces(img, detector=self.detector))
-        if not faces:
-            raise NoFaceFoundError(f"No face was found in {name}.")
-        picked = self._pick(faces, name)
-        small = [i for i in picked if min(faces[i].box[2] - faces[i].box[0], faces[i].box[3] - faces[i].box[1])
-                 < self.min_face]
-        if len(small) == len(picked):
-            f = faces[picked[0]]
-            raise FaceTooSmallError(f"The face in {name} is {int(f.box[2] - f.box[0])} px wide, less than the "
-                                    f"{self.min_face} px needed for an edit.")
-        picked = [i for i in picked if i not in small]
-        res = int(self.engine.resolution)
-        composed = img
-        outputs: list[Output] = []
+        prepared = prepare_photo(path, resolution=int(self.engine.resolution), detector=self.detector,
+                                 face=self.face)
         meta = {"captions": self.captions, "strength": self.strength, "method": self.method,
                 "pack": str(getattr(self.engine, "pack_id", "")), "source": name, "tier": self.tier}
-        for i in picked:
+        outputs: list[Output] = []
+        edited: dict[int, object] = {}
+        for i, crop in zip(prepared.selected, prepared.aligned):
             _check(should_cancel)
-            aligned, transform = align_face(img, faces[i], res)
-            ws = self.engine.invert(aligned, self.tier, should_cancel=should_cancel)
+            ws = self.engine.invert(crop, self.tier, should_cancel=should_cancel)  # [num_ws, w_dim]
             _check(should_cancel)
             r = self.engine.edit(ws, self.captions, self.strength, method=self.method,
                                  identity_layers=self.identity_layers, seed=self.seed)
@@ -872,14 +891,17 @@ class EditProcessor:
                 outputs.append(image_output(r.image, self.fmt, tag=tag, quality=self.quality,
                                             metadata={**meta, "face": i}))
             else:
-                composed = paste_back(composed, r.image, transform)
+                edited[i] = r.image
             if self.save_latent:
                 outputs.append(latent_output(r.ws, tag=tag, captions=self.captions, seed=self.seed,
                                              method=r.method, pack_id=r.pack_id, strength=self.strength,
                                              source=name, face=i))
         if not self.aligned_only:
-            outputs.insert(0, image_output(composed, self.fmt, quality=self.quality,
-                                           metadata={**meta, "faces": picked}))
+            full = compose_all(prepared, edited)  # [H, W, 3] uint8, full resolution
+            if self.fmt != "jpg":
+                full = with_alpha(prepared, full)
+            outputs.insert(0, image_output(full, self.fmt, quality=self.quality,
+                                           metadata={**meta, "faces": list(prepared.selected)}))
         return outputs
 
 

@@ -1,0 +1,618 @@
+"""The batch runner (core.batch): a corpus of bad and odd inputs, resume after SIGKILL, cancel, shards, merge.
+
+Tests about the runner use a small fake processor (real decoding through core.io, fake face finding);
+the real engine is exercised end to end in test_cli.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import tracemalloc
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core import batch
+from core.errors import CancelledError, FaceTooSmallError, NoFaceFoundError, OutputError
+
+ROOT = Path(__file__).resolve().parent.parent
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def astronaut(size: int = 96) -> np.ndarray:
+    from skimage.data import astronaut as _a
+
+    return np.asarray(Image.fromarray(_a()[0:300, 60:360]).resize((size, size), Image.BILINEAR))
+
+
+def fake_process(path, should_cancel=None):
+    """Real decoding (core.io), fake face finding: tiny -> too small, flat -> no face; output: the image flipped."""
+    from core.io import read_image
+
+    img = read_image(path)
+    if min(img.shape[:2]) < 16:
+        raise FaceTooSmallError(f"{Path(path).name}: the face is too small.")
+    if float(img.std()) < 2.0:
+        raise NoFaceFoundError(f"No face was found in {Path(path).name}.")
+    return [batch.image_output(np.ascontiguousarray(img[::4, ::-4]), "png", metadata={"source": Path(path).name})]
+
+
+def _png_chunk(t: bytes, d: bytes) -> bytes:
+    return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+
+def _encode(img: np.ndarray | Image.Image, fmt: str, **kw) -> bytes:
+    b = io.BytesIO()
+    (img if isinstance(img, Image.Image) else Image.fromarray(img)).save(b, format=fmt, **kw)
+    return b.getvalue()
+
+
+def make_corpus(root: Path) -> dict[str, str]:
+    """Write >= 30 bad or odd inputs and good photos under ``root``; returns rel -> expected code ("ok" = output).
+    Entries that are not inputs at all (hidden, .txt, symlinked folders) are made too, and not listed."""
+    root.mkdir(parents=True, exist_ok=True)
+    a = astronaut(96)
+    jpg = _encode(a, "JPEG", quality=90)
+    png = _encode(a, "PNG")
+    exp: dict[str, str] = {}
+
+    def put(rel: str, data: bytes, expect: str) -> Path:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        exp[rel] = expect
+        return p
+
+    # good photos, several formats
+    put("good_01.jpg", jpg, "ok")
+    put("good_02.png", png, "ok")
+    put("good_03.webp", _encode(a, "WEBP", quality=80), "ok")
+    put("good_04.bmp", _encode(a, "BMP"), "ok")
+    put("good_05.tif", _encode(a, "TIFF"), "ok")
+    put("UPPER.JPG", jpg, "ok")
+    put("progressive.jpg", _encode(a, "JPEG", progressive=True), "ok")
+    # odd but valid
+    put("cmyk.jpg", _encode(Image.fromarray(a).convert("CMYK"), "JPEG"), "ok")
+    put("gray16.png", _encode(Image.fromarray((a[..., 0].astype(np.uint16) * 257)), "PNG"), "ok")
+    rgba = np.dstack([a, np.tile(np.linspace(0, 255, 96, dtype=np.uint8), (96, 1))])
+    put("alpha.png", _encode(rgba, "PNG"), "ok")
+    put("palette.png", _encode(Image.fromarray(a).convert("P"), "PNG"), "ok")
+    put("gray.jpg", _encode(Image.fromarray(a).convert("L"), "JPEG"), "ok")
+    put("float.tif", _encode(Image.fromarray(a[..., 1].astype(np.float32) / 255.0, mode="F"), "TIFF"), "ok")
+    frames = [Image.fromarray(a), Image.fromarray(a[::-1].copy())]
+    b = io.BytesIO()
+    frames[0].save(b, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    put("animated.gif", b.getvalue(), "ok")
+    ex = Image.Exif()
+    ex[0x0112] = 6  # rotate 90
+    put("exif_rotated.jpg", _encode(a[:, :80], "JPEG", exif=ex.tobytes()), "ok")
+    put("trailing_garbage.jpg", jpg + b"\x00garbage" * 50, "ok")
+    put("фото портрет.jpg", jpg, "ok")
+    put("写真 (1).png", png, "ok")
+    put("emoji 😀.webp", _encode(a, "WEBP"), "ok")
+    put("cafe\u0301.jpg", jpg, "ok")  # NFD name
+    put("-starts-with-dash.png", png, "ok")
+    put("quote's \"and\" ; comma, .png", png, "ok")
+    put("new\nline.png", png, "ok")
+    put("x" * 230 + ".png", png, "ok")  # output name must be shortened to fit 255 bytes
+    put("same.jpg", jpg, "ok")  # same stem, other extension -> both kept
+    put("same.png", png, "ok")
+    put("same_jpg.png", png, "ok")  # would clash with same.jpg's disambiguated name
+    put("sub1/photo.jpg", jpg, "ok")  # duplicate names in subfolders
+    put("sub2/photo.jpg", jpg, "ok")
+    put("sub2/deeper/photo.jpg", jpg, "ok")
+    put("folder.jpg/inside.png", png, "ok")  # a folder with an image suffix
+    bad_name = os.fsdecode(b"latin1_\xe9t\xe9.png")  # not UTF-8
+    put(bad_name, png, "ok")
+    os.symlink(root / "good_02.png", root / "link_to_good.png")
+    exp["link_to_good.png"] = "ok"
+
+    # bad
+    put("zero.jpg", b"", "invalid_image")
+    put("zero.png", b"", "invalid_image")
+    put("text.jpg", b"This is not an image, just text.\n" * 3, "invalid_image")
+    put("html.png", b"<!DOCTYPE html><html><body>Quota exceeded</body></html>", "invalid_image")
+    put("random.webp", np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes(), "invalid_image")
+    put("truncated.jpg", jpg[: len(jpg) // 2], "invalid_image")
+    put("truncated.png", png[: len(png) // 2], "invalid_image")
+    badcrc = bytearray(png)
+    badcrc[40] ^= 0xFF
+    put("bad_crc.png", bytes(badcrc), "invalid_image")
+    put("gif_header_only.gif", b"GIF89a", "invalid_image")
+    ihdr = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 50000, 50000, 8, 2, 0, 0, 0))
+    put("bomb.png", b"\x89PNG\r\n\x1a\n" + ihdr + _png_chunk(b"IDAT", zlib.compress(b"\0" * 100))
+        + _png_chunk(b"IEND", b""), "too_large")
+    w = h = 40000
+    put("bomb.bmp", b"BM" + struct.pack("<IHHI", 70, 0, 0, 54)
+        + struct.pack("<IiiHHIIiiII", 40, w, h, 1, 24, 0, 0, 2835, 2835, 0, 0) + b"\0" * 16, "too_large")
+    put("gif_bomb.gif", b"GIF89a" + struct.pack("<HHBBB", 65535, 65535, 0, 0, 0) + b","
+        + struct.pack("<HHHHB", 0, 0, 65535, 65535, 0) + b"\x02\x02\x44\x01\x00;", "too_large")
+    put("one_pixel.png", _encode(a[:1, :1], "PNG"), "face_too_small")
+    put("eight_px.jpg", _encode(a[:8, :8], "JPEG"), "face_too_small")
+    put("flat_gray.png", _encode(np.full((64, 64, 3), 128, np.uint8), "PNG"), "no_face")
+    put("black.jpg", _encode(np.zeros((64, 64, 3), np.uint8), "JPEG"), "no_face")
+    put("sub1/empty.webp", b"", "invalid_image")
+    os.symlink("loop_a.jpg", root / "loop_b.jpg")
+    os.symlink("loop_b.jpg", root / "loop_a.jpg")
+    exp["loop_a.jpg"] = exp["loop_b.jpg"] = "symlink_loop"
+    os.symlink(root / "does_not_exist.png", root / "broken_link.png")
+    exp["broken_link.png"] = "missing"
+    os.mkfifo(root / "fifo.png")
+    exp["fifo.png"] = "not_a_file"
+    os.symlink("/dev/null", root / "devnull.jpg")
+    exp["devnull.jpg"] = "not_a_file"
+    # permission denied: real when not root; root reads anyway, so then the file is simply processed
+    put("no_read.jpg", jpg, "ok" if IS_ROOT else "permission_denied")
+    os.chmod(root / "no_read.jpg", 0)
+
+    # not inputs at all
+    (root / ".hidden.jpg").write_bytes(jpg)
+    (root / "notes.txt").write_text("not an image suffix")
+    (root / "elsewhere").mkdir()
+    (root / "elsewhere" / "photo.png").write_bytes(png)
+    os.symlink(root / "elsewhere", root / "linked_dir")  # symlinked folder: not followed...
+    exp["elsewhere/photo.png"] = "ok"  # ...but the real folder is walked
+    return exp
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """rel -> sha256 (regular files), 'link:<target>' (symlinks), 'dir'/'fifo'."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = Path(dirpath) / n
+            rel = p.relative_to(root).as_posix()
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = "link:" + os.readlink(p)
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = "dir"
+            elif stat.S_ISFIFO(st.st_mode):
+                out[rel] = "fifo"
+            else:
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() + f":{stat.S_IMODE(st.st_mode):o}"
+    return out
+
+
+def no_temp_files(root: Path) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.name.endswith(".tmp") or ".anyface-batch/tmp" in p.as_posix()]
+
+
+def keys(items) -> list[tuple]:
+    return [it.key() for it in items]
+
+
+# ----------------------------------------------------------------------------------------------- unit
+
+def test_parse_shard_and_order():
+    assert batch.parse_shard("2/3") == (2, 3)
+    assert batch.parse_shard((1, 1)) == (1, 1)
+    for bad in ("0/3", "4/3", "a/b", "3", (0, 0)):
+        with pytest.raises(ValueError):
+            batch.parse_shard(bad)
+    rels = [f"d{i % 3}/f{i}.jpg" for i in range(300)]
+    counts = [sum(batch.shard_of(r, 4) == k for r in rels) for k in range(1, 5)]
+    assert sum(counts) == 300 and min(counts) > 40  # every path in exactly one shard, roughly balanced
+    assert batch.shard_of("cafe\u0301.jpg", 7) == batch.shard_of("caf\u00e9.jpg", 7)  # NFC/NFD agree
+    assert sorted(["a.jpg", "a/b.jpg", "a b.jpg"], key=batch.order_key) == ["a/b.jpg", "a b.jpg", "a.jpg"]
+
+
+def test_plan_stems_collision_free():
+    names = ["a.jpg", "a.png", "a_jpg.png", "A.JPG", "b.png", "x" * 240 + ".png", "x" * 240 + ".jpg"]
+    stems = batch.plan_stems(names)
+    assert stems["b.png"] == "b"
+    vals = [v.casefold() for v in stems.values()]
+    assert len(set(vals)) == len(vals)
+    assert all(len((v + "_anyface_face9.webp").encode()) < 255 for v in stems.values())
+    assert batch.plan_stems(names) == stems  # deterministic
+
+
+def test_iter_inputs_is_a_lazy_stable_walk(tmp_path):
+    for rel in ["b/2.png", "b/1.png", "a.png", "a/z.png", "c.txt", ".h.png"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    gen = batch.iter_inputs(tmp_path, recursive=True)
+    assert iter(gen) is gen and not isinstance(gen, (list, tuple))
+    rels = [i.rel for i in gen]
+    assert rels == ["a/z.png", "a.png", "b/1.png", "b/2.png"]
+    assert rels == sorted(rels, key=batch.order_key)
+    assert [i.rel for i in batch.iter_inputs(tmp_path)] == ["a.png"]
+
+
+def test_classify_permission_denied_even_as_root(tmp_path):
+    """Root reads chmod-000 files, so the permission path is also checked with a processor that raises it."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "p.png").write_bytes(_encode(astronaut(32), "PNG"))
+
+    def denied(path, should_cancel=None):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    r = batch.run(tmp_path / "in", tmp_path / "out", denied)
+    assert [(i.status, i.code) for i in r.items] == [("failed", "permission_denied")]
+    assert r.exit_code == 1
+
+
+# ----------------------------------------------------------------------------------------------- corpus
+
+def test_corpus_every_input_accounted_for(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    exp = make_corpus(src)
+    assert sum(v != "ok" for v in exp.values()) >= 20 and len(exp) >= 55
+    before = snapshot(src)
+    seen = []
+    r = batch.run(src, out, fake_process, recursive=True, progress=lambda d, t: seen.append((d, t)))
+    assert snapshot(src) == before  # inputs byte-identical (and modes unchanged)
+    got = {it.rel: it for it in r.items}
+    assert set(got) == set(exp), (set(got) ^ set(exp))
+    for rel, code in exp.items():
+        it = got[rel]
+        if code == "ok":
+            assert it.status == "ok", (rel, it.code, it.reason)
+            assert len(it.outputs) == 1
+            o = out / it.outputs[0]
+            assert o.is_file() and o.name.endswith("_anyface.png")
+            with Image.open(o) as im:
+                assert im.size[0] > 0
+        else:
+            assert (it.status, it.code) == ("failed", code), (rel, it.code, it.reason)
+            assert it.reason and not it.outputs
+    # subfolders mirrored, duplicate names kept apart, same-stem files kept apart
+    assert (out / "sub1/photo_anyface.png").is_file() and (out / "sub2/photo_anyface.png").is_file()
+    assert (out / "sub2/deeper/photo_anyface.png").is_file()
+    outs = [o for it in r.items for o in it.outputs]
+    assert len(outs) == len(set(o.casefold() for o in outs)) == sum(v == "ok" for v in exp.values())
+    # report files: CSV + JSON with every input, and a summary line
+    assert r.total == len(exp) and r.ok + r.failed == r.total and not r.cancelled
+    with open(r.report_csv, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(exp) and all(row["status"] in ("ok", "failed") for row in rows)
+    js = json.loads(Path(r.report_json).read_text())
+    assert js["summary"]["failed"] == r.failed and len(js["items"]) == r.total
+    assert f"{r.ok} of {r.total}" in r.summary_line() and f"{r.failed} failed" in r.summary_line()
+    assert seen[0] == (0, r.total) and seen[-1] == (r.total, r.total)
+    assert not no_temp_files(out)
+    # a re-run redoes nothing that is done, retries the failures, and leaves the inputs alone
+    r2 = batch.run(src, out, fake_process, recursive=True)
+    assert r2.reused == r.ok and keys(r2.items) == keys(r.items)
+    assert snapshot(src) == before
+
+
+def test_output_folder_is_input_folder(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    png = _encode(astronaut(64), "PNG")
+    for n in ("a.png", "b.jpg", "c.png"):
+        (src / n).write_bytes(png if n.endswith("png") else _encode(astronaut(64), "JPEG"))
+    (src / "c_anyface.png").write_bytes(b"user's own file, not ours")  # sits where c's output would go
+    before = snapshot(src)
+    r = batch.run(src, src, fake_process)
+    after = snapshot(src)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing touched, not even c_anyface.png
+    got = {it.rel: it for it in r.items}
+    assert set(got) == {"a.png", "b.jpg", "c.png"}  # outputs and our state are not inputs
+    assert got["a.png"].status == got["b.jpg"].status == "ok"
+    assert (got["c.png"].status, got["c.png"].code) == ("failed", "write_failed")
+    assert "not written by this batch" in got["c.png"].reason
+    r2 = batch.run(src, src, fake_process)  # second run: outputs are not taken as inputs, nothing redone
+    assert r2.total == 3 and r2.reused == 2
+    assert {k: v for k, v in snapshot(src).items() if k in before} == before
+
+
+def test_resume_redoes_missing_partial_and_changed(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(6):
+        (src / f"p{i}.png").write_bytes(_encode(astronaut(48 + i), "PNG"))
+    calls = []
+
+    def proc(path, should_cancel=None):
+        calls.append(Path(path).name)
+        return fake_process(path)
+
+    r = batch.run(src, out, proc, params={"caption": "smile"})
+    assert r.ok == 6 and len(calls) == 6
+    (out / "p1_anyface.png").unlink()  # missing
+    data = (out / "p2_anyface.png").read_bytes()
+    (out / "p2_anyface.png").write_bytes(data[: len(data) // 2])  # partial
+    calls.clear()
+    r = batch.run(src, out, proc, params={"caption": "smile"})
+    assert sorted(calls) == ["p1.png", "p2.png"] and r.reused == 4 and r.ok == 6
+    with Image.open(out / "p2_anyface.png") as im:
+        im.load()
+    calls.clear()
+    r = batch.run(src, out, proc, params={"caption": "frown"})  # another job: everything redone, in place
+    assert len(calls) == 6 and r.reused == 0 and r.ok == 6
+    assert sorted(p.name for p in out.glob("*.png")) == [f"p{i}_anyface.png" for i in range(6)]
+
+
+def test_unsafe_output_through_symlinked_folder(tmp_path):
+    src, out, elsewhere = tmp_path / "in", tmp_path / "out", tmp_path / "elsewhere"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "p.png").write_bytes(_encode(astronaut(48), "PNG"))
+    (src / "q.png").write_bytes(_encode(astronaut(48), "PNG"))
+    out.mkdir()
+    elsewhere.mkdir()
+    os.symlink(elsewhere, out / "sub")  # the mirrored subfolder points out of the output folder
+    r = batch.run(src, out, fake_process, recursive=True)
+    got = {it.rel: it for it in r.items}
+    assert (got["sub/p.png"].status, got["sub/p.png"].code) == ("failed", "unsafe_output")
+    assert got["q.png"].status == "ok"
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_unwritable_output_location(tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "p.png").write_bytes(_encode(astronaut(48), "PNG"))
+    (src / "ro" ).mkdir()
+    (src / "ro" / "p.png").write_bytes(_encode(astronaut(48), "PNG"))
+    (src / "q.png").write_bytes(_encode(astronaut(48), "PNG"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").write_text("a file where the mirrored folder should be")
+    (out / "ro").mkdir()
+    os.chmod(out / "ro", 0o555)  # read-only output subfolder (root writes anyway)
+    try:
+        r = batch.run(src, out, fake_process, recursive=True)
+    finally:
+        os.chmod(out / "ro", 0o755)
+    got = {it.rel: it for it in r.items}
+    assert (got["sub/p.png"].status, got["sub/p.png"].code) == ("failed", "write_failed")
+    assert got["ro/p.png"].status == ("ok" if IS_ROOT else "failed")
+    assert got["q.png"].status == "ok"
+    if Path("/proc/self").is_dir():  # a folder nobody, not even root, can create
+        with pytest.raises(OutputError):
+            batch.run(src, "/proc/self/anyface-out", fake_process)
+
+
+def test_images_are_not_kept_in_memory(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(30):
+        (src / f"{i:02d}.png").write_bytes(b"x")
+
+    def big(path, should_cancel=None):
+        img = np.full((600, 600, 3), int(Path(path).stem), np.uint8)  # ~1 MB per item
+        return [batch.Output("raw", lambda p, img=img: p.write_bytes(img[:1].tobytes()))]
+
+    tracemalloc.start()
+    try:
+        r = batch.run(src, tmp_path / "out", big)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert r.ok == 30
+    assert peak < 8e6, peak  # 30 MB if images piled up
+
+
+# ----------------------------------------------------------------------------------------------- cancel / kill
+
+def test_cancel_stops_within_a_second_and_resumes(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(8):
+        (src / f"p{i}.png").write_bytes(_encode(astronaut(40), "PNG"))
+    flag = threading.Event()
+    t_set = []
+
+    def slow(path, should_cancel=None):
+        if Path(path).name == "p0.png":
+            return fake_process(path)
+        for _ in range(200):  # 10 s of cooperative work
+            if should_cancel():
+                raise CancelledError()
+            time.sleep(0.05)
+        return fake_process(path)
+
+    def trigger():
+        time.sleep(0.4)
+        t_set.append(time.perf_counter())
+        flag.set()
+
+    threading.Thread(target=trigger, daemon=True).start()
+    with pytest.raises(CancelledError) as ei:
+        batch.run(src, out, slow, should_cancel=flag.is_set)
+    assert time.perf_counter() - t_set[0] < 1.0
+    rep = ei.value.report
+    assert rep.cancelled and rep.ok == 1 and rep.exit_code == 1
+    assert Path(rep.report_csv).is_file()
+    idx = batch.read_manifest(batch.manifest_paths(out))
+    assert idx["p0.png"]["status"] == "ok" and idx["p1.png"]["status"] == "started"
+    assert sorted(p.name for p in out.glob("*.png")) == ["p0_anyface.png"]
+    assert not no_temp_files(out)
+    r = batch.run(src, out, fake_process)
+    assert r.ok == 8 and r.reused == 1
+
+
+KILL_SCRIPT = """
+import sys, time
+from pathlib import Path
+import numpy as np
+from core import batch
+
+def slow_write(img):
+    def write(p):
+        with open(p, "wb") as f:
+            f.write(b"\\x89PNG partial")
+            f.flush()
+            time.sleep(0.03)
+        from core.io import write_image
+        write_image(p, img, "png")
+    return write
+
+def proc(path, should_cancel=None):
+    from core.io import read_image
+    img = read_image(path)
+    time.sleep(0.02)
+    return [batch.Output("png", slow_write(img[::2, ::2].copy())), batch.Output("npy", lambda p: np.save(p, img[:2]), "_side")]
+
+batch.run(sys.argv[1], sys.argv[2], proc)
+"""
+
+
+def test_sigkill_mid_run_then_resume(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(24):
+        (src / f"p{i:02d}.png").write_bytes(_encode(astronaut(32 + i), "PNG"))
+    before = snapshot(src)
+    script = tmp_path / "kill_me.py"
+    script.write_text(KILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(script), str(src), str(out)], env=env)
+    manifest = out / batch.STATE_DIR / "manifest.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if manifest.is_file() and manifest.read_text().count('"status": "ok"') >= 6:
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    idx = batch.read_manifest([manifest])
+    n_done = sum(r["status"] == "ok" for r in idx.values())
+    assert 6 <= n_done < 24
+    # every file with a final name is complete (atomic writes): PNGs decode
+    for p in out.glob("*_anyface.png"):
+        with Image.open(p) as im:
+            im.load()
+    r = batch.run(src, out, fake_process_two)
+    assert r.ok == 24 and r.failed == 0 and r.reused >= n_done
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith((".", "anyface-report")))
+    assert names == sorted([f"p{i:02d}_anyface.png" for i in range(24)] + [f"p{i:02d}_anyface_side.npy"
+                                                                         for i in range(24)])
+    for p in out.glob("*_anyface.png"):
+        with Image.open(p) as im:
+            im.load()
+    assert not no_temp_files(out)
+    assert snapshot(src) == before
+    # a record per input with its final state, once
+    idx = batch.read_manifest([manifest])
+    assert sorted(idx) == [f"p{i:02d}.png" for i in range(24)] and all(v["status"] == "ok" for v in idx.values())
+
+
+def fake_process_two(path, should_cancel=None):
+    from core.io import read_image
+
+    img = read_image(path)
+    return [batch.image_output(img[::2, ::2].copy(), "png"),
+            batch.Output("npy", lambda p: np.save(p, img[:2]), "_side")]
+
+
+# ----------------------------------------------------------------------------------------------- shards
+
+def _thirty(src: Path) -> None:
+    a = astronaut(40)
+    for i in range(30):
+        sub = ("", "s1/", "s2/")[i % 3]
+        p = src / f"{sub}img{i:02d}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"broken" if i % 10 == 7 else _encode(a, "PNG"))
+
+
+def test_three_shards_cover_thirty_inputs_exactly_once(tmp_path):
+    src = tmp_path / "in"
+    _thirty(src)
+    single = batch.run(src, tmp_path / "single", fake_process, recursive=True)
+    assert single.total == 30 and single.failed == 3
+    outs, seen = [], []
+    for k in (1, 2, 3):
+        r = batch.run(src, tmp_path / f"shard{k}", fake_process, recursive=True, shard=f"{k}/3")
+        seen += [it.rel for it in r.items]
+        outs += [o for it in r.items for o in it.outputs]
+        assert (tmp_path / f"shard{k}" / f"anyface-report.shard-{k}-of-3.csv").is_file()
+    assert len(seen) == len(set(seen)) == 30  # no overlap, nothing missed
+    files = [p for k in (1, 2, 3) for p in (tmp_path / f"shard{k}").rglob("*_anyface.png")]
+    assert len(files) == len(outs) == 27
+    merged = batch.merge_reports([tmp_path / f"shard{k}" for k in (1, 2, 3)], tmp_path / "merged")
+    assert keys(merged.items) == keys(single.items)
+    assert (merged.total, merged.ok, merged.failed) == (30, 27, 3)
+    assert [it.to_json()["rel"] for it in batch.read_report(tmp_path / "merged" / "anyface-report.json")] == \
+        [it.rel for it in single.items]
+
+    # the same three shards writing into ONE shared folder (a job array on a shared disk)
+    shared = tmp_path / "shared"
+    for k in (1, 2, 3):
+        batch.run(src, shared, fake_process, recursive=True, shard=(k, 3))
+    assert len(list(shared.rglob("*_anyface.png"))) == 27
+    merged2 = batch.merge_reports([shared])
+    assert keys(merged2.items) == keys(single.items)
+    # merging manifest files directly works too
+    m3 = batch.merge_reports(sorted((shared / batch.STATE_DIR).glob("manifest.shard-*.jsonl")), tmp_path / "m3")
+    assert keys(m3.items) == keys(single.items)
+    # an unsharded re-run in the shared folder finds everything done
+    again = batch.run(src, shared, fake_process, recursive=True)
+    assert again.reused == 27
+
+
+# ----------------------------------------------------------------------------------------------- photo editing
+
+class _FakeEngine:
+    """The Engine surface EditProcessor uses: resolution, pack_id, invert, edit."""
+
+    resolution, pack_id, num_ws, w_dim = 64, "fake", 8, 16
+
+    def __init__(self):
+        self.inverted = 0
+
+    def invert(self, crop, tier="fast", *, progress=None, should_cancel=None):
+        import torch
+
+        assert crop.shape == (64, 64, 3) and crop.dtype == np.uint8
+        self.inverted += 1
+        return torch.zeros(self.num_ws, self.w_dim)
+
+    def edit(self, ws, captions, strength, method=None, identity_layers=None, *, seed=0, **kw):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(image=np.full((64, 64, 3), (255, 0, 0), np.uint8), ws=ws + strength, method="cmd",
+                               pack_id=self.pack_id)
+
+
+def test_edit_processor_real_photo_pipeline_fake_engine(tmp_path):
+    """read -> detect (real dlib/YuNet) -> align -> invert/edit (fake) -> paste back -> outputs, via run_batch."""
+    from skimage.data import astronaut as _a
+
+    src = tmp_path / "in"
+    src.mkdir()
+    face = _a()[0:300, 60:360]
+    (src / "face.jpg").write_bytes(_encode(face, "JPEG"))
+    (src / "noface.png").write_bytes(_encode(np.full((200, 200, 3), 90, np.uint8), "PNG"))
+    eng = _FakeEngine()
+    r = batch.run_batch(eng, src, ["smiling"], output_dir=tmp_path / "out", strength=0.5, save_latent=True,
+                        fmt="png", tier="fast", detector="auto", identity_layers=None, method="cmd")
+    got = {it.rel: it for it in r.items}
+    assert got["face.jpg"].outputs == ["face_anyface.png", "face_anyface_face0.npz"]
+    assert (got["noface.png"].status, got["noface.png"].code) == ("failed", "no_face")
+    with Image.open(tmp_path / "out" / "face_anyface.png") as im:
+        out = np.asarray(im.convert("RGB"))
+    assert out.shape == face.shape
+    assert (out.astype(int) - face).any() and (out[0, 0].astype(int) - face[0, 0]).max() <= 3  # face edited only
+    from core.latents import load_latent
+
+    lat = load_latent(tmp_path / "out" / "face_anyface_face0.npz")
+    assert float(np.asarray(lat.ws).max()) == pytest.approx(0.5)
+    # aligned crops only, jpg
+    r2 = batch.run_batch(eng, src, ["smiling"], output_dir=tmp_path / "crops", aligned_only=True, fmt="jpg")
+    assert [it.outputs for it in r2.items if it.status == "ok"] == [["face_anyface_face0.jpg"]]
+    with pytest.raises(ValueError):
+        batch.EditProcessor(eng, ["x"], strength=1.5)
