@@ -1,0 +1,271 @@
+"""Train the tiny CLIP: a small CNN image tower from scratch against the frozen MiniLM text tower.
+
+Data: DCGAN faces annotated by training.annotate; captions from training.captions, shared between faces with
+the same attribute assignment so every distinct caption is embedded by MiniLM once (cached). Loss: CLIP's
+symmetric cross-entropy with multi-positive soft targets (a caption is a positive for every face in the batch
+whose labels agree with all attributes it mentions). Horizontal flips swap the left/right labels.
+Resumable: a checkpoint every ``ckpt_every`` steps under the work dir.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.clip import TinyClip
+from training import captions as C
+
+FLIP_SWAP = {"yaw": {"left": "right", "right": "left"}, "sidelight": {"left": "right", "right": "left"}}
+
+
+def flip_labels(labels: dict[str, str]) -> dict[str, str]:
+    return {a: FLIP_SWAP.get(a, {}).get(v, v) for a, v in labels.items()}
+
+
+def embed_texts(texts: list[str], cache_path: Path | None, batch: int = 256, log=print) -> dict[str, torch.Tensor]:
+    """MiniLM sentence embeddings [384] for each text, cached in a torch file (append-only)."""
+    from core.clip import MiniLMText
+
+    cache: dict[str, torch.Tensor] = {}
+    if cache_path is not None and cache_path.exists():
+        cache = torch.load(cache_path, weights_only=False)
+    todo = sorted({t for t in texts if t not in cache})
+    if todo:
+        tower = MiniLMText()
+        t0 = time.time()
+        for i in range(0, len(todo), batch):
+            chunk = todo[i:i + batch]
+            emb = tower(chunk)
+            cache.update({t: e.clone() for t, e in zip(chunk, emb)})
+            if cache_path is not None and (i // batch) % 8 == 7:
+                torch.save(cache, cache_path)
+            log(f"embedded {min(i + batch, len(todo))}/{len(todo)} captions ({time.time() - t0:.0f}s)")
+        if cache_path is not None:
+            torch.save(cache, cache_path)
+    return cache
+
+
+class CaptionSampler:
+    """Samples, for a face's labels, an attribute assignment (1-3 of its attributes) and a caption for it."""
+
+    def __init__(self, pool: dict[tuple, list[str]], text_index: dict[str, int], max_attrs: int = 3):
+        self.pool = pool
+        self.text_index = text_index
+        self.max_attrs = max_attrs
+
+    def sample(self, labels: dict[str, str], rng: random.Random) -> tuple[tuple, int]:
+        items = sorted((a, v) for a, v in labels.items() if a in C.PHRASES)
+        for _ in range(10):
+            k = rng.randint(1, min(self.max_attrs, len(items)))
+            key = tuple(sorted(rng.sample(items, k)))
+            if key in self.pool:
+                return key, self.text_index[rng.choice(self.pool[key])]
+        key = (items[0],)
+        return key, self.text_index[rng.choice(self.pool[key])]
+
+
+def consistent(key: tuple, labels: dict[str, str]) -> bool:
+    return all(labels.get(a) == v for a, v in key)
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Small random translation (reflect-padded crop); colours untouched (they are labels)."""
+    n = x.shape[0]
+    pad = F.pad(x, (3, 3, 3, 3), mode="reflect")
+    ox = torch.randint(0, 7, (n,), generator=gen)
+    oy = torch.randint(0, 7, (n,), generator=gen)
+    return torch.stack([pad[i, :, oy[i]:oy[i] + 64, ox[i]:ox[i] + 64] for i in range(n)])
+
+
+def prepare(data: dict, work: Path, log=print, variants=(4, 2, 1)) -> dict:
+    """Caption pool + MiniLM embeddings for the training faces (and flipped labels)."""
+    labels = [l for l in data["labels"]]
+    all_sets = labels + [flip_labels(l) for l in labels]
+    pool = C.build_caption_pool(all_sets, variants=variants)
+    texts = sorted({t for v in pool.values() for t in v})
+    log(f"caption pool: {len(pool)} assignments, {len(texts)} distinct captions")
+    cache = embed_texts(texts, work / "text_cache.pt", log=log)
+    index = {t: i for i, t in enumerate(texts)}
+    emb = torch.stack([cache[t] for t in texts])
+    return {"pool": pool, "texts": texts, "index": index, "text_emb": emb}
+
+
+def train_clip(train: dict, work: Path, *, steps: int = 1500, batch: int = 128, lr: float = 2e-3,
+               config: dict | None = None, ckpt_every: int = 50, minutes: float | None = None, seed: int = 0,
+               log=print, prep: dict | None = None) -> TinyClip:
+    """Train (or resume) the tiny CLIP; returns the model in eval mode."""
+    work.mkdir(parents=True, exist_ok=True)
+    prep = prep or prepare(train, work, log=log)
+    sampler = CaptionSampler(prep["pool"], prep["index"])
+    text_emb = prep["text_emb"]
+    keep = [i for i, l in enumerate(train["labels"]) if any(a in C.PHRASES for a in l)]
+    faces = train["faces"][keep].permute(0, 3, 1, 2).float().div(127.5).sub(1)  # [N, 3, 64, 64] in [-1, 1]
+    labels = [train["labels"][i] for i in keep]
+    flabels = [flip_labels(l) for l in labels]
+    model = TinyClip(config)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98))
+    step = 0
+    ckpt = work / "clip_ckpt.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        log(f"resumed CLIP training at step {step}")
+    rng = random.Random(seed + step)
+    gen = torch.Generator().manual_seed(seed + step)
+    warm = max(1, min(100, steps // 10))
+    t0 = time.time()
+    losses = []
+    while step < steps:
+        if minutes is not None and time.time() - t0 > minutes * 60:
+            log(f"time limit reached at step {step}")
+            break
+        cur_lr = lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0)))
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        idx = torch.randint(0, len(faces), (batch,), generator=gen)
+        flip = torch.rand(batch, generator=gen) < 0.5
+        x = faces[idx]
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = _augment(x, gen)
+        labs = [flabels[i] if f else labels[i] for i, f in zip(idx.tolist(), flip.tolist())]
+        keys, tids = zip(*[sampler.sample(l, rng) for l in labs])
+        pos = torch.tensor([[consistent(k, l) for k in keys] for l in labs], dtype=torch.float32)  # [img, txt]
+        img = model.encode_image(x)
+        txt = model.project_text(text_emb[list(tids)])
+        scale = model.logit_scale.exp().clamp(max=100)
+        logits = scale * img @ txt.t()
+        loss_i = -(pos / pos.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
+        loss_t = -(pos / pos.sum(0, keepdim=True) * F.log_softmax(logits, 0)).sum(0).mean()
+        loss = (loss_i + loss_t) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        if step % 10 == 0:
+            log(f"step {step}/{steps} loss {np.mean(losses[-10:]):.3f} scale {scale.item():.1f} "
+                f"lr {cur_lr:.2e} {time.time() - t0:.0f}s")
+        if step % ckpt_every == 0 or step == steps:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt.with_suffix(".tmp"))
+            os.replace(ckpt.with_suffix(".tmp"), ckpt)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt.with_suffix(".tmp"))
+    os.replace(ckpt.with_suffix(".tmp"), ckpt)
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation on held-out faces
+
+@torch.no_grad()
+def _encode_faces(model: TinyClip, faces_u8: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    x = faces_u8.permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    return torch.cat([model.encode_image(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def zero_shot(model: TinyClip, img_emb: torch.Tensor, labels: list[dict[str, str]],
+              prompts: dict[str, dict[str, str]]) -> dict[str, float]:
+    """Per-attribute accuracy of picking the face's labelled value among the attribute's prompts."""
+    out = {}
+    for attr, vals in prompts.items():
+        names = list(vals)
+        t = model.encode_text([vals[v] for v in names])
+        idx = [i for i, l in enumerate(labels) if l.get(attr) in names]
+        if not idx:
+            continue
+        pred = (img_emb[idx] @ t.t()).argmax(1)
+        truth = torch.tensor([names.index(labels[i][attr]) for i in idx])
+        out[attr] = float((pred == truth).float().mean())
+    out["mean"] = float(np.mean([v for k, v in out.items()]))
+    return out
+
+
+@torch.no_grad()
+def retrieval(model: TinyClip, img_emb: torch.Tensor, labels: list[dict[str, str]], seed: int = 123,
+              gallery: int = 100) -> dict[str, float]:
+    """R@1/R@5 text->image and image->text with one new caption per held-out face, in galleries of
+    ``gallery`` faces (exact-face match), plus the share of top-1 hits whose labels agree with the caption."""
+    rng = random.Random(seed)
+    keep = [i for i, l in enumerate(labels) if any(a in C.PHRASES for a in l)]
+    caps, keys = [], []
+    for i in keep:
+        items = sorted((a, v) for a, v in labels[i].items() if a in C.PHRASES)
+        k = tuple(rng.sample(items, min(3, len(items))))
+        keys.append(k)
+        caps.append(C._caption_all(dict(k), rng))
+    t = torch.cat([model.encode_text(caps[i:i + 256]) for i in range(0, len(caps), 256)])
+    im = img_emb[keep]
+    res = {"t2i_R@1": [], "t2i_R@5": [], "i2t_R@1": [], "i2t_R@5": [], "t2i_consistent@1": []}
+    for s in range(0, len(keep) - gallery + 1, gallery):
+        sim = im[s:s + gallery] @ t[s:s + gallery].t()  # [img, txt]
+        gt = torch.arange(gallery)
+        r_t2i = (sim.t() > sim.t()[gt, gt][:, None]).sum(1)  # rank of the true image for each text
+        r_i2t = (sim > sim[gt, gt][:, None]).sum(1)
+        res["t2i_R@1"].append(float((r_t2i < 1).float().mean()))
+        res["t2i_R@5"].append(float((r_t2i < 5).float().mean()))
+        res["i2t_R@1"].append(float((r_i2t < 1).float().mean()))
+        res["i2t_R@5"].append(float((r_i2t < 5).float().mean()))
+        top = sim.t().argmax(1)
+        res["t2i_consistent@1"].append(float(np.mean([consistent(keys[s + j], labels[keep[s + int(top[j])]])
+                                                      for j in range(gallery)])))
+    out = {k: float(np.mean(v)) for k, v in res.items()}
+    out["gallery"] = gallery
+    return out
+
+
+def evaluate_clip(model: TinyClip, val: dict) -> dict:
+    img = _encode_faces(model, val["faces"])
+    labels = val["labels"]
+    return {
+        "zero_shot_plain": zero_shot(model, img, labels, C.PLAIN),
+        "zero_shot_paraphrase": zero_shot(model, img, labels, C.PARAPHRASES),
+        "retrieval_100": retrieval(model, img, labels, gallery=100),
+        "retrieval_1000": retrieval(model, img, labels, gallery=min(1000, len(labels) // 1)),
+        "label_counts": {a: sum(1 for l in labels if a in l) for a in C.PLAIN},
+        "n_val": len(labels),
+    }
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    from training.annotate import cached_dataset
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--work", default="runs/clip")
+    ap.add_argument("--data", default="runs/data")
+    ap.add_argument("--n-train", type=int, default=9000)
+    ap.add_argument("--n-val", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--minutes", type=float, default=None)
+    ap.add_argument("--out", default=None, help="write clip.safetensors + clip_metrics.json here")
+    a = ap.parse_args(argv)
+    work = Path(a.work)
+    val = cached_dataset(Path(a.data) / "val.pt", a.n_val, 2)
+    train = cached_dataset(Path(a.data) / "train.pt", a.n_train, 1)
+    model = train_clip(train, work, steps=a.steps, batch=a.batch, minutes=a.minutes)
+    metrics = evaluate_clip(model, val)
+    print(json.dumps(metrics, indent=1))
+    if a.out:
+        out = Path(a.out)
+        model.save(out / "clip.safetensors")
+        (out / "clip_metrics.json").write_text(json.dumps(metrics, indent=1))
+
+
+if __name__ == "__main__":
+    main()

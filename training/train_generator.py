@@ -1,0 +1,239 @@
+"""Distil the 64 px DCGAN into our StyleGAN2 (mapping network + W+), then optionally fine-tune adversarially.
+
+Distillation: the same z [N, 100] goes into both networks (our z_dim is 100); the loss is L1 on the image plus
+L1 at 32/16/8 px (multi-scale), plus, once a tiny CLIP file is given, an L1 on the CLIP image tower's feature
+maps (perceptual). An EMA copy of the weights is what gets exported; ``w_avg`` is set from the mapping
+output mean. Adversarial fine-tuning with style-mixing regularisation (``--adv-steps``) uses a small
+discriminator on DCGAN samples as reals; it is off by default on CPU (see the model card for what was run).
+Resumable: checkpoints every ``ckpt_every`` steps in the work dir.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.stylegan2 import Generator
+from training.dcgan import Z_DIM, load_dcgan, to_uint8
+
+TINY_G_CONFIG = {
+    "resolution": 64, "z_dim": Z_DIM, "w_dim": 256, "mapping_layers": 4,
+    "channels": {str(r): 64 for r in (4, 8, 16, 32, 64)},
+}
+
+
+def multiscale_l1(a: torch.Tensor, b: torch.Tensor, scales=(1, 2, 4, 8)) -> torch.Tensor:
+    loss = 0.0
+    for s in scales:
+        if s == 1:
+            loss = loss + (a - b).abs().mean()
+        else:
+            loss = loss + (F.avg_pool2d(a, s) - F.avg_pool2d(b, s)).abs().mean()
+    return loss / len(scales)
+
+
+def perceptual(clip, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    fa = clip.feature_maps(a)
+    with torch.no_grad():
+        fb = clip.feature_maps(b)
+    return sum((x - y).abs().mean() / (y.abs().mean() + 1e-3) for x, y in zip(fa, fb)) / len(fa)
+
+
+class SmallD(nn.Module):
+    """A small conv discriminator for the optional adversarial fine-tune (64 px)."""
+
+    def __init__(self, ch: int = 64):
+        super().__init__()
+        layers, cin = [], 3
+        for cout in (ch, ch * 2, ch * 4, ch * 4):
+            layers += [nn.Conv2d(cin, cout, 4, 2, 1), nn.LeakyReLU(0.2)]
+            cin = cout
+        self.net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin * 16, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, beta: float) -> None:
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p, 1 - beta)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float = 2e-3, clip_path: str | None = None,
+                    clip_weight: float = 0.5, adv_steps: int = 0, mix_prob: float = 0.9,
+                    config: dict | None = None, ckpt_every: int = 25, minutes: float | None = None,
+                    grid_every: int = 200, seed: int = 0, log=print) -> Generator:
+    """Train (or resume) the generator; returns the EMA generator with ``w_avg`` set."""
+    from training.grids import image_grid, save_png
+
+    work.mkdir(parents=True, exist_ok=True)
+    dcgan = load_dcgan()
+    G = Generator.from_config(config or TINY_G_CONFIG)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    opt = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.5, 0.99))
+    D = d_opt = None
+    step = 0
+    ckpt = work / "gen_ckpt.pt"
+    if ckpt.exists():
+        st = torch.load(ckpt, weights_only=False)
+        G.load_state_dict(st["G"])
+        G_ema.load_state_dict(st["G_ema"])
+        opt.load_state_dict(st["opt"])
+        step = st["step"]
+        if st.get("D") is not None:
+            D = SmallD()
+            D.load_state_dict(st["D"])
+            d_opt = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.0, 0.99))
+            d_opt.load_state_dict(st["d_opt"])
+        log(f"resumed generator training at step {step}")
+    total = steps + adv_steps
+    gen = torch.Generator().manual_seed(seed + step)
+    z_fixed = torch.randn(32, Z_DIM, generator=torch.Generator().manual_seed(1234))
+    clip = None
+    t0 = time.time()
+    hist: list[float] = []
+
+    def save():
+        st = {"G": G.state_dict(), "G_ema": G_ema.state_dict(), "opt": opt.state_dict(), "step": step,
+              "D": D.state_dict() if D is not None else None, "d_opt": d_opt.state_dict() if d_opt else None}
+        torch.save(st, ckpt.with_suffix(".tmp"))
+        os.replace(ckpt.with_suffix(".tmp"), ckpt)
+
+    while step < total:
+        if minutes is not None and time.time() - t0 > minutes * 60:
+            log(f"time limit reached at step {step}")
+            break
+        if clip is None and clip_path and os.path.exists(clip_path):
+            from core.clip import load_clip
+
+            clip = load_clip(clip_path)
+            clip.requires_grad_(False)
+            log(f"perceptual loss on from step {step} ({clip_path})")
+        z = torch.randn(batch, Z_DIM, generator=gen)
+        with torch.no_grad():
+            target = dcgan(z)
+        if step < steps:  # distillation
+            out = G(z, noise_mode="const")
+            loss = multiscale_l1(out, target)
+            if clip is not None:
+                loss = loss + clip_weight * perceptual(clip, out, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        else:  # adversarial fine-tune with style mixing + a distillation anchor
+            if D is None:
+                D = SmallD()
+                d_opt = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.0, 0.99))
+            ws = G.mapping(z)
+            if torch.rand((), generator=gen) < mix_prob:
+                z2 = torch.randn(batch, Z_DIM, generator=gen)
+                cut = int(torch.randint(1, G.num_ws, (), generator=gen))
+                ws = torch.cat([ws[:, :cut], G.mapping(z2)[:, cut:]], 1)
+                anchor = None
+            else:
+                anchor = target
+            fake = G.synthesis(ws, noise_mode="random")
+            d_loss = F.softplus(D(fake.detach())).mean() + F.softplus(-D(target)).mean()
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_opt.step()
+            loss = F.softplus(-D(fake)).mean()
+            if anchor is not None:
+                loss = loss + 2.0 * multiscale_l1(fake, anchor)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        ema_update(G_ema, G, 0.99 if step < 500 else 0.998)
+        step += 1
+        hist.append(float(loss))
+        if step % 10 == 0:
+            log(f"step {step}/{total} loss {np.mean(hist[-10:]):.4f} {time.time() - t0:.0f}s")
+        if step % ckpt_every == 0:
+            save()
+        if grid_every and step % grid_every == 0:
+            with torch.no_grad():
+                img = G_ema(z_fixed, noise_mode="const")
+                ref = dcgan(z_fixed)
+            save_png(work / f"grid_{step:06d}.png", image_grid(np.concatenate([to_uint8(img[:16]),
+                                                                                 to_uint8(ref[:16])]), cols=8))
+    save()
+    G_ema.w_avg = G_ema.estimate_w_avg(n=10000, seed=0) if hasattr(G_ema, "estimate_w_avg") else \
+        G_ema.mapping(torch.randn(10000, Z_DIM)).mean((0, 1))
+    return G_ema
+
+
+@torch.no_grad()
+def frechet_distance(fa: np.ndarray, fb: np.ndarray) -> float:
+    """Frechet distance between two feature sets [N, F] (Gaussian fit)."""
+    from scipy import linalg
+
+    mu1, mu2 = fa.mean(0), fb.mean(0)
+    s1, s2 = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+@torch.no_grad()
+def evaluate_generator(G: Generator, clip, n: int = 2000, seed: int = 7, batch: int = 200) -> dict:
+    """Frechet distance (CLIP image-tower features) of our samples vs the DCGAN's, and an L1 for the same z;
+    a DCGAN-vs-DCGAN (two seeds) distance as the noise floor."""
+    dcgan = load_dcgan()
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, Z_DIM, generator=gen)
+    z2 = torch.randn(n, Z_DIM, generator=gen)
+    fo, fd, fd2, l1 = [], [], [], []
+    t_ms = []
+    for i in range(0, n, batch):
+        t = time.time()
+        ours = G(z[i:i + batch], noise_mode="const").clamp(-1, 1)
+        t_ms.append((time.time() - t) / len(ours) * 1000)
+        ref = dcgan(z[i:i + batch])
+        fo.append(clip.image_features(ours).numpy())
+        fd.append(clip.image_features(ref).numpy())
+        fd2.append(clip.image_features(dcgan(z2[i:i + batch])).numpy())
+        l1.append(float((ours - ref).abs().mean()))
+    fo, fd, fd2 = map(np.concatenate, (fo, fd, fd2))
+    single = []
+    for _ in range(5):
+        t = time.time()
+        G(z[:1], noise_mode="const")
+        single.append((time.time() - t) * 1000)
+    return {"frechet_clip_features": frechet_distance(fo, fd), "frechet_dcgan_vs_dcgan": frechet_distance(fd2, fd),
+            "l1_same_z": float(np.mean(l1)), "n": n, "ms_per_image_batched": float(np.mean(t_ms)),
+            "ms_single_image": float(np.median(single))}
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--work", default="runs/generator")
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--adv-steps", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--clip", default=None, help="tiny CLIP file for the perceptual loss (used once it exists)")
+    ap.add_argument("--minutes", type=float, default=None)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    G = train_generator(Path(a.work), steps=a.steps, adv_steps=a.adv_steps, batch=a.batch, clip_path=a.clip,
+                        minutes=a.minutes)
+    if a.out:
+        from core.checkpoints import save_generator
+
+        save_generator(G, Path(a.out) / "generator.safetensors")
+        print(json.dumps({"saved": str(Path(a.out) / "generator.safetensors")}))
+
+
+if __name__ == "__main__":
+    main()
