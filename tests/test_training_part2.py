@@ -1,0 +1,113 @@
+"""Smoke tests of the part-2 training stages (KNN bank, CVAE, CMD both streams + pairwise ablation, inversion
+encoder, evaluation) on a tiny random generator + CLIP, in one process; and the manifest update."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from training import dist
+
+TOY = ["--generator", "toy", "--clip", "toy", "--threads", "1", "--manifest-id", "", "--log-every", "1"]
+
+
+@pytest.fixture()
+def run():
+    def _run(main, args):
+        try:
+            return main(args)
+        finally:
+            dist.shutdown()
+
+    return _run
+
+
+def test_stages_produce_loadable_weights_and_report(tmp_path, run):
+    from core.cmd import CMD
+    from core.cvae import CVAE
+    from core.engine import Engine
+    from core.inversion import Encoder
+    from core.latent_bank import LatentBank
+    from training import build_knn, evaluate, train_cmd, train_cvae, train_encoder
+    from training.stage_utils import ToyClip, toy_generator
+
+    knn = tmp_path / "knn.safetensors"
+    run(build_knn.main, ["--generator", "toy", "--clip", "toy", "--threads", "1", "--manifest-id", "",
+                         "--size", "48", "--batch", "16", "--out", str(knn)])
+    bank = LatentBank.load(knn)
+    assert len(bank) == 48 and bank.num_ws == 6
+
+    cvae = tmp_path / "cvae.safetensors"
+    run(train_cvae.main, [*TOY, "--pairs", str(knn), "--steps", "3", "--batch", "8", "--image-batch", "4",
+                          "--image-every", "1", "--hidden", "32", "--z-dim", "8", "--out", str(cvae),
+                          "--ckpt", str(tmp_path / "cvae.ckpt")])
+    cmd = tmp_path / "cmd.safetensors"
+    cmd_args = ["--samples", "16", "--samples-file", str(tmp_path / "s.pt"), "--no-annotate", "--steps", "3",
+                "--batch", "4", "--image-batch", "2", "--d-model", "16", "--layers", "1", "--heads", "2",
+                "--hidden", "32"]
+    run(train_cmd.main, [*TOY, *cmd_args, "--out", str(cmd), "--ckpt", str(tmp_path / "cmd.ckpt")])
+    data = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert data["cap_emb"].shape[:2] == (16, 6) and len(data["captions"]) == 16
+    pw = tmp_path / "cmd_pw.safetensors"
+    run(train_cmd.main, [*TOY, *cmd_args, "--loss", "pairwise", "--out", str(pw),
+                         "--ckpt", str(tmp_path / "pw.ckpt")])
+    enc = tmp_path / "enc.safetensors"
+    run(train_encoder.main, [*TOY, "--steps", "2", "--batch", "4", "--channels", "8", "--max-channels", "16",
+                             "--out", str(enc), "--ckpt", str(tmp_path / "enc.ckpt")])
+
+    G, clip = toy_generator(), ToyClip()
+    engine = Engine(G, clip, cmd=CMD.load(cmd), cvae=CVAE.load(cvae), bank=bank, encoder=Encoder.load(enc))
+    assert engine.methods == ["cmd", "cvae", "knn"]
+    faces = engine.synthesize(["a person with red hair", "a smile"], n=2, method="cmd")
+    assert faces[0].image.shape == (16, 16, 3)
+
+    out = tmp_path / "eval"
+    card = tmp_path / "README.md"
+    card.write_text("# Tiny pack\n\nOther sections stay.\n")
+    run(evaluate.main, ["--generator", "toy", "--clip", "toy", "--cmd", str(cmd), "--cmd-pairwise", str(pw),
+                        "--cvae", str(cvae), "--knn", str(knn), "--encoder", str(enc), "--out-dir", str(out),
+                        "--model-card", str(card), "--quick", "--no-annotate", "--faces", "2",
+                        "--parts", "text,ablation", "--threads", "1"])
+    res = json.loads((out / "evaluation.json").read_text())
+    assert set(res["summary"]["consistency"]) == {"cmd", "cvae", "knn"}
+    assert res["ablation"]["ratio_within"] > 0
+    assert (out / "eval_text_cmd.png").is_file()
+    text = card.read_text()
+    assert "Other sections stay." in text and evaluate.CARD_BEGIN in text
+    evaluate.write_card(card, evaluate.card_section(res))  # idempotent: one section
+    assert card.read_text().count(evaluate.CARD_BEGIN) == 1
+
+
+def test_augment_keeps_shape_and_range():
+    from training.train_encoder import augment
+
+    img = torch.rand(6, 3, 32, 32) * 2 - 1
+    u = torch.rand(6, 12, generator=torch.Generator().manual_seed(0))
+    u[:, 6] = 0.0  # blur all
+    u[:, 8] = 0.0  # JPEG all
+    out = augment(img, u)
+    assert out.shape == img.shape and float(out.min()) >= -1 and float(out.max()) <= 1
+    assert not torch.allclose(out, img)
+
+
+def test_update_manifest_touches_only_its_entry(tmp_path):
+    from training.stage_utils import MANIFEST, update_manifest
+
+    man = tmp_path / "weights" / "manifest.json"
+    man.parent.mkdir()
+    shutil.copy(MANIFEST, man)
+    before = json.loads(man.read_text())
+    f = man.parent / "tiny" / "cvae.safetensors"
+    f.parent.mkdir()
+    f.write_bytes(b"x" * 10)
+    assert update_manifest("tiny-cvae", f, man)
+    assert not update_manifest("tiny-cmd", f, man)  # not that entry's file
+    after = json.loads(man.read_text())
+    changed = [a["id"] for a, b in zip(after["files"], before["files"]) if a != b]
+    assert changed == ["tiny-cvae"]
+    entry = next(e for e in after["files"] if e["id"] == "tiny-cvae")
+    assert entry["size"] == 10 and len(entry["sha256"]) == 64
+    assert after["packs"] == before["packs"]

