@@ -450,6 +450,29 @@ class Engine:
         self._check_compatible()
         return bank
 
+    def refine(self, ws, captions: str | Sequence[str], *, steps: int = 20, lr: float = 0.03,
+               first_layer: int | None = None, progress: ProgressFn | None = None,
+               should_cancel: CancelFn | None = None) -> FaceResult:
+        """CLIP-guided refinement: a few optimisation steps of layers ``first_layer..num_ws`` (default
+        ``coarse_layers``) of ``ws`` [num_ws, w_dim] toward the captions' CLIP embedding. Works for any
+        generator + CLIP pair, with no trained text-to-latent model (official packs, first use)."""
+        from core.refine import refine as _refine
+
+        t0 = time.perf_counter()
+        caps = clean_captions(captions)
+        src = torch.as_tensor(ws).detach().float().reshape(self.num_ws, self.w_dim)
+        text = self.text_embedding(caps)
+        L = self.coarse_layers if first_layer is None else int(first_layer)
+        with torch.enable_grad():
+            res = _refine(self.generator, self.clip, src, text, steps=steps, lr=lr, first_layer=L,
+                          progress=progress, should_cancel=should_cancel)
+        with torch.no_grad():
+            image = self._render_batch(res.ws.to(self.device).unsqueeze(0))[0]
+        return FaceResult(image=image, ws=res.ws, seed=0, captions=caps, method="refine", pack_id=self.pack_id,
+                          elapsed_s=time.perf_counter() - t0,
+                          extra={"clip_similarity_before": res.similarity_before,
+                                 "clip_similarity_after": res.similarity_after, "steps": steps})
+
     def invert(self, aligned_img: np.ndarray, tier: str = "fast", *, progress: ProgressFn | None = None,
                should_cancel: CancelFn | None = None) -> torch.Tensor:
         """Invert an aligned face (uint8 [H, W, 3]) to W+ [num_ws, w_dim] (CPU) with ``core.inversion``."""

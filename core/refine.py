@@ -37,8 +37,8 @@ def refine(generator, clip, ws: torch.Tensor, text_emb: torch.Tensor, *, steps: 
     """Optimise layers ``first_layer..num_ws`` of ``ws`` [num_ws, w_dim] toward ``text_emb`` [D] (or [k, D],
     averaged and re-normalised). Returns the refined code and the CLIP similarity before/after."""
     device = next(generator.parameters()).device
-    ws0 = ws.detach().to(device=device, dtype=torch.float32).reshape(1, *ws.shape[-2:])
-    t = text_emb.detach().to(device=device, dtype=torch.float32)
+    ws0 = ws.detach().to(device=device, dtype=torch.float32).reshape(1, *ws.shape[-2:]).clone()
+    t = text_emb.detach().to(device=device, dtype=torch.float32).clone()  # may be an inference tensor
     if t.ndim == 2:
         t = t.mean(0)
     t = t / t.norm().clamp_min(1e-8)

@@ -48,3 +48,18 @@ def test_refinement_checks_layer_range(pair):
     ws = G.w_avg.expand(G.num_ws, -1).clone()
     with pytest.raises(ValueError, match="first_layer"):
         refine(G, clip, ws, clip.encode_text(["x"]), first_layer=G.num_ws)
+
+
+def test_engine_refine_after_an_edit(pair):
+    from core.engine import Engine
+
+    G, clip = pair
+    eng = Engine(G, clip, pack_id="test", device="cpu")
+    # codes made under inference mode (edit/synthesize) must be refinable
+    src = eng.render(G.w_avg.expand(G.num_ws, -1))
+    assert src.shape == (16, 16, 3)
+    eng.text_embedding(["red hair"])  # cached, possibly as an inference tensor
+    out = eng.refine(G.w_avg.expand(G.num_ws, -1), ["red hair"], steps=8, lr=0.05)
+    assert out.extra["clip_similarity_after"] > out.extra["clip_similarity_before"]
+    assert out.image.shape == (16, 16, 3) and out.method == "refine"
+    torch.testing.assert_close(out.ws[: eng.coarse_layers], G.w_avg.expand(eng.coarse_layers, -1))
