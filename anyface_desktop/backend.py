@@ -81,7 +81,7 @@ class Backend:
 
     # ------------------------------------------------------------------ engine
     def load(self, pack: str | None = None, device: str | None = None, progress: ProgressFn = None,
-             should_cancel: CancelFn = None) -> EngineInfo:
+             should_cancel: CancelFn = None, detector: str | None = "auto") -> EngineInfo:
         t0 = time.perf_counter()
         if pack is not None:
             self.pack = pack
@@ -95,7 +95,45 @@ class Backend:
             self.engine = None  # free the old pack first
             self.engine = Engine.from_pack(self.pack, device=pick_device(self.device), progress=progress,
                                            should_cancel=should_cancel)
+        if detector:
+            self.warm_up(detector)
+        self.warm_up_engine()
         return self.info(time.perf_counter() - t0)
+
+    def warm_up(self, detector: str = "auto") -> None:
+        """Load the face detector(s) now, with the engine. dlib deserialises its HOG detector and 68-point
+        predictor while holding the GIL (~4 s on a small CPU), which would freeze the GUI for that long on
+        the first photo; at start-up it happens while the window says "Loading models…"."""
+        try:
+            from core.align import get_detector
+        except ImportError:
+            return
+        blank = np.full((96, 96, 3), 128, np.uint8)
+        for name in (("dlib", "yunet") if detector == "auto" else (detector,)):
+            try:
+                get_detector(name).detect(blank, 96)
+            except Exception:  # noqa: BLE001 - an unavailable detector is reported when a photo is opened
+                pass
+
+    def warm_up_engine(self) -> None:
+        """Run each kind of job once on a dummy input, so lazy imports and first-call initialisation (torch's
+        optimiser imports torch._dynamo, ~1.5 s of imports that hold the GIL) happen while loading, not in the
+        middle of the first inversion."""
+        e = self.engine
+        if e is None:
+            return
+        try:
+            gray = np.full((int(e.resolution), int(e.resolution), 3), 128, np.uint8)
+            from core.inversion import invert
+
+            ws = invert(e.generator, gray, tier="balanced", encoder=getattr(e, "encoder", None),
+                        clip=getattr(e, "clip", None), steps=1)
+            if e.methods:
+                e.edit(ws, ["a face"], 0.5, method=e.methods[0])
+        except Exception:  # noqa: BLE001 - warming up is best effort; real errors surface on real jobs
+            import logging
+
+            logging.getLogger("anyface.worker").debug("warm-up failed", exc_info=True)
 
     def _device_changed(self, device: str) -> bool:
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtWidgets import (QComboBox, QDialog, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit,
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit,
                                QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QVBoxLayout, QWidget)
 
 from anyface_desktop.backend import BatchJob
@@ -45,6 +45,8 @@ class BatchDialog(QDialog):
         form.addRow("Strength:", self.strength)
         form.addRow("Method:", self.method)
         form.addRow("Format:", self.fmt)
+        self.latents = QCheckBox("Also save each edited face's latent (.npz)")
+        form.addRow("", self.latents)
         form.addRow("Save to:", self._with_browse(self.output, "Output folder"))
         lay.addLayout(form)
         self.progress = QProgressBar()
@@ -53,7 +55,8 @@ class BatchDialog(QDialog):
         self.log = QPlainTextEdit()
         self.log.setReadOnly(True)
         self.log.setPlaceholderText("The report appears here when the batch ends: every photo edited, and every photo "
-                                    "that could not be (with the reason).")
+                                    "that could not be (with the reason). Inputs are never modified; a batch "
+                                    "started again on the same folders resumes where it stopped.")
         lay.addWidget(self.log, 1)
         row = QHBoxLayout()
         row.addStretch(1)
@@ -103,7 +106,8 @@ class BatchDialog(QDialog):
                         captions=[c.strip() for c in self.captions.text().split("|") if c.strip()],
                         output_dir=self.output.text().strip(), strength=self.strength.value(),
                         method=self.method.currentData(), identity_layers=self.identity_layers,
-                        detector=s.detector, tier=s.tier, fmt=self.fmt.currentData())
+                        detector=s.detector, tier=s.tier, fmt=self.fmt.currentData(),
+                        save_latent=self.latents.isChecked())
 
     def start(self) -> None:
         bj = self.batch_job()

@@ -358,9 +358,9 @@ class MainWindow(QMainWindow):
     batch_dialog = None
 
     def load_engine(self) -> None:
-        pack, device = self.pack_id, self.device_pref
+        pack, device, detector = self.pack_id, self.device_pref, self.settings.detector
         self.engine_info = None
-        self.submit("load", lambda b, progress, cancel: b.load(pack, device, progress, cancel))
+        self.submit("load", lambda b, progress, cancel: b.load(pack, device, progress, cancel, detector))
 
     def _done_load(self, job: Job, info) -> None:
         self.engine_info = info
@@ -720,8 +720,7 @@ class MainWindow(QMainWindow):
             changed = dlg.apply()
             if "device" in changed:
                 self.device_pref = changed["device"]
-                self.host.backend.engine = None  # reloaded on the worker thread
-                self.load_engine()
+                self.load_engine()  # the backend reloads the pack on the new device, on the worker thread
 
     # ================================================================== window
     def dragEnterEvent(self, e):  # noqa: N802

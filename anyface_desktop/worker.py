@@ -95,6 +95,16 @@ class EngineWorker(QObject):
             self.finished.emit(job)
 
 
+class _PythonThread(QThread):
+    """A QThread whose event loop runs inside a Python ``run()``: the thread keeps ONE Python thread state for
+    its whole life. With the default C++ ``run()``, PySide creates and deletes a thread state around every
+    slot call, and pybind11 extensions that cache it (dlib) crash on the next call (seen: a segfault in
+    dlib's detector on the second job)."""
+
+    def run(self) -> None:  # noqa: D401
+        self.exec()
+
+
 class WorkerHost(QObject):
     """GUI-thread handle of one worker thread: submit, cancel, and a clean shutdown."""
 
@@ -103,7 +113,7 @@ class WorkerHost(QObject):
 
     def __init__(self, backend: Any, name: str = "AnyFace worker", parent: QObject | None = None):
         super().__init__(parent)
-        self.thread = QThread()
+        self.thread = _PythonThread()
         self.thread.setObjectName(name)
         self.worker = EngineWorker(backend)
         self.worker.moveToThread(self.thread)
