@@ -329,6 +329,10 @@ def nvlabs_config(init_kwargs: Mapping[str, Any], sd: Mapping[str, torch.Tensor]
     if sk.get("architecture", "skip") != "skip":
         raise InvalidCheckpointError(f"Only the 'skip' generator architecture is supported, "
                                      f"not {sk.get('architecture')!r}.")
+    if any(d.get("activation", "lrelu") != "lrelu" for d in (mk, sk)):
+        raise InvalidCheckpointError("Only leaky-ReLU StyleGAN2 generators are supported.")
+    if not sk.get("use_noise", True):
+        raise InvalidCheckpointError("Generators built with use_noise=False are not supported.")
     if mk.get("embed_features") not in (None, 0) or mk.get("layer_features") not in (None, kw.get("w_dim")):
         raise InvalidCheckpointError("Non-standard mapping network widths are not supported.")
     res = int(kw["img_resolution"])

@@ -333,10 +333,12 @@ class SynthesisBlock(nn.Module):
         return [self.conv1] if self.is_first else [self.conv0, self.conv1]
 
     def forward(self, x: torch.Tensor | None, img: torch.Tensor | None, ws: torch.Tensor, noise_mode: str,
-                noise: Sequence[torch.Tensor | None], dtype: torch.dtype):
+                noise: Sequence[torch.Tensor | None], dtype: torch.dtype,
+                memory_format: torch.memory_format = torch.contiguous_format):
         # ws: [N, num_conv + 1, w_dim]
         if self.is_first:
             x = self.const.to(dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
+            x = x.contiguous(memory_format=memory_format)
         else:
             x = self.conv0(x.to(dtype), ws[:, 0], noise_mode, noise[0])
         x = self.conv1(x, ws[:, self.num_conv - 1], noise_mode, noise[-1])
@@ -363,8 +365,11 @@ class SynthesisNetwork(nn.Module):
         self.noise_layers = [layer for b in self.blocks for layer in b.layers()]
         self.num_layers = len(self.noise_layers)
         self.num_ws = self.num_layers + 1
-        #: set by Generator.set_precision; fp16 is only ever used on CUDA
+        #: set by Generator.set_precision; fp16 is used only on these device types
         self.half = False
+        self.half_device_types: tuple[str, ...] = ("cuda",)
+        #: run convolutions on NHWC activations on these device types (faster with oneDNN and cuDNN)
+        self.channels_last_device_types: tuple[str, ...] = ("cpu", "cuda")
 
     def forward(self, ws: torch.Tensor, noise_mode: str = "const",
                 noise: Sequence[torch.Tensor | None] | None = None,
@@ -379,16 +384,17 @@ class SynthesisNetwork(nn.Module):
             raise ValueError(f"noise must be a list of {self.num_layers} tensors (one per conv layer), "
                              f"got {len(noise)}")
         ws = ws.float()
-        half_ok = self.half and not force_fp32 and ws.device.type == "cuda"
+        half_ok = self.half and not force_fp32 and ws.device.type in self.half_device_types
+        fmt = torch.channels_last if ws.device.type in self.channels_last_device_types else torch.contiguous_format
         x = img = None
         w_idx = l_idx = 0
         for block in self.blocks:
             n = [None] * block.num_conv if noise is None else list(noise[l_idx:l_idx + block.num_conv])
             dtype = torch.float16 if (half_ok and block.use_fp16) else torch.float32
-            x, img = block(x, img, ws[:, w_idx:w_idx + block.num_conv + 1], noise_mode, n, dtype)
+            x, img = block(x, img, ws[:, w_idx:w_idx + block.num_conv + 1], noise_mode, n, dtype, fmt)
             w_idx += block.num_conv
             l_idx += block.num_conv
-        return img  # [N, C, H, W]
+        return img.contiguous()  # [N, C, H, W]
 
 
 class Generator(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -214,6 +215,13 @@ def test_training_gradients_and_w_avg_ema():
     missing = [n for n, p in G.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
     assert G.w_avg.grad is None and not G.w_avg.requires_grad
+    ema = copy.deepcopy(G).eval().requires_grad_(False)  # the usual G_ema copy is independent
+    with torch.no_grad():
+        ema.synthesis.b4.conv1.weight.add_(1.0)
+        assert not torch.equal(ema.synthesis.b4.conv1.weight, G.synthesis.b4.conv1.weight)
+        assert ema.synthesis.noise_layers[0] is ema.synthesis.b4.conv1
+        assert ema.synthesis.b8.conv0._resample[0] is ema.synthesis.b8.x_resample
+        assert ema(z).shape == (3, 3, 32, 32)
 
 
 # ---------------------------------------------------------------------------------------------- older network pickles
@@ -299,3 +307,22 @@ def test_cli_convert(tmp_path, capsys, nv):
         close(load_generator(out)(io["z"], truncation_psi=io["truncation_psi_b"]), io["img_b"])
     assert main(["convert", str(GOLDEN / "malicious.pkl"), "-o", str(tmp_path / "m.safetensors")]) == 1
     assert "Refused" in capsys.readouterr().err and not (tmp_path / "m.safetensors").exists()
+
+
+@torch.no_grad()
+def test_fp16_path_close_to_fp32(nv):
+    """The half-precision path (CUDA only in the app) computed here on CPU: close to fp32, finite."""
+    G, io = nv
+    G = Generator.from_config(dict(G.config, num_fp16_res=2)).eval()
+    G.load_state_dict(load_generator(GOLDEN / "nvlabs_tiny.pkl").state_dict())
+    ref = G(io["z"][:2])
+    G.set_precision("fp16")
+    assert torch.equal(G(io["z"][:2]), ref)  # CPU never runs fp16 by default
+    G.synthesis.half_device_types = ("cpu",)
+    try:
+        out = G(io["z"][:2])
+    finally:
+        G.synthesis.half_device_types = ("cuda",)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    assert not torch.equal(out, ref)
