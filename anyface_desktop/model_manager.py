@@ -206,20 +206,25 @@ class ModelManager(QDialog):
             self.import_paths(pid, paths)
 
     def import_paths(self, pid: str, paths: list[str]) -> None:
-        files = {wf.file_name: wf for wf in self.manifest.pack_files(pid)}
-        matched, unknown = [], []
-        for p in paths:
-            wf = files.get(Path(p).name)
-            (matched.append((wf, p)) if wf else unknown.append(Path(p).name))
-        if unknown:
-            from core.errors import AnyFaceError
+        """Files named like a file of the selected pack are verified and copied in place; anything else goes to
+        core.packs.import_file (official NVIDIA/rosinality/OpenAI files: identified by sha256, generators
+        converted once to safetensors, registered in the user's manifest)."""
+        files = {wf.file_name: wf for wf in self.manifest.pack_files(pid)} if pid else {}
+        jobs = [(files.get(Path(p).name), p) for p in paths]
 
-            show_error(self, AnyFaceError(f"{len(unknown)} file(s) do not belong to the pack '{pid}': "
-                                          f"{', '.join(unknown)}\nExpected file names: {', '.join(files)}"))
-        if matched:
-            def fn(_b, progress, cancel):
-                return [str(import_weight_file(wf, p, progress, cancel)) for wf, p in matched]
+        def fn(_b, progress, cancel):
+            done = []
+            for wf, p in jobs:
+                if wf is not None:
+                    done.append(str(import_weight_file(wf, p, progress, cancel)))
+                else:
+                    from core.packs import import_file
 
+                    r = import_file(p, progress=progress, should_cancel=cancel)
+                    done.append(f"{Path(p).name} -> {getattr(r, 'pack', '?')} ({getattr(r, 'id', '')})")
+            return done
+
+        if jobs:
             self._start("import", fn)
 
     def download_missing(self) -> None:
@@ -250,6 +255,8 @@ class ModelManager(QDialog):
                                 f"{len(bad)} file(s) missing or corrupt: {', '.join(s.file.file_name for s in bad)}")
         else:
             self.refresh()
+            if job.kind == "import":
+                self.banner.setText("Imported: " + "; ".join(Path(v).name if "/" in v else v for v in value))
 
     def _on_failed(self, job, exc, tb) -> None:
         show_error(self, exc, tb)

@@ -487,6 +487,11 @@ def test_model_manager_states_and_verify(qtbot, tmp_path, monkeypatch):
     mm.import_paths("toy", [str(b)])
     qtbot.waitUntil(lambda: mm.job is None, timeout=10000)
     assert {s.file.id: s.state for s in mm.statuses}["toy-b"] in ("present", "unverified")
+    junk = tmp_path / "download.pkl"
+    junk.write_bytes(b"<html>quota exceeded</html>")
+    mm.import_paths("toy", [str(junk)])  # not a pack file: goes to core.packs.import_file, which refuses it
+    qtbot.waitUntil(lambda: mm.job is None and bool(open_error_boxes()), timeout=10000)
+    assert "download.pkl" in open_error_boxes()[-1].text()
     mm.shutdown()
     assert not mm.host.thread.isRunning()
 
