@@ -51,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     app.setApplicationName("AnyFace Desktop")
     app.setOrganizationName("AnyFace")
     app.setApplicationDisplayName("AnyFace Desktop")
+    from PySide6.QtGui import QIcon
+
+    from core.weights import resources_dir
+
+    icon = resources_dir() / "icons" / "anyface.svg"
+    if icon.is_file():
+        app.setWindowIcon(QIcon(str(icon)))
     install_excepthook()
     win = MainWindow(pack=args.pack, device=args.device)
     win.show()

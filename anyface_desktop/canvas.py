@@ -43,6 +43,7 @@ class PhotoCanvas(QWidget):
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
         self.before: QPixmap | None = None
+        self._before_src: np.ndarray | None = None
         self.after: QPixmap | None = None
         self.view_mode = "after"
         self.wipe = 0.5
@@ -59,8 +60,13 @@ class PhotoCanvas(QWidget):
     # ------------------------------------------------------------------ content
     def set_images(self, before: np.ndarray | None, after: np.ndarray | None = None, refit: bool = False) -> None:
         old_size = self.before.size() if self.before is not None else None
-        self.before = to_pixmap(before) if before is not None else None
-        self.after = to_pixmap(after) if after is not None else None
+        if before is None or before is not self._before_src:  # the photo stays while previews change
+            self.before = to_pixmap(before) if before is not None else None
+            self._before_src = before
+        if after is before and after is not None:
+            self.after = self.before
+        else:
+            self.after = to_pixmap(after) if after is not None else None
         if refit or old_size is None or (self.before is not None and self.before.size() != old_size):
             self.fit()
         self.update()
@@ -72,7 +78,7 @@ class PhotoCanvas(QWidget):
         self.update()
 
     def clear(self) -> None:
-        self.before = self.after = None
+        self.before = self.after = self._before_src = None
         self.face_boxes = []
         self.selected_face = -1
         self.update()
