@@ -92,6 +92,11 @@ class BatchDialog(QDialog):
     def prefill(self, captions, strength, method, identity_layers, output_dir) -> None:
         if captions and not self.captions.text():
             self.captions.setText(" | ".join(captions))
+        info = getattr(self.window, "engine_info", None)
+        if info is not None and self.job is None:
+            self.method.clear()
+            for k in info.methods:
+                self.method.addItem(METHOD_LABELS.get(k, k), k)
         if self.job is None:
             self.strength.setValue(strength)
             i = self.method.findData(method)

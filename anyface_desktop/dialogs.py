@@ -49,6 +49,7 @@ class ExportDialog(QDialog):
     def __init__(self, settings, suggested_path: str, native_size: int, parent: QWidget | None = None):
         super().__init__(parent)
         self.setWindowTitle("Export")
+        self.setMinimumWidth(560)
         self.settings = settings
         form = QFormLayout(self)
         self.path = QLineEdit(suggested_path)
