@@ -9,7 +9,9 @@ that process, and the part added by inference over the loaded model; CUDA: torch
 
 Configs: 64 px = the bundled tiny pack size (z 128, w 256, 4 mapping layers, 64 channels everywhere);
 256 px = rosinality 256 config (channel_multiplier 2); 1024 px = FFHQ config F. Random weights.
-Times are wall-clock per forward pass z -> image (mapping + synthesis, noise_mode='const', no grad).
+Times are wall-clock per forward pass z -> image (mapping + synthesis, noise_mode='const', no grad):
+min and median over the timed passes; img/s from the median. "cpu ms/img" is the process CPU time
+(all threads) of the fastest pass: on a shared machine it is steadier than wall-clock time.
 """
 
 from __future__ import annotations
@@ -66,18 +68,20 @@ def measure_one(res: int, batch: int, device: str, precision: str, warmup: int, 
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        times = []
+        times, cpu_times = [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             img = G(z)
             sync()
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     assert img.shape == (batch, 3, res, res) and torch.isfinite(img).all()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = dict(device=device if not cuda else torch.cuda.get_device_name(device), precision=precision, res=res,
                batch=batch, repeats=repeats, threads=torch.get_num_threads(),
                ms_per_img_min=min(times) * 1000 / batch, ms_per_img_median=statistics.median(times) * 1000 / batch,
                img_per_s=batch / statistics.median(times),
+               cpu_ms_per_img=min(cpu_times) * 1000 / batch,
                params_m=sum(p.numel() for p in G.parameters()) / 1e6)
     if cuda:
         out["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -100,7 +104,7 @@ def plan(args) -> list[tuple]:
                 if args.repeats:
                     warm, rep = 2, args.repeats
                 elif dev == "cpu" and res >= 1024:
-                    warm, rep = (1, 1) if args.quick else (1, 3)
+                    warm, rep = (0, 1) if args.quick else (1, 3)
                 elif dev == "cpu" and res >= 256:
                     warm, rep = (1, 3) if args.quick else (2, 5)
                 else:
@@ -111,7 +115,7 @@ def plan(args) -> list[tuple]:
 
 def table(rows: list[dict]) -> str:
     head = f"{'device':24s} {'prec':5s} {'res':>5s} {'batch':>5s} {'ms/img min':>10s} {'ms/img med':>10s} " \
-           f"{'img/s':>8s} {'peak MB':>8s} {'infer MB':>8s}"
+           f"{'img/s':>8s} {'cpu ms/img':>10s} {'peak MB':>8s} {'infer MB':>8s}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -120,6 +124,7 @@ def table(rows: list[dict]) -> str:
         infer = f"{r['inference_mem_mb']:8.0f}" if "inference_mem_mb" in r else f"{'-':>8s}"
         lines.append(f"{r['device'][:24]:24s} {r['precision']:5s} {r['res']:5d} {r['batch']:5d} "
                      f"{r['ms_per_img_min']:10.1f} {r['ms_per_img_median']:10.1f} {r['img_per_s']:8.2f} "
+                     f"{r['cpu_ms_per_img']:10.1f} "
                      f"{r['peak_mem_mb']:8.0f} {infer}")
     return "\n".join(lines)
 

@@ -195,6 +195,11 @@ class MappingNetwork(nn.Module):
 
     def forward(self, z: torch.Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None,
                 update_w_avg: bool = False) -> torch.Tensor:  # [N, z_dim] -> [N, num_ws, w_dim]
+        """Map z to ws, truncated towards ``w_avg`` (psi, first ``truncation_cutoff`` layers; all if None).
+
+        ``update_w_avg=True`` (training) first moves ``w_avg`` towards this batch's mean w:
+        ``w_avg = lerp(mean_w, w_avg, w_avg_beta)``, as the official training code does.
+        """
         assert z.ndim == 2 and z.shape[1] == self.z_dim, f"z must be [N, {self.z_dim}], got {list(z.shape)}"
         x = z.float()
         x = x * (x.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt()
@@ -374,6 +379,14 @@ class SynthesisNetwork(nn.Module):
     def forward(self, ws: torch.Tensor, noise_mode: str = "const",
                 noise: Sequence[torch.Tensor | None] | None = None,
                 force_fp32: bool = False) -> torch.Tensor:
+        """ws [N, num_ws, w_dim] (or one w [N, w_dim] for all layers) -> img [N, img_channels, H, W].
+
+        ``noise_mode``: 'const' (the stored per-layer noise, deterministic), 'random' (fresh per call,
+        from the global torch RNG) or 'none'. ``noise``: optional list with one tensor per conv layer
+        ([r, r], [1, 1, r, r] or [N, 1, r, r]; see ``Generator.noise_shapes``) that takes precedence;
+        ``None`` entries fall back to ``noise_mode``. Half precision only after
+        ``Generator.set_precision('fp16')`` on CUDA, and never with ``force_fp32``.
+        """
         if ws.ndim == 2:
             ws = ws.unsqueeze(1).expand(-1, self.num_ws, -1)
         assert ws.ndim == 3 and ws.shape[1:] == (self.num_ws, self.w_dim), \
