@@ -206,6 +206,8 @@ def inversion_eval(engine, args):
     if gen_faces.ndim == 3:
         gen_faces = gen_faces[None]
     real, real_names = real_faces(R)
+    if args.quick:
+        real, real_names = real[:2], real_names[:2]
     res: dict[str, dict[str, dict[str, float]]] = {}
     grid_rows = []
     for kind, faces in (("generated", gen_faces), ("real", real)):
@@ -429,7 +431,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.faces, args.multi_prompts, args.edit_sources = min(args.faces, 3), 1, 2
-        args.inversion_faces, args.best_faces = 2, 1
+        args.inversion_faces, args.best_faces = 1, 1
     t0 = time.time()
     G, clip = load_pair(args.generator, args.clip, info.device)
 

@@ -265,16 +265,25 @@ def fake_labels(ws: torch.Tensor) -> list[dict[str, str]]:
 
 @torch.no_grad()
 def build_samples(generator, clip, n: int, *, seed: int = 0, batch: int = 32, truncation: float = 1.0,
-                  annotate: bool = True, captions_per_face: int = 6,
+                  annotate: bool = True, captions_per_face: int = 6, labels_from: dict | None = None,
                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Generate ``n`` (z, w, CLIP image embedding, labels, caption pool, caption embeddings) samples.
 
     z for sample i is row i of one seeded [n, z_dim] draw, so the cache is the same for any world size; under
-    torchrun each rank renders/annotates its share and the shares are gathered in order."""
+    torchrun each rank renders/annotates its share and the shares are gathered in order.
+
+    ``labels_from``: a dataset of ``training.annotate.cached_dataset`` (z + labels of the DCGAN faces the tiny
+    generator was distilled from with the SAME z): its z and labels are used instead of annotating the renders
+    (fast path; an approximation where the distillation is imperfect)."""
     from training.captions import caption_bank
 
     dev = generator.w_avg.device
     z_all = torch.randn(n, generator.z_dim, generator=torch.Generator().manual_seed(seed))
+    if labels_from is not None:
+        if len(labels_from["labels"]) < n or labels_from["z"].shape[1] != generator.z_dim:
+            raise ValueError(f"labels_from has {len(labels_from['labels'])} samples of z_dim "
+                             f"{labels_from['z'].shape[1]}; need {n} of z_dim {generator.z_dim}")
+        z_all = labels_from["z"][:n].float()
     share = dist.shard_indices(n)
     ws_p, emb_p, lab_p = [], [], []
     done = 0
@@ -286,7 +295,10 @@ def build_samples(generator, clip, n: int, *, seed: int = 0, batch: int = 32, tr
         img = generator.synthesis(w, noise_mode="const")  # [b, 3, H, W] in [-1, 1]
         emb_p.append(clip.encode_image(img).float().cpu())
         ws_p.append(w[:, 0].float().cpu())
-        labels = annotate_faces(render_uint8(img)) if annotate else fake_labels(w[:, 0].cpu())
+        if labels_from is not None:
+            labels = labels_from["labels"][lo:hi]
+        else:
+            labels = annotate_faces(render_uint8(img)) if annotate else fake_labels(w[:, 0].cpu())
         lab_p.append(torch.tensor([_labels_to_row(lb) for lb in labels], dtype=torch.int8))
         done += hi - lo
         if progress is not None:
@@ -304,11 +316,12 @@ def build_samples(generator, clip, n: int, *, seed: int = 0, batch: int = 32, tr
     c_all = dist.gather_cat(torch.cat(cap_p) if cap_p else torch.zeros(0, captions_per_face, clip.embed_dim).half())
     dist.log(f"[samples] {n} samples in {time.time() - t0:.0f} s")
     return dict(z=z_all, w=w_all, emb=e_all, labels=l_all, cap_emb=c_all, captions=pools,
-                meta=dict(seed=seed, n=n, truncation=truncation, annotated=annotate,
+                meta=dict(seed=seed, n=n, truncation=truncation, annotated=annotate and labels_from is None,
                           num_ws=int(generator.num_ws), w_dim=int(generator.w_dim), embed_dim=int(clip.embed_dim)))
 
 
-def samples_cache_path(generator_spec: str, clip_spec: str, n: int, seed: int, annotate: bool) -> Path:
+def samples_cache_path(generator_spec: str, clip_spec: str, n: int, seed: int, annotate: bool,
+                       labels_from: str = "") -> Path:
     def tag(spec: str) -> str:
         p = Path(spec)
         if p.is_file():
@@ -316,7 +329,8 @@ def samples_cache_path(generator_spec: str, clip_spec: str, n: int, seed: int, a
             return f"{p.name}:{st.st_size}:{int(st.st_mtime)}"
         return spec
 
-    key = hashlib.sha1(f"{tag(generator_spec)}|{tag(clip_spec)}|{n}|{seed}|{annotate}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(f"{tag(generator_spec)}|{tag(clip_spec)}|{n}|{seed}|{annotate}|{labels_from}".encode()
+                       ).hexdigest()[:12]
     return RUNS / f"samples_{n}_{key}.pt"
 
 
@@ -324,7 +338,8 @@ def load_or_build_samples(args: argparse.Namespace, generator, clip, n: int, *, 
                           path: str = "") -> dict[str, Any]:
     """The sample cache for (generator, clip, n, seed): loaded from runs/ (or ``path``) if there, else built
     (all ranks take part) and saved by rank 0."""
-    p = Path(path) if path else samples_cache_path(args.generator, args.clip, n, args.seed, annotate)
+    labels_from = getattr(args, "labels_from", "") or ""
+    p = Path(path) if path else samples_cache_path(args.generator, args.clip, n, args.seed, annotate, labels_from)
     if p.is_file():
         data = torch.load(str(p), map_location="cpu", weights_only=True)
         dist.log(f"[samples] loaded {p} ({data['w'].shape[0]} samples)")
@@ -336,7 +351,8 @@ def load_or_build_samples(args: argparse.Namespace, generator, clip, n: int, *, 
             last[0] = time.time()
             dist.log(f"[samples] rank 0: {done}/{total}")
 
-    data = build_samples(generator, clip, n, seed=args.seed, annotate=annotate, progress=prog)
+    lf = torch.load(labels_from, map_location="cpu", weights_only=False) if labels_from else None
+    data = build_samples(generator, clip, n, seed=args.seed, annotate=annotate, labels_from=lf, progress=prog)
     if dist.info().is_main:
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_suffix(".tmp")

@@ -93,6 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=8000, help="generated, annotated training faces (cached)")
     p.add_argument("--samples-file", default="", help="use this sample cache instead of runs/samples_*.pt")
     p.add_argument("--no-annotate", action="store_true", help="pseudo-labels instead of the dlib annotator (tests)")
+    p.add_argument("--labels-from", default="",
+                   help="fast path for the tiny pack: z + labels of a training.annotate dataset of the DCGAN the "
+                        "generator was distilled from (same z), instead of annotating the renders")
     p.add_argument("--loss", choices=("dt", "pairwise"), default="dt", help="pairwise: the diversity ablation")
     p.add_argument("--margin", type=float, default=0.1)
     p.add_argument("--lam-cmt", type=float, default=1.0)

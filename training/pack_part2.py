@@ -1,0 +1,125 @@
+"""The part-2 stages of ``python -m training.build_pack``: knn, cvae, cmd (+ the pairwise ablation), encoder,
+evaluate. Each one calls the stage's own CLI (``training.<stage>.main``) with the pack's generator + CLIP in
+``out``; checkpoints and the generated-sample cache live in ``work`` (resumable: a finished stage re-exports).
+The stage functions have build_pack's signature ``(out, work, sizes, log) -> metrics``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from training import dist
+
+# build_pack merges these into its FULL / SMOKE size tables
+FULL2 = {
+    "knn_size": 20000,
+    "cmd_samples": 8000, "cmd_steps": 1500, "cmd_batch": 64, "cmd_minutes": 0,
+    "cvae_steps": 3000, "cvae_batch": 128, "cvae_minutes": 0,
+    "enc_steps": 1200, "enc_batch": 16, "enc_minutes": 0,
+    "eval_quick": False,
+}
+SMOKE2 = {
+    "knn_size": 64,
+    "cmd_samples": 16, "cmd_steps": 2, "cmd_batch": 4, "cmd_minutes": 0,
+    "cvae_steps": 2, "cvae_batch": 8, "cvae_minutes": 0,
+    "enc_steps": 2, "enc_batch": 4, "enc_minutes": 0,
+    "eval_quick": True,
+}
+SMOKE_MODEL_ARGS = {
+    "cmd": ["--d-model", "16", "--layers", "1", "--heads", "2", "--hidden", "32", "--image-batch", "2"],
+    "cvae": ["--hidden", "32", "--z-dim", "8", "--image-batch", "4"],
+    "encoder": ["--channels", "8", "--max-channels", "16"],
+}
+
+
+def _sizes(sizes: dict) -> dict:
+    """build_pack's size table (it merges FULL2 / SMOKE2 into FULL / SMOKE); FULL2 fills any gap."""
+    s = dict(FULL2)
+    s.update({k: v for k, v in sizes.items() if k in FULL2})
+    if sizes.get("minutes"):  # build_pack --minutes: a time budget per training stage
+        s.update(cmd_minutes=sizes["minutes"], cvae_minutes=sizes["minutes"], enc_minutes=sizes["minutes"])
+    return s
+
+
+def _smoke(sizes: dict) -> bool:
+    return _sizes(sizes)["eval_quick"]
+
+
+def _pair(out: Path) -> list[str]:
+    return ["--generator", str(out / "generator.safetensors"), "--clip", str(out / "clip.safetensors")]
+
+
+def _call(main, args: list[str], log) -> None:
+    log("  " + " ".join(args))
+    try:
+        main(args)
+    finally:
+        dist.shutdown()
+
+
+def stage_knn(out: Path, work: Path, sizes: dict, log=print) -> dict:
+    from core.latent_bank import LatentBank
+    from training import build_knn
+
+    s = _sizes(sizes)
+    path = out / "knn_bank.safetensors"
+    _call(build_knn.main, [*_pair(out), "--size", str(s["knn_size"]), "--out", str(path), "--manifest-id", ""], log)
+    return {"entries": len(LatentBank.load(path))}
+
+
+def stage_cvae(out: Path, work: Path, sizes: dict, log=print) -> dict:
+    from training import train_cvae
+
+    s = _sizes(sizes)
+    args = [*_pair(out), "--pairs", str(out / "knn_bank.safetensors"), "--steps", str(s["cvae_steps"]),
+            "--batch", str(s["cvae_batch"]), "--time-limit", str(s["cvae_minutes"]), "--out",
+            str(out / "cvae.safetensors"), "--ckpt", str(work / "cvae.ckpt.pt"), "--resume", "--manifest-id", ""]
+    _call(train_cvae.main, args + (SMOKE_MODEL_ARGS["cvae"] if _smoke(sizes) else []), log)
+    return {"steps": s["cvae_steps"]}
+
+
+def stage_cmd(out: Path, work: Path, sizes: dict, log=print) -> dict:
+    """The CMD with the diverse triplet loss, then the pairwise-loss ablation (same data, steps and seed) into
+    work/cmd_pairwise.safetensors for the evaluation's diversity comparison."""
+    from training import train_cmd
+
+    s = _sizes(sizes)
+    common = [*_pair(out), "--samples", str(s["cmd_samples"]), "--samples-file", str(work / "cmd_samples.pt"),
+              "--steps", str(s["cmd_steps"]), "--batch", str(s["cmd_batch"]), "--time-limit", str(s["cmd_minutes"]),
+              "--resume", "--manifest-id", ""]
+    if _smoke(sizes):
+        common += SMOKE_MODEL_ARGS["cmd"]
+    _call(train_cmd.main, [*common, "--out", str(out / "cmd.safetensors"), "--ckpt", str(work / "cmd.ckpt.pt")], log)
+    _call(train_cmd.main, [*common, "--loss", "pairwise", "--out", str(work / "cmd_pairwise.safetensors"),
+                           "--ckpt", str(work / "cmd_pairwise.ckpt.pt")], log)
+    return {"steps": s["cmd_steps"], "samples": s["cmd_samples"]}
+
+
+def stage_encoder(out: Path, work: Path, sizes: dict, log=print) -> dict:
+    from training import train_encoder
+
+    s = _sizes(sizes)
+    args = [*_pair(out), "--steps", str(s["enc_steps"]), "--batch", str(s["enc_batch"]), "--time-limit",
+            str(s["enc_minutes"]), "--out", str(out / "encoder.safetensors"), "--ckpt", str(work / "encoder.ckpt.pt"),
+            "--resume", "--manifest-id", ""]
+    _call(train_encoder.main, args + (SMOKE_MODEL_ARGS["encoder"] if _smoke(sizes) else []), log)
+    return {"steps": s["enc_steps"]}
+
+
+def stage_evaluate(out: Path, work: Path, sizes: dict, log=print) -> dict:
+    from training import evaluate
+
+    args = [*_pair(out), "--cmd", str(out / "cmd.safetensors"), "--cmd-pairwise", str(work / "cmd_pairwise.safetensors"),
+            "--cvae", str(out / "cvae.safetensors"), "--knn", str(out / "knn_bank.safetensors"),
+            "--encoder", str(out / "encoder.safetensors"), "--out-dir", str(out),
+            "--model-card", str(out / "README.md")]
+    if _smoke(sizes):
+        args += ["--quick", "--faces", "2", "--parts", "text,ablation,inversion"]
+    _call(evaluate.main, args, log)
+    res = json.loads((out / "evaluation.json").read_text())
+    return {"consistency": res["summary"]["consistency"], "inversion": res.get("inversion", {})}
+
+
+STAGE_FUNCS2 = {"knn": stage_knn, "cvae": stage_cvae, "cmd": stage_cmd, "encoder": stage_encoder,
+                "evaluate": stage_evaluate}
+MANIFEST_IDS2 = {"knn": ("tiny-knn", "knn_bank.safetensors"), "cvae": ("tiny-cvae", "cvae.safetensors"),
+                 "cmd": ("tiny-cmd", "cmd.safetensors"), "encoder": ("tiny-encoder", "encoder.safetensors")}
