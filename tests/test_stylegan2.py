@@ -46,6 +46,7 @@ def test_rosinality_golden(ros):
     ws = G.mapping(z)
     close(ws, io["latents_a"])
     close(G(z, noise_mode="const"), io["img_a"])                                       # (a) z
+    close(G(z[1:2]), io["img_a"][1:2])                                     # batch 1: fused modulation path
     close(G.mapping(z, truncation_psi=io["truncation_b"]), io["latents_b"])
     close(G(z, truncation_psi=io["truncation_b"]), io["img_b"])                        # (b) psi 0.7
     close(G.synthesis(io["ws_c"], noise_mode="const"), io["img_c"])                    # (c) W+
@@ -66,6 +67,7 @@ def test_nvlabs_golden(nv):
     close(G.w_avg, io["w_avg"])
     close(G.mapping(z), io["ws_a"])
     close(G(z, truncation_psi=1, noise_mode="const"), io["img_a"])
+    close(G(z[2:3]), io["img_a"][2:3])
     close(G.mapping(z, truncation_psi=io["truncation_psi_b"]), io["ws_b"])
     close(G(z, truncation_psi=io["truncation_psi_b"]), io["img_b"])
     close(G.synthesis(io["ws_c"], noise_mode="const"), io["img_c"])
