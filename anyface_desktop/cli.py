@@ -411,6 +411,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    if args.quiet or args.json:  # quiet stderr: no library progress bars or warnings either
+        import os
+        import warnings
+
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        warnings.simplefilter("ignore")
     from core.errors import AnyFaceError
 
     try:

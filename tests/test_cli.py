@@ -1,0 +1,257 @@
+"""The `anyface` command line, end to end through the installed console script (.venv/bin/anyface).
+
+The engine is the real one on the bundled tiny pack. While that pack is not built yet (resources/weights/tiny
+empty), a random-weight pack with the same file names and shapes stands in (built once per session by
+benchmarks/bench_batch.py:make_random_pack, found through $ANYFACE_WEIGHTS_DIR), so every CLI path still runs
+the real engine, photo pipeline and batch runner; only the pictures are meaningless then.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = Path(sys.executable).parent / "anyface"
+if not SCRIPT.exists():
+    SCRIPT = ROOT / ".venv" / "bin" / "anyface"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_batch", ROOT / "benchmarks" / "bench_batch.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def weights_env(tmp_path_factory) -> dict:
+    """Extra environment for the CLI: nothing when the bundled tiny pack is there, else a random stand-in."""
+    bench = _bench()
+    if bench.bundled_pack_present("tiny"):
+        return {}
+    root = tmp_path_factory.mktemp("random-pack")
+    bench.make_random_pack(root, "tiny")
+    return {"ANYFACE_WEIGHTS_DIR": str(root)}
+
+
+def anyface(*args, env_extra=None, timeout=240, check_rc=None) -> subprocess.CompletedProcess:
+    if not SCRIPT.exists():
+        pytest.skip(f"the console script {SCRIPT} is not installed (pip install -e .)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    r = subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+    if check_rc is not None:
+        assert r.returncode == check_rc, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+    return r
+
+
+def photo(size: int = 256, flip: bool = False) -> np.ndarray:
+    from skimage.data import astronaut
+
+    im = Image.fromarray(astronaut()[0:300, 60:360]).resize((size, size), Image.BILINEAR)
+    a = np.asarray(im)
+    return a[:, ::-1].copy() if flip else a
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------------------------- no engine
+
+def test_help_and_usage_errors(tmp_path):
+    r = anyface("--help", check_rc=0)
+    assert "examples:" in r.stdout and "anyface edit" in r.stdout and "exit codes" in r.stdout
+    for cmd in ("generate", "edit", "batch-merge"):
+        r = anyface(cmd, "--help", check_rc=0)
+        assert "example" in r.stdout
+    assert "--shard K/N" in anyface("edit", "--help").stdout
+    anyface("edit", check_rc=2)  # missing arguments
+    anyface("edit", tmp_path, "--caption", "x", check_rc=2)  # -o missing
+    anyface("edit", tmp_path / "nope", "--caption", "x", "-o", tmp_path / "o", check_rc=2)
+    anyface("edit", tmp_path, "--caption", "x", "-o", tmp_path / "o", "--shard", "0/3", check_rc=2)
+    anyface("edit", tmp_path, "--caption", "x", "-o", tmp_path / "o", "--face", "biggest", check_rc=2)
+    anyface("edit", tmp_path, "--caption", "x", "-o", tmp_path / "o", "--strength", "1.5", check_rc=2)
+    anyface("edit", tmp_path, "-o", tmp_path / "o", check_rc=2)  # no caption
+    anyface("generate", "x", "-n", "0", check_rc=2)
+    anyface("frobnicate", check_rc=2)
+    assert not (tmp_path / "o").exists()
+
+
+def test_models_list_and_import(tmp_path):
+    r = anyface("models", "list", "--json", check_rc=0)  # global flag after the command
+    rows = json.loads(r.stdout)
+    assert any(row["pack"] == "tiny" for row in rows)
+    junk = tmp_path / "not_a_model.pt"
+    junk.write_bytes(b"<html>quota exceeded</html>")
+    # a real (toy) generator file: converted, registered, reported; the source file is untouched
+    from core.checkpoints import save_generator
+    from training.stage_utils import toy_generator
+
+    src = tmp_path / "toy_generator.safetensors"
+    save_generator(toy_generator(), src)
+    before = src.read_bytes()
+    r = anyface("--json", "models", "import", junk, src, check_rc=1)  # one of two files failed
+    bad, good = json.loads(r.stdout)
+    assert not bad["ok"] and "not a model file" in bad["error"]
+    assert good["ok"] and good["role"] == "generator" and Path(good["path"]).is_file()
+    assert src.read_bytes() == before
+
+
+def test_batch_merge_cli(tmp_path):
+    """Shard outputs merged by the CLI (runs made by core.batch with a stand-in processor: no engine needed)."""
+    from core import batch
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(9):
+        Image.fromarray(photo(32, flip=bool(i % 2))).save(src / f"p{i}.png")
+    (src / "bad.jpg").write_text("no image")
+
+    def proc(path, should_cancel=None):
+        from core.io import read_image
+
+        return [batch.image_output(read_image(path), "png")]
+
+    single = batch.run(src, tmp_path / "single", proc)
+    for k in (1, 2, 3):
+        batch.run(src, tmp_path / f"s{k}", proc, shard=(k, 3))
+    r = anyface("--json", "batch-merge", *(tmp_path / f"s{k}" for k in (1, 2, 3)), "-o", tmp_path / "m", check_rc=1)
+    js = json.loads(r.stdout)
+    assert js["summary"]["total"] == 10 and js["summary"]["failed"] == 1
+    assert [(d["rel"], d["status"], d["outputs"]) for d in js["items"]] == \
+        [(it.rel, it.status, it.outputs) for it in single.items]
+    assert (tmp_path / "m" / "anyface-report.csv").is_file()
+    anyface("batch-merge", tmp_path / "nothing-here", check_rc=1)
+
+
+# ----------------------------------------------------------------------------------------------- real engine
+
+def test_generate(tmp_path, weights_env):
+    out = tmp_path / "faces"
+    r = anyface("generate", "a smiling woman", "with glasses", "-n", "2", "--seed", "1", "-o", out,
+                "--save-latent", "--json", "--device", "cpu", env_extra=weights_env, check_rc=0)
+    js = json.loads(r.stdout)
+    assert [o["seed"] for o in js["outputs"]] == [1, 2]
+    for o in js["outputs"]:
+        assert Path(o["image"]).is_file() and Path(o["latent"]).is_file()
+        with Image.open(o["image"]) as im:
+            assert im.size[0] == im.size[1] >= 16
+    # same command again, run with PySide6 made unimportable (Qt-free) and --quiet: new files, nothing overwritten
+    code = ("import sys; sys.modules['PySide6'] = None\n"
+            "from anyface_desktop.cli import main\n"
+            f"rc = main(['--quiet', 'generate', 'a smiling woman', 'with glasses', '-n', '2', '--seed', '1', "
+            f"'-o', {str(out)!r}])\n"
+            "assert rc == 0, rc\n"
+            "assert not any(m.startswith('PySide6') and sys.modules[m] is not None for m in sys.modules)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **weights_env}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(p.stdout.strip().splitlines()) == 2 and p.stderr.strip() == "", p.stderr
+    assert len(list(out.glob("*.png"))) == 4
+
+
+def test_edit_single_photo(tmp_path, weights_env):
+    src = tmp_path / "me.jpg"
+    Image.fromarray(photo(256)).save(src, quality=92)
+    before = src.read_bytes()
+    out = tmp_path / "out"
+    r = anyface("edit", src, "--caption", "grey hair", "--strength", "0.5", "--tier", "fast", "--aligned-only",
+                "--format", "webp", "--save-latent", "-o", out, env_extra=weights_env, check_rc=0)
+    assert "1 of 1 photos done, 0 failed" in r.stdout
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith((".", "anyface-report"))) == \
+        ["me_anyface_face0.npz", "me_anyface_face0.webp"]
+    assert src.read_bytes() == before
+    from core.io import read_metadata
+
+    meta = read_metadata(out / "me_anyface_face0.webp")
+    assert meta.get("captions") == ["grey hair"]
+
+
+def test_edit_folder_sharded_resumed_merged(tmp_path, weights_env):
+    src = tmp_path / "photos"
+    (src / "sub").mkdir(parents=True)
+    Image.fromarray(photo(256)).save(src / "a.jpg", quality=92)
+    Image.fromarray(photo(224, flip=True)).save(src / "b.png")
+    Image.fromarray(photo(240)).save(src / "sub" / "a.jpg", quality=92)  # same name in a subfolder
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    Image.fromarray(np.full((128, 128, 3), 120, np.uint8)).save(src / "sub" / "wall.png")  # no face
+    before = tree_hashes(src)
+    out = tmp_path / "edited"
+    common = ["edit", src, "--recursive", "--caption", "smiling", "--caption", "grey hair", "--strength", "0.6",
+              "--face", "largest", "--tier", "fast", "-o", out]
+    rcs = []
+    for k in (1, 2):
+        r = anyface(*common, "--shard", f"{k}/2", "--json", env_extra=weights_env)
+        assert r.returncode in (0, 1), r.stderr[-3000:]
+        rcs.append(r.returncode)
+        js = json.loads(r.stdout)
+        assert js["summary"]["shard"] == [k, 2]
+    assert 1 in rcs  # the two bad files are somewhere
+    merged = anyface("--json", "batch-merge", out, check_rc=1)
+    items = {d["rel"]: d for d in json.loads(merged.stdout)["items"]}
+    assert set(items) == {"a.jpg", "b.png", "broken.jpg", "sub/a.jpg", "sub/wall.png"}
+    assert {k: (v["status"], v["code"]) for k, v in items.items()} == {
+        "a.jpg": ("ok", ""), "b.png": ("ok", ""), "sub/a.jpg": ("ok", ""),
+        "broken.jpg": ("failed", "invalid_image"), "sub/wall.png": ("failed", "no_face")}
+    for rel, o in [("a.jpg", "a_anyface.png"), ("b.png", "b_anyface.png"), ("sub/a.jpg", "sub/a_anyface.png")]:
+        assert items[rel]["outputs"] == [o]
+        with Image.open(out / o) as im:
+            assert im.size == Image.open(src / rel).size
+    # unsharded re-run: everything done is skipped, the failures are retried and reported again
+    r = anyface(*common, env_extra=weights_env, check_rc=1)
+    assert "3 of 5 photos done (3 by an earlier run), 2 failed" in r.stdout
+    assert "FAILED broken.jpg: [invalid_image]" in r.stderr and "FAILED sub/wall.png: [no_face]" in r.stderr
+    with open(out / "anyface-report.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5
+    assert tree_hashes(src) == before
+
+
+@pytest.mark.slow
+def test_edit_interrupted_by_sigint_then_resumed(tmp_path, weights_env):
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(10):
+        Image.fromarray(photo(200 + 4 * i, flip=bool(i % 2))).save(src / f"p{i:02d}.jpg", quality=90)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **weights_env}
+    cmd = [str(SCRIPT), "edit", str(src), "--caption", "a beard", "--tier", "fast", "-o", str(out)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    manifest = out / ".anyface-batch" / "manifest.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and p.poll() is None:
+        if manifest.is_file() and manifest.read_text().count('"status": "ok"') >= 1:
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, p.communicate()[1][-3000:]
+    t0 = time.time()
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130, stderr[-3000:]
+    assert time.time() - t0 < 10  # stops after the current photo (generous: the test machine is shared)
+    assert "cancelled" in stdout
+    from core import batch
+
+    idx = batch.read_manifest(batch.manifest_paths(out))
+    done = [k for k, v in idx.items() if v["status"] == "ok"]
+    assert 1 <= len(done) < 10
+    for k in done:
+        assert (out / idx[k]["outputs"][0]).is_file()
+    r = anyface(*cmd[1:], env_extra=weights_env, check_rc=0)
+    assert f"10 of 10 photos done ({len(done)} by an earlier run), 0 failed" in r.stdout
+    assert len(list(out.glob("*_anyface.png"))) == 10
