@@ -228,7 +228,7 @@ def _w_scale(generator, device) -> float:
 def invert_detailed(generator, aligned_img, tier: str = "fast", encoder: Encoder | None = None, clip=None,
                     identity: Callable[[torch.Tensor], torch.Tensor] | None = None, *, steps: int | None = None,
                     lr: float = 0.1, pixel_weight: float = 1.0, perceptual_weight: float = 1.0,
-                    identity_weight: float = 0.5, pull_weight: float = 1e-3,
+                    identity_weight: float = 0.5, pull_weight: float = 1e-3, time_budget: float | None = None,
                     progress: Callable[[int, int], None] | None = None,
                     should_cancel: Callable[[], bool] | None = None) -> InversionResult:
     """``invert`` with the details: PSNR before/after, the loss curve, timing, notes. See ``invert``."""
@@ -281,6 +281,11 @@ def invert_detailed(generator, aligned_img, tier: str = "fast", encoder: Encoder
                 for i in range(n_steps):
                     if should_cancel is not None and should_cancel():
                         raise CancelledError("Inversion cancelled.")
+                    if time_budget is not None and i > 0 and time.perf_counter() - t0 > time_budget:
+                        notes.append(f"stopped after {i} of {n_steps} steps (time budget {time_budget:g} s)")
+                        if progress is not None:
+                            progress(n_steps, n_steps)
+                        break
                     frac = i / max(n_steps, 1)
                     cur_lr = lr * min(1.0, 0.5 - 0.5 * math.cos(math.pi * min(1.0, (1 - frac) / 0.25)))
                     cur_lr *= min(1.0, frac / 0.05) if n_steps >= 20 else 1.0
@@ -318,7 +323,7 @@ def invert_detailed(generator, aligned_img, tier: str = "fast", encoder: Encoder
 
 def invert(generator, aligned_img, tier: str = "fast", encoder: Encoder | None = None, clip=None,
            identity: Callable[[torch.Tensor], torch.Tensor] | None = None, *, steps: int | None = None,
-           progress: Callable[[int, int], None] | None = None,
+           time_budget: float | None = None, progress: Callable[[int, int], None] | None = None,
            should_cancel: Callable[[], bool] | None = None) -> torch.Tensor:
     """Invert an FFHQ-aligned face into the generator's W+: returns ws [num_ws, w_dim] (CPU).
 
@@ -326,11 +331,12 @@ def invert(generator, aligned_img, tier: str = "fast", encoder: Encoder | None =
     resized to the generator's resolution. ``tier``: "fast" (encoder only, or w_avg), "balanced"
     (+50 steps), "best" (+300 steps); ``steps`` overrides the tier's count. ``clip`` adds a perceptual
     loss on ``clip.image_features``; ``identity`` (a differentiable img [N,3,H,W] -> [N, D] embedder)
-    adds an identity loss. ``progress(done, total)`` is called per step; ``should_cancel()`` is checked
-    per step and raises ``CancelledError``.
+    adds an identity loss. ``time_budget`` (seconds) stops refinement early, keeping the best code so
+    far (for live previews on slow machines). ``progress(done, total)`` is called per step;
+    ``should_cancel()`` is checked per step and raises ``CancelledError``.
     """
-    return invert_detailed(generator, aligned_img, tier, encoder, clip, identity, steps=steps, progress=progress,
-                           should_cancel=should_cancel).ws
+    return invert_detailed(generator, aligned_img, tier, encoder, clip, identity, steps=steps,
+                           time_budget=time_budget, progress=progress, should_cancel=should_cancel).ws
 
 
 # ------------------------------------------------------------------------------------------ identity

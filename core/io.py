@@ -266,7 +266,7 @@ def as_rgb_uint8(img: np.ndarray) -> np.ndarray:
 
 
 def resize_max_side(img: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
-    """Downscale (area filter) so that max(H, W) <= max_side. Returns (image, scale) with
+    """Downscale (area filter; bilinear + 2x area below half size) so that max(H, W) <= max_side. Returns (image, scale) with
     ``scale = new / old`` (1.0 and the same array when no resize was needed)."""
     h, w = img.shape[:2]
     side = max(h, w)
@@ -276,7 +276,13 @@ def resize_max_side(img: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
 
     s = max_side / side
     nw, nh = max(1, int(round(w * s))), max(1, int(round(h * s)))
-    out = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+    if s < 0.5:
+        # INTER_AREA at arbitrary ratios is slow on big photos (~0.2 s for 12 MP): bilinear to twice the
+        # target, then an exact 2x area reduction (~0.04 s), alias-free enough for detection
+        mid = cv2.resize(img, (2 * nw, 2 * nh), interpolation=cv2.INTER_LINEAR)
+        out = cv2.resize(mid, (nw, nh), interpolation=cv2.INTER_AREA)
+    else:
+        out = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
     return out, nw / w
 
 

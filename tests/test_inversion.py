@@ -82,6 +82,8 @@ def test_progress_and_cancel(G, target):
     with pytest.raises(CancelledError):
         invert(G, target, "best", should_cancel=cancel)
     assert len(calls) == 3
+    r = invert_detailed(G, target, "best", time_budget=0.0)
+    assert r.psnr >= r.psnr_start and any("time budget" in n for n in r.notes) and len(r.losses) == 1
     fast = []
     invert(G, target, "fast", progress=lambda d, t: fast.append((d, t)))
     assert fast == [(1, 1)]
