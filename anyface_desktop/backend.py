@@ -81,7 +81,7 @@ class Backend:
 
     # ------------------------------------------------------------------ engine
     def load(self, pack: str | None = None, device: str | None = None, progress: ProgressFn = None,
-             should_cancel: CancelFn = None, detector: str | None = "auto") -> EngineInfo:
+             should_cancel: CancelFn = None, detector: str | None = "auto", tier: str = "fast") -> EngineInfo:
         t0 = time.perf_counter()
         if pack is not None:
             self.pack = pack
@@ -97,7 +97,7 @@ class Backend:
                                            should_cancel=should_cancel)
         if detector:
             self.warm_up(detector)
-        self.warm_up_engine()
+        self.warm_up_engine(tier)
         return self.info(time.perf_counter() - t0)
 
     def warm_up(self, detector: str = "auto") -> None:
@@ -115,10 +115,10 @@ class Backend:
             except Exception:  # noqa: BLE001 - an unavailable detector is reported when a photo is opened
                 pass
 
-    def warm_up_engine(self) -> None:
-        """Run each kind of job once on a dummy input, so lazy imports and first-call initialisation (torch's
-        optimiser imports torch._dynamo, ~1.5 s of imports that hold the GIL) happen while loading, not in the
-        middle of the first inversion."""
+    def warm_up_engine(self, tier: str = "fast") -> None:
+        """Run each kind of job once on a dummy input, so lazy imports and first-call initialisation happen while
+        loading, not in the middle of the first inversion (the optimiser of the "balanced"/"best" tiers imports
+        torch._dynamo: ~1.5 s of imports that hold the GIL; the text encoder's first call is slow too)."""
         e = self.engine
         if e is None:
             return
@@ -126,8 +126,8 @@ class Backend:
             gray = np.full((int(e.resolution), int(e.resolution), 3), 128, np.uint8)
             from core.inversion import invert
 
-            ws = invert(e.generator, gray, tier="balanced", encoder=getattr(e, "encoder", None),
-                        clip=getattr(e, "clip", None), steps=1)
+            ws = invert(e.generator, gray, tier=tier, encoder=getattr(e, "encoder", None),
+                        clip=getattr(e, "clip", None), steps=0 if tier == "fast" else 1)
             if e.methods:
                 e.edit(ws, ["a face"], 0.5, method=e.methods[0])
         except Exception:  # noqa: BLE001 - warming up is best effort; real errors surface on real jobs

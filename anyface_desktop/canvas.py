@@ -144,7 +144,8 @@ class PhotoCanvas(QWidget):
     # ------------------------------------------------------------------ painting
     def paintEvent(self, e):  # noqa: N802
         p = QPainter(self)
-        p.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform, self.scale < 4)
+        # smooth when fitted (a 64 px face blown up to the window), crisp pixels when zoomed in to inspect
+        p.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform, self.fit_mode or self.scale < 4)
         pal = self.palette()
         p.fillRect(self.rect(), pal.color(pal.ColorRole.Base).darker(110))
         base = self._base()

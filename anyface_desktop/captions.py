@@ -32,10 +32,11 @@ class CaptionEditor(QWidget):
         self.list.setEditTriggers(QAbstractItemView.EditTrigger.DoubleClicked | QAbstractItemView.EditTrigger.EditKeyPressed
                                   | QAbstractItemView.EditTrigger.SelectedClicked)
         self.list.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
-        self.list.setMinimumHeight(90)
+        self.list.setMinimumHeight(70)
+        self.list.setMaximumHeight(150)
         self.list.itemChanged.connect(self._item_changed)
         self.list.setToolTip("Double-click a caption to edit it; Delete removes the selected ones")
-        lay.addWidget(self.list, 1)
+        lay.addWidget(self.list)
 
         row = QHBoxLayout()
         self.entry = QLineEdit()

@@ -92,8 +92,8 @@ class MainWindow(QMainWindow):
         side = QWidget()
         sl = QVBoxLayout(side)
         sl.setContentsMargins(6, 6, 6, 6)
-        sl.addWidget(self.captions, 3)
-        sl.addWidget(self.tabs, 4)
+        sl.addWidget(self.captions, 0)
+        sl.addWidget(self.tabs, 1)
         side.setMinimumWidth(340)
         self.splitter = QSplitter()
         self.splitter.addWidget(self.canvas)
@@ -197,6 +197,10 @@ class MainWindow(QMainWindow):
         m = mb.addMenu("&Models")
         m.addAction(self.act_models)
 
+        for a, short in ((self.act_open, "Open"), (self.act_save_as, "Export"), (self.act_generate, "Generate"),
+                         (self.act_apply, "Apply"), (self.act_models, "Models"), (self.act_settings, "Settings"),
+                         (self.act_batch, "Batch")):
+            a.setIconText(short)
         tb = QToolBar("Main")
         tb.setObjectName("main_toolbar")
         tb.setMovable(False)
@@ -358,9 +362,9 @@ class MainWindow(QMainWindow):
     batch_dialog = None
 
     def load_engine(self) -> None:
-        pack, device, detector = self.pack_id, self.device_pref, self.settings.detector
+        pack, device, detector, tier = self.pack_id, self.device_pref, self.settings.detector, self.settings.tier
         self.engine_info = None
-        self.submit("load", lambda b, progress, cancel: b.load(pack, device, progress, cancel, detector))
+        self.submit("load", lambda b, progress, cancel: b.load(pack, device, progress, cancel, detector, tier))
 
     def _done_load(self, job: Job, info) -> None:
         self.engine_info = info
@@ -721,6 +725,9 @@ class MainWindow(QMainWindow):
             if "device" in changed:
                 self.device_pref = changed["device"]
                 self.load_engine()  # the backend reloads the pack on the new device, on the worker thread
+            elif "tier" in changed or "detector" in changed:
+                det, tier = self.settings.detector, self.settings.tier
+                self.submit("warm-up", lambda b, progress, cancel: (b.warm_up(det), b.warm_up_engine(tier)))
 
     # ================================================================== window
     def dragEnterEvent(self, e):  # noqa: N802

@@ -74,6 +74,8 @@ class ModelManager(QDialog):
         split = QSplitter()
         self.packs = QListWidget()
         self.packs.setMinimumWidth(240)
+        self.packs.setWordWrap(True)
+        self.packs.setSpacing(2)
         self.packs.currentRowChanged.connect(lambda *_: self._show_pack())
         split.addWidget(self.packs)
         right = QWidget()

@@ -40,9 +40,9 @@ def _engine():
 
 
 class ToyBackend(Backend):
-    def load(self, pack=None, device=None, progress=None, should_cancel=None, detector="auto"):
+    def load(self, pack=None, device=None, progress=None, should_cancel=None, detector="auto", tier="fast"):
         self.warm_up(detector)
-        self.warm_up_engine()
+        self.warm_up_engine("balanced")
         return self.info(0.0)
 
 
