@@ -95,9 +95,13 @@ class Backend:
             self.engine = None  # free the old pack first
             self.engine = Engine.from_pack(self.pack, device=pick_device(self.device), progress=progress,
                                            should_cancel=should_cancel)
-        if detector:
-            self.warm_up(detector)
-        self.warm_up_engine(tier)
+        from core.errors import CancelledError
+
+        for step in ((lambda: self.warm_up(detector)) if detector else None, lambda: self.warm_up_engine(tier)):
+            if should_cancel is not None and should_cancel():
+                raise CancelledError("Loading was cancelled.")
+            if step is not None:
+                step()
         return self.info(time.perf_counter() - t0)
 
     def warm_up(self, detector: str = "auto") -> None:
