@@ -83,6 +83,7 @@ class MainWindow(QMainWindow):
         self.gallery.generateRequested.connect(self.generate)
         self.gallery.moreLikeRequested.connect(self.more_like)
         self.gallery.editRequested.connect(self.edit_generated)
+        self.gallery.view.currentRowChanged.connect(self._gallery_preview)
         self.history_panel = HistoryPanel()
         self.history_panel.jumpRequested.connect(self.jump_history)
 
@@ -595,6 +596,11 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"{len(results)} faces in {job.seconds:.2f} s. Double-click one to edit it.", 6000)
         if self.photo is None and results:
             self.canvas.set_images(results[0].image, None, refit=True)
+
+    def _gallery_preview(self, row: int) -> None:
+        """With nothing being edited, the canvas shows the face picked in the gallery."""
+        if self.photo is None and self.source is None and 0 <= row < len(self.gallery.results):
+            self.canvas.set_images(self.gallery.results[row].image, None, refit=True)
 
     def more_like(self, picked) -> None:
         caps = self.captions.captions() or list(getattr(picked, "captions", []) or [])
