@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("pytestqt")
 
-from anyface_desktop.backend import Backend, BatchJob  # noqa: E402
+from anyface_desktop.backend import Backend  # noqa: E402
 from anyface_desktop.dialogs import open_error_boxes  # noqa: E402
 from anyface_desktop.export import read_provenance  # noqa: E402
 from anyface_desktop.settings import ENV_SETTINGS_FILE, Settings  # noqa: E402
