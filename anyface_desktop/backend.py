@@ -240,6 +240,24 @@ class Backend:
     def compose(self, face: FaceState, face_image: np.ndarray) -> np.ndarray:
         return self.paste_back(face.photo.image, face_image, face.transform)
 
+    def open_latent(self, path: str):
+        """A latent .npz saved by Export (core.latents) -> a face to edit further (rendered by this pack)."""
+        from core.errors import InvalidCheckpointError
+        from core.latents import load_latent
+
+        e = self.require_engine()
+        lat = load_latent(path)
+        if (lat.num_ws, lat.w_dim) != (int(e.num_ws), int(e.w_dim)):
+            raise InvalidCheckpointError(
+                f"{Path(path).name} holds a {lat.num_ws}x{lat.w_dim} code from pack '{lat.pack_id}'; the loaded pack "
+                f"'{getattr(e, 'pack_id', '?')}' takes {e.num_ws}x{e.w_dim}. Switch to that pack in Models.")
+        try:
+            from core.engine import FaceResult
+        except ImportError:  # a fake engine in tests
+            from types import SimpleNamespace as FaceResult
+        return FaceResult(image=e.render(lat.ws), ws=lat.ws, seed=lat.seed, captions=tuple(lat.captions),
+                          method=lat.method)
+
     def more_like(self, picked: Any, captions: Sequence[str], n: int, seed: int, method: str = "cmd",
                   closeness: float = 0.65, progress: ProgressFn = None, should_cancel: CancelFn = None) -> list:
         """Variations of a picked face: new faces for the same captions, each pulled ``closeness`` of the way

@@ -147,6 +147,8 @@ class MainWindow(QMainWindow):
             return a
 
         self.act_open = act("&Open photo…", self.open_dialog, QKeySequence.StandardKey.Open, "Open a photo (Ctrl+O)")
+        self.act_open_latent = act("Open &latent (.npz)…", self.open_latent_dialog, None,
+                                   "Continue editing a face exported with its latent")
         self.act_save = act("&Export", self.quick_export, "Ctrl+S", "Export to the default folder (Ctrl+S)")
         self.act_save_as = act("Export &As…", self.export_as, "Ctrl+Shift+S", "Export with options (Ctrl+Shift+S)")
         self.act_undo = act("&Undo", self.undo, "Ctrl+Z", "Undo (Ctrl+Z)")
@@ -175,6 +177,7 @@ class MainWindow(QMainWindow):
         m = mb.addMenu("&File")
         m.addAction(self.act_open)
         self.recent_menu = m.addMenu("Open &recent")
+        m.addAction(self.act_open_latent)
         self.recent_menu.aboutToShow.connect(self._fill_recent)
         self._fill_recent()
         m.addSeparator()
@@ -596,6 +599,19 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"{len(results)} faces in {job.seconds:.2f} s. Double-click one to edit it.", 6000)
         if self.photo is None and results:
             self.canvas.set_images(results[0].image, None, refit=True)
+
+    def open_latent_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open latent", self.settings.output_dir, "AnyFace latents (*.npz)")
+        if path:
+            self.open_latent(path)
+
+    def open_latent(self, path: str) -> None:
+        self.submit("latent", lambda b, progress, cancel: b.open_latent(str(path)))
+
+    def _done_latent(self, job: Job, result) -> None:
+        self.edit_generated(result)
+        if getattr(result, "captions", None):
+            self.captions.set_captions(list(result.captions), emit=False)
 
     def _gallery_preview(self, row: int) -> None:
         """With nothing being edited, the canvas shows the face picked in the gallery."""

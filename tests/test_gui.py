@@ -328,6 +328,12 @@ def test_export_writes_metadata_and_latent_never_over_input(qtbot, photo, tmp_pa
     assert photo.read_bytes() == before
     for b in open_error_boxes():
         b.close()
+    # the latent round-trips: open it to keep editing
+    exported_ws = win.current_entry.ws
+    win.open_latent(str(tmp_path / "out" / "face.npz"))
+    qtbot.waitUntil(lambda: win.face is None or bool(open_error_boxes()), timeout=5000)
+    assert not open_error_boxes(), open_error_boxes()[-1].text()
+    assert torch.allclose(win.source.ws, exported_ws) and win.captions.captions() == ["blue eyes"]
     close_window(qtbot, win)
 
 
