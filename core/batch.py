@@ -413,9 +413,9 @@ def manifest_paths(out_dir: str | os.PathLike) -> list[Path]:
 
 
 def read_manifest(paths: Iterable[str | os.PathLike], index: dict | None = None) -> dict[str, dict]:
-    """rel -> last record, over JSON-lines manifests (a torn last line from a killed run is ignored).
-    Final records (ok/failed) win over a later ``started`` only when that start never finished, which
-    is what the last record says anyway: the last record of each input is its state."""
+    """rel -> its latest record (by the record's ``time``; file order breaks ties) over JSON-lines manifests,
+    e.g. every shard's and the unsharded run's in one folder. A torn last line from a killed run is ignored.
+    The latest record is the input's state: ``started`` without a later ``ok``/``failed`` means not done."""
     index = {} if index is None else index
     for p in paths:
         try:
@@ -431,7 +431,9 @@ def read_manifest(paths: Iterable[str | os.PathLike], index: dict | None = None)
                 except ValueError:
                     continue
                 if isinstance(rec, dict) and "rel" in rec and rec.get("status") in ("started", "ok", "failed"):
-                    index[rec["rel"]] = rec
+                    old = index.get(rec["rel"])
+                    if old is None or float(rec.get("time", 0)) >= float(old.get("time", 0)):
+                        index[rec["rel"]] = rec
     return index
 
 
@@ -460,7 +462,7 @@ class _Manifest:
 
     def write(self, rec: dict) -> None:
         self.f.seek(0, os.SEEK_END)
-        self.f.write((json.dumps(rec) + "\n").encode("ascii"))
+        self.f.write((json.dumps(rec, default=str) + "\n").encode("ascii"))
         self.f.flush()
 
     def close(self) -> None:
@@ -668,7 +670,7 @@ def _run_one(item: BatchInput, out: Path, out_res: Path, staging: Path, process,
     if item.error is not None:
         base.code, base.reason = item.error
         rec = {"rel": item.rel, "status": "failed", "code": base.code, "reason": base.reason, "job": job,
-               "owned": owned, "input": str(item.path)}
+               "owned": owned, "time": time.time(), "input": str(item.path)}
         manifest.write(rec)
         index[item.rel] = rec
         return base
@@ -756,8 +758,7 @@ def merge_reports(sources: Iterable[str | os.PathLike], dest: str | os.PathLike 
     """Combine the manifests of several runs (output folders, or manifest ``.jsonl`` files) into one report.
 
     The result (``<dest>/anyface-report.csv|json`` and ``<dest>/.anyface-batch/manifest.merged.jsonl``)
-    lists every input once, in walk order; for an input seen by several sources the last final record
-    wins. ``dest`` defaults to the first source folder."""
+    lists every input once, in walk order; for an input seen by several sources its latest record wins. ``dest`` defaults to the first source folder."""
     t0 = time.perf_counter()
     sources = [Path(s) for s in sources]
     if not sources:
@@ -774,9 +775,9 @@ def merge_reports(sources: Iterable[str | os.PathLike], dest: str | os.PathLike 
         if not files:
             raise OutputError(f"No batch manifest in '{s}' (expected {STATE_DIR}/manifest*.jsonl).")
         for rel, rec in read_manifest(files).items():
-            if rec["status"] == "started" and rel in merged:
-                continue
-            merged[rel] = (rec, out_dir)
+            old = merged.get(rel)
+            if old is None or float(rec.get("time", 0)) >= float(old[0].get("time", 0)):
+                merged[rel] = (rec, out_dir)
     dest_p = Path(dest) if dest is not None else (sources[0] if sources[0].is_dir() else
                                                    sources[0].parent.parent)
     state = dest_p / STATE_DIR

@@ -559,9 +559,14 @@ def test_three_shards_cover_thirty_inputs_exactly_once(tmp_path):
     # merging manifest files directly works too
     m3 = batch.merge_reports(sorted((shared / batch.STATE_DIR).glob("manifest.shard-*.jsonl")), tmp_path / "m3")
     assert keys(m3.items) == keys(single.items)
-    # an unsharded re-run in the shared folder finds everything done
+    # an unsharded re-run in the shared folder finds everything done; a fixed input is redone, and the newest
+    # record wins over the shard's older failure when reports are merged
+    fixed = next(it.rel for it in single.items if it.status == "failed")
+    (src / fixed).write_bytes(_encode(astronaut(40), "PNG"))
     again = batch.run(src, shared, fake_process, recursive=True)
-    assert again.reused == 27
+    assert again.reused == 27 and again.ok == 28 and again.failed == 2
+    after = {it.rel: it.status for it in batch.merge_reports([shared]).items}
+    assert after[fixed] == "ok" and sum(v == "ok" for v in after.values()) == 28
 
 
 # ----------------------------------------------------------------------------------------------- photo editing
