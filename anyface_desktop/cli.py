@@ -25,8 +25,9 @@ exit codes: 0 all ok, 1 some items failed, 2 usage error, 130 interrupted (re-ru
 """
 
 EDIT_EPILOG = """A folder run is resumable: re-run the same command and finished photos are skipped, missing or
-partial outputs redone. Inputs are never modified. Each run writes anyface-report.csv/.json (every
-input with its status and the reason of each failure) next to the outputs.
+partial outputs redone. Inputs are never modified (the output folder may be the input folder). Each
+run writes anyface-report.csv/.json (every input with its status and the reason of each failure) next to
+the outputs. Hidden files and symlinked folders are skipped. Ctrl-C stops after the current photo.
 
 examples:
   anyface edit photo.jpg --caption "grey hair" -o edited/
