@@ -26,7 +26,7 @@ MAX_TEXT_TOKENS = 64  # captions are short; longer ones are truncated with a war
 TINY_DEFAULTS: dict[str, Any] = {
     "arch": TINY_ARCH,
     "image_size": 64,
-    "widths": [32, 64, 128, 256],
+    "widths": [24, 48, 96, 192],
     "embed_dim": 256,
     "text_width": 384,
     "text_hidden": 512,
@@ -136,7 +136,7 @@ class _ResBlock(nn.Module):
 class TinyImageTower(nn.Module):
     """64 px image -> strided stem -> feature maps at 32/16/8/4 px -> pooled vector -> embedding."""
 
-    def __init__(self, widths: Sequence[int] = (32, 64, 128, 256), embed_dim: int = 256, image_size: int = 64):
+    def __init__(self, widths: Sequence[int] = (24, 48, 96, 192), embed_dim: int = 256, image_size: int = 64):
         super().__init__()
         self.image_size = image_size
         w = list(widths)

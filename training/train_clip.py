@@ -86,6 +86,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def prepare(data: dict, work: Path, log=print, variants=(4, 2, 1)) -> dict:
     """Caption pool + MiniLM embeddings for the training faces (and flipped labels)."""
+    work.mkdir(parents=True, exist_ok=True)
     labels = [l for l in data["labels"]]
     all_sets = labels + [flip_labels(l) for l in labels]
     pool = C.build_caption_pool(all_sets, variants=variants)
@@ -129,7 +130,7 @@ def train_clip(train: dict, work: Path, *, steps: int = 1500, batch: int = 128, 
     t0 = time.time()
     losses = []
     while step < steps:
-        if minutes is not None and time.time() - t0 > minutes * 60:
+        if minutes is not None and time.time() - t0 >= minutes * 60:
             log(f"time limit reached at step {step}")
             break
         cur_lr = lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0)))
@@ -209,6 +210,7 @@ def retrieval(model: TinyClip, img_emb: torch.Tensor, labels: list[dict[str, str
         caps.append(C._caption_all(dict(k), rng))
     t = torch.cat([model.encode_text(caps[i:i + 256]) for i in range(0, len(caps), 256)])
     im = img_emb[keep]
+    gallery = max(1, min(gallery, len(keep)))
     res = {"t2i_R@1": [], "t2i_R@5": [], "i2t_R@1": [], "i2t_R@5": [], "t2i_consistent@1": []}
     for s in range(0, len(keep) - gallery + 1, gallery):
         sim = im[s:s + gallery] @ t[s:s + gallery].t()  # [img, txt]

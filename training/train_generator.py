@@ -110,7 +110,7 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
         os.replace(ckpt.with_suffix(".tmp"), ckpt)
 
     while step < total:
-        if minutes is not None and time.time() - t0 > minutes * 60:
+        if minutes is not None and time.time() - t0 >= minutes * 60:
             log(f"time limit reached at step {step}")
             break
         if clip is None and clip_path and os.path.exists(clip_path):

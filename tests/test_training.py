@@ -1,0 +1,81 @@
+"""training/: annotator and captions on a few faces, and the --smoke build of the tiny pack stages."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_captions_vary_and_paraphrases_are_held_out():
+    from training import captions as C
+
+    rng = random.Random(0)
+    caps = C.captions_for({"hair": "red", "smile": "smiling", "yaw": "left"}, rng, n=5)
+    assert len(caps) == 5 and len(set(caps)) >= 3
+    # the value-specific words of each paraphrase never occur in that value's training phrases
+    for attr, vals in C.PARAPHRASES.items():
+        for value, text in vals.items():
+            own = {w for p in C.PHRASES[attr][value] for w in p.lower().replace(",", " ").split()}
+            content = set(text.lower().replace(",", " ").split()) - {
+                "a", "an", "the", "with", "someone", "individual", "of", "from", "side", "against", "photographed",
+                "complexion", "lips", "wall", "is", "who", "and", "at", "coming", "skin", "hair", "backdrop"}
+            assert not (content & own), (attr, value, content & own)
+    pool = C.build_caption_pool([{"hair": "black", "mouth": "open"}], variants=(2, 1, 1))
+    assert set(pool) == {(("hair", "black"),), (("mouth", "open"),), (("hair", "black"), ("mouth", "open"))}
+
+
+def test_annotator_on_dcgan_faces():
+    from training.annotate import annotate_batch
+    from training.dcgan import load_dcgan, sample_faces, sample_z, to_uint8
+
+    faces = to_uint8(sample_faces(load_dcgan(), sample_z(4, 0)))
+    assert faces.shape == (4, 64, 64, 3) and faces.dtype == np.uint8
+    ann = annotate_batch(faces)
+    assert all(a.landmarks.shape == (68, 2) for a in ann)
+    assert all(np.isfinite(list(a.measures.values())).all() for a in ann)
+    from training.annotate import ATTRIBUTES
+
+    for a in ann:
+        for k, v in a.labels.items():
+            assert v in ATTRIBUTES[k]
+
+
+def test_smoke_refuses_resources():
+    r = subprocess.run([sys.executable, "-m", "training.build_pack", "--smoke", "--out", "resources/weights/tiny"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "never writes into resources" in r.stderr
+
+
+@pytest.mark.slow
+def test_build_pack_smoke(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    manifest_before = (ROOT / "resources" / "weights" / "manifest.json").read_bytes()
+    r = subprocess.run([sys.executable, "-m", "training.build_pack", "--smoke", "--stage", "clip", "--stage",
+                        "generator", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (ROOT / "resources" / "weights" / "manifest.json").read_bytes() == manifest_before
+
+    from core.checkpoints import load_generator
+    from core.clip import load_clip
+
+    clip = load_clip(tmp_path / "clip.safetensors")
+    assert clip.encode_image(torch.zeros(1, 3, 64, 64)).shape == (1, clip.embed_dim)
+    G = load_generator(tmp_path / "generator.safetensors")
+    assert G.z_dim == 100 and G.img_resolution == 64
+    with torch.no_grad():
+        img = G(torch.randn(2, 100))
+    assert img.shape == (2, 3, 64, 64)
+    assert not torch.allclose(G.w_avg, torch.zeros_like(G.w_avg))
+    for name in ("clip_metrics.json", "generator_metrics.json"):
+        json.loads((tmp_path / name).read_text())
+    assert (tmp_path / "samples_generator.png").exists()

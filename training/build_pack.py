@@ -1,0 +1,180 @@
+"""Build the bundled offline "tiny" pack.
+
+    python -m training.build_pack --stage clip --out resources/weights/tiny
+    python -m training.build_pack --stage generator --out resources/weights/tiny
+    python -m training.build_pack --smoke --out /tmp/pack     # every stage on toy sizes (CI, < 3 min)
+
+Every stage is resumable: data, caption embeddings and training checkpoints live under ``--work``
+(default ``runs/``, git-ignored); re-running a finished stage only re-exports. Writing into
+resources/weights/tiny also updates the sha256 + size of the stage's entry in resources/weights/manifest.json.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+MANIFEST = REPO / "resources" / "weights" / "manifest.json"
+TINY_DIR = REPO / "resources" / "weights" / "tiny"
+STAGES = ("clip", "generator", "knn", "cvae", "cmd", "encoder", "evaluate")  # part 2: training/pack_part2.py
+MANIFEST_IDS = {"clip": ("tiny-clip", "clip.safetensors"), "generator": ("tiny-generator", "generator.safetensors")}
+
+# real sizes / toy sizes
+FULL = {
+    "n_train": 9000, "n_val": 1000, "clip_steps": 450, "clip_batch": 64, "clip_config": None,
+    "caption_variants": (4, 2, 1), "gen_steps": 3000, "gen_adv_steps": 0, "gen_batch": 8, "gen_config": None,
+    "eval_n": 2000,
+}
+SMOKE = {
+    "n_train": 24, "n_val": 24, "clip_steps": 3, "clip_batch": 8, "clip_config": {"widths": [8, 8, 16, 16],
+                                                                                 "embed_dim": 32, "text_hidden": 32},
+    "caption_variants": (1, 1, 1), "gen_steps": 2, "gen_adv_steps": 2, "gen_batch": 4,
+    "gen_config": {"resolution": 64, "z_dim": 100, "w_dim": 32, "mapping_layers": 2,
+                   "channels": {str(r): 8 for r in (4, 8, 16, 32, 64)}},
+    "eval_n": 40,
+}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def update_manifest(stage: str, path: Path, manifest: Path = MANIFEST) -> dict:
+    """Set sha256 + size of the stage's entry (only the tiny-generator / tiny-clip entries)."""
+    file_id, _ = MANIFEST_IDS[stage]
+    data = json.loads(manifest.read_text())
+    for entry in data["files"]:
+        if entry["id"] == file_id:
+            entry["sha256"] = sha256_file(path)
+            entry["size"] = path.stat().st_size
+            break
+    else:
+        raise KeyError(f"{file_id} not in {manifest}")
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    tmp = manifest.with_suffix(".json.tmp")
+    tmp.write_text(text + ("\n" if manifest.read_text().endswith("\n") else ""))
+    os.replace(tmp, manifest)
+    return entry
+
+
+def _datasets(work: Path, sizes: dict, log):
+    from training.annotate import cached_dataset
+
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    val = cached_dataset(data / "val.pt", sizes["n_val"], 2, log=log)
+    train = cached_dataset(data / "train.pt", sizes["n_train"], 1, log=log)
+    return train, val
+
+
+def stage_clip(out: Path, work: Path, sizes: dict, log=print) -> dict:
+    from training.train_clip import evaluate_clip, prepare, train_clip
+
+    train, val = _datasets(work, sizes, log)
+    prep = prepare(train, work / "clip", log=log, variants=sizes["caption_variants"])
+    model = train_clip(train, work / "clip", steps=sizes["clip_steps"], batch=sizes["clip_batch"],
+                       config=sizes["clip_config"], log=log, prep=prep, minutes=sizes.get("minutes"))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save(out / "clip.safetensors", dtype=torch.float16)
+    metrics = evaluate_clip(model, val)
+    # fp16 check: the saved file must give the same zero-shot numbers
+    from core.clip import load_clip
+
+    metrics_fp16 = evaluate_clip(load_clip(out / "clip.safetensors"), val)
+    metrics["fp16_file_zero_shot_plain_mean"] = metrics_fp16["zero_shot_plain"]["mean"]
+    metrics["fp16_file_zero_shot_paraphrase_mean"] = metrics_fp16["zero_shot_paraphrase"]["mean"]
+    metrics["params_image_tower"] = sum(p.numel() for p in model.visual.parameters())
+    (out / "clip_metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def stage_generator(out: Path, work: Path, sizes: dict, log=print) -> dict:
+    from core.checkpoints import load_generator, save_generator
+    from core.clip import load_clip
+    from training.dcgan import load_dcgan, to_uint8
+    from training.grids import image_grid, save_png
+    from training.train_generator import evaluate_generator, train_generator
+
+    clip_file = out / "clip.safetensors"
+    G = train_generator(work / "generator", steps=sizes["gen_steps"], adv_steps=sizes["gen_adv_steps"],
+                        batch=sizes["gen_batch"], config=sizes["gen_config"],
+                        clip_path=str(clip_file) if clip_file.exists() else None, log=log,
+                        minutes=sizes.get("minutes"))
+    out.mkdir(parents=True, exist_ok=True)
+    save_generator(G, out / "generator.safetensors")
+    G = load_generator(out / "generator.safetensors").eval()
+    metrics: dict = {"params": sum(p.numel() for p in G.parameters()), "config": G.config}
+    if clip_file.exists():
+        with torch.no_grad():
+            metrics.update(evaluate_generator(G, load_clip(clip_file), n=sizes["eval_n"]))
+    z = torch.randn(32, G.z_dim, generator=torch.Generator().manual_seed(2024))
+    with torch.no_grad():
+        ours = to_uint8(G(z, noise_mode="const"))
+        trunc = to_uint8(G(z, truncation_psi=0.7, noise_mode="const"))
+        ref = to_uint8(load_dcgan()(z))
+    save_png(out / "samples_generator.png", image_grid(ours, cols=8))
+    save_png(out / "samples_generator_psi0.7.png", image_grid(trunc, cols=8))
+    save_png(out / "samples_dcgan_same_z.png", image_grid(ref, cols=8))
+    (out / "generator_metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+STAGE_FUNCS = {"clip": stage_clip, "generator": stage_generator}
+
+# part 2 stages (knn, cvae, cmd, encoder, evaluate) and their sizes
+from training.pack_part2 import FULL2, MANIFEST_IDS2, SMOKE2, STAGE_FUNCS2  # noqa: E402
+
+STAGE_FUNCS.update(STAGE_FUNCS2)
+MANIFEST_IDS.update(MANIFEST_IDS2)
+FULL.update(FULL2)
+SMOKE.update(SMOKE2)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", action="append", choices=STAGES,
+                    help="stage(s) to build (repeatable); default: all, in order")
+    ap.add_argument("--out", default=str(TINY_DIR))
+    ap.add_argument("--work", default=None, help="resumable work dir (default runs/tiny, or OUT/_work with --smoke)")
+    ap.add_argument("--smoke", action="store_true", help="toy sizes, for CI; never writes into resources/")
+    ap.add_argument("--no-manifest", action="store_true", help="do not update resources/weights/manifest.json")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="train at most this long per stage, then export what is there (0: export only)")
+    a = ap.parse_args(argv)
+    out = Path(a.out).resolve()
+    if a.smoke and (REPO / "resources") in [out, *out.parents]:
+        ap.error("--smoke never writes into resources/; pass a temporary --out")
+    work = Path(a.work) if a.work else (out / "_work" if a.smoke else REPO / "runs")
+    sizes = dict(SMOKE if a.smoke else FULL, minutes=a.minutes)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    torch.manual_seed(0)
+    results = {}
+    for stage in a.stage or STAGES:
+        t0 = time.time()
+        print(f"== stage {stage} -> {out}", flush=True)
+        results[stage] = STAGE_FUNCS[stage](out, work, sizes, log=lambda s: print(s, flush=True))
+        file_id, name = MANIFEST_IDS.get(stage, (None, None))  # evaluate writes no weight file
+        if file_id and not a.smoke and not a.no_manifest and out == TINY_DIR.resolve():
+            entry = update_manifest(stage, out / name)
+            print(f"manifest: {file_id} sha256={entry['sha256'][:12]}... size={entry['size']}")
+        print(f"== stage {stage} done in {time.time() - t0:.0f}s", flush=True)
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if not isinstance(vv, dict) or kk.startswith("zero")}
+                      for k, v in results.items()}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
