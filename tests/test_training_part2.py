@@ -50,7 +50,8 @@ def test_stages_produce_loadable_weights_and_report(tmp_path, run):
                 "--hidden", "32"]
     run(train_cmd.main, [*TOY, *cmd_args, "--out", str(cmd), "--ckpt", str(tmp_path / "cmd.ckpt")])
     data = torch.load(tmp_path / "s.pt", weights_only=True)
-    assert data["cap_emb"].shape[:2] == (16, 6) and len(data["captions"]) == 16
+    assert data["cap_idx"].shape == (16, 12) and int(data["cap_idx"].max()) < len(data["texts"])
+    assert data["text_emb"].shape == (len(data["texts"]), 32)
     pw = tmp_path / "cmd_pw.safetensors"
     run(train_cmd.main, [*TOY, *cmd_args, "--loss", "pairwise", "--out", str(pw),
                          "--ckpt", str(tmp_path / "pw.ckpt")])

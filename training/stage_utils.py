@@ -265,7 +265,7 @@ def fake_labels(ws: torch.Tensor) -> list[dict[str, str]]:
 
 @torch.no_grad()
 def build_samples(generator, clip, n: int, *, seed: int = 0, batch: int = 32, truncation: float = 1.0,
-                  annotate: bool = True, captions_per_face: int = 6, labels_from: dict | None = None,
+                  annotate: bool = True, captions_per_face: int = 12, labels_from: dict | None = None,
                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Generate ``n`` (z, w, CLIP image embedding, labels, caption pool, caption embeddings) samples.
 
@@ -275,8 +275,6 @@ def build_samples(generator, clip, n: int, *, seed: int = 0, batch: int = 32, tr
     ``labels_from``: a dataset of ``training.annotate.cached_dataset`` (z + labels of the DCGAN faces the tiny
     generator was distilled from with the SAME z): its z and labels are used instead of annotating the renders
     (fast path; an approximation where the distillation is imperfect)."""
-    from training.captions import caption_bank
-
     dev = generator.w_avg.device
     z_all = torch.randn(n, generator.z_dim, generator=torch.Generator().manual_seed(seed))
     if labels_from is not None:
@@ -306,18 +304,78 @@ def build_samples(generator, clip, n: int, *, seed: int = 0, batch: int = 32, tr
     w_all = dist.gather_cat(torch.cat(ws_p) if ws_p else torch.zeros(0, generator.w_dim))
     e_all = dist.gather_cat(torch.cat(emb_p) if emb_p else torch.zeros(0, clip.embed_dim))
     l_all = dist.gather_cat(torch.cat(lab_p) if lab_p else torch.zeros(0, 11, dtype=torch.int8))
-    # caption pools and their text embeddings (sharded too)
-    pools = [caption_bank(row_to_labels(l_all[i]), captions_per_face, seed * 1_000_003 + i) for i in range(n)]
-    cap_p = []
-    for lo in range(share.start, share.stop, 64):
-        hi = min(lo + 64, share.stop)
-        flat = [c for i in range(lo, hi) for c in pools[i]]
-        cap_p.append(clip.encode_text(flat).float().cpu().view(hi - lo, captions_per_face, -1).half())
-    c_all = dist.gather_cat(torch.cat(cap_p) if cap_p else torch.zeros(0, captions_per_face, clip.embed_dim).half())
-    dist.log(f"[samples] {n} samples in {time.time() - t0:.0f} s")
-    return dict(z=z_all, w=w_all, emb=e_all, labels=l_all, cap_emb=c_all, captions=pools,
+    text_emb, cap_idx, texts = caption_table(l_all, clip, seed, captions_per_face)
+    dist.log(f"[samples] {n} samples in {time.time() - t0:.0f} s ({len(texts)} distinct captions)")
+    return dict(z=z_all, w=w_all, emb=e_all, labels=l_all, text_emb=text_emb, cap_idx=cap_idx, texts=texts,
                 meta=dict(seed=seed, n=n, truncation=truncation, annotated=annotate and labels_from is None,
                           num_ws=int(generator.num_ws), w_dim=int(generator.w_dim), embed_dim=int(clip.embed_dim)))
+
+
+MINILM_CACHES = (RUNS / "clip" / "text_cache.pt", RUNS / "text_cache_part2.pt")  # part 1's (read), ours
+
+
+@torch.no_grad()
+def embed_texts(texts: list[str], clip, batch: int = 256) -> torch.Tensor:
+    """CLIP text embeddings [T, D] (float16, CPU) of ``texts``, sharded over ranks. For our tiny CLIP the frozen
+    MiniLM sentence embeddings are reused from the caches in runs/ and only projected."""
+    share = dist.shard_indices(len(texts))
+    mine = [texts[i] for i in share]
+    tiny = hasattr(clip, "project_text") and hasattr(clip, "text_tower")
+    parts = []
+    if tiny:
+        cache: dict = {}
+        for p in MINILM_CACHES:
+            if p.is_file():
+                try:
+                    cache.update(torch.load(p, map_location="cpu", weights_only=False))
+                except Exception:  # a cache being written by another process: embed instead
+                    pass
+        todo = [t for t in mine if t not in cache]
+        t0 = time.time()
+        for i in range(0, len(todo), batch):
+            chunk = todo[i:i + batch]
+            cache.update({t: e.detach().float().cpu().clone() for t, e in zip(chunk, clip.text_tower(chunk))})
+            dist.log(f"[samples] MiniLM: {min(i + batch, len(todo))}/{len(todo)} new captions ({time.time() - t0:.0f} s)")
+        if todo and not dist.info().distributed:
+            ours = {t: cache[t] for t in cache}
+            tmp = MINILM_CACHES[1].with_suffix(".tmp")
+            MINILM_CACHES[1].parent.mkdir(parents=True, exist_ok=True)
+            torch.save(ours, tmp)
+            os.replace(tmp, MINILM_CACHES[1])
+        dev = clip.device
+        for i in range(0, len(mine), 1024):
+            sent = torch.stack([cache[t] for t in mine[i:i + 1024]]).to(dev)
+            parts.append(clip.project_text(sent).float().cpu())
+    else:
+        for i in range(0, len(mine), batch):
+            parts.append(clip.encode_text(mine[i:i + batch]).float().cpu())
+    local = torch.cat(parts) if parts else torch.zeros(0, clip.embed_dim)
+    return dist.gather_cat(local).half()
+
+
+def caption_table(label_rows: torch.Tensor, clip, seed: int, per_face: int = 12):
+    """Captions for every face, shared between faces with the same attribute assignment
+    (``training.captions.build_caption_pool``): returns (text_emb [T, D] float16, cap_idx [N, per_face] int64
+    indices into it, texts). Face i's candidates are the captions of every 1-3 attribute subset of its labels."""
+    import itertools
+
+    from training.captions import PHRASES, build_caption_pool
+
+    labels = [row_to_labels(r) for r in label_rows]
+    pool = build_caption_pool(labels, seed=seed)
+    generic = ["a face", "a photo of a person", "a portrait", "a headshot of someone"]
+    texts = sorted({t for v in pool.values() for t in v} | set(generic))
+    index = {t: i for i, t in enumerate(texts)}
+    rng = random.Random(seed)
+    cap_idx = torch.zeros(len(labels), per_face, dtype=torch.long)
+    for i, lb in enumerate(labels):
+        items = sorted((a, v) for a, v in lb.items() if a in PHRASES)
+        cands = [index[t] for k in range(1, min(3, len(items)) + 1)
+                 for key in itertools.combinations(items, k) for t in pool.get(key, ())]
+        cands = cands or [index[t] for t in generic]
+        pick = rng.sample(cands, per_face) if len(cands) >= per_face else [rng.choice(cands) for _ in range(per_face)]
+        cap_idx[i] = torch.tensor(pick)
+    return embed_texts(texts, clip), cap_idx, texts
 
 
 def samples_cache_path(generator_spec: str, clip_spec: str, n: int, seed: int, annotate: bool,
@@ -363,15 +421,17 @@ def load_or_build_samples(args: argparse.Namespace, generator, clip, n: int, *, 
     return data
 
 
-def pick_captions(cap_emb: torch.Tensor, idx: torch.Tensor, rng: random.Random, max_k: int = 5):
-    """For sample indices ``idx`` take 1..max_k captions of each one's pool: (emb [B, k_max, D], mask [B, k_max])."""
+def pick_captions(data: dict, idx: torch.Tensor, rng: random.Random, max_k: int = 5):
+    """For sample indices ``idx`` take 1..max_k distinct captions of each face's candidates:
+    (emb [B, k_max, D], mask [B, k_max])."""
     from core.cmd import pad_sets
 
-    pool = cap_emb.shape[1]
+    text_emb, cap_idx = data["text_emb"], data["cap_idx"]
+    per_face = cap_idx.shape[1]
     sets = []
     for i in idx.tolist():
-        k = rng.randint(1, min(max_k, pool))
-        sets.append(cap_emb[i, rng.sample(range(pool), k)].float())
+        k = rng.randint(1, min(max_k, per_face))
+        sets.append(text_emb[cap_idx[i, rng.sample(range(per_face), k)]].float())
     return pad_sets(sets)
 
 

@@ -119,7 +119,7 @@ def train(args: argparse.Namespace) -> dict:
     dev = info.device
     G, clip = load_pair(args.generator, args.clip, dev)
     data = load_or_build_samples(args, G, clip, args.samples, annotate=not args.no_annotate, path=args.samples_file)
-    w_all, e_all, cap_all = data["w"], data["emb"].float(), data["cap_emb"]
+    w_all, e_all = data["w"], data["emb"].float()
     n = w_all.shape[0]
     w_std = float((w_all - G.w_avg.cpu()).std())
     B = args.batch
@@ -165,8 +165,8 @@ def train(args: argparse.Namespace) -> dict:
         idx = torch.randint(0, n, (B,), generator=g)
         neg_idx = idx.roll(1)
         z = torch.randn(B, G.z_dim, generator=g)
-        text, tmask = pick_captions(cap_all, idx, rng, args.max_captions)
-        neg, nmask = pick_captions(cap_all, neg_idx, rng, args.max_captions)
+        text, tmask = pick_captions(data, idx, rng, args.max_captions)
+        neg, nmask = pick_captions(data, neg_idx, rng, args.max_captions)
         lr = args.lr * min(1.0, (step + 1) / 100) * (0.5 + 0.5 * math.cos(math.pi * step / max(args.steps, 1)))
         for pg in opt.param_groups:
             pg["lr"] = lr
