@@ -10,16 +10,20 @@ from pathlib import Path
 from training import dist
 
 # build_pack merges these into its FULL / SMOKE size tables
+# FULL2 fits a shared 2-core CPU (about 45 min for all part-2 stages); on a GPU raise the steps.
 FULL2 = {
     "knn_size": 20000,
-    "cmd_samples": 8000, "cmd_steps": 1500, "cmd_batch": 64, "cmd_minutes": 0,
-    "cvae_steps": 3000, "cvae_batch": 128, "cvae_minutes": 0,
-    "enc_steps": 1200, "enc_batch": 16, "enc_minutes": 0,
+    "cmd_samples": 4000, "cmd_steps": 400, "cmd_batch": 64, "cmd_minutes": 0,
+    # z + labels of part 1's annotated DCGAN faces (the generator is distilled from the DCGAN with the same z);
+    # "" = annotate the generator's renders (~10 faces/s per core)
+    "cmd_labels_from": "data/train.pt",
+    "cvae_steps": 800, "cvae_batch": 128, "cvae_minutes": 0,
+    "enc_steps": 250, "enc_batch": 16, "enc_minutes": 0,
     "eval_quick": False,
 }
 SMOKE2 = {
     "knn_size": 64,
-    "cmd_samples": 16, "cmd_steps": 2, "cmd_batch": 4, "cmd_minutes": 0,
+    "cmd_samples": 16, "cmd_labels_from": "", "cmd_steps": 2, "cmd_batch": 4, "cmd_minutes": 0,
     "cvae_steps": 2, "cvae_batch": 8, "cvae_minutes": 0,
     "enc_steps": 2, "enc_batch": 4, "enc_minutes": 0,
     "eval_quick": True,
@@ -70,7 +74,10 @@ def stage_cvae(out: Path, work: Path, sizes: dict, log=print) -> dict:
     from training import train_cvae
 
     s = _sizes(sizes)
-    args = [*_pair(out), "--pairs", str(out / "knn_bank.safetensors"), "--steps", str(s["cvae_steps"]),
+    pairs = out / "knn_bank.safetensors"
+    if not pairs.is_file() and (work / "cmd_samples.pt").is_file():
+        pairs = work / "cmd_samples.pt"  # the CMD stage's (w, image embedding) cache: the same kind of pairs
+    args = [*_pair(out), "--pairs", str(pairs) if pairs.is_file() else "", "--steps", str(s["cvae_steps"]),
             "--batch", str(s["cvae_batch"]), "--time-limit", str(s["cvae_minutes"]), "--out",
             str(out / "cvae.safetensors"), "--ckpt", str(work / "cvae.ckpt.pt"), "--resume", "--manifest-id", ""]
     _call(train_cvae.main, args + (SMOKE_MODEL_ARGS["cvae"] if _smoke(sizes) else []), log)
@@ -86,6 +93,8 @@ def stage_cmd(out: Path, work: Path, sizes: dict, log=print) -> dict:
     common = [*_pair(out), "--samples", str(s["cmd_samples"]), "--samples-file", str(work / "cmd_samples.pt"),
               "--steps", str(s["cmd_steps"]), "--batch", str(s["cmd_batch"]), "--time-limit", str(s["cmd_minutes"]),
               "--resume", "--manifest-id", ""]
+    if s["cmd_labels_from"] and (work / s["cmd_labels_from"]).is_file():
+        common += ["--labels-from", str(work / s["cmd_labels_from"])]
     if _smoke(sizes):
         common += SMOKE_MODEL_ARGS["cmd"]
     _call(train_cmd.main, [*common, "--out", str(out / "cmd.safetensors"), "--ckpt", str(work / "cmd.ckpt.pt")], log)

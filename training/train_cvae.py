@@ -58,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m training.train_cvae", description=__doc__.split("\n")[0])
     common_args(p, out_name="cvae.safetensors", manifest_id="tiny-cvae", steps=4000, batch=128, lr=1e-3)
     p.add_argument("--pairs", default=str(TINY_DIR / "knn_bank.safetensors"),
-                   help="a KNN bank file of (w, image embedding) pairs to train on; '' or missing: generate on the fly")
+                   help="(w, image embedding) pairs to train on: a KNN bank file or a CMD sample cache (.pt); "
+                        "'' or missing: generate on the fly")
     p.add_argument("--beta", type=float, default=0.05, help="KL weight")
     p.add_argument("--lam-clip", type=float, default=0.5)
     p.add_argument("--image-every", type=int, default=4)
@@ -84,7 +85,13 @@ def train(args: argparse.Namespace) -> dict:
     dev = info.device
     G, clip = load_pair(args.generator, args.clip, dev)
     pairs = None
-    if args.pairs and Path(args.pairs).is_file():
+    if args.pairs and Path(args.pairs).is_file() and Path(args.pairs).suffix == ".pt":  # a CMD sample cache
+        data = torch.load(args.pairs, map_location="cpu", weights_only=True)
+        if (int(data["meta"]["w_dim"]), int(data["meta"]["embed_dim"])) != (G.w_dim, clip.embed_dim):
+            raise SystemExit(f"{args.pairs} does not belong to this generator + CLIP; pass --pairs ''")
+        pairs = (data["w"].float(), F.normalize(data["emb"].float(), dim=-1))
+        dist.log(f"[cvae] training on {pairs[0].shape[0]} pairs from the sample cache {args.pairs}")
+    elif args.pairs and Path(args.pairs).is_file():
         from core.latent_bank import LatentBank
 
         bank = LatentBank.load(args.pairs)
