@@ -56,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--best-faces", type=int, default=2, help="faces for the slow 'best' tier")
     p.add_argument("--model-card", default=str(TINY_DIR / "README.md"),
                    help="write the headline numbers into this model card's evaluation section ('' = no)")
+    p.add_argument("--labels-from", default="",
+                   help="a training.annotate dataset whose z + labels trained the CMD (--labels-from of train_cmd): "
+                        "measure how often the annotator gives the generator's render of the same z the same label")
+    p.add_argument("--label-faces", type=int, default=300)
     p.add_argument("--quick", action="store_true", help="tiny counts and few inversion steps (smoke test)")
     p.add_argument("--parts", default="text,ablation,edit,inversion", help="comma-separated parts to run")
     p.add_argument("--no-annotate", action="store_true", help="skip the dlib annotator (toy smoke runs)")
@@ -156,6 +160,25 @@ def diversity_ablation(engine, args, prompts, pairwise_cmd):
     engine.cmd = base_cmd
     engine.clear_cache()
     return out
+
+
+def label_agreement(engine, path: str, n: int) -> dict:
+    """Per attribute: among faces where the dataset has a label, the share whose generator render (same z) gets
+    the same label from the annotator ("missing" = the render is left unlabelled)."""
+    data = torch.load(path, map_location="cpu", weights_only=False)
+    G = engine.generator
+    n = min(n, len(data["labels"]))
+    with torch.no_grad():
+        faces = engine.render(G.mapping(data["z"][:n].float().to(engine.device)))
+    ours = annotate_faces(faces)
+    out: dict = {}
+    for theirs, mine in zip(data["labels"][:n], ours):
+        for a, v in theirs.items():
+            d = out.setdefault(a, [0, 0, 0])
+            d[0] += 1
+            d[1] += mine.get(a) == v
+            d[2] += a not in mine
+    return {a: dict(n=c, same=same / c, unlabelled=miss / c) for a, (c, same, miss) in sorted(out.items())}
 
 
 def real_faces(resolution: int) -> tuple[np.ndarray, list[str]]:
@@ -364,6 +387,15 @@ def markdown(res: dict) -> str:
                 idv = "-" if v["identity"] is None else f"{v['identity']:.3f}"
                 L.append(f"| {s} | {100 * v['success']:.0f}% | {idv} |")
             L.append("")
+    la = res.get("label_agreement")
+    if la:
+        L += ["## Training labels vs the generator's renders", "",
+              "The CMD was trained with the annotator's labels of the DCGAN faces the generator was distilled from "
+              "(same z). Share of those labels the annotator also gives the generator's render:", "",
+              "| attribute | labelled faces | same label | render unlabelled |", "|---|---|---|---|"]
+        for a, v in la.items():
+            L.append(f"| {a} | {v['n']} | {100 * v['same']:.0f}% | {100 * v['unlabelled']:.0f}% |")
+        L.append("")
     L += ["## Inversion (PSNR dB / 1 - cosine of CLIP image embeddings / seconds per face)", "",
           "| faces | tier | PSNR | CLIP distance | s/face | n |", "|---|---|---|---|---|---|"]
     for kind, tiers in res.get("inversion", {}).items():
@@ -487,6 +519,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         if edit_grid:
             _save_grid(out / "eval_edit.png", edit_grid)
             res["grids"].append("eval_edit.png")
+        if args.labels_from and Path(args.labels_from).is_file() and annotate:
+            res["label_agreement"] = label_agreement(engine, args.labels_from, 40 if args.quick else args.label_faces)
         inv, names, inv_rows = inversion_eval(engine, args) if "inversion" in parts else ({}, [], [])
         res["inversion"], res["real_faces"] = inv, names
         if inv_rows:
