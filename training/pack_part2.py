@@ -121,6 +121,9 @@ def stage_evaluate(out: Path, work: Path, sizes: dict, log=print) -> dict:
             "--cvae", str(out / "cvae.safetensors"), "--knn", str(out / "knn_bank.safetensors"),
             "--encoder", str(out / "encoder.safetensors"), "--out-dir", str(out),
             "--model-card", str(out / "README.md")]
+    s = _sizes(sizes)
+    if s["cmd_labels_from"] and (work / s["cmd_labels_from"]).is_file():
+        args += ["--labels-from", str(work / s["cmd_labels_from"])]
     if _smoke(sizes):
         args += ["--quick", "--faces", "2", "--parts", "text,ablation,inversion"]
     _call(evaluate.main, args, log)
