@@ -458,7 +458,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     from core.engine import Engine
     from core.latent_bank import LatentBank
 
-    info = dist.init(args.device)
+    info = dist.init(args.device, timeout_s=6 * 3600)  # ranks > 0 wait while rank 0 runs the serial parts
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
