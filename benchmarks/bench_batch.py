@@ -63,19 +63,21 @@ def make_random_pack(root: Path, pack: str = "tiny", resolution: int = 64) -> Pa
     d = root / pack
     d.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    G = Generator.from_config(dict(resolution=resolution, z_dim=64, w_dim=64, mapping_layers=2,
-                                   channels={str(r): 32 for r in (4, 8, 16, 32, 64, 128, 256) if r <= resolution}))
+    # the bundled generator's shape (training/train_generator.py TINY_G_CONFIG), so timings are representative
+    G = Generator.from_config(dict(resolution=resolution, z_dim=100, w_dim=256, mapping_layers=4,
+                                   channels={str(r): 64 for r in (4, 8, 16, 32, 64, 128, 256) if r <= resolution}))
     with torch.no_grad():
         if hasattr(G, "estimate_w_avg"):
             G.w_avg = G.estimate_w_avg(n=256, seed=0, batch=256)
     save_generator(G, d / "generator.safetensors")
-    clip = TinyClip({"widths": [8, 16, 32, 64], "embed_dim": 64})
+    clip = TinyClip()
     clip.save(d / "clip.safetensors")
-    cmd = CMD(64, G.num_ws, G.w_dim, d_model=64, num_layers=1, num_heads=4, hidden_dim=64)
+    cmd = CMD(clip.embed_dim, G.num_ws, G.w_dim, d_model=128, num_layers=2, num_heads=4, hidden_dim=256)
     if hasattr(cmd, "set_w_avg"):
         cmd.set_w_avg(G.w_avg)
     cmd.save(d / "cmd.safetensors")
-    Encoder(resolution, G.num_ws, G.w_dim, channels=8, max_channels=32, w_avg=G.w_avg).save(d / "encoder.safetensors")
+    Encoder(resolution, G.num_ws, G.w_dim, channels=32, max_channels=256, w_avg=G.w_avg).save(
+        d / "encoder.safetensors")
     return root
 
 

@@ -460,10 +460,12 @@ class _Manifest:
                 self.f.seek(0, os.SEEK_END)
                 self.f.write(b"\n")
 
-    def write(self, rec: dict) -> None:
+    def write(self, rec: dict, sync: bool = False) -> None:
         self.f.seek(0, os.SEEK_END)
         self.f.write((json.dumps(rec, default=str) + "\n").encode("ascii"))
         self.f.flush()
+        if sync:  # survives a power cut, not only a killed process
+            os.fsync(self.f.fileno())
 
     def close(self) -> None:
         try:
@@ -675,9 +677,9 @@ def _run_one(item: BatchInput, out: Path, out_res: Path, staging: Path, process,
         index[item.rel] = rec
         return base
 
-    def started() -> None:
+    def started(sync: bool = False) -> None:
         rec = {"rel": item.rel, "status": "started", "job": job, "owned": list(owned), "time": time.time()}
-        manifest.write(rec)
+        manifest.write(rec, sync)
         index[item.rel] = rec
 
     started()
@@ -704,7 +706,7 @@ def _run_one(item: BatchInput, out: Path, out_res: Path, staging: Path, process,
                 _safe_target(final, out_res, item, owned, name, overwrite)
                 if name not in owned:  # claim the name before it appears, so a kill right after still knows
                     owned.append(name)
-                    started()
+                    started(sync=True)
                 os.replace(tmp, final)
             except OSError as e:
                 raise OutputError(f"Could not write '{final}': {e.strerror or e}.") from e

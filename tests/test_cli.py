@@ -88,6 +88,8 @@ def test_help_and_usage_errors(tmp_path):
     anyface("edit", tmp_path, "--caption", "x", "-o", tmp_path / "o", "--strength", "1.5", check_rc=2)
     anyface("edit", tmp_path, "-o", tmp_path / "o", check_rc=2)  # no caption
     anyface("generate", "x", "-n", "0", check_rc=2)
+    anyface("--threads", "-1", "generate", "x", check_rc=2)
+    anyface("generate", "x", "--threads", "many", check_rc=2)
     anyface("frobnicate", check_rc=2)
     assert not (tmp_path / "o").exists()
 
@@ -171,6 +173,7 @@ def test_edit_single_photo(tmp_path, weights_env):
     before = src.read_bytes()
     out = tmp_path / "out"
     r = anyface("edit", src, "--caption", "grey hair", "--strength", "0.5", "--tier", "fast", "--aligned-only",
+                "--threads", "1",
                 "--format", "webp", "--save-latent", "-o", out, env_extra=weights_env, check_rc=0)
     assert "1 of 1 photos done, 0 failed" in r.stdout
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith((".", "anyface-report"))) == \
@@ -255,3 +258,29 @@ def test_edit_interrupted_by_sigint_then_resumed(tmp_path, weights_env):
     r = anyface(*cmd[1:], env_extra=weights_env, check_rc=0)
     assert f"10 of 10 photos done ({len(done)} by an earlier run), 0 failed" in r.stdout
     assert len(list(out.glob("*_anyface.png"))) == 10
+
+
+def test_auto_threads(monkeypatch):
+    """Auto: one thread for small packs on CPU (unless $OMP_NUM_THREADS says otherwise), torch's choice else."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from anyface_desktop import cli
+
+    before = torch.get_num_threads()
+    cpu = torch.device("cpu")
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        cli._set_threads(SimpleNamespace(threads=None), SimpleNamespace(resolution=1024), cpu)
+        assert torch.get_num_threads() == 2
+        cli._set_threads(SimpleNamespace(threads=None), SimpleNamespace(resolution=64), cpu)
+        assert torch.get_num_threads() == 1
+        cli._set_threads(SimpleNamespace(threads=2), SimpleNamespace(resolution=64), cpu)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        cli._set_threads(SimpleNamespace(threads=None), SimpleNamespace(resolution=64), cpu)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
