@@ -877,8 +877,18 @@ class EditProcessor:
         from core.photo import compose_all, prepare_photo, with_alpha
 
         name = Path(path).name
-        prepared = prepare_photo(path, resolution=int(self.engine.resolution), detector=self.detector,
-                                 face=self.face)
+        res = int(self.engine.resolution)
+        try:
+            prepared = prepare_photo(path, resolution=res, detector=self.detector, face=self.face)
+        except FaceTooSmallError:
+            if self.face != "all":
+                raise
+            # a group photo with a tiny face in the background: edit the faces that are big enough
+            found = prepare_photo(path, resolution=res, detector=self.detector, face=[])
+            big = [i for i, f in enumerate(found.faces) if _eye_distance(f) >= _min_eye_distance()]
+            if not big:
+                raise
+            prepared = prepare_photo(path, resolution=res, detector=self.detector, face=big)
         meta = {"captions": self.captions, "strength": self.strength, "method": self.method,
                 "pack": str(getattr(self.engine, "pack_id", "")), "source": name, "tier": self.tier}
         outputs: list[Output] = []
@@ -906,6 +916,19 @@ class EditProcessor:
             outputs.insert(0, image_output(full, self.fmt, quality=self.quality,
                                            metadata={**meta, "faces": list(prepared.selected)}))
         return outputs
+
+
+def _eye_distance(face) -> float:
+    import numpy as np
+
+    el, er, _, _ = face.eyes_mouth()
+    return float(np.hypot(*(er - el)))
+
+
+def _min_eye_distance() -> float:
+    from core.photo import MIN_EYE_DISTANCE
+
+    return float(MIN_EYE_DISTANCE)
 
 
 def run_batch(engine, input: str | os.PathLike, captions: Sequence[str], *, output_dir: str | os.PathLike,

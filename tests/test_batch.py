@@ -621,3 +621,40 @@ def test_edit_processor_real_photo_pipeline_fake_engine(tmp_path):
     assert [it.outputs for it in r2.items if it.status == "ok"] == [["face_anyface_face0.jpg"]]
     with pytest.raises(ValueError):
         batch.EditProcessor(eng, ["x"], strength=1.5)
+
+
+def test_face_all_skips_faces_too_small_to_edit(tmp_path, monkeypatch):
+    """--face all on a group photo with a tiny background face edits the others instead of failing the photo."""
+    from types import SimpleNamespace
+
+    import core.photo as photo_mod
+    from core.align import Face
+
+    img = astronaut(96)
+    big = Face(box=np.array([10., 10., 60., 60.]), landmarks=np.array([[20., 30.], [45., 30.], [32., 40.],
+                                                                          [24., 50.], [40., 50.]]), score=1.0,
+               detector="fake")
+    tiny = Face(box=np.array([80., 80., 84., 84.]), landmarks=np.array([[80., 81.], [82., 81.], [81., 82.],
+                                                                          [80.5, 83.], [81.5, 83.]]), score=1.0,
+                detector="fake")
+    calls = []
+
+    def fake_prepare(path, *, resolution, detector="auto", face="largest", **kw):
+        calls.append(face)
+        faces = [big, tiny]
+        sel = [0, 1] if face == "all" else [face] if isinstance(face, int) else list(face)
+        if 1 in sel:
+            raise FaceTooSmallError("Face 1 is too small to edit.")
+        return SimpleNamespace(image=img, faces=faces, selected=sel, transforms=[None] * len(sel), alpha=None,
+                               aligned=[np.zeros((64, 64, 3), np.uint8)] * len(sel))
+
+    monkeypatch.setattr(photo_mod, "prepare_photo", fake_prepare)
+    monkeypatch.setattr(photo_mod, "compose_all", lambda prepared, edited: prepared.image.copy())
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "group.png").write_bytes(_encode(img, "PNG"))
+    r = batch.run_batch(_FakeEngine(), src, ["smiling"], output_dir=tmp_path / "out", face="all")
+    assert [(it.status, it.outputs) for it in r.items] == [("ok", ["group_anyface.png"])]
+    assert calls == ["all", [], [0]]
+    r = batch.run_batch(_FakeEngine(), src, ["smiling"], output_dir=tmp_path / "out1", face=1)
+    assert [(it.status, it.code) for it in r.items] == [("failed", "face_too_small")]
