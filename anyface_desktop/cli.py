@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", parents=[with_pack], formatter_class=fmt, help="make faces from captions",
                        description="Make new faces from one or more captions.",
-                       epilog='example:\n  anyface generate "a young man with curly hair" "smiling" -n 8 --seed 1 -o out/')
+                       epilog='example:\n'
+                              '  anyface generate "a young man with curly hair" "smiling" -n 8 --seed 1 -o out/')
     g.add_argument("captions", nargs="+", metavar="CAPTION", help="one or more captions (combined)")
     g.add_argument("-n", type=int, default=4, help="number of faces (default 4)")
     g.add_argument("--seed", type=int, default=0, help="seed of the first face; face i uses seed+i (default 0)")

@@ -166,7 +166,8 @@ def main(argv=None) -> int:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         print(f"# batch edit, fast tier, {note}, device {args.device}, {torch.get_num_threads()} torch threads, "
               f"{os.cpu_count()} CPUs (load average {load:.1f}); engine load {load_s:.1f} s (not counted)")
-        print(f"{'photos':>7} {'ok':>5} {'failed':>6} {'seconds':>8} {'photos/s':>9} {'ms/photo':>9} {'cost ratio':>10}")
+        print(f"{'photos':>7} {'ok':>5} {'failed':>6} {'seconds':>8} {'photos/s':>9} {'ms/photo':>9} "
+              f"{'cost ratio':>10}")
         for r in rows:
             print(f"{r['photos']:>7} {r['ok']:>5} {r['failed']:>6} {r['seconds']:>8.2f} {r['photos_per_s']:>9.2f} "
                   f"{r['ms_per_photo']:>9.1f} {r['cost_ratio']:>10.2f}")

@@ -40,12 +40,10 @@ from __future__ import annotations
 import csv
 import errno
 import hashlib
-import io
 import json
 import os
 import re
 import shutil
-import sys
 import time
 import unicodedata
 import uuid
@@ -760,7 +758,8 @@ def merge_reports(sources: Iterable[str | os.PathLike], dest: str | os.PathLike 
     """Combine the manifests of several runs (output folders, or manifest ``.jsonl`` files) into one report.
 
     The result (``<dest>/anyface-report.csv|json`` and ``<dest>/.anyface-batch/manifest.merged.jsonl``)
-    lists every input once, in walk order; for an input seen by several sources its latest record wins. ``dest`` defaults to the first source folder."""
+    lists every input once, in walk order; for an input seen by several sources its latest record wins.
+    ``dest`` defaults to the first source folder."""
     t0 = time.perf_counter()
     sources = [Path(s) for s in sources]
     if not sources:

@@ -16,7 +16,6 @@ import stat
 import struct
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import tracemalloc
@@ -461,7 +460,8 @@ def proc(path, should_cancel=None):
     from core.io import read_image
     img = read_image(path)
     time.sleep(0.02)
-    return [batch.Output("png", slow_write(img[::2, ::2].copy())), batch.Output("npy", lambda p: np.save(p, img[:2]), "_side")]
+    return [batch.Output("png", slow_write(img[::2, ::2].copy())),
+            batch.Output("npy", lambda p: np.save(p, img[:2]), "_side")]
 
 batch.run(sys.argv[1], sys.argv[2], proc)
 """
