@@ -18,14 +18,14 @@ FULL2 = {
     # "" = annotate the generator's renders (~10 faces/s per core)
     "cmd_labels_from": "data/train.pt",
     "cvae_steps": 800, "cvae_batch": 128, "cvae_minutes": 0,
-    "enc_steps": 250, "enc_batch": 16, "enc_minutes": 0,
+    "enc_steps": 400, "enc_batch": 16, "enc_minutes": 0, "enc_pixel_every": 3,
     "eval_quick": False,
 }
 SMOKE2 = {
     "knn_size": 64,
     "cmd_samples": 16, "cmd_labels_from": "", "cmd_steps": 2, "cmd_batch": 4, "cmd_minutes": 0,
     "cvae_steps": 2, "cvae_batch": 8, "cvae_minutes": 0,
-    "enc_steps": 2, "enc_batch": 4, "enc_minutes": 0,
+    "enc_steps": 2, "enc_batch": 4, "enc_minutes": 0, "enc_pixel_every": 1,
     "eval_quick": True,
 }
 SMOKE_MODEL_ARGS = {
@@ -107,7 +107,8 @@ def stage_encoder(out: Path, work: Path, sizes: dict, log=print) -> dict:
     from training import train_encoder
 
     s = _sizes(sizes)
-    args = [*_pair(out), "--steps", str(s["enc_steps"]), "--batch", str(s["enc_batch"]), "--time-limit",
+    args = [*_pair(out), "--steps", str(s["enc_steps"]), "--batch", str(s["enc_batch"]),
+            "--pixel-every", str(s["enc_pixel_every"]), "--time-limit",
             str(s["enc_minutes"]), "--out", str(out / "encoder.safetensors"), "--ckpt", str(work / "encoder.ckpt.pt"),
             "--resume", "--manifest-id", ""]
     _call(train_encoder.main, args + (SMOKE_MODEL_ARGS["encoder"] if _smoke(sizes) else []), log)

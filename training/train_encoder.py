@@ -87,10 +87,12 @@ class EncoderObjective(nn.Module):
         self._frozen = (generator, clip)
         self.w_std, self.lam_pix, self.lam_feat = float(w_std), float(lam_pix), float(lam_feat)
 
-    def forward(self, x_in: torch.Tensor, target: torch.Tensor, ws: torch.Tensor):
+    def forward(self, x_in: torch.Tensor, target: torch.Tensor, ws: torch.Tensor, image_loss: bool = True):
         G, clip = self._frozen
         ws_hat = self.encoder(x_in)
         l_w = F.mse_loss(ws_hat / self.w_std, ws / self.w_std)
+        if not image_loss:
+            return l_w, {"w": l_w.detach()}
         img = G.synthesis(ws_hat, noise_mode="const")
         l_pix = F.l1_loss(img, target) + F.mse_loss(img, target)
         loss = l_w + self.lam_pix * l_pix
@@ -111,6 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-channels", type=int, default=256)
     p.add_argument("--lam-pix", type=float, default=1.0)
     p.add_argument("--lam-feat", type=float, default=0.1)
+    p.add_argument("--pixel-every", type=int, default=1,
+                   help="image losses (a generator backward pass) every N-th step; the W+ loss every step")
     p.add_argument("--mix-prob", type=float, default=0.7, help="share of targets that are style-mixed W+ codes")
     p.add_argument("--aug", type=float, default=1.0, help="augmentation strength (0: none)")
     p.add_argument("--truncation", type=float, default=1.0)
@@ -168,7 +172,7 @@ def train(args: argparse.Namespace) -> dict:
         for pg in opt.param_groups:
             pg["lr"] = args.lr * min(1.0, (step + 1) / 50) * (0.5 + 0.5 * math.cos(math.pi * step / max(args.steps, 1)))
         with dist.autocast(amp, dev):
-            loss, stats = model(x_in, target, ws)
+            loss, stats = model(x_in, target, ws, step % max(args.pixel_every, 1) == 0)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
