@@ -69,8 +69,8 @@ def ema_update(ema: nn.Module, model: nn.Module, beta: float) -> None:
         be.copy_(b)
 
 
-def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float = 2e-3, clip_path: str | None = None,
-                    clip_weight: float = 0.5, adv_steps: int = 0, mix_prob: float = 0.9,
+def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float = 4e-3, clip_path: str | None = None,
+                    clip_weight: float = 0.5, adv_steps: int = 0, mix_prob: float = 0.9, mapping_boost: float = 10.0,
                     config: dict | None = None, ckpt_every: int = 25, minutes: float | None = None,
                     grid_every: int = 200, seed: int = 0, log=print) -> Generator:
     """Train (or resume) the generator; returns the EMA generator with ``w_avg`` set."""
@@ -80,7 +80,10 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
     dcgan = load_dcgan()
     G = Generator.from_config(config or TINY_G_CONFIG)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    opt = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.5, 0.99))
+    # the mapping's equalized-lr multiplier (0.01) is meant for millions of images; distillation runs a few
+    # thousand steps, so the mapping group gets ``mapping_boost`` x the learning rate
+    opt = torch.optim.Adam([{"params": G.synthesis.parameters(), "lr": lr},
+                            {"params": G.mapping.parameters(), "lr": lr * mapping_boost}], betas=(0.9, 0.99))
     D = d_opt = None
     step = 0
     ckpt = work / "gen_ckpt.pt"
@@ -88,7 +91,10 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
         st = torch.load(ckpt, weights_only=False)
         G.load_state_dict(st["G"])
         G_ema.load_state_dict(st["G_ema"])
-        opt.load_state_dict(st["opt"])
+        try:
+            opt.load_state_dict(st["opt"])
+        except ValueError:
+            log("optimizer state does not match the parameter groups: fresh optimizer")
         step = st["step"]
         if st.get("D") is not None:
             D = SmallD()
@@ -153,7 +159,7 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        ema_update(G_ema, G, 0.99 if step < 500 else 0.998)
+        ema_update(G_ema, G, 0.98 if step < 500 else 0.995)
         step += 1
         hist.append(float(loss))
         if step % 10 == 0:
