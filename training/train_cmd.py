@@ -44,13 +44,14 @@ class CMDObjective(nn.Module):
     submodule: the frozen generator and CLIP are held outside the parameter tree."""
 
     def __init__(self, cmd: CMD, generator, clip, *, w_std: float, loss: str = "dt", margin: float = 0.1,
-                 lam_cmt: float = 1.0, lam_clip: float = 1.0, lam_rec: float = 1.0, lam_mse: float = 1.0):
+                 lam_cmt: float = 1.0, lam_clip: float = 1.0, lam_rec: float = 1.0, lam_mse: float = 1.0,
+                 coarse_layers: int | None = None):
         super().__init__()
         self.cmd = cmd
         self._frozen = (generator, clip)
         self.w_std, self.loss_kind, self.margin = float(w_std), loss, float(margin)
         self.lam_cmt, self.lam_clip, self.lam_rec, self.lam_mse = lam_cmt, lam_clip, lam_rec, lam_mse
-        self.coarse = coarse_layers_for(generator.num_ws)
+        self.coarse = coarse_layers_for(generator.num_ws) if coarse_layers is None else int(coarse_layers)
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor, neg: torch.Tensor, neg_mask: torch.Tensor,
                 img_emb: torch.Tensor, w: torch.Tensor, z: torch.Tensor, img_rows: torch.Tensor):
@@ -105,6 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-every", type=int, default=2, help="image losses every N-th step (0: never)")
     p.add_argument("--image-batch", type=int, default=8, help="rows of the global batch with image losses")
     p.add_argument("--max-captions", type=int, default=5)
+    p.add_argument("--coarse-layers", type=int, default=-1,
+                   help="first W+ layers of the synthesis stream from random z (-1: the engine's split)")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=4, help="transformer layers (paper: 6)")
     p.add_argument("--heads", type=int, default=4)
@@ -148,7 +151,8 @@ def train(args: argparse.Namespace) -> dict:
                  f"{info.world_size})")
     torch.manual_seed(dist.rank_seed(args.seed + start))
     objective = CMDObjective(cmd, G, clip, w_std=w_std, loss=args.loss, margin=args.margin, lam_cmt=args.lam_cmt,
-                             lam_clip=args.lam_clip, lam_rec=args.lam_rec, lam_mse=args.lam_mse)
+                             lam_clip=args.lam_clip, lam_rec=args.lam_rec, lam_mse=args.lam_mse,
+                             coarse_layers=None if args.coarse_layers < 0 else args.coarse_layers)
     model = dist.wrap(objective, find_unused=False)
     amp = dist.amp_dtype(args.amp, dev)
     scaler = dist.grad_scaler(amp)
