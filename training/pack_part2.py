@@ -13,7 +13,7 @@ from training import dist
 # FULL2 fits a shared 2-core CPU (about 45 min for all part-2 stages); on a GPU raise the steps.
 FULL2 = {
     "knn_size": 20000,
-    "cmd_samples": 4000, "cmd_steps": 400, "cmd_batch": 64, "cmd_minutes": 0,
+    "cmd_samples": 4000, "cmd_steps": 400, "cmd_batch": 64, "cmd_minutes": 0, "cmd_lr": 1e-3,
     # z + labels of part 1's annotated DCGAN faces (the generator is distilled from the DCGAN with the same z);
     # "" = annotate the generator's renders (~10 faces/s per core)
     "cmd_labels_from": "data/train.pt",
@@ -23,7 +23,7 @@ FULL2 = {
 }
 SMOKE2 = {
     "knn_size": 64,
-    "cmd_samples": 16, "cmd_labels_from": "", "cmd_steps": 2, "cmd_batch": 4, "cmd_minutes": 0,
+    "cmd_samples": 16, "cmd_labels_from": "", "cmd_lr": 1e-3, "cmd_steps": 2, "cmd_batch": 4, "cmd_minutes": 0,
     "cvae_steps": 2, "cvae_batch": 8, "cvae_minutes": 0,
     "enc_steps": 2, "enc_batch": 4, "enc_minutes": 0, "enc_pixel_every": 1,
     "eval_quick": True,
@@ -91,7 +91,8 @@ def stage_cmd(out: Path, work: Path, sizes: dict, log=print) -> dict:
 
     s = _sizes(sizes)
     common = [*_pair(out), "--samples", str(s["cmd_samples"]), "--samples-file", str(work / "cmd_samples.pt"),
-              "--steps", str(s["cmd_steps"]), "--batch", str(s["cmd_batch"]), "--time-limit", str(s["cmd_minutes"]),
+              "--steps", str(s["cmd_steps"]), "--batch", str(s["cmd_batch"]), "--lr", str(s["cmd_lr"]),
+              "--image-every", "4", "--time-limit", str(s["cmd_minutes"]),
               "--resume", "--manifest-id", ""]
     if s["cmd_labels_from"] and (work / s["cmd_labels_from"]).is_file():
         common += ["--labels-from", str(work / s["cmd_labels_from"])]
