@@ -210,6 +210,27 @@ def update_manifest(file_id: str, path: str | os.PathLike, manifest: str | os.Pa
     return False
 
 
+def pair_key(generator: str, clip: str) -> str:
+    """Identifies the generator + CLIP files (sha256 prefixes; the spec itself for 'toy' or model names):
+    stored in sample caches and checkpoints so they are never reused with other models."""
+    def one(spec: str) -> str:
+        p = Path(spec)
+        return sha256_of(p)[:16] if p.is_file() else spec
+
+    return f"{one(generator)}+{one(clip)}"
+
+
+def resume_state(args: argparse.Namespace, path: Path) -> dict | None:
+    """The checkpoint to resume from, or None (no --resume, no file, or written for other models)."""
+    if not (args.resume and path.is_file()):
+        return None
+    st = dist.load_checkpoint(path)
+    if st.get("pair", pair_key(args.generator, args.clip)) != pair_key(args.generator, args.clip):
+        dist.log(f"[resume] {path} was trained for other generator/CLIP files: starting afresh")
+        return None
+    return st
+
+
 def ckpt_path(args: argparse.Namespace, stage: str) -> Path:
     return Path(args.ckpt) if args.ckpt else RUNS / f"{stage}.ckpt.pt"
 
@@ -398,10 +419,14 @@ def load_or_build_samples(args: argparse.Namespace, generator, clip, n: int, *, 
     (all ranks take part) and saved by rank 0."""
     labels_from = getattr(args, "labels_from", "") or ""
     p = Path(path) if path else samples_cache_path(args.generator, args.clip, n, args.seed, annotate, labels_from)
+    key = pair_key(args.generator, args.clip)
     if p.is_file():
         data = torch.load(str(p), map_location="cpu", weights_only=True)
-        dist.log(f"[samples] loaded {p} ({data['w'].shape[0]} samples)")
-        return data
+        if data["meta"].get("pair", key) == key and int(data["w"].shape[0]) == n:
+            dist.log(f"[samples] loaded {p} ({data['w'].shape[0]} samples)")
+            return data
+        dist.log(f"[samples] {p} belongs to other models or sizes: rebuilding it")
+        dist.barrier()
     last = [0.0]
 
     def prog(done: int, total: int) -> None:
@@ -411,6 +436,7 @@ def load_or_build_samples(args: argparse.Namespace, generator, clip, n: int, *, 
 
     lf = torch.load(labels_from, map_location="cpu", weights_only=False) if labels_from else None
     data = build_samples(generator, clip, n, seed=args.seed, annotate=annotate, labels_from=lf, progress=prog)
+    data["meta"]["pair"] = key
     if dist.info().is_main:
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_suffix(".tmp")

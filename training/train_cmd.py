@@ -33,8 +33,8 @@ from torch import nn
 from core.cmd import CMD, clip_loss, cmt_kl_loss, diverse_triplet_loss, pad_sets, pairwise_loss
 from core.engine import coarse_layers_for
 from training import dist
-from training.stage_utils import (ckpt_path, common_args, load_or_build_samples, load_pair, pick_captions,
-                                  setup, StopClock, update_manifest)
+from training.stage_utils import (StopClock, ckpt_path, common_args, load_or_build_samples, load_pair, pair_key,
+                                  pick_captions, resume_state, setup, update_manifest)
 
 STAGE = "cmd"
 
@@ -138,9 +138,10 @@ def train(args: argparse.Namespace) -> dict:
     cmd.to(dev)
     opt = torch.optim.AdamW(cmd.parameters(), lr=args.lr, weight_decay=1e-4, betas=(0.9, 0.99))
     start = 0
+    pair = pair_key(args.generator, args.clip)
     ck = ckpt_path(args, STAGE + ("_pairwise" if args.loss == "pairwise" else ""))
-    if args.resume and ck.is_file():
-        st = dist.load_checkpoint(ck)
+    st = resume_state(args, ck)
+    if st is not None:
         cmd.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         dist.optimizer_to(opt, dev)
@@ -200,7 +201,7 @@ def train(args: argparse.Namespace) -> dict:
         stop = clock.expired() or (args.stop_after > 0 and step + 1 >= args.stop_after)
         if (step + 1) % args.ckpt_every == 0 or done or stop:
             dist.save_checkpoint(ck, {"model": dist.cpu_state(cmd), "opt": opt.state_dict(), "step": step + 1,
-                                      "batch": B, "world_size": info.world_size, "config": cmd.config,
+                                      "batch": B, "world_size": info.world_size, "pair": pair, "config": cmd.config,
                                       "seed": args.seed})
         if stop:
             dist.log(f"[cmd] stopped at step {step + 1} (resume with --resume)")

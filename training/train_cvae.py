@@ -23,7 +23,8 @@ from torch import nn
 
 from core.cvae import CVAE, cvae_loss
 from training import dist
-from training.stage_utils import TINY_DIR, StopClock, ckpt_path, common_args, load_pair, setup, update_manifest
+from training.stage_utils import (TINY_DIR, StopClock, ckpt_path, common_args, load_pair, pair_key, resume_state,
+                                  setup, update_manifest)
 
 STAGE = "cvae"
 
@@ -115,9 +116,10 @@ def train(args: argparse.Namespace) -> dict:
     cvae.to(dev)
     opt = torch.optim.AdamW(cvae.parameters(), lr=args.lr, weight_decay=1e-4)
     start = 0
+    pair = pair_key(args.generator, args.clip)
     ck = ckpt_path(args, STAGE)
-    if args.resume and ck.is_file():
-        st = dist.load_checkpoint(ck)
+    st = resume_state(args, ck)
+    if st is not None:
         cvae.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         dist.optimizer_to(opt, dev)
@@ -166,7 +168,7 @@ def train(args: argparse.Namespace) -> dict:
         stop = clock.expired() or (args.stop_after > 0 and step + 1 >= args.stop_after)
         if (step + 1) % args.ckpt_every == 0 or done or stop:
             dist.save_checkpoint(ck, {"model": dist.cpu_state(cvae), "opt": opt.state_dict(), "step": step + 1,
-                                      "batch": B, "world_size": info.world_size, "config": cvae.config})
+                                      "batch": B, "world_size": info.world_size, "pair": pair, "config": cvae.config})
         if stop:
             dist.log(f"[cvae] stopped at step {step + 1} (resume with --resume)")
             break

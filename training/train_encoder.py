@@ -24,7 +24,8 @@ from torch import nn
 
 from core.inversion import Encoder
 from training import dist
-from training.stage_utils import StopClock, ckpt_path, common_args, load_pair, setup, update_manifest
+from training.stage_utils import (StopClock, ckpt_path, common_args, load_pair, pair_key, resume_state, setup,
+                                  update_manifest)
 
 STAGE = "encoder"
 
@@ -149,9 +150,10 @@ def train(args: argparse.Namespace) -> dict:
     enc = Encoder.for_generator(G, channels=args.channels, max_channels=args.max_channels).to(dev)
     opt = torch.optim.Adam(enc.parameters(), lr=args.lr, betas=(0.9, 0.99))
     start = 0
+    pair = pair_key(args.generator, args.clip)
     ck = ckpt_path(args, STAGE)
-    if args.resume and ck.is_file():
-        st = dist.load_checkpoint(ck)
+    st = resume_state(args, ck)
+    if st is not None:
         enc.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         dist.optimizer_to(opt, dev)
@@ -189,7 +191,7 @@ def train(args: argparse.Namespace) -> dict:
         stop = clock.expired() or (args.stop_after > 0 and step + 1 >= args.stop_after)
         if (step + 1) % args.ckpt_every == 0 or done or stop:
             dist.save_checkpoint(ck, {"model": dist.cpu_state(enc), "opt": opt.state_dict(), "step": step + 1,
-                                      "batch": B, "world_size": info.world_size})
+                                      "batch": B, "world_size": info.world_size, "pair": pair})
         if stop:
             dist.log(f"[encoder] stopped at step {step + 1} (resume with --resume)")
             break
