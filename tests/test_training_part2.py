@@ -112,3 +112,20 @@ def test_update_manifest_touches_only_its_entry(tmp_path):
     entry = next(e for e in after["files"] if e["id"] == "tiny-cvae")
     assert entry["size"] == 10 and len(entry["sha256"]) == 64
     assert after["packs"] == before["packs"]
+
+
+def test_checkpoint_of_other_models_is_not_resumed(tmp_path):
+    import argparse
+
+    from training.stage_utils import pair_key, resume_state
+
+    g = tmp_path / "g.safetensors"
+    g.write_bytes(b"generator")
+    ck = tmp_path / "x.ckpt"
+    torch.save({"step": 3, "pair": pair_key(str(g), "toy")}, ck)
+    args = argparse.Namespace(resume=True, generator=str(g), clip="toy")
+    assert resume_state(args, ck)["step"] == 3
+    g.write_bytes(b"another generator")
+    assert resume_state(args, ck) is None
+    args.resume = False
+    assert resume_state(args, ck) is None
