@@ -119,7 +119,8 @@ def stage_encoder(out: Path, work: Path, sizes: dict, log=print) -> dict:
 def stage_evaluate(out: Path, work: Path, sizes: dict, log=print) -> dict:
     from training import evaluate
 
-    args = [*_pair(out), "--cmd", str(out / "cmd.safetensors"), "--cmd-pairwise", str(work / "cmd_pairwise.safetensors"),
+    args = [*_pair(out), "--cmd", str(out / "cmd.safetensors"),
+            "--cmd-pairwise", str(work / "cmd_pairwise.safetensors"),
             "--cvae", str(out / "cvae.safetensors"), "--knn", str(out / "knn_bank.safetensors"),
             "--encoder", str(out / "encoder.safetensors"), "--out-dir", str(out),
             "--model-card", str(out / "README.md")]

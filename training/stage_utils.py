@@ -356,7 +356,8 @@ def embed_texts(texts: list[str], clip, batch: int = 256) -> torch.Tensor:
         for i in range(0, len(todo), batch):
             chunk = todo[i:i + batch]
             cache.update({t: e.detach().float().cpu().clone() for t, e in zip(chunk, clip.text_tower(chunk))})
-            dist.log(f"[samples] MiniLM: {min(i + batch, len(todo))}/{len(todo)} new captions ({time.time() - t0:.0f} s)")
+            dist.log(f"[samples] MiniLM: {min(i + batch, len(todo))}/{len(todo)} new captions "
+                     f"({time.time() - t0:.0f} s)")
         if todo and not dist.info().distributed:
             ours = {t: cache[t] for t in cache}
             tmp = MINILM_CACHES[1].with_suffix(".tmp")

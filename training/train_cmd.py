@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.cmd import CMD, clip_loss, cmt_kl_loss, diverse_triplet_loss, pad_sets, pairwise_loss
+from core.cmd import CMD, clip_loss, cmt_kl_loss, diverse_triplet_loss, pairwise_loss
 from core.engine import coarse_layers_for
 from training import dist
 from training.stage_utils import (StopClock, ckpt_path, common_args, load_or_build_samples, load_pair, pair_key,

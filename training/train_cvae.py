@@ -149,7 +149,8 @@ def train(args: argparse.Namespace) -> dict:
         rows = (torch.arange(0, b_local, stride) if args.image_every and step % args.image_every == 0
                 else torch.zeros(0, dtype=torch.long))
         for pg in opt.param_groups:
-            pg["lr"] = args.lr * min(1.0, (step + 1) / 100) * (0.5 + 0.5 * math.cos(math.pi * step / max(args.steps, 1)))
+            pg["lr"] = (args.lr * min(1.0, (step + 1) / 100)
+                        * (0.5 + 0.5 * math.cos(math.pi * step / max(args.steps, 1))))
         with dist.autocast(amp, dev):
             loss, stats = model(w, e, eps[sl].to(dev), rows.to(dev))
         opt.zero_grad(set_to_none=True)
