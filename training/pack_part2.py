@@ -10,15 +10,16 @@ from pathlib import Path
 from training import dist
 
 # build_pack merges these into its FULL / SMOKE size tables
-# FULL2 fits a shared 2-core CPU (about 45 min for all part-2 stages); on a GPU raise the steps.
+# FULL2 fits a shared 2-core CPU (about 40 min for all part-2 stages; the minutes cap each training stage if
+# the machine is busier); on a GPU raise the steps.
 FULL2 = {
     "knn_size": 20000,
-    "cmd_samples": 4000, "cmd_steps": 400, "cmd_batch": 64, "cmd_minutes": 0, "cmd_lr": 1e-3,
+    "cmd_samples": 4000, "cmd_steps": 600, "cmd_batch": 64, "cmd_minutes": 10, "cmd_lr": 1e-3,
     # z + labels of part 1's annotated DCGAN faces (the generator is distilled from the DCGAN with the same z);
     # "" = annotate the generator's renders (~10 faces/s per core)
     "cmd_labels_from": "data/train.pt",
-    "cvae_steps": 800, "cvae_batch": 128, "cvae_minutes": 0,
-    "enc_steps": 400, "enc_batch": 16, "enc_minutes": 0, "enc_pixel_every": 3,
+    "cvae_steps": 2000, "cvae_batch": 128, "cvae_minutes": 5,
+    "enc_steps": 600, "enc_batch": 16, "enc_minutes": 9, "enc_pixel_every": 3,
     "eval_quick": False,
 }
 SMOKE2 = {
