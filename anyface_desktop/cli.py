@@ -126,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog="example:\n  anyface models import ~/Downloads/ffhq.pkl ~/Downloads/ViT-B-32.pt")
     mi.add_argument("files", nargs="+", metavar="FILE")
     mi.add_argument("--pack", dest="models_pack", default=None, help="pack to add a generator to")
+    md = msub.add_parser("download", parents=[common], formatter_class=fmt,
+                         help="download a pack's official files (resumable, verified) into the user data dir",
+                         epilog="example:\n  anyface models download --pack ffhq-1024 --mirror https://my.mirror/models/")
+    md.add_argument("--pack", dest="models_pack", required=True)
+    md.add_argument("--mirror", default=None, help="base URL serving the files by name (or $ANYFACE_MIRROR)")
+    md.add_argument("--timeout", type=float, default=20.0, help="network timeout in seconds")
+    mx = msub.add_parser("delete", parents=[common], help="delete an imported or downloaded file")
+    mx.add_argument("file_id", metavar="ID")
+    msub.add_parser("du", parents=[common], help="disk use of the user's model folders")
 
     cv = sub.add_parser("convert", parents=[common], help="convert an official StyleGAN2 checkpoint to AnyFace safetensors")
     cv.add_argument("input", help="rosinality .pt (g_ema + latent_avg) or NVlabs network .pkl (G_ema)")
@@ -149,6 +158,8 @@ def cmd_models(args) -> int:
         return EXIT_USAGE
     if args.models_command == "import":
         return cmd_models_import(args)
+    if args.models_command in ("download", "delete", "du"):
+        return cmd_models_manage(args)
     manifest = weights.Manifest.load()
     packs = [args.models_pack or args.pack] if (args.models_pack or args.pack) else list(manifest.packs)
     rows, bad = [], 0
@@ -405,6 +416,51 @@ def cmd_batch_merge(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------ models import
+
+def cmd_models_manage(args) -> int:
+    """models download | delete | du."""
+    from core import download, packs, weights
+    from core.errors import AnyFaceError
+
+    manifest = weights.Manifest.load()
+    if args.models_command == "du":
+        use = packs.disk_usage()
+        _print(args, use, "\n".join(f"{k:12s} {v / 1e6:10.1f} MB" for k, v in sorted(use.items())) or "nothing stored")
+        return EXIT_OK
+    if args.models_command == "delete":
+        wf = manifest.get(args.file_id)
+        if wf.id.startswith("imported-"):
+            packs.delete_imported(wf.id)
+        else:
+            path = download.weight_destination(wf)
+            if not path.is_file():
+                print(f"error: {wf.id} is not stored in the user data dir ({path}); bundled files are not deleted",
+                      file=sys.stderr)
+                return EXIT_USAGE
+            path.unlink()
+        _print(args, {"deleted": wf.id}, f"deleted {wf.id}")
+        return EXIT_OK
+    rows, bad = [], 0
+    for wf in manifest.pack_files(args.models_pack):
+        if weights.find_file(wf) is not None:
+            rows.append({"id": wf.id, "state": "present"})
+            continue
+        if not wf.url:
+            rows.append({"id": wf.id, "state": "skipped", "detail": f"no download URL: {wf.source}"})
+            continue
+        bar = _Progress(args, f"downloading {wf.file_name}", "B")
+        try:
+            path = download.download_weight(wf, mirror=args.mirror, progress=bar, timeout=args.timeout)
+            rows.append({"id": wf.id, "state": "downloaded", "path": str(path)})
+        except AnyFaceError as e:
+            bad += 1
+            rows.append({"id": wf.id, "state": "failed", "detail": str(e)})
+            print(f"error: {wf.id}: {e}", file=sys.stderr)
+        finally:
+            bar.close()
+    _print(args, rows, "\n".join(f"{r['id']:24s} {r['state']:10s} {r.get('path') or r.get('detail', '')}" for r in rows))
+    return EXIT_FAILED_ITEMS if bad else EXIT_OK
+
 
 def cmd_models_import(args) -> int:
     from core import packs

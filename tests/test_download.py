@@ -202,3 +202,37 @@ def test_mirror_setting(server, monkeypatch):
     path = dl.download_weight(wf)
     assert path.read_bytes() == payload
     assert handler.requests[-1][0] == "/ok/g.pt"
+
+
+def test_cli_models_download_du_delete(server, tmp_path, monkeypatch):
+    """`anyface models download` through a mirror on 127.0.0.1, then du and delete."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    base, payload, _ = server
+    res = tmp_path / "resources"
+    (res / "weights").mkdir(parents=True)
+    man = {"packs": {"net": {"title": "t", "resolution": 32, "files": ["net-gen"]}},
+           "files": [{"id": "net-gen", "file_name": "g.pt", "pack": "net", "role": "generator",
+                      "sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload), "source": "s",
+                      "url": "https://cdn.invalid/models/g.pt", "license": "l"}]}
+    (res / "weights" / "manifest.json").write_text(json.dumps(man))
+    env = dict(os.environ, ANYFACE_RESOURCES=str(res))
+    root = Path(__file__).resolve().parent.parent
+
+    def cli(*a):
+        return subprocess.run([sys.executable, "-m", "anyface_desktop.cli", "--json", "models", *a],
+                              capture_output=True, text=True, env=env, cwd=root, timeout=120)
+
+    r = cli("download", "--pack", "net", "--mirror", f"{base}/ok/")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert rows[0]["state"] == "downloaded" and Path(rows[0]["path"]).read_bytes() == payload
+    assert json.loads(cli("du").stdout)["net"] == len(payload)
+    assert json.loads(cli("verify", "--pack", "net").stdout)[0]["state"] == "present"
+    assert cli("delete", "net-gen").returncode == 0
+    assert not Path(rows[0]["path"]).exists()
+    r = cli("download", "--pack", "net", "--mirror", f"{base}/html/", "--timeout", "5")
+    assert r.returncode == 1 and "web page" in r.stderr
