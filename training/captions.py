@@ -12,11 +12,11 @@ import random
 # attribute -> value -> training phrases (noun-phrase fragments that fit "a person with ..." or stand alone)
 PHRASES: dict[str, dict[str, list[str]]] = {
     "hair": {
-        "black": ["black hair", "jet-black hair", "dark black hair", "raven hair", "very dark hair", "coal black hair"],
-        "brown": ["brown hair", "chestnut hair", "brunette hair", "dark brown hair", "light brown hair", "chocolate brown hair"],
-        "blond": ["blond hair", "blonde hair", "golden hair", "fair hair", "yellow hair", "straw-coloured hair"],
-        "red": ["red hair", "ginger hair", "auburn hair", "copper hair", "reddish hair", "orange-red hair"],
-        "gray": ["gray hair", "grey hair", "silver hair", "white hair", "greying hair", "ash-grey hair"],
+        "black": ["black hair", "jet-black hair", "dark black hair", "raven hair", "very dark hair", "coal black hair", "inky black hair", "black-haired", "dark hair"],
+        "brown": ["brown hair", "chestnut hair", "brunette hair", "dark brown hair", "light brown hair", "chocolate brown hair", "walnut-brown hair", "coffee-coloured hair", "brown-haired", "tawny hair"],
+        "blond": ["blond hair", "blonde hair", "golden hair", "fair hair", "yellow hair", "straw-coloured hair", "platinum blond hair", "honey-blond hair", "blond-haired", "light golden hair"],
+        "red": ["red hair", "ginger hair", "auburn hair", "copper hair", "reddish hair", "orange-red hair", "red-haired", "a redhead", "fiery red hair", "rust-coloured hair"],
+        "gray": ["gray hair", "grey hair", "silver hair", "white hair", "greying hair", "ash-grey hair", "grey-haired", "silvery hair", "white-haired", "old grey hair"],
     },
     "skin": {
         "light": ["light skin", "fair skin", "pale skin", "a light complexion", "pale complexion"],
@@ -24,20 +24,20 @@ PHRASES: dict[str, dict[str, list[str]]] = {
         "dark": ["dark skin", "deep brown skin", "a dark complexion", "dark brown skin", "black skin"],
     },
     "background": {
-        "green": ["a green background", "green foliage behind", "a background of green trees", "a grassy green backdrop"],
-        "blue": ["a blue background", "a blue sky behind", "a blue backdrop", "a sky-blue background"],
-        "white": ["a white background", "a bright white backdrop", "a plain white background", "a pale white wall behind"],
-        "dark": ["a dark background", "a black background", "a dark backdrop", "a shadowy background"],
+        "green": ["a green background", "green foliage behind", "a background of green trees", "a grassy green backdrop", "green plants behind", "an emerald background"],
+        "blue": ["a blue background", "a blue sky behind", "a blue backdrop", "a sky-blue background", "a navy blue backdrop", "blue water behind"],
+        "white": ["a white background", "a bright white backdrop", "a plain white background", "a pale white wall behind", "an ivory background", "a blank white backdrop"],
+        "dark": ["a dark background", "a black background", "a dark backdrop", "a shadowy background", "a night-black backdrop", "deep shadow behind"],
         "gray": ["a gray background", "a grey backdrop", "a dull grey background", "a concrete-grey wall behind"],
         "warm": ["a warm-toned background", "a brown background", "an orange-brown backdrop", "a beige and brown background"],
     },
     "mouth": {
-        "open": ["an open mouth", "mouth wide open", "lips parted", "an open-mouthed expression", "jaw dropped open"],
+        "open": ["an open mouth", "mouth wide open", "lips parted", "an open-mouthed expression", "jaw dropped open", "a surprised open mouth", "teeth showing through open lips"],
         "closed": ["a closed mouth", "lips closed", "mouth shut", "lips pressed together"],
     },
     "smile": {
-        "smiling": ["a smile", "a big smile", "a grin", "a cheerful smile", "a happy smile", "smiling lips"],
-        "neutral": ["a neutral expression", "a serious expression", "a straight face", "no smile", "a blank expression"],
+        "smiling": ["a smile", "a big smile", "a grin", "a cheerful smile", "a happy smile", "smiling lips", "a delighted look", "a laughing face"],
+        "neutral": ["a neutral expression", "a serious expression", "a straight face", "no smile", "a blank expression", "a stern look", "an expressionless face"],
     },
     "yaw": {
         "left": ["head turned to the left", "face turned left", "looking to the left", "facing left", "profile toward the left"],

@@ -3,8 +3,11 @@
 Distillation: the same z [N, 100] goes into both networks (our z_dim is 100); the loss is L1 on the image plus
 L1 at 32/16/8 px (multi-scale), plus, once a tiny CLIP file is given, an L1 on the CLIP image tower's feature
 maps (perceptual). An EMA copy of the weights is what gets exported; ``w_avg`` is set from the mapping
-output mean. Adversarial fine-tuning with style-mixing regularisation (``--adv-steps``) uses a small
-discriminator on DCGAN samples as reals; it is off by default on CPU (see the model card for what was run).
+output mean. Adversarial fine-tuning (``--adv-steps``) follows: non-saturating loss against a small
+discriminator (minibatch stddev, lazy R1) with DCGAN samples as reals; half of every batch is style-mixed at a
+random layer (StyleGAN's mixing regularisation, so that coarse and fine layers carry different things) and the
+other half keeps a distillation anchor at 16 and 8 px only, which holds pose and colours but leaves the
+fine detail to the discriminator (pixel-level regression is what makes distilled faces blurry).
 Resumable: checkpoints every ``ckpt_every`` steps in the work dir.
 """
 from __future__ import annotations
@@ -47,18 +50,30 @@ def perceptual(clip, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class SmallD(nn.Module):
-    """A small conv discriminator for the optional adversarial fine-tune (64 px)."""
+    """A small conv discriminator for the adversarial fine-tune (64 px), with StyleGAN's minibatch-stddev
+    feature so that it can see a collapsed batch."""
 
-    def __init__(self, ch: int = 64):
+    def __init__(self, ch: int = 64, mbstd_group: int = 4):
         super().__init__()
         layers, cin = [], 3
         for cout in (ch, ch * 2, ch * 4, ch * 4):
             layers += [nn.Conv2d(cin, cout, 4, 2, 1), nn.LeakyReLU(0.2)]
             cin = cout
-        self.net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin * 16, 1))
+        self.features = nn.Sequential(*layers)
+        self.mbstd_group = mbstd_group
+        self.head = nn.Sequential(nn.Conv2d(cin + 1, cin, 3, 1, 1), nn.LeakyReLU(0.2), nn.Flatten(),
+                                  nn.Linear(cin * 16, 1))
 
     def forward(self, x):
-        return self.net(x)
+        h = self.features(x)
+        n, c, hh, ww = h.shape
+        g = min(self.mbstd_group, n)
+        while n % g:
+            g -= 1
+        y = h.reshape(g, -1, c, hh, ww)
+        y = (y.var(0, unbiased=False) + 1e-8).sqrt().mean((1, 2, 3))  # [n/g]
+        y = y.reshape(-1, 1, 1, 1).repeat(g, 1, hh, ww)
+        return self.head(torch.cat([h, y], 1))
 
 
 @torch.no_grad()
@@ -70,9 +85,10 @@ def ema_update(ema: nn.Module, model: nn.Module, beta: float) -> None:
 
 
 def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float = 4e-3, clip_path: str | None = None,
-                    clip_weight: float = 0.5, adv_steps: int = 0, mix_prob: float = 0.9, mapping_boost: float = 10.0,
+                    clip_weight: float = 0.5, adv_steps: int = 0, mapping_boost: float = 10.0,
                     config: dict | None = None, ckpt_every: int = 25, minutes: float | None = None,
-                    grid_every: int = 200, seed: int = 0, log=print) -> Generator:
+                    grid_every: int = 200, seed: int = 0, adv_lr: float = 1e-3, anchor_weight: float = 1.0,
+                    r1_gamma: float = 0.05, r1_every: int = 4, log=print) -> Generator:
     """Train (or resume) the generator; returns the EMA generator with ``w_avg`` set."""
     from training.grids import image_grid, save_png
 
@@ -108,6 +124,7 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
     clip = None
     t0 = time.time()
     hist: list[float] = []
+    adv_started = False
 
     def save():
         st = {"G": G.state_dict(), "G_ema": G_ema.state_dict(), "opt": opt.state_dict(), "step": step,
@@ -136,32 +153,39 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        else:  # adversarial fine-tune with style mixing + a distillation anchor
+        else:  # adversarial fine-tune: half the batch style-mixed, a low-resolution anchor on the other half
             if D is None:
                 D = SmallD()
-                d_opt = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.0, 0.99))
+                d_opt = torch.optim.Adam(D.parameters(), lr=adv_lr, betas=(0.0, 0.99))
+            if not adv_started:
+                for g_ in opt.param_groups:
+                    g_["lr"] = adv_lr * (mapping_boost if g_ is opt.param_groups[1] else 1.0)
+                adv_started = True
+                log(f"adversarial fine-tune from step {step} (lr {adv_lr}, style mixing on half of each batch)")
+            half = batch // 2
             ws = G.mapping(z)
-            if torch.rand((), generator=gen) < mix_prob:
-                z2 = torch.randn(batch, Z_DIM, generator=gen)
-                cut = int(torch.randint(1, G.num_ws, (), generator=gen))
-                ws = torch.cat([ws[:, :cut], G.mapping(z2)[:, cut:]], 1)
-                anchor = None
-            else:
-                anchor = target
+            z2 = torch.randn(batch - half, Z_DIM, generator=gen)
+            cut = int(torch.randint(1, G.num_ws, (), generator=gen))
+            ws_mixed = torch.cat([ws[half:, :cut], G.mapping(z2)[:, cut:]], 1)
+            ws = torch.cat([ws[:half], ws_mixed], 0)
             fake = G.synthesis(ws, noise_mode="random")
-            d_loss = F.softplus(D(fake.detach())).mean() + F.softplus(-D(target)).mean()
+            real = target
+            d_loss = F.softplus(D(fake.detach())).mean() + F.softplus(-D(real)).mean()
+            if step % r1_every == 0:  # lazy R1 on the reals
+                real_r = real.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(D(real_r).sum(), real_r, create_graph=True)
+                d_loss = d_loss + grad.square().sum((1, 2, 3)).mean() * (r1_gamma / 2) * r1_every
             d_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             d_opt.step()
-            loss = F.softplus(-D(fake)).mean()
-            if anchor is not None:
-                loss = loss + 2.0 * multiscale_l1(fake, anchor)
+            loss = F.softplus(-D(fake)).mean() + anchor_weight * multiscale_l1(fake[:half], target[:half],
+                                                                                scales=(4, 8))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         ema_update(G_ema, G, 0.98 if step < 500 else 0.995)
         step += 1
-        hist.append(float(loss))
+        hist.append(float(loss.detach()))
         if step % 10 == 0:
             log(f"step {step}/{total} loss {np.mean(hist[-10:]):.4f} {time.time() - t0:.0f}s")
         if step % ckpt_every == 0:
@@ -229,11 +253,13 @@ def main(argv=None) -> None:
     ap.add_argument("--adv-steps", type=int, default=0)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--clip", default=None, help="tiny CLIP file for the perceptual loss (used once it exists)")
+    ap.add_argument("--adv-lr", type=float, default=1e-3)
+    ap.add_argument("--anchor-weight", type=float, default=1.0)
     ap.add_argument("--minutes", type=float, default=None)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     G = train_generator(Path(a.work), steps=a.steps, adv_steps=a.adv_steps, batch=a.batch, clip_path=a.clip,
-                        minutes=a.minutes)
+                        minutes=a.minutes, adv_lr=a.adv_lr, anchor_weight=a.anchor_weight)
     if a.out:
         from core.checkpoints import save_generator
 
