@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a training.annotate dataset whose z + labels trained the CMD (--labels-from of train_cmd): "
                         "measure how often the annotator gives the generator's render of the same z the same label")
     p.add_argument("--label-faces", type=int, default=300)
+    p.add_argument("--base-rate-faces", type=int, default=1000,
+                   help="random faces annotated to measure how often the generator produces each value")
     p.add_argument("--quick", action="store_true", help="tiny counts and few inversion steps (smoke test)")
     p.add_argument("--parts", default="text,ablation,edit,inversion", help="comma-separated parts to run")
     p.add_argument("--no-annotate", action="store_true", help="skip the dlib annotator (toy smoke runs)")
@@ -124,6 +126,31 @@ def text_consistency(engine, args, prompts, methods, annotate: bool):
             last = time.time()
             dist.log(f"[eval] text consistency: rank 0 at {j + 1}/{len(mine)}")
     return rows, grids
+
+
+def base_rates(engine, n: int, seed: int) -> dict[str, float]:
+    """Share of the generator's random (text-free, untruncated) faces the annotator gives each value: a value
+    the generator (almost) never produces cannot be reached by any text-to-latent model."""
+    from training.stage_utils import render_uint8
+
+    gen = torch.Generator().manual_seed(seed)
+    faces = []
+    with torch.no_grad():
+        for i in range(0, n, 50):
+            z = torch.randn(min(50, n - i), engine.generator.z_dim, generator=gen).to(engine.device)
+            faces.append(render_uint8(engine.generator(z, noise_mode="const")))
+    counts: dict[str, int] = {}
+    for lb in annotate_faces(np.concatenate(faces)):
+        for a, v in lb.items():
+            counts[f"{a}={v}"] = counts.get(f"{a}={v}", 0) + 1
+    return {k: c / n for k, c in sorted(counts.items())}
+
+
+def reachable_presence(res: dict, min_rate: float) -> dict[str, float]:
+    """plain-1 presence per method over the values with a base rate >= min_rate."""
+    rates, pv = res.get("base_rates") or {}, res["summary"]["plain_per_value"]
+    keep = [k for k, r in rates.items() if r >= min_rate]
+    return {m: float(np.mean([t[k] for k in keep if k in t])) for m, t in pv.items() if any(k in t for k in keep)}
 
 
 def cmd_collapse(engine, cmd, prompts) -> float:
@@ -358,12 +385,23 @@ def markdown(res: dict) -> str:
     L += ["", "plain-k / para-k: k captions per prompt (plain wording / held-out paraphrases). "
           "Targets (issue 8): plain-1 >= 70%, para-1 >= 50%.", ""]
     pv = res["summary"]["plain_per_value"]
+    rates = res.get("base_rates") or {}
     if pv:
         keys = sorted({k for m in pv.values() for k in m})
-        L += ["### plain-1 per asked value", "", "| value | " + " | ".join(pv) + " |", "|---|" + "---|" * len(pv)]
+        L += ["### plain-1 per asked value", "",
+              "| value | " + " | ".join(pv) + " | generator base rate |", "|---|" + "---|" * (len(pv) + 1)]
         for k in keys:
-            L.append(f"| {k} | " + " | ".join(f"{100 * pv[m].get(k, float('nan')):.0f}%" for m in pv) + " |")
+            L.append(f"| {k} | " + " | ".join(f"{100 * pv[m].get(k, float('nan')):.0f}%" for m in pv)
+                     + (f" | {100 * rates.get(k, 0.0):.1f}% |" if rates else " | - |"))
         L.append("")
+    if rates and pv:
+        min_rate = res.get("min_base_rate", 0.02)
+        n_keep = sum(r >= min_rate for r in rates.values())
+        reach = reachable_presence(res, min_rate)
+        L += [f"Generator base rate: share of {res.get('base_rate_faces')} random text-free faces of the generator "
+              "that the annotator gives the value. A value the generator almost never produces cannot be reached "
+              f"by any text-to-latent model; over the {n_keep} values with a base rate >= {100 * min_rate:.0f}%, "
+              "plain-1 presence is " + ", ".join(f"{m} {100 * v:.0f}%" for m, v in reach.items()) + ".", ""]
     L += ["## Diversity (mean pairwise distance of normalised CLIP image-tower features)", ""]
     L += ["| method | within a prompt (plain-1) |", "|---|---|"]
     for m, t in cons.items():
@@ -428,6 +466,11 @@ def card_section(res: dict) -> str:
         L.append(f"| {m} | {pc(m, 'plain-1')} | {pc(m, 'para-1')} | {100 * multi_p:.0f}% | {100 * multi_q:.0f}% |")
     L += ["", "Share of generated faces where the annotator finds every asked attribute (targets: >= 70% plain, "
           ">= 50% paraphrased)."]
+    if res.get("plain1_reachable"):
+        n_keep = sum(r >= res["min_base_rate"] for r in res["base_rates"].values())
+        L.append(f"Over the {n_keep} values the generator itself produces in >= {100 * res['min_base_rate']:.0f}% of "
+                 "random faces, plain single-caption presence is " + ", ".join(
+                     f"{m} {100 * v:.0f}%" for m, v in res["plain1_reachable"].items()) + " (see evaluation.md).")
     abl = res.get("ablation")
     if abl:
         L.append(f"Diversity, DT loss vs pairwise ablation: {abl['ratio_within']:.2f}x within a prompt, "
@@ -512,6 +555,11 @@ def evaluate(args: argparse.Namespace) -> dict:
             _save_grid(out / name, [(c, f) for c, f in g[:14]])
             res["grids"].append(name)
         parts = set(args.parts.split(","))
+        if annotate and "text" in parts:
+            res["base_rate_faces"] = 60 if args.quick else args.base_rate_faces
+            res["min_base_rate"] = 0.02
+            res["base_rates"] = base_rates(engine, res["base_rate_faces"], args.seed + 99991)
+            res["plain1_reachable"] = reachable_presence(res, res["min_base_rate"])
         pw = opt(args.cmd_pairwise, lambda p: CMD.load(p, info.device))
         if cmd is not None and pw is not None and "ablation" in parts:
             abl = diversity_ablation(engine, args, prompts, pw)
