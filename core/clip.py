@@ -283,23 +283,80 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class OpenClipEncoder(nn.Module):
-    """An open_clip model (e.g. ViT-B-32) whose weights come from a local file; nothing is downloaded."""
+def _is_torchscript(path: Path) -> bool:
+    """OpenAI's official CLIP files (``ViT-B-32.pt``) are TorchScript archives: a zip with ``*/constants.pkl``."""
+    import zipfile
 
-    def __init__(self, model_name: str, checkpoint: str | os.PathLike, device: torch.device | str | None = None):
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") for n in z.namelist())
+
+
+def read_clip_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], bool]:
+    """Tensors of a local CLIP checkpoint: a plain state dict (``.pt``/``.pth``/``.bin``, read with
+    ``weights_only=True``), a safetensors file, or an OpenAI TorchScript archive (its parameters only; its code
+    is never run). Returns (state dict, is_openai_torchscript). Raises ``InvalidCheckpointError`` naming the file."""
+    path = Path(path)
+    jit = False
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        elif _is_torchscript(path):
+            jit = True
+            sd = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every unreadable file gets the same actionable message
+        raise InvalidCheckpointError(f"Cannot read the CLIP checkpoint {path} ({type(e).__name__}: {e}). The file is "
+                                     "corrupt, incomplete or not a CLIP checkpoint: download it again.") from e
+    if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise InvalidCheckpointError(f"{path} does not hold a CLIP state dict (found {type(sd).__name__}).")
+    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
+    for k in ("input_resolution", "context_length", "vocab_size"):  # scalars of OpenAI's archives
+        sd.pop(k, None)
+    return sd, jit
+
+
+class OpenClipEncoder(nn.Module):
+    """An open_clip model (e.g. ViT-B-32) whose weights come from a local file; nothing is downloaded.
+
+    The model is built from open_clip's config ``model_name`` and the file's tensors are loaded with
+    ``strict=True``. OpenAI's TorchScript archives were trained with QuickGELU: for them (or
+    ``quick_gelu=True``) the model is built with QuickGELU, as open_clip does for its "openai" weights."""
+
+    def __init__(self, model_name: str, checkpoint: str | os.PathLike, device: torch.device | str | None = None,
+                 *, quick_gelu: bool | None = None):
         super().__init__()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import open_clip
 
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
             raise MissingWeightsError([MissingFile(model_name, checkpoint.name, (str(checkpoint),),
                                                    "see resources/weights/manifest.json")])
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        model = open_clip.create_model(model_name, pretrained=str(checkpoint), device=device or "cpu")
-        model.eval().requires_grad_(False)
+        if model_name not in open_clip.list_models():
+            raise InvalidCheckpointError(f"Unknown open_clip model '{model_name}' for {checkpoint}. "
+                                         f"Available: {', '.join(open_clip.list_models())}.")
+        sd, jit = read_clip_state_dict(checkpoint)
+        quick = jit if quick_gelu is None else bool(quick_gelu)
+        model = open_clip.create_model(model_name, pretrained=None, device="cpu", force_quick_gelu=quick,
+                                       pretrained_image=False, pretrained_text=False)
+        try:
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
+        except RuntimeError as e:
+            raise InvalidCheckpointError(f"{checkpoint} does not fit the open_clip model '{model_name}': "
+                                         f"{str(e).splitlines()[0][:300]}. Pass the right model name "
+                                         f"('MODEL:PATH').") from e
+        model.float().eval().requires_grad_(False)
         self.model = model
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.model_name = model_name
+        self.checkpoint = checkpoint
         size = model.visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.embed_dim = int(model.text_projection.shape[-1] if getattr(model, "text_projection", None) is not None
@@ -343,6 +400,16 @@ class OpenClipEncoder(nn.Module):
         return self.model.encode_image(self._prepare(img)).float()
 
 
+def open_clip_name_for(path: str | os.PathLike) -> str | None:
+    """The open_clip model a checkpoint's file name starts with (``ViT-B-32.pt`` -> ``ViT-B-32``; the longest
+    match wins, so ``ViT-B-32-quickgelu.pt`` -> ``ViT-B-32-quickgelu``), or None."""
+    import open_clip
+
+    stem = Path(path).stem.replace("/", "-").lower()
+    names = [n for n in open_clip.list_models() if stem.startswith(n.lower())]
+    return max(names, key=len) if names else None
+
+
 def load_clip(path_or_spec: str | os.PathLike | Mapping[str, Any], device: torch.device | str | None = None
               ) -> ClipEncoder:
     """Load a CLIP encoder.
@@ -365,15 +432,19 @@ def load_clip(path_or_spec: str | os.PathLike | Mapping[str, Any], device: torch
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:  # noqa: BLE001
+            raise InvalidCheckpointError(f"Cannot read {path} ({e}); the file is corrupt or incomplete.") from e
         cfg = json.loads(meta.get("config", "{}"))
         if cfg.get("arch") == TINY_ARCH:
             return TinyClip.load(path, device=device)
+        if open_clip_name_for(path) is not None:
+            return OpenClipEncoder(open_clip_name_for(path), path, device=device)
         raise InvalidCheckpointError(f"{path} is not a tiny CLIP file (metadata arch {cfg.get('arch')!r}).")
-    stem = path.stem
-    for name in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "RN50"):
-        if stem.replace("/", "-").lower().startswith(name.lower()):
-            return OpenClipEncoder(name, path, device=device)
+    name = open_clip_name_for(path)
+    if name is not None:
+        return OpenClipEncoder(name, path, device=device)
     raise InvalidCheckpointError(
         f"Cannot tell which CLIP model {path} is. Pass 'MODEL:PATH', e.g. 'ViT-B-32:{path}'.")
