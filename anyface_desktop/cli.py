@@ -19,6 +19,8 @@ EPILOG = """examples:
   anyface models list
   anyface models verify --pack tiny
   anyface models import ~/Downloads/ffhq.pkl
+  anyface models build-bank --pack ffhq-256 --size 20000    # KNN method for a pack without one
+  anyface generate "a bearded man" --method knn --refine 20 -o faces/   # + CLIP-guided refinement
   anyface convert stylegan2-ffhq-config-f.pt -o ffhq1024.safetensors
 
 exit codes: 0 all ok, 1 some items failed, 2 usage error, 130 interrupted (re-run to resume).
@@ -82,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--format", choices=("png", "jpg", "webp"), default="png")
     g.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
     g.add_argument("--save-latent", action="store_true", help="also save each face's W+ code (.npz)")
+    g.add_argument("--refine", type=_nonneg_int, default=0, metavar="STEPS",
+                   help="CLIP-guided refinement: STEPS optimisation steps of each face's text layers toward the "
+                        "captions (default 0: off; 10-50 is typical). Needs no trained model")
 
     e = sub.add_parser("edit", parents=[with_pack], formatter_class=fmt, help="edit the faces of photos",
                        description="Edit the faces of a photo, or of every photo in a folder, toward captions.",
@@ -132,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--pack", dest="models_pack", required=True)
     md.add_argument("--mirror", default=None, help="base URL serving the files by name (or $ANYFACE_MIRROR)")
     md.add_argument("--timeout", type=float, default=20.0, help="network timeout in seconds")
+    mb = msub.add_parser("build-bank", parents=[common], formatter_class=fmt,
+                         help="build the KNN latent bank of a pack (enables --method knn without training)",
+                         description="Sample SIZE faces from the pack's generator, embed them with its CLIP and save "
+                                     "the bank in the user data dir, where the pack picks it up (a pack's own bundled "
+                                     "bank still wins).",
+                         epilog="example:\n  anyface models build-bank --pack ffhq-256 --size 20000")
+    mb.add_argument("--pack", dest="models_pack", default=None, help="pack id (default: --pack or tiny)")
+    mb.add_argument("--size", type=_nonneg_int, default=20000, metavar="N", help="faces in the bank (default 20000)")
+    mb.add_argument("--batch", type=_nonneg_int, default=32, metavar="B", help="faces per step (default 32)")
+    mb.add_argument("--seed", type=int, default=0, help="seed of the sampled faces (default 0)")
     mx = msub.add_parser("delete", parents=[common], help="delete an imported or downloaded file")
     mx.add_argument("file_id", metavar="ID")
     msub.add_parser("du", parents=[common], help="disk use of the user's model folders")
@@ -154,12 +169,14 @@ def cmd_models(args) -> int:
     from core.errors import AnyFaceError
 
     if args.models_command is None:
-        print("usage: anyface models {list,verify,import} ...", file=sys.stderr)
+        print("usage: anyface models {list,verify,import,download,build-bank,delete,du} ...", file=sys.stderr)
         return EXIT_USAGE
     if args.models_command == "import":
         return cmd_models_import(args)
     if args.models_command in ("download", "delete", "du"):
         return cmd_models_manage(args)
+    if args.models_command == "build-bank":
+        return cmd_models_build_bank(args)
     manifest = weights.Manifest.load()
     packs = [args.models_pack or args.pack] if (args.models_pack or args.pack) else list(manifest.packs)
     rows, bad = [], 0
@@ -331,20 +348,47 @@ def cmd_generate(args) -> int:
                                         diversity=args.diversity, progress=bar, should_cancel=cancel)
         finally:
             bar.close()
+    if args.refine:
+        results = _refine_all(args, engine, results)
     fmt = {"jpeg": "jpg"}.get(args.format, args.format)
     slug, rows = _slug(args.captions), []
     for r in results:
         meta = {"captions": list(r.captions), "seed": r.seed, "method": r.method, "pack": r.pack_id,
                 "diversity": r.diversity}
+        if "refine_steps" in r.extra:
+            meta["refine_steps"] = r.extra["refine_steps"]
         path = write_image(unique_path(out / f"{slug}_s{r.seed}.{fmt}"), r.image, fmt, quality=args.quality,
                            metadata=meta, overwrite=False)
         row = {"image": str(path), "seed": r.seed, "method": r.method, "captions": list(r.captions)}
+        if "refine_steps" in r.extra:
+            row.update(refine_steps=r.extra["refine_steps"], clip_similarity_before=r.extra["clip_similarity_before"],
+                       clip_similarity_after=r.extra["clip_similarity_after"])
         if args.save_latent:
             row["latent"] = str(r.save_latent(unique_path(path.with_suffix(".npz"))))
         rows.append(row)
     _print(args, {"pack": engine.pack_id, "outputs": rows},
            "\n".join(r["image"] + (f"  (+ {Path(r['latent']).name})" if "latent" in r else "") for r in rows))
     return EXIT_OK
+
+
+def _refine_all(args, engine, results: list) -> list:
+    """CLIP-guided refinement of each generated face (``--refine STEPS``); seeds and captions are kept."""
+    import dataclasses
+
+    out = []
+    bar = _Progress(args, "refining", "step")
+    with _CancelOnSignal(args.quiet or args.json) as cancel:
+        try:
+            for i, r in enumerate(results):
+                ref = engine.refine(r.ws, r.captions, steps=args.refine, should_cancel=cancel,
+                                    progress=lambda d, n, i=i: bar(i * n + d, n * len(results)))
+                extra = dict(r.extra, refine_steps=args.refine, **{k: ref.extra[k] for k in
+                             ("clip_similarity_before", "clip_similarity_after")})
+                out.append(dataclasses.replace(r, image=ref.image, ws=ref.ws, method=f"{r.method}+refine",
+                                               extra=extra))
+        finally:
+            bar.close()
+    return out
 
 
 # ------------------------------------------------------------------------------------------ edit
@@ -460,6 +504,36 @@ def cmd_models_manage(args) -> int:
             bar.close()
     _print(args, rows, "\n".join(f"{r['id']:24s} {r['state']:10s} {r.get('path') or r.get('detail', '')}" for r in rows))
     return EXIT_FAILED_ITEMS if bad else EXIT_OK
+
+
+def cmd_models_build_bank(args) -> int:
+    """models build-bank: sample the generator, embed with CLIP, save in the user data dir (progress on stderr)."""
+    from core.engine import bank_cache_path
+    from core.errors import CancelledError
+    from core.weights import locate_pack
+
+    if args.size < 1 or args.batch < 1:
+        raise _UsageError("--size and --batch must be at least 1")
+    args.pack = args.models_pack or args.pack
+    engine = _load_engine(args)
+    own = locate_pack(engine.pack_id).get("knn")
+    bar = _Progress(args, "building KNN bank", "face")
+    with _CancelOnSignal(args.quiet or args.json) as cancel:
+        try:
+            bank = engine.build_bank(size=args.size, batch=args.batch, seed=args.seed, progress=bar,
+                                     should_cancel=cancel)
+        except CancelledError:
+            print("cancelled: no bank was saved", file=sys.stderr)
+            return 130
+        finally:
+            bar.close()
+    path = bank_cache_path(engine.pack_id)
+    info = {"pack": engine.pack_id, "size": len(bank), "path": str(path), "bytes": path.stat().st_size,
+            "pack_has_own_bank": own is not None}
+    note = (f"\nnote: pack '{engine.pack_id}' ships its own bank ({own}), which it keeps using" if own else "")
+    _print(args, info, f"KNN bank of {len(bank)} faces for pack '{engine.pack_id}' saved to {path} "
+                       f"({info['bytes'] / 1e6:.1f} MB){note}")
+    return EXIT_OK
 
 
 def cmd_models_import(args) -> int:

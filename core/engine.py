@@ -256,7 +256,7 @@ class Engine:
             raise MethodUnavailableError(f"Unknown method '{method}'. Available: {', '.join(METHODS)}.")
         if method not in self.methods:
             have = ", ".join(self.methods) or "none"
-            hint = ("build a KNN bank (Models > Build KNN bank, or Engine.build_bank)" if method == "knn"
+            hint = ("build a KNN bank (Models > Build KNN bank…, or `anyface models build-bank`)" if method == "knn"
                     else "train it with `python -m training.build_pack` for this generator and CLIP")
             raise MethodUnavailableError(f"Method '{method}' ({METHOD_TITLES[method]}) is not part of pack "
                                          f"'{self.pack_id}'. Available here: {have}. To get it, {hint}.")
@@ -449,6 +449,10 @@ class Engine:
         self.bank = bank
         self._check_compatible()
         return bank
+
+    def bank_bytes(self, size: int) -> int:
+        """Disk size of a bank of ``size`` entries made by :meth:`build_bank` (float32 w, float16 embedding)."""
+        return int(size) * (4 * self.w_dim + 2 * int(getattr(self.clip, "embed_dim", 0) or 512)) + 4096
 
     def refine(self, ws, captions: str | Sequence[str], *, steps: int = 20, lr: float = 0.03,
                first_layer: int | None = None, progress: ProgressFn | None = None,
