@@ -69,6 +69,8 @@ class EngineInfo:
     num_ws: int
     seconds: float
     coarse_layers: int = 4
+    bank_size: int = 0  # entries of the loaded KNN bank (0: none)
+    bank_bytes_per_entry: int = 0  # disk size of one bank entry for this generator + CLIP (estimates)
 
 
 class Backend:
@@ -158,7 +160,9 @@ class Backend:
             dev_s = str(dev)
         return EngineInfo(pack_id=str(getattr(e, "pack_id", self.pack)), device=dev_s, methods=list(e.methods),
                           resolution=int(e.resolution), num_ws=int(e.num_ws), seconds=seconds,
-                          coarse_layers=int(getattr(e, "coarse_layers", min(4, int(e.num_ws) - 1))))
+                          coarse_layers=int(getattr(e, "coarse_layers", min(4, int(e.num_ws) - 1))),
+                          bank_size=len(e.bank) if getattr(e, "bank", None) is not None else 0,
+                          bank_bytes_per_entry=_bank_entry_bytes(e))
 
     def require_engine(self):
         if self.engine is None:
@@ -237,6 +241,22 @@ class Backend:
         return list(e.synthesize(list(captions), n=int(n), seed=int(seed), method=method, diversity=float(diversity),
                                  progress=progress, should_cancel=should_cancel))
 
+    def build_bank(self, size: int, progress: ProgressFn = None, should_cancel: CancelFn = None) -> EngineInfo:
+        """Build (and save in the user data dir) the KNN bank of the loaded pack; a cancelled build saves nothing."""
+        t0 = time.perf_counter()
+        self.require_engine().build_bank(size=int(size), progress=progress, should_cancel=should_cancel)
+        return self.info(time.perf_counter() - t0)
+
+    def refine(self, face: FaceState | None, source_ws: Any, captions: Sequence[str], steps: int,
+               progress: ProgressFn = None, should_cancel: CancelFn = None) -> EditOutcome:
+        """CLIP-guided refinement of ``source_ws`` toward the captions, pasted back into the photo when there is one."""
+        t0 = time.perf_counter()
+        res = self.require_engine().refine(source_ws, list(captions), steps=int(steps), progress=progress,
+                                           should_cancel=should_cancel)
+        composed = self.paste_back(face.photo.image, res.image, face.transform) if face is not None else None
+        return EditOutcome(res, composed, time.perf_counter() - t0,
+                           dict(captions=list(captions), strength=0.0, method="refine", refine_steps=int(steps)))
+
     def compose(self, face: FaceState, face_image: np.ndarray) -> np.ndarray:
         return self.paste_back(face.photo.image, face_image, face.transform)
 
@@ -309,6 +329,13 @@ class Backend:
             raise
         self.last_batch_report = report
         return report
+
+
+def _bank_entry_bytes(engine: Any) -> int:
+    try:
+        return max(0, int(engine.bank_bytes(1000) - engine.bank_bytes(0)) // 1000)
+    except Exception:  # noqa: BLE001 - a fake engine without the estimate
+        return 0
 
 
 @dataclass

@@ -43,6 +43,59 @@ def open_error_boxes() -> list:
     return list(_open_boxes)
 
 
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+class BankDialog(QDialog):
+    """Build KNN bank: how many faces (disk size estimate shown). The build runs on the worker with progress."""
+
+    def __init__(self, pack_id: str, bytes_per_entry: int, save_dir: str, parent: QWidget | None = None, *,
+                 sizes: tuple[int, int, int] = (2000, 200000, 20000), current: int = 0):
+        super().__init__(parent)
+        self.setWindowTitle("Build KNN bank")
+        self.bytes_per_entry = int(bytes_per_entry)
+        form = QFormLayout(self)
+        intro = QLabel(f"The <b>KNN latent bank</b> lets pack <b>{pack_id}</b> make faces from text with no trained "
+                       "model: it samples faces from the generator once and indexes them with CLIP. "
+                       "More faces: better matches, a longer build.")
+        intro.setWordWrap(True)
+        form.addRow(intro)
+        lo, hi, default = sizes
+        self.size = QSpinBox()
+        self.size.setRange(int(lo), int(hi))
+        self.size.setSingleStep(1000 if hi - lo >= 10000 else 1)
+        self.size.setGroupSeparatorShown(True)
+        self.size.setSuffix(" faces")
+        self.size.setValue(int(default))
+        self.size.valueChanged.connect(self._update_estimate)
+        self.estimate = QLabel()
+        form.addRow("Bank size:", self.size)
+        form.addRow("On disk:", self.estimate)
+        where = QLabel(f"Saved in {save_dir}" + (f"; replaces the bank of {current:,} faces in use." if current else "."))
+        where.setWordWrap(True)
+        where.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        form.addRow(where)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+        buttons.button(QDialogButtonBox.StandardButton.Ok).setText("Build")
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        form.addRow(buttons)
+        self.setMinimumWidth(460)
+        self._update_estimate()
+
+    def _update_estimate(self) -> None:
+        n = self.size.value()
+        self.estimate.setText(f"≈ {human_bytes(n * self.bytes_per_entry)}" if self.bytes_per_entry else "unknown")
+
+    def value(self) -> int:
+        return int(self.size.value())
+
+
 class ExportDialog(QDialog):
     """Export As: file, format, size, quality, latent alongside."""
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 from PySide6.QtCore import QByteArray, Qt, QTimer
 from PySide6.QtGui import QAction, QActionGroup, QKeySequence
-from PySide6.QtWidgets import (QComboBox, QFileDialog, QLabel, QMainWindow, QProgressBar, QPushButton, QSplitter,
-                               QStyle, QTabWidget, QToolBar, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QComboBox, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar, QPushButton,
+                               QSpinBox, QSplitter, QStyle, QTabWidget, QToolBar, QVBoxLayout, QWidget)
 
 from anyface_desktop.backend import Backend, EditOutcome, FaceState, PhotoState
 from anyface_desktop.canvas import PhotoCanvas
 from anyface_desktop.captions import CaptionEditor
-from anyface_desktop.dialogs import ExportDialog, open_error_boxes, show_error
+from anyface_desktop.dialogs import BankDialog, ExportDialog, open_error_boxes, show_error
 from anyface_desktop.gallery import Gallery
 from anyface_desktop.history_panel import History, HistoryEntry, HistoryPanel
 from anyface_desktop.scheduler import LiveScheduler
@@ -23,10 +23,12 @@ from anyface_desktop.worker import Job, WorkerHost
 from core import weights
 
 log = logging.getLogger("anyface.gui")
-LONG_JOBS = {"load", "open", "invert", "generate", "more", "export", "batch"}
+LONG_JOBS = {"load", "open", "invert", "generate", "more", "export", "batch", "bank", "refine"}
 
 
 class MainWindow(QMainWindow):
+    BANK_SIZES = (2000, 200000, 20000)  # KNN bank: smallest, largest, default number of faces
+
     def __init__(self, pack: str | None = None, device: str | None = None, *, backend: Backend | None = None,
                  settings: Settings | None = None):
         super().__init__()
@@ -49,6 +51,8 @@ class MainWindow(QMainWindow):
         self._progress_job: Job | None = None
         self._closing = False
         self.model_manager = None
+        self.bank_dialog: BankDialog | None = None
+        self.bank_question: QMessageBox | None = None
 
         self.host = WorkerHost(backend or Backend(pack=self.pack_id, device=self.device_pref), parent=self)
         w = self.host.worker
@@ -60,6 +64,7 @@ class MainWindow(QMainWindow):
 
         self._build_ui()
         self._build_actions()
+        self.gallery.view.currentRowChanged.connect(lambda *_: self._update_actions())
         self._restore_geometry()
         self.captions.set_history(self.settings.prompt_history())
         self._update_actions()
@@ -77,6 +82,7 @@ class MainWindow(QMainWindow):
         self.captions = CaptionEditor()
         self.captions.captionsChanged.connect(lambda *_: self._schedule_preview())
         self.captions.settingsChanged.connect(self._schedule_preview)
+        self.captions.method.currentIndexChanged.connect(lambda *_: self._method_changed())
         self.captions.strengthChanged.connect(lambda *_: self._schedule_preview())
         self.captions.slider.sliderReleased.connect(self._commit_current)
         self.gallery = Gallery()
@@ -160,6 +166,11 @@ class MainWindow(QMainWindow):
                                 "Ctrl+G", "Generate new faces from the captions (Ctrl+G)")
         self.act_batch = act("&Batch…", self.open_batch, "Ctrl+B", "Edit a folder of photos (Ctrl+B)")
         self.act_models = act("&Models…", self.open_model_manager, None, "Model packs and their files")
+        self.act_build_bank = act("Build &KNN bank…", self.build_bank_dialog, None,
+                                  "Build the KNN latent bank of the current pack (text-to-face with no trained model)")
+        self.act_refine = act("Refine with &CLIP", lambda: self.refine_current(), "Ctrl+R",
+                              "A few optimisation steps that move the current face toward the captions in CLIP "
+                              "space (Ctrl+R)")
         self.act_settings = act("&Settings…", self.open_settings, QKeySequence.StandardKey.Preferences, "Settings")
         self.act_fit = act("&Fit", lambda: self.canvas.fit(), "Ctrl+0", "Fit the photo in the window (Ctrl+0)")
         self.act_zoom_in = act("Zoom &in", lambda: self.canvas.zoom_by(1.25), QKeySequence.StandardKey.ZoomIn)
@@ -190,6 +201,7 @@ class MainWindow(QMainWindow):
         m.addActions([self.act_undo, self.act_redo])
         m.addSeparator()
         m.addAction(self.act_apply)
+        m.addAction(self.act_refine)
         m.addSeparator()
         m.addAction(self.act_generate)
         m.addSeparator()
@@ -200,10 +212,11 @@ class MainWindow(QMainWindow):
         m.addActions([self.act_fit, self.act_zoom_in, self.act_zoom_out])
         m = mb.addMenu("&Models")
         m.addAction(self.act_models)
+        m.addAction(self.act_build_bank)
 
         for a, short in ((self.act_open, "Open"), (self.act_save_as, "Export"), (self.act_generate, "Generate"),
                          (self.act_apply, "Apply"), (self.act_models, "Models"), (self.act_settings, "Settings"),
-                         (self.act_batch, "Batch")):
+                         (self.act_batch, "Batch"), (self.act_refine, "Refine")):
             a.setIconText(short)
         tb = QToolBar("Main")
         tb.setObjectName("main_toolbar")
@@ -215,6 +228,13 @@ class MainWindow(QMainWindow):
         tb.addAction(self.act_undo)
         tb.addAction(self.act_redo)
         tb.addAction(self.act_apply)
+        tb.addAction(self.act_refine)
+        self.refine_steps = QSpinBox()
+        self.refine_steps.setRange(1, 500)
+        self.refine_steps.setValue(20)
+        self.refine_steps.setSuffix(" steps")
+        self.refine_steps.setToolTip("Optimisation steps of Refine with CLIP")
+        tb.addWidget(self.refine_steps)
         tb.addSeparator()
         tb.addAction(self.act_after)
         tb.addAction(self.act_before)
@@ -274,6 +294,8 @@ class MainWindow(QMainWindow):
         self.act_save.setEnabled(has_result)
         self.act_save_as.setEnabled(has_result)
         self.act_generate.setEnabled(self.engine_info is not None)
+        self.act_build_bank.setEnabled(self.engine_info is not None)
+        self.act_refine.setEnabled(self.engine_info is not None and (cur is not None or self.gallery.current() is not None))
         self.gallery.generate_btn.setEnabled(self.engine_info is not None)
         self.display_combo.setEnabled(self.face is not None)
 
@@ -298,7 +320,8 @@ class MainWindow(QMainWindow):
             self.cancel_btn.setVisible(kind not in ("load", "export"))
             self.canvas.set_busy({"load": "Loading models…", "open": "Finding faces…", "invert": "Inverting the face…",
                                   "generate": "Generating…", "more": "Generating…", "batch": "Batch running…",
-                                  "export": "Exporting…"}.get(kind, ""))
+                                  "export": "Exporting…", "bank": "Building the KNN bank…",
+                                  "refine": "Refining with CLIP…"}.get(kind, ""))
         return job
 
     def cancel_long_job(self) -> None:
@@ -375,11 +398,79 @@ class MainWindow(QMainWindow):
         self.engine_error = None
         self.device_label.setText(f"Device: {info.device}")
         self.pack_label.setText(f"Pack: {info.pack_id} ({info.resolution} px)")
-        self.captions.set_methods(info.methods)
+        self._set_methods(info)
         self.captions.set_num_ws(info.num_ws, info.coarse_layers)
         self._update_canvas_empty_text()
         self._update_actions()
         self.statusBar().showMessage(f"Models loaded in {info.seconds:.1f} s", 4000)
+        if not info.methods:  # e.g. an imported official pack: no CMD/CVAE trained, no bank built yet
+            self.offer_bank()
+
+    def _set_methods(self, info) -> None:
+        """The pack's methods, plus KNN always: without a bank, picking it offers to build one."""
+        self.captions.set_methods(list(info.methods) + ([] if "knn" in info.methods else ["knn"]))
+        if "knn" not in info.methods:
+            i = self.captions.method.findData("knn")
+            self.captions.method.setItemText(i, "KNN latent bank (built on first use)")
+
+    # ================================================================== KNN bank
+    def needs_bank(self) -> bool:
+        """The KNN method is picked (or is the only way to text) and the pack has no bank yet."""
+        info = self.engine_info
+        return info is not None and "knn" not in info.methods and (self.captions.method_key() == "knn"
+                                                                   or not info.methods)
+
+    def _method_changed(self) -> None:
+        if self.needs_bank():
+            self.offer_bank()
+
+    def offer_bank(self) -> None:
+        """Ask (non-blocking) whether to build the KNN bank now; Yes opens the size dialog."""
+        if self.bank_question is not None and self.bank_question.isVisible() or self.host.busy and any(
+                j.kind == "bank" for j in self.host.active.values()):
+            return
+        info = self.engine_info
+        box = QMessageBox(QMessageBox.Icon.Question, "Build the KNN bank?",
+                          f"Pack “{info.pack_id if info else self.pack_id}” has no KNN latent bank yet"
+                          + ("" if info is None or info.methods else " and no trained text model (CMD/CVAE)") + ".",
+                          QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, self)
+        box.setInformativeText("Build it now? It samples faces from the generator once (you choose how many) and "
+                               "keeps them for next time; then text-to-face works with no training.")
+        box.button(QMessageBox.StandardButton.Yes).setText("Build bank…")
+        box.button(QMessageBox.StandardButton.No).setText("Not now")
+        box.buttonClicked.connect(lambda b: self.build_bank_dialog()
+                                  if box.standardButton(b) == QMessageBox.StandardButton.Yes else None)
+        self.bank_question = box
+        box.open()
+
+    def build_bank_dialog(self) -> BankDialog | None:
+        info = self.engine_info
+        if info is None:
+            self.statusBar().showMessage("Load a model pack first (Models).", 5000)
+            return None
+        from core.engine import bank_cache_path
+
+        lo, hi, default = self.BANK_SIZES
+        dlg = BankDialog(info.pack_id, info.bank_bytes_per_entry, str(bank_cache_path(info.pack_id).parent), self,
+                         sizes=(lo, hi, default), current=info.bank_size)
+        dlg.accepted.connect(lambda: self.build_bank(dlg.value()))
+        self.bank_dialog = dlg
+        dlg.open()
+        return dlg
+
+    def build_bank(self, size: int) -> Job:
+        return self.submit("bank", lambda b, progress, cancel: b.build_bank(int(size), progress, cancel))
+
+    def _done_bank(self, job: Job, info) -> None:
+        self.engine_info = info
+        self._set_methods(info)
+        i = self.captions.method.findData("knn")
+        if i >= 0 and not {"cmd", "cvae"} & set(info.methods):
+            self.captions.method.setCurrentIndex(i)
+        self._update_actions()
+        self.statusBar().showMessage(f"KNN bank of {info.bank_size:,} faces built in {job.seconds:.1f} s.", 8000)
+        if self.model_manager is not None:
+            self.model_manager.refresh()
 
     # ================================================================== photo
     def open_dialog(self) -> None:
@@ -459,6 +550,9 @@ class MainWindow(QMainWindow):
     def request_preview(self) -> None:
         if self.source is None or not self.captions.captions() or self.engine_info is None and self.engine_error:
             return
+        if self.needs_bank():
+            self.offer_bank()
+            return
         req = self.scheduler.request((self.source, self.face, self.preview_params()))
         if req is not None:
             self._start_preview(req)
@@ -533,6 +627,47 @@ class MainWindow(QMainWindow):
         self.canvas.set_view_mode(mode)
         {"after": self.act_after, "before": self.act_before, "wipe": self.act_wipe}[mode].setChecked(True)
 
+    # ================================================================== refine
+    def refine_current(self, steps: int | None = None) -> Job | None:
+        """CLIP-guided refinement of the face shown (or the one picked in the gallery) toward the captions; the
+        result becomes a new history entry that the next edits start from."""
+        entry = getattr(self, "current_entry", None)
+        if entry is None and self.gallery.current() is not None:
+            self.edit_generated(self.gallery.current())
+            entry = self.current_entry
+        if entry is None or self.engine_info is None:
+            self.statusBar().showMessage("Nothing to refine: open a photo or generate a face first.", 5000)
+            return None
+        caps = self.captions.captions() or list(entry.params.get("captions") or entry.params.get("applied_captions")
+                                                or getattr(entry.result, "captions", None) or [])
+        if not caps:
+            from core.errors import CaptionError
+
+            show_error(self, CaptionError("Add at least one caption first: refinement moves the face toward it."))
+            return None
+        steps = int(steps or self.refine_steps.value())
+        self.scheduler.invalidate()
+        face, ws = self.face, entry.ws
+        job = self.submit("refine", lambda b, progress, cancel: b.refine(face, ws, caps, steps, progress, cancel))
+        job.refine_from = entry
+        return job
+
+    def _done_refine(self, job: Job, out: EditOutcome) -> None:
+        if getattr(job, "refine_from", None) is not getattr(self, "current_entry", None):
+            return  # the user moved on (another photo, undo) while it ran
+        p = out.params
+        before = out.result.extra.get("clip_similarity_before", 0.0)
+        after = out.result.extra.get("clip_similarity_after", 0.0)
+        entry = HistoryEntry(f"Refined with CLIP ({p['refine_steps']} steps)", out.result.ws, out.result.image,
+                             out.composed, out.result, p)
+        self.history.push(entry)
+        self.source = entry  # the next edits start from the refined face
+        self._live_entry = entry
+        self._show_entry(entry)
+        self.history_panel.show_history(self.history)
+        self._update_actions()
+        self.statusBar().showMessage(f"Refined in {job.seconds:.1f} s: CLIP similarity {before:.3f} → {after:.3f}", 8000)
+
     # ================================================================== undo / redo
     def apply_edit(self) -> None:
         """Make the current edit the starting point of the next ones (edits stack)."""
@@ -586,6 +721,9 @@ class MainWindow(QMainWindow):
 
             show_error(self, CaptionError("Add at least one caption first.\nType a description such as "
                                           "“a smiling woman with red hair” and press Add."))
+            return
+        if self.needs_bank():
+            self.offer_bank()
             return
         method = self.captions.method_key()
         self.settings.add_prompt(" | ".join(caps))
@@ -728,6 +866,7 @@ class MainWindow(QMainWindow):
         if self.model_manager is None:
             self.model_manager = ModelManager(self.pack_id, self)
             self.model_manager.packChosen.connect(self.use_pack)
+            self.model_manager.bankRequested.connect(lambda *_: self.build_bank_dialog())
         self.model_manager.refresh()
         self.model_manager.show()
         self.model_manager.raise_()

@@ -50,6 +50,7 @@ def import_weight_file(wf: weights.WeightFile, src: str, progress=None, should_c
 
 class ModelManager(QDialog):
     packChosen = Signal(str)
+    bankRequested = Signal(str)  # pack id; the main window's worker (which owns the engine) builds it
 
     def __init__(self, current_pack: str = "tiny", parent: QWidget | None = None):
         super().__init__(parent)
@@ -108,12 +109,17 @@ class ModelManager(QDialog):
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.clicked.connect(self.cancel)
         self.cancel_btn.setEnabled(False)
+        self.bank_btn = QPushButton("Build KNN bank…")
+        self.bank_btn.setToolTip("Text-to-face for the pack in use without any trained model: sample the generator "
+                                 "once and index the faces with CLIP")
+        self.bank_btn.clicked.connect(lambda: self.bankRequested.emit(self.current_pack))
         self.use_btn = QPushButton("Use this pack")
         self.use_btn.clicked.connect(self._use)
         close = QPushButton("Close")
         close.clicked.connect(self.close)
         row.addWidget(self.progress, 1)
-        for b in (self.verify_btn, self.import_btn, self.download_btn, self.cancel_btn, self.use_btn, close):
+        for b in (self.verify_btn, self.import_btn, self.download_btn, self.cancel_btn, self.bank_btn, self.use_btn,
+                  close):
             row.addWidget(b)
         lay.addLayout(row)
         self.refresh()
@@ -180,6 +186,7 @@ class ModelManager(QDialog):
         present = any(s.path for s in self.statuses)
         self.verify_btn.setEnabled(present and self.job is None)
         self.download_btn.setEnabled(self.job is None and any(s.state == "missing" and s.file.url for s in self.statuses))
+        self.bank_btn.setEnabled(pid == self.current_pack)
         self.use_btn.setEnabled(info.resolution > 0 and pid in weights.usable_packs(self.manifest)
                                 and pid != self.current_pack)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from test_cli import anyface, weights_env  # noqa: F401 - weights_env is a fixture (tests/ is on sys.path)
+from tests.test_cli import anyface, weights_env  # noqa: F401 - weights_env is a fixture
 
 
 def _bank_path() -> Path:

@@ -114,7 +114,10 @@ class Probe:
 
 
 def test_real_pipeline_open_invert_edit_undo_export(qtbot, win, workdir):
-    assert win.engine_info.methods == ["cmd", "cvae"] and win.captions.method.count() == 2
+    assert win.engine_info.methods == ["cmd", "cvae"]
+    # KNN is offered too (no bank yet: picking it offers to build one, see test_gui_bank.py)
+    assert [win.captions.method.itemData(i) for i in range(win.captions.method.count())] == ["cmd", "cvae", "knn"]
+    assert "first use" in win.captions.method.itemText(2)
     with Probe() as probe:
         win.open_photo(str(workdir / "astronaut.png"))
         qtbot.waitUntil(lambda: win.face is not None or bool(open_error_boxes()), timeout=60000)

@@ -1,0 +1,198 @@
+"""Official-pack-at-once flows in the window, on the REAL tiny pack engine: a pack with no CMD/CVAE/bank offers to
+build the KNN bank (size dialog, progress, cancel leaves no file), and Refine with CLIP adds a history entry.
+The GUI thread never runs model code: everything goes through the worker, as in the app."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytestqt")
+
+from PySide6.QtWidgets import QMessageBox  # noqa: E402
+
+from anyface_desktop.backend import Backend  # noqa: E402
+from anyface_desktop.dialogs import open_error_boxes  # noqa: E402
+from anyface_desktop.settings import ENV_SETTINGS_FILE  # noqa: E402
+from core import weights  # noqa: E402
+
+pytestmark = pytest.mark.gui
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+
+if any(s.state == "missing" and not s.file.optional for s in weights.pack_status("tiny")):
+    pytestmark = [pytestmark, pytest.mark.skip(reason="bundled tiny pack not built (make pack)")]
+
+
+class QuickBackend(Backend):
+    """The real backend on an already loaded engine, minus the detector warm-up (no photo here)."""
+
+    def load(self, pack=None, device=None, progress=None, should_cancel=None, detector="auto", tier="fast"):
+        return self.info(0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    from core.engine import Engine
+
+    return Engine.from_pack("tiny", device="cpu")
+
+
+@pytest.fixture
+def engine(tiny_engine):
+    """The tiny engine, restored after each test (tests strip its CMD/CVAE/bank to act as an official pack)."""
+    e = tiny_engine
+    saved = e.cmd, e.cvae, e.bank
+    yield e
+    e.cmd, e.cvae, e.bank = saved
+    e.clear_cache()
+
+
+def _window(qapp, engine, tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_SETTINGS_FILE, str(tmp_path / "settings.ini"))
+    from anyface_desktop.main_window import MainWindow
+
+    w = MainWindow(pack="tiny", device="cpu", backend=QuickBackend(engine))
+    w.show()
+    end = time.time() + 30
+    while w.engine_info is None and time.time() < end:
+        qapp.processEvents()
+        time.sleep(0.005)
+    assert w.engine_info is not None
+    return w
+
+
+@pytest.fixture
+def official_win(qapp, engine, tmp_path, monkeypatch):
+    """A window on the tiny generator + CLIP only: what an imported official pack looks like."""
+    engine.cmd = engine.cvae = engine.bank = None
+    w = _window(qapp, engine, tmp_path, monkeypatch)
+    yield w
+    _close(w)
+
+
+@pytest.fixture
+def full_win(qapp, engine, tmp_path, monkeypatch):
+    w = _window(qapp, engine, tmp_path, monkeypatch)
+    yield w
+    _close(w)
+
+
+def _close(w):
+    for box in open_error_boxes():
+        box.close()
+    if w.bank_question is not None:
+        w.bank_question.close()
+    w.close()  # cancels and waits for the worker thread
+    assert not w.host.thread.isRunning()
+
+
+def _bank_file():
+    from core.engine import bank_cache_path
+
+    return bank_cache_path("tiny")
+
+
+def test_pack_without_models_offers_the_bank_and_builds_it(qtbot, official_win):
+    w = official_win
+    assert w.engine_info.methods == [] and w.captions.method_key() == "knn"
+    box = w.bank_question
+    assert box is not None and box.isVisible(), "no offer to build the bank on load"
+    # the size dialog as the user sees it (default sizes), for the docs
+    dlg = w.build_bank_dialog()
+    qtbot.waitExposed(dlg)
+    assert dlg.size.minimum() == 2000 and dlg.size.maximum() == 200000 and dlg.value() == 20000
+    assert "MB" in dlg.estimate.text()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    assert dlg.grab().save(str(SCREENSHOTS / "knn_bank.png"))
+    dlg.reject()
+    # Yes on the question -> the dialog; a small bank for the test
+    w.BANK_SIZES = (16, 200000, 64)
+    box.button(QMessageBox.StandardButton.Yes).click()
+    dlg = w.bank_dialog
+    qtbot.waitExposed(dlg)
+    assert dlg.value() == 64
+    with qtbot.waitSignal(w.host.worker.result, timeout=60000,
+                          check_params_cb=lambda job, value: job.kind == "bank"):
+        dlg.accept()
+        assert w.progress.isVisible() and w.cancel_btn.isVisible()
+    qtbot.waitUntil(lambda: w.idle, timeout=30000)
+    assert w.engine_info.methods == ["knn"] and w.engine_info.bank_size == 64
+    assert _bank_file().is_file() and not open_error_boxes()
+    # generating with KNN now works (no offer, no error)
+    w.captions.set_captions(["a smiling woman with red hair"], emit=False)
+    w.generate(2, 0)
+    qtbot.waitUntil(lambda: len(w.gallery.results) == 2 and w.idle, timeout=60000)
+    assert all(r.method == "knn" for r in w.gallery.results) and not open_error_boxes()
+
+
+def test_generate_with_knn_and_no_bank_asks_instead_of_failing(qtbot, official_win):
+    w = official_win
+    w.bank_question.close()
+    w.captions.set_captions(["an old man"], emit=False)
+    w.generate(2, 0)
+    assert w.bank_question.isVisible() and not open_error_boxes()
+    assert not w.host.busy and w.gallery.results == []
+
+
+def test_cancelled_bank_build_leaves_no_bank(qtbot, official_win):
+    w = official_win
+    w.bank_question.close()
+    w.build_bank(200000)
+    qtbot.waitUntil(lambda: w.progress.maximum() > 0 and w.progress.value() >= 1, timeout=30000)
+    with qtbot.waitSignal(w.host.worker.cancelled, timeout=30000):
+        w.cancel_btn.click()
+    qtbot.waitUntil(lambda: w.idle, timeout=30000)
+    folder = _bank_file().parent
+    assert not _bank_file().exists() and not (folder.exists() and any(folder.iterdir()))  # no partial file either
+    assert w.engine_info.methods == [] and w.host.backend.engine.bank is None
+    assert "cancelled" in w.statusBar().currentMessage().lower() and not open_error_boxes()
+
+
+def test_model_manager_builds_the_bank_of_the_pack_in_use(qtbot, official_win):
+    w = official_win
+    w.bank_question.close()
+    w.open_model_manager()
+    mm = w.model_manager
+    assert mm.bank_btn.isEnabled()
+    w.BANK_SIZES = (16, 1000, 32)
+    mm.bank_btn.click()
+    dlg = w.bank_dialog
+    assert dlg is not None and dlg.value() == 32
+    dlg.accept()
+    qtbot.waitUntil(lambda: w.idle and w.engine_info.bank_size == 32, timeout=60000)
+    assert _bank_file().is_file()
+    mm.close()
+
+
+def test_refine_adds_a_history_entry_that_edits_start_from(qtbot, full_win):
+    w = full_win
+    w.captions.set_captions(["a man with a beard"], emit=False)
+    w.generate(2, 3)
+    qtbot.waitUntil(lambda: len(w.gallery.results) == 2 and w.idle, timeout=60000)
+    w.gallery.select(0)
+    w.refine_steps.setValue(4)
+    assert w.act_refine.isEnabled()
+    w.captions.set_captions(["a smiling woman with blond hair"], emit=False)
+    with qtbot.waitSignal(w.host.worker.result, timeout=60000, check_params_cb=lambda job, v: job.kind == "refine"):
+        w.act_refine.trigger()  # the gallery's face becomes the face being edited, then it is refined
+    qtbot.waitUntil(lambda: w.idle, timeout=30000)
+    assert not open_error_boxes()
+    entry = w.history.current
+    assert entry.label == "Refined with CLIP (4 steps)" and w.history.index == 1
+    assert w.source is entry and w.current_entry is entry
+    first = w.history.jump(0)
+    assert not np.array_equal(entry.ws.numpy(), first.ws.numpy())
+    w.history.jump(1)
+    extra = entry.result.extra
+    assert extra["clip_similarity_after"] >= extra["clip_similarity_before"]
+    assert entry.params["captions"] == ["a smiling woman with blond hair"]
+    # refine can be cancelled, and then nothing is added
+    job = w.refine_current(steps=400)
+    qtbot.waitUntil(lambda: w.progress.value() >= 1, timeout=30000)
+    with qtbot.waitSignal(w.host.worker.cancelled, timeout=30000):
+        w.cancel_long_job()
+    qtbot.waitUntil(lambda: w.idle, timeout=30000)
+    assert job.cancelled and w.history.current is entry
