@@ -181,6 +181,89 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.module if hasattr(module, "module") and isinstance(module.module, nn.Module) else module
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient of the gathered tensor and keeps this rank's rows
+    (all_reduce + slice: works on gloo, which has no reduce_scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        w = info().world_size
+        parts = [torch.empty_like(x) for _ in range(w)]
+        tdist.all_gather(parts, x.contiguous())
+        ctx.n, ctx.rank = x.shape[0], info().rank
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        g = g.contiguous().clone()
+        tdist.all_reduce(g, op=tdist.ReduceOp.SUM)
+        return g[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def all_gather_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's equal-sized shard of a batch, concatenated in rank order, differentiable.
+
+    For losses that couple the rows of the global batch (contrastive logits): every rank computes the SAME
+    global loss on the gathered tensor; the backward hands each rank ``world_size x`` its rows' gradient, which
+    DDP's averaging turns back into the one-process gradient (parameters used on the gathered tensor on every
+    rank get the plain gradient on each rank, which averaging keeps)."""
+    if not info().distributed:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = x.contiguous().clone()
+        tdist.all_reduce(y, op=tdist.ReduceOp.SUM)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        g = g.contiguous().clone()
+        tdist.all_reduce(g, op=tdist.ReduceOp.SUM)
+        return g
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the GLOBAL batch (sums all-reduced over ranks, on
+    any backend: torch's SyncBatchNorm is GPU-only). Same state dict as BatchNorm2d; eval mode is unchanged.
+    Use with :func:`all_gather_grad`-style losses (identical loss on every rank)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and info().distributed):
+            return super().forward(x)
+        c = x.shape[1]
+        xf = x.float()
+        count = torch.tensor([float(x.numel() // c)], device=x.device)
+        stats = _AllReduceSum.apply(torch.cat([xf.sum((0, 2, 3)), xf.square().sum((0, 2, 3)), count]))
+        n = stats[-1].detach()
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean.square()).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.1
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                self.running_var.lerp_((var.detach() * n / max(float(n) - 1, 1.0)).to(self.running_var.dtype), m)
+                self.num_batches_tracked.add_(1)
+        y = (xf - mean[None, :, None, None]) * (var + self.eps).rsqrt()[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)
+
+
+def global_batchnorm(module: nn.Module) -> nn.Module:
+    """Turn every BatchNorm2d of ``module`` into a :class:`GlobalBatchNorm2d` in place (a no-op in one
+    process, where plain BatchNorm already sees the global batch)."""
+    if not info().distributed:
+        return module
+    for m in module.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = GlobalBatchNorm2d
+    return module
+
+
 def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """Average a dict of floats over ranks (every rank gets the averages)."""
     if not info().distributed or not metrics:

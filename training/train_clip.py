@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -18,9 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from core.clip import TinyClip
 from training import captions as C
+from training import dist
+from training.stage_utils import StopClock
 
 FLIP_SWAP = {"yaw": {"left": "right", "right": "left"}, "sidelight": {"left": "right", "right": "left"}}
 
@@ -75,12 +77,16 @@ def consistent(key: tuple, labels: dict[str, str]) -> bool:
     return all(labels.get(a) == v for a, v in key)
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Small random translation (reflect-padded crop); colours untouched (they are labels)."""
+def _augment(x: torch.Tensor, gen: torch.Generator | None = None, offsets=None) -> torch.Tensor:
+    """Small random translation (reflect-padded crop); colours untouched (they are labels). ``offsets``:
+    (ox, oy) [N] in 0..6 drawn by the caller (else from ``gen``)."""
     n = x.shape[0]
     pad = F.pad(x, (3, 3, 3, 3), mode="reflect")
-    ox = torch.randint(0, 7, (n,), generator=gen)
-    oy = torch.randint(0, 7, (n,), generator=gen)
+    if offsets is None:
+        ox = torch.randint(0, 7, (n,), generator=gen)
+        oy = torch.randint(0, 7, (n,), generator=gen)
+    else:
+        ox, oy = offsets
     return torch.stack([pad[i, :, oy[i]:oy[i] + 64, ox[i]:ox[i] + 64] for i in range(n)])
 
 
@@ -119,17 +125,53 @@ def _attribute_loss(model: TinyClip, img: torch.Tensor, labs: list[dict[str, str
         names = list(vals)
         t = model.project_text(torch.stack([vals[v][rng.randrange(len(vals[v]))] for v in names]))
         logits = scale * img[idx] @ t.t()
-        target = torch.tensor([names.index(labs[i][attr]) for i in idx])
+        target = torch.tensor([names.index(labs[i][attr]) for i in idx], device=img.device)
         losses.append(F.cross_entropy(logits, target))
     return torch.stack(losses).mean() if losses else img.sum() * 0
 
 
+class _ClipObjective(nn.Module):
+    """One step's loss in one forward (so DDP sees it): this rank's images through the image tower, gathered
+    with their gradient into the global batch; the text projection and both losses on the global batch (the
+    same loss on every rank, see ``training.dist.all_gather_grad``)."""
+
+    def __init__(self, model: TinyClip):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, text_rows, pos, labs, phrase_emb, rng, attr_weight):
+        model = self.model
+        img = dist.all_gather_grad(model.encode_image(x))  # [B, D], global batch
+        txt = model.project_text(text_rows)
+        scale = model.logit_scale.exp().clamp(max=100)
+        logits = scale * img @ txt.t()
+        loss_i = -(pos / pos.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
+        loss_t = -(pos / pos.sum(0, keepdim=True) * F.log_softmax(logits, 0)).sum(0).mean()
+        loss = (loss_i + loss_t) / 2
+        if attr_weight > 0:
+            loss = loss + attr_weight * _attribute_loss(model, img, labs, phrase_emb, rng, scale)
+        return loss, scale.detach()
+
+
 def train_clip(train: dict, work: Path, *, steps: int = 1500, batch: int = 128, lr: float = 2e-3,
                config: dict | None = None, ckpt_every: int = 50, minutes: float | None = None, seed: int = 0,
-               log=print, prep: dict | None = None, attr_weight: float = 0.5) -> TinyClip:
-    """Train (or resume) the tiny CLIP; returns the model in eval mode."""
+               log=print, prep: dict | None = None, attr_weight: float = 0.5, amp: str = "auto",
+               stop_after: int = 0) -> TinyClip:
+    """Train (or resume) the tiny CLIP; returns the model in eval mode.
+
+    Runs in one process or under torchrun (``python -m training.train_clip`` calls ``training.dist.init``): the
+    global batch of step t comes from ``dist.step_generator(seed, t)`` and each rank encodes its
+    ``dist.rank_slice`` of the images; the contrastive and attribute losses are computed on the gathered global
+    batch, and BatchNorm uses global-batch statistics (``dist.global_batchnorm``), so the update is the
+    one-process update for any world size. Only rank 0 writes the checkpoint, which resumes under any world
+    size. ``stop_after``: stop (and checkpoint) at this global step, keeping the schedule of ``steps``."""
+    info = dist.info()
+    dev = info.device
+    if not info.is_main:
+        log = _quiet
     work.mkdir(parents=True, exist_ok=True)
-    prep = prep or prepare(train, work, log=log)
+    with dist.main_first():
+        prep = prep or prepare(train, work, log=log)
     sampler = CaptionSampler(prep["pool"], prep["index"])
     text_emb = prep["text_emb"]
     keep = [i for i, l in enumerate(train["labels"]) if any(a in C.PHRASES for a in l)]
@@ -145,58 +187,80 @@ def train_clip(train: dict, work: Path, *, steps: int = 1500, batch: int = 128, 
     step = 0
     ckpt = work / "clip_ckpt.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = dist.load_checkpoint(ckpt)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
-        log(f"resumed CLIP training at step {step}")
-    rng = random.Random(seed + step)
-    gen = torch.Generator().manual_seed(seed + step)
+        log(f"resumed CLIP training at step {step} (written by {state.get('world_size', 1)} process(es), now "
+            f"{info.world_size})")
+    model.to(dev)
+    dist.optimizer_to(opt, dev)
+    dist.global_batchnorm(model)
+    objective = dist.wrap(_ClipObjective(model))
+    amp_dtype = dist.amp_dtype(amp, dev)
+    scaler = dist.grad_scaler(amp_dtype)
+    sl = dist.rank_slice(batch)
     phrase_emb = prep.get("phrase_emb") if attr_weight > 0 else None
     if attr_weight > 0 and phrase_emb is None:
-        phrase_emb = phrase_embeddings(work, log=log)
+        with dist.main_first():
+            phrase_emb = phrase_embeddings(work, log=log)
+    if phrase_emb is not None:
+        phrase_emb = {a: {v: e.to(dev) for v, e in vals.items()} for a, vals in phrase_emb.items()}
+    text_emb = text_emb.to(dev)
     warm = max(1, min(100, steps // 10))
+    clock = StopClock(minutes or 0.0)
     t0 = time.time()
     losses = []
+    if info.distributed:
+        log(f"[clip] {info.world_size} process(es) on {dev}, global batch {batch}, amp {amp_dtype}")
+
+    def save():
+        dist.save_checkpoint(ckpt, {"model": dist.cpu_state(model), "opt": opt.state_dict(), "step": step,
+                                    "batch": batch, "world_size": info.world_size})
+
     while step < steps:
-        if minutes is not None and time.time() - t0 >= minutes * 60:
+        if clock.expired():
             log(f"time limit reached at step {step}")
             break
         cur_lr = lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0)))
         for g in opt.param_groups:
             g["lr"] = cur_lr
+        gen = dist.step_generator(seed, step)
+        rng = random.Random(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
         idx = torch.randint(0, len(faces), (batch,), generator=gen)
         flip = torch.rand(batch, generator=gen) < 0.5
-        x = faces[idx]
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        x = _augment(x, gen)
+        ox = torch.randint(0, 7, (batch,), generator=gen)
+        oy = torch.randint(0, 7, (batch,), generator=gen)
+        x = faces[idx[sl]]
+        x = torch.where(flip[sl, None, None, None], x.flip(-1), x)
+        x = _augment(x, offsets=(ox[sl], oy[sl]))
         labs = [flabels[i] if f else labels[i] for i, f in zip(idx.tolist(), flip.tolist())]
         keys, tids = zip(*[sampler.sample(l, rng) for l in labs])
         pos = torch.tensor([[consistent(k, l) for k in keys] for l in labs], dtype=torch.float32)  # [img, txt]
-        img = model.encode_image(x)
-        txt = model.project_text(text_emb[list(tids)])
-        scale = model.logit_scale.exp().clamp(max=100)
-        logits = scale * img @ txt.t()
-        loss_i = -(pos / pos.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
-        loss_t = -(pos / pos.sum(0, keepdim=True) * F.log_softmax(logits, 0)).sum(0).mean()
-        loss = (loss_i + loss_t) / 2
-        if attr_weight > 0:
-            loss = loss + attr_weight * _attribute_loss(model, img, labs, phrase_emb, rng, scale)
+        with dist.autocast(amp_dtype, dev):
+            loss, scale = objective(x.to(dev), text_emb[list(tids)], pos.to(dev), labs, phrase_emb, rng,
+                                    attr_weight)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         step += 1
         losses.append(loss.item())
         if step % 10 == 0:
             log(f"step {step}/{steps} loss {np.mean(losses[-10:]):.3f} scale {scale.item():.1f} "
                 f"lr {cur_lr:.2e} {time.time() - t0:.0f}s")
         if step % ckpt_every == 0 or step == steps:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt.with_suffix(".tmp"))
-            os.replace(ckpt.with_suffix(".tmp"), ckpt)
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt.with_suffix(".tmp"))
-    os.replace(ckpt.with_suffix(".tmp"), ckpt)
+            save()
+        if stop_after and step >= stop_after:
+            log(f"stopped at step {step} (continue by running again with the same work dir)")
+            break
+    save()
     model.eval()
     return model
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,17 +357,32 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--minutes", type=float, default=None)
     ap.add_argument("--out", default=None, help="write clip.safetensors + clip_metrics.json here")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stop-after", type=int, default=0,
+                    help="stop at this global step (schedule kept; run again with the same --work to continue)")
+    ap.add_argument("--device", default=None,
+                    help="auto|cpu|cuda|mps (default: $ANYFACE_DEVICE or auto; torchrun on CUDA: cuda:LOCAL_RANK)")
+    ap.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                    help="mixed precision on CUDA (ignored on CPU)")
     a = ap.parse_args(argv)
-    work = Path(a.work)
-    val = cached_dataset(Path(a.data) / "val.pt", a.n_val, 2)
-    train = cached_dataset(Path(a.data) / "train.pt", a.n_train, 1)
-    model = train_clip(train, work, steps=a.steps, batch=a.batch, minutes=a.minutes)
-    metrics = evaluate_clip(model, val)
-    print(json.dumps(metrics, indent=1))
-    if a.out:
-        out = Path(a.out)
-        model.save(out / "clip.safetensors")
-        (out / "clip_metrics.json").write_text(json.dumps(metrics, indent=1))
+    info = dist.init(a.device)
+    try:
+        work = Path(a.work)
+        with dist.main_first():
+            val = cached_dataset(Path(a.data) / "val.pt", a.n_val, 2)
+            train = cached_dataset(Path(a.data) / "train.pt", a.n_train, 1)
+        model = train_clip(train, work, steps=a.steps, batch=a.batch, minutes=a.minutes, seed=a.seed,
+                           log=dist.log, amp=a.amp, stop_after=a.stop_after)
+        if info.is_main:
+            model.cpu()
+            metrics = evaluate_clip(model, val)
+            print(json.dumps(metrics, indent=1))
+            if a.out:
+                out = Path(a.out)
+                model.save(out / "clip.safetensors")
+                (out / "clip_metrics.json").write_text(json.dumps(metrics, indent=1))
+    finally:
+        dist.shutdown()
 
 
 if __name__ == "__main__":

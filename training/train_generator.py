@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.stylegan2 import Generator
+from training import dist
 from training.dcgan import Z_DIM, load_dcgan, to_uint8
+from training.stage_utils import StopClock
 
 TINY_G_CONFIG = {
     "resolution": 64, "z_dim": Z_DIM, "w_dim": 256, "mapping_layers": 4,
@@ -46,7 +48,11 @@ def perceptual(clip, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     fa = clip.feature_maps(a)
     with torch.no_grad():
         fb = clip.feature_maps(b)
-    return sum((x - y).abs().mean() / (y.abs().mean() + 1e-3) for x, y in zip(fa, fb)) / len(fa)
+        # the normalisers are means over the GLOBAL batch (ranks hold equal shares, so: the mean of rank means)
+        dens = torch.stack([y.abs().mean() for y in fb])
+        if dist.info().distributed:
+            dens = dist.all_gather_grad(dens[None]).mean(0)
+    return sum((x - y).abs().mean() / (d + 1e-3) for x, y, d in zip(fa, fb, dens)) / len(fa)
 
 
 class SmallD(nn.Module):
@@ -84,16 +90,58 @@ def ema_update(ema: nn.Module, model: nn.Module, beta: float) -> None:
         be.copy_(b)
 
 
+class _GenForward(nn.Module):
+    """G's training forward in one call, so that DDP sees it: plain ``G(z)``, or (adversarial phase) the
+    rows ``mixed`` style-mixed with ``z2`` from layer ``cut`` on (mixed rows come last, as in the global batch)."""
+
+    def __init__(self, G: Generator):
+        super().__init__()
+        self.G = G
+
+    def forward(self, z, noise_mode="const", z2=None, cut: int = 0, n_mixed: int = 0, noise=None):
+        if z2 is None:
+            return self.G(z, noise_mode=noise_mode, noise=noise)
+        G = self.G
+        ws = G.mapping(z)
+        if n_mixed:
+            keep = z.shape[0] - n_mixed
+            ws_mixed = torch.cat([ws[keep:, :cut], G.mapping(z2)[:, cut:]], 1)
+            ws = torch.cat([ws[:keep], ws_mixed], 0)
+        return G.synthesis(ws, noise_mode=noise_mode, noise=noise)
+
+
+def _global_noise(G: Generator, gen: torch.Generator, batch: int, sl: slice, device) -> list[torch.Tensor]:
+    """Per-layer noise [b, 1, r, r] for this rank's rows, drawn for the global batch (any world size: same)."""
+    return [torch.randn(batch, 1, h, w, generator=gen)[sl].to(device) for h, w in G.noise_shapes()]
+
+
 def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float = 4e-3, clip_path: str | None = None,
                     clip_weight: float = 0.5, adv_steps: int = 0, mapping_boost: float = 10.0,
                     config: dict | None = None, ckpt_every: int = 25, minutes: float | None = None,
                     grid_every: int = 200, seed: int = 0, adv_lr: float = 1e-3, anchor_weight: float = 1.0,
-                    r1_gamma: float = 0.05, r1_every: int = 4, log=print) -> Generator:
-    """Train (or resume) the generator; returns the EMA generator with ``w_avg`` set."""
+                    r1_gamma: float = 0.05, r1_every: int = 4, log=print, amp: str = "auto",
+                    d_mbstd_group: int = 4, stop_after: int = 0) -> Generator:
+    """Train (or resume) the generator; returns the EMA generator with ``w_avg`` set.
+
+    Runs in one process or under torchrun (``python -m training.train_generator`` calls ``training.dist.init``):
+    z, the style-mixing cut, z2 and the noise of step t are drawn for the GLOBAL batch from
+    ``dist.step_generator(seed, t)`` and each rank takes its ``dist.rank_slice``; G (through one forward module)
+    and D are in DDP; the R1 forward uses the unwrapped D (its gradient joins D's single backward) and G's
+    adversarial loss an unwrapped, frozen D. The EMA update is the same on every rank (G is). Only rank 0
+    writes checkpoints and grids; a checkpoint resumes under any world size. The minibatch-stddev groups of D
+    are formed within each rank's rows (as in StyleGAN2), the one difference from a one-process run of the
+    adversarial phase (``d_mbstd_group=1`` removes it). ``stop_after``: stop (and checkpoint) at this global
+    step, keeping the schedule of ``steps + adv_steps``."""
     from training.grids import image_grid, save_png
 
+    info = dist.info()
+    dev = info.device
+    if not info.is_main:
+        log = _quiet
+    W = info.world_size
+    sl = dist.rank_slice(batch)
     work.mkdir(parents=True, exist_ok=True)
-    dcgan = load_dcgan()
+    dcgan = load_dcgan().to(dev)
     G = Generator.from_config(config or TINY_G_CONFIG)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     # the mapping's equalized-lr multiplier (0.01) is meant for millions of images; distillation runs a few
@@ -103,8 +151,14 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
     D = d_opt = None
     step = 0
     ckpt = work / "gen_ckpt.pt"
+
+    def make_d(d_lr: float) -> None:
+        nonlocal D, d_opt
+        D = SmallD(mbstd_group=d_mbstd_group).to(dev)
+        d_opt = torch.optim.Adam(D.parameters(), lr=d_lr, betas=(0.0, 0.99))
+
     if ckpt.exists():
-        st = torch.load(ckpt, weights_only=False)
+        st = dist.load_checkpoint(ckpt)
         G.load_state_dict(st["G"])
         G_ema.load_state_dict(st["G_ema"])
         try:
@@ -113,73 +167,93 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
             log("optimizer state does not match the parameter groups: fresh optimizer")
         step = st["step"]
         if st.get("D") is not None:
-            D = SmallD()
+            make_d(lr)
             D.load_state_dict(st["D"])
-            d_opt = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.0, 0.99))
             d_opt.load_state_dict(st["d_opt"])
-        log(f"resumed generator training at step {step}")
+            dist.optimizer_to(d_opt, dev)
+        log(f"resumed generator training at step {step} (written by {st.get('world_size', 1)} process(es), now {W})")
+    G.to(dev)
+    G_ema.to(dev)
+    dist.optimizer_to(opt, dev)
+    g_model = dist.wrap(_GenForward(G))
+    if info.distributed:
+        if step == 0:  # DDP gave every rank rank 0's initial G
+            G_ema.load_state_dict(G.state_dict())
+        dist.log(f"[generator] {W} process(es) on {dev}, global batch {batch}")
+    d_model = dist.wrap(D) if D is not None else None
+    amp_dtype = dist.amp_dtype(amp, dev)
     total = steps + adv_steps
-    gen = torch.Generator().manual_seed(seed + step)
     z_fixed = torch.randn(32, Z_DIM, generator=torch.Generator().manual_seed(1234))
     clip = None
+    clock = StopClock(minutes or 0.0)
     t0 = time.time()
     hist: list[float] = []
     adv_started = False
+    half = batch // 2
 
     def save():
-        st = {"G": G.state_dict(), "G_ema": G_ema.state_dict(), "opt": opt.state_dict(), "step": step,
-              "D": D.state_dict() if D is not None else None, "d_opt": d_opt.state_dict() if d_opt else None}
-        torch.save(st, ckpt.with_suffix(".tmp"))
-        os.replace(ckpt.with_suffix(".tmp"), ckpt)
+        st = {"G": dist.cpu_state(G), "G_ema": dist.cpu_state(G_ema), "opt": opt.state_dict(), "step": step,
+              "D": dist.cpu_state(D) if D is not None else None, "d_opt": d_opt.state_dict() if d_opt else None,
+              "batch": batch, "world_size": W}
+        dist.save_checkpoint(ckpt, st)
 
     while step < total:
-        if minutes is not None and time.time() - t0 >= minutes * 60:
+        if clock.expired():
             log(f"time limit reached at step {step}")
             break
         if clip is None and clip_path and os.path.exists(clip_path):
             from core.clip import load_clip
 
-            clip = load_clip(clip_path)
+            clip = load_clip(clip_path, device=dev)
             clip.requires_grad_(False)
             log(f"perceptual loss on from step {step} ({clip_path})")
+        gen = dist.step_generator(seed, step)
         z = torch.randn(batch, Z_DIM, generator=gen)
+        z_local = z[sl].to(dev)
         with torch.no_grad():
-            target = dcgan(z)
+            target = dcgan(z_local)
         if step < steps:  # distillation
-            out = G(z, noise_mode="const")
-            loss = multiscale_l1(out, target)
-            if clip is not None:
-                loss = loss + clip_weight * perceptual(clip, out, target)
+            with dist.autocast(amp_dtype, dev):
+                out = g_model(z_local, noise_mode="const")
+                loss = multiscale_l1(out.float(), target)
+                if clip is not None:
+                    loss = loss + clip_weight * perceptual(clip, out, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         else:  # adversarial fine-tune: half the batch style-mixed, a low-resolution anchor on the other half
             if D is None:
-                D = SmallD()
-                d_opt = torch.optim.Adam(D.parameters(), lr=adv_lr, betas=(0.0, 0.99))
+                make_d(adv_lr)
+                d_model = dist.wrap(D)
             if not adv_started:
                 for g_ in opt.param_groups:
                     g_["lr"] = adv_lr * (mapping_boost if g_ is opt.param_groups[1] else 1.0)
                 adv_started = True
                 log(f"adversarial fine-tune from step {step} (lr {adv_lr}, style mixing on half of each batch)")
-            half = batch // 2
-            ws = G.mapping(z)
             z2 = torch.randn(batch - half, Z_DIM, generator=gen)
             cut = int(torch.randint(1, G.num_ws, (), generator=gen))
-            ws_mixed = torch.cat([ws[half:, :cut], G.mapping(z2)[:, cut:]], 1)
-            ws = torch.cat([ws[:half], ws_mixed], 0)
-            fake = G.synthesis(ws, noise_mode="random")
+            noise = _global_noise(G, gen, batch, sl, dev)
+            lo, hi = sl.start, sl.stop
+            n_keep = max(0, min(hi, half) - lo)  # this rank's rows of the un-mixed first half
+            z2_local = z2[max(lo, half) - half:hi - half].to(dev)
+            fake = g_model(z_local, noise_mode="random", z2=z2_local, cut=cut, n_mixed=hi - lo - n_keep,
+                           noise=noise)
             real = target
-            d_loss = F.softplus(D(fake.detach())).mean() + F.softplus(-D(real)).mean()
-            if step % r1_every == 0:  # lazy R1 on the reals
+            D_raw = dist.unwrap(d_model)
+            d_loss = F.softplus(d_model(fake.detach())).mean() + F.softplus(-d_model(real)).mean()
+            if step % r1_every == 0:  # lazy R1 on the reals (unwrapped forward: one DDP backward per step)
                 real_r = real.detach().requires_grad_(True)
-                (grad,) = torch.autograd.grad(D(real_r).sum(), real_r, create_graph=True)
+                (grad,) = torch.autograd.grad(D_raw(real_r).sum(), real_r, create_graph=True)
                 d_loss = d_loss + grad.square().sum((1, 2, 3)).mean() * (r1_gamma / 2) * r1_every
             d_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             d_opt.step()
-            loss = F.softplus(-D(fake)).mean() + anchor_weight * multiscale_l1(fake[:half], target[:half],
-                                                                                scales=(4, 8))
+            D_raw.requires_grad_(False)  # G's step: D's gradients were discarded anyway
+            loss = F.softplus(-D_raw(fake)).mean()
+            if n_keep:  # the anchor is a mean over the global first half: this rank's share of it, x W for DDP
+                anchor = multiscale_l1(fake[:n_keep], target[:n_keep], scales=(4, 8))
+                loss = loss + anchor_weight * anchor * (n_keep * W / half if W > 1 else 1.0)
+            D_raw.requires_grad_(True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -187,19 +261,28 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
         step += 1
         hist.append(float(loss.detach()))
         if step % 10 == 0:
-            log(f"step {step}/{total} loss {np.mean(hist[-10:]):.4f} {time.time() - t0:.0f}s")
+            m = dist.reduce_metrics({"loss": float(np.mean(hist[-10:]))})
+            log(f"step {step}/{total} loss {m['loss']:.4f} {time.time() - t0:.0f}s")
         if step % ckpt_every == 0:
             save()
-        if grid_every and step % grid_every == 0:
+        if grid_every and step % grid_every == 0 and info.is_main:
             with torch.no_grad():
-                img = G_ema(z_fixed, noise_mode="const")
-                ref = dcgan(z_fixed)
+                img = G_ema(z_fixed.to(dev), noise_mode="const").cpu()
+                ref = dcgan(z_fixed.to(dev)).cpu()
             save_png(work / f"grid_{step:06d}.png", image_grid(np.concatenate([to_uint8(img[:16]),
                                                                                  to_uint8(ref[:16])]), cols=8))
+        if stop_after and step >= stop_after:
+            log(f"stopped at step {step} (continue by running again with the same work dir)")
+            break
     save()
+    G_ema = G_ema.cpu()
     G_ema.w_avg = G_ema.estimate_w_avg(n=10000, seed=0) if hasattr(G_ema, "estimate_w_avg") else \
         G_ema.mapping(torch.randn(10000, Z_DIM)).mean((0, 1))
     return G_ema
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
 
 
 @torch.no_grad()
@@ -257,14 +340,38 @@ def main(argv=None) -> None:
     ap.add_argument("--anchor-weight", type=float, default=1.0)
     ap.add_argument("--minutes", type=float, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--lr", type=float, default=4e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config", default=None, help="generator config as JSON text or a .json file (default: tiny)")
+    ap.add_argument("--ckpt-every", type=int, default=25)
+    ap.add_argument("--grid-every", type=int, default=200)
+    ap.add_argument("--stop-after", type=int, default=0,
+                    help="stop at this global step (schedule kept; run again with the same --work to continue)")
+    ap.add_argument("--d-mbstd-group", type=int, default=4,
+                    help="minibatch-stddev group of D (1: none; then the run is the same for any world size)")
+    ap.add_argument("--device", default=None,
+                    help="auto|cpu|cuda|mps (default: $ANYFACE_DEVICE or auto; torchrun on CUDA: cuda:LOCAL_RANK)")
+    ap.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                    help="mixed precision on CUDA (ignored on CPU)")
     a = ap.parse_args(argv)
-    G = train_generator(Path(a.work), steps=a.steps, adv_steps=a.adv_steps, batch=a.batch, clip_path=a.clip,
-                        minutes=a.minutes, adv_lr=a.adv_lr, anchor_weight=a.anchor_weight)
-    if a.out:
-        from core.checkpoints import save_generator
+    config = None
+    if a.config:
+        config = json.loads(Path(a.config).read_text() if a.config.endswith(".json") else a.config)
+    info = dist.init(a.device)
+    torch.manual_seed(a.seed)  # the initial G and D (DDP hands every rank rank 0's anyway)
+    try:
+        G = train_generator(Path(a.work), steps=a.steps, adv_steps=a.adv_steps, batch=a.batch, lr=a.lr,
+                            clip_path=a.clip, minutes=a.minutes, adv_lr=a.adv_lr, anchor_weight=a.anchor_weight,
+                            config=config, ckpt_every=a.ckpt_every, grid_every=a.grid_every, seed=a.seed,
+                            log=dist.log, amp=a.amp, d_mbstd_group=a.d_mbstd_group,
+                            stop_after=a.stop_after)
+        if a.out and info.is_main:
+            from core.checkpoints import save_generator
 
-        save_generator(G, Path(a.out) / "generator.safetensors")
-        print(json.dumps({"saved": str(Path(a.out) / "generator.safetensors")}))
+            save_generator(G, Path(a.out) / "generator.safetensors")
+            print(json.dumps({"saved": str(Path(a.out) / "generator.safetensors")}))
+    finally:
+        dist.shutdown()
 
 
 if __name__ == "__main__":
