@@ -210,6 +210,28 @@ def update_manifest(file_id: str, path: str | os.PathLike, manifest: str | os.Pa
     return False
 
 
+def finish_stage(tag: str, model, args: argparse.Namespace, steps: int, metrics: dict) -> dict:
+    """End of a stage: rank 0 writes ``model`` to ``args.out`` (``model.save``) and updates its manifest entry
+    (``args.manifest_id``), every rank waits. Returns the stage summary (steps, metrics, world size)."""
+    if dist.info().is_main:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        model.cpu().save(args.out)
+        dist.log(f"[{tag}] wrote {args.out}")
+        update_manifest(args.manifest_id, args.out)
+    dist.barrier()
+    return {"steps": steps, "metrics": metrics, "world_size": dist.info().world_size}
+
+
+def run_stage(train: Callable[[argparse.Namespace], Any], parse_args: Callable[[Any], argparse.Namespace],
+              argv=None) -> None:
+    """A stage's ``main``: parse the arguments, train, and leave the process group whatever happens."""
+    args = parse_args(argv)
+    try:
+        train(args)
+    finally:
+        dist.shutdown()
+
+
 def pair_key(generator: str, clip: str) -> str:
     """Identifies the generator + CLIP files (sha256 prefixes; the spec itself for 'toy' or model names):
     stored in sample caches and checkpoints so they are never reused with other models."""

@@ -24,7 +24,6 @@ import argparse
 import math
 import random
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +32,8 @@ from torch import nn
 from core.cmd import CMD, clip_loss, cmt_kl_loss, diverse_triplet_loss, pairwise_loss
 from core.engine import coarse_layers_for
 from training import dist
-from training.stage_utils import (StopClock, ckpt_path, common_args, load_or_build_samples, load_pair, pair_key,
-                                  pick_captions, resume_state, setup, update_manifest)
+from training.stage_utils import (StopClock, ckpt_path, common_args, finish_stage, load_or_build_samples, load_pair,
+                                  pair_key, pick_captions, resume_state, run_stage, setup)
 
 STAGE = "cmd"
 
@@ -206,21 +205,11 @@ def train(args: argparse.Namespace) -> dict:
         if stop:
             dist.log(f"[cmd] stopped at step {step + 1} (resume with --resume)")
             break
-    if info.is_main:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        cmd.cpu().save(args.out)
-        dist.log(f"[cmd] wrote {args.out}")
-        update_manifest(args.manifest_id, args.out)
-    dist.barrier()
-    return {"steps": step + 1, "metrics": last, "world_size": info.world_size}
+    return finish_stage("cmd", cmd, args, step + 1, last)
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    try:
-        train(args)
-    finally:
-        dist.shutdown()
+    run_stage(train, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ from torch import nn
 
 from core.cvae import CVAE, cvae_loss
 from training import dist
-from training.stage_utils import (TINY_DIR, StopClock, ckpt_path, common_args, load_pair, pair_key, resume_state,
-                                  setup, update_manifest)
+from training.stage_utils import (TINY_DIR, StopClock, ckpt_path, common_args, finish_stage, load_pair, pair_key,
+                                  resume_state, run_stage, setup)
 
 STAGE = "cvae"
 
@@ -173,21 +173,11 @@ def train(args: argparse.Namespace) -> dict:
         if stop:
             dist.log(f"[cvae] stopped at step {step + 1} (resume with --resume)")
             break
-    if info.is_main:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        cvae.cpu().save(args.out)
-        dist.log(f"[cvae] wrote {args.out}")
-        update_manifest(args.manifest_id, args.out)
-    dist.barrier()
-    return {"steps": step + 1, "metrics": last, "world_size": info.world_size}
+    return finish_stage("cvae", cvae, args, step + 1, last)
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    try:
-        train(args)
-    finally:
-        dist.shutdown()
+    run_stage(train, parse_args, argv)
 
 
 if __name__ == "__main__":

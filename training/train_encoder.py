@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,8 +23,8 @@ from torch import nn
 
 from core.inversion import Encoder
 from training import dist
-from training.stage_utils import (StopClock, ckpt_path, common_args, load_pair, pair_key, resume_state, setup,
-                                  update_manifest)
+from training.stage_utils import (StopClock, ckpt_path, common_args, finish_stage, load_pair, pair_key, resume_state,
+                                  run_stage, setup)
 
 STAGE = "encoder"
 
@@ -195,21 +194,11 @@ def train(args: argparse.Namespace) -> dict:
         if stop:
             dist.log(f"[encoder] stopped at step {step + 1} (resume with --resume)")
             break
-    if info.is_main:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        enc.cpu().save(args.out)
-        dist.log(f"[encoder] wrote {args.out}")
-        update_manifest(args.manifest_id, args.out)
-    dist.barrier()
-    return {"steps": step + 1, "metrics": last, "world_size": info.world_size}
+    return finish_stage("encoder", enc, args, step + 1, last)
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    try:
-        train(args)
-    finally:
-        dist.shutdown()
+    run_stage(train, parse_args, argv)
 
 
 if __name__ == "__main__":
