@@ -76,7 +76,8 @@ class BankDialog(QDialog):
         self.estimate = QLabel()
         form.addRow("Bank size:", self.size)
         form.addRow("On disk:", self.estimate)
-        where = QLabel(f"Saved in {save_dir}" + (f"; replaces the bank of {current:,} faces in use." if current else "."))
+        where = QLabel(f"Saved in {save_dir}"
+                       + (f"; replaces the bank of {current:,} faces in use." if current else "."))
         where.setWordWrap(True)
         where.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         form.addRow(where)

@@ -295,7 +295,8 @@ class MainWindow(QMainWindow):
         self.act_save_as.setEnabled(has_result)
         self.act_generate.setEnabled(self.engine_info is not None)
         self.act_build_bank.setEnabled(self.engine_info is not None)
-        self.act_refine.setEnabled(self.engine_info is not None and (cur is not None or self.gallery.current() is not None))
+        self.act_refine.setEnabled(self.engine_info is not None
+                                   and (cur is not None or self.gallery.current() is not None))
         self.gallery.generate_btn.setEnabled(self.engine_info is not None)
         self.display_combo.setEnabled(self.face is not None)
 
@@ -666,7 +667,8 @@ class MainWindow(QMainWindow):
         self._show_entry(entry)
         self.history_panel.show_history(self.history)
         self._update_actions()
-        self.statusBar().showMessage(f"Refined in {job.seconds:.1f} s: CLIP similarity {before:.3f} → {after:.3f}", 8000)
+        self.statusBar().showMessage(f"Refined in {job.seconds:.1f} s: CLIP similarity {before:.3f} → {after:.3f}",
+                                     8000)
 
     # ================================================================== undo / redo
     def apply_edit(self) -> None:
