@@ -161,7 +161,8 @@ class Engine:
 
     def __init__(self, generator, clip, cmd: CMD | None = None, cvae: CVAE | None = None,
                  bank: LatentBank | None = None, encoder=None, pack_id: str = "custom",
-                 device: torch.device | str | None = None, *, cache_size: int = 64):
+                 device: torch.device | str | None = None, *, cache_size: int = 64,
+                 coarse_layers: int | None = None):
         self.device = device if isinstance(device, torch.device) else pick_device(device)
         self.pack_id = pack_id
         self.generator = generator.to(self.device).eval()
@@ -175,6 +176,10 @@ class Engine:
         self.w_dim = int(generator.w_dim)
         self.resolution = int(generator.img_resolution)
         self.coarse_layers = coarse_layers_for(self.num_ws)
+        if coarse_layers is not None:  # a pack's own split (its CMD was trained with it)
+            if not 1 <= int(coarse_layers) < self.num_ws:
+                raise ValueError(f"coarse_layers must be in 1..{self.num_ws - 1}, got {coarse_layers}")
+            self.coarse_layers = int(coarse_layers)
         self._check_compatible()
         self._cache_size = int(cache_size)
         self._emb_cache: OrderedDict = OrderedDict()
@@ -212,9 +217,10 @@ class Engine:
         A KNN bank built with :meth:`build_bank` for a pack that has none is picked up from the user data dir."""
         from core.checkpoints import load_generator
         from core.clip import load_clip
-        from core.weights import locate_pack
+        from core.weights import Manifest, locate_pack
 
         dev = device if isinstance(device, torch.device) else pick_device(device)
+        manifest = manifest if manifest is not None else Manifest.load()
         paths = locate_pack(pack_id, manifest=manifest)
         steps = ["generator", "clip", "cmd", "cvae", "knn", "encoder"]
         loaded: dict[str, Any] = {}
@@ -238,7 +244,8 @@ class Engine:
                     loaded[role] = _load_encoder(path, dev)
             _tick(progress, i + 1, len(steps))
         return cls(loaded["generator"], loaded["clip"], cmd=loaded.get("cmd"), cvae=loaded.get("cvae"),
-                   bank=loaded.get("knn"), encoder=loaded.get("encoder"), pack_id=pack_id, device=dev)
+                   bank=loaded.get("knn"), encoder=loaded.get("encoder"), pack_id=pack_id, device=dev,
+                   coarse_layers=manifest.pack(pack_id).coarse_layers)
 
     @property
     def methods(self) -> list[str]:

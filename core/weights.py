@@ -89,6 +89,7 @@ class PackInfo:
     description: str
     files: tuple[str, ...]
     bundled: bool = False
+    coarse_layers: int | None = None  # W+ layers synthesis takes from random z (None: the engine's default)
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,8 @@ class Manifest:
         for pid, p in data.get("packs", {}).items():
             packs[pid] = PackInfo(id=pid, title=p["title"], resolution=int(p["resolution"]),
                                   description=p.get("description", ""), files=tuple(p["files"]),
-                                  bundled=bool(p.get("bundled", False)))
+                                  bundled=bool(p.get("bundled", False)),
+                                  coarse_layers=None if p.get("coarse_layers") is None else int(p["coarse_layers"]))
             for fid in packs[pid].files:
                 if fid not in files:
                     raise ValueError(f"Pack '{pid}' names unknown file '{fid}' in {path}")
@@ -165,7 +167,9 @@ class Manifest:
         return {
             "version": 1,
             "packs": {p.id: {"title": p.title, "resolution": p.resolution, "description": p.description,
-                             "files": list(p.files), "bundled": p.bundled} for p in self.packs.values()},
+                             "files": list(p.files), "bundled": p.bundled,
+                             **({} if p.coarse_layers is None else {"coarse_layers": p.coarse_layers})}
+                      for p in self.packs.values()},
             "files": [dict(vars(f)) for f in self.files.values()],
         }
 

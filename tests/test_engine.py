@@ -300,7 +300,8 @@ def test_from_pack(tmp_path, monkeypatch):
                   optional=r not in ("generator", "clip"))
              for r, f in [("generator", "generator.bin"), ("clip", "clip.bin"), ("cmd", "cmd.safetensors"),
                           ("cvae", "cvae.safetensors"), ("knn", "knn.safetensors")]]
-    manifest = {"version": 1, "packs": {"toy": {"title": "Toy", "resolution": 16, "files": [f["id"] for f in files]}},
+    manifest = {"version": 1, "packs": {"toy": {"title": "Toy", "resolution": 16, "files": [f["id"] for f in files],
+                                                "coarse_layers": 1}},
                 "files": files}
     (root / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setenv("ANYFACE_RESOURCES", str(tmp_path))
@@ -313,8 +314,21 @@ def test_from_pack(tmp_path, monkeypatch):
     seen = []
     e = Engine.from_pack("toy", device="cpu", progress=lambda d, t: seen.append(d))
     assert e.pack_id == "toy" and e.methods == ["cmd", "knn"] and seen[-1] == 6
+    assert e.coarse_layers == 1 != coarse_layers_for(NUM_WS)  # the pack's own split
     r = e.synthesize(["a face"], n=1)[0]
-    assert r.pack_id == "toy"
+    assert r.pack_id == "toy" and r.extra["coarse_layers"] == 1
+    from core.weights import Manifest
+
+    m = Manifest.load(root / "manifest.json", overlay=False)
+    assert m.to_json()["packs"]["toy"]["coarse_layers"] == 1  # survives a save
+
+
+def test_coarse_layers_override_is_checked():
+    G, clip, cmd, cvae, bank = make_models()
+    assert Engine(G, clip, cmd=cmd, device="cpu", coarse_layers=3).coarse_layers == 3
+    for bad in (0, NUM_WS):
+        with pytest.raises(ValueError, match="coarse_layers"):
+            Engine(G, clip, cmd=cmd, device="cpu", coarse_layers=bad)
 
 
 # ---------------------------------------------------------------------------------------------------------------
