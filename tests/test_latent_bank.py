@@ -80,3 +80,30 @@ def test_save_load(models, tmp_path):
     assert b2.config["seed"] == 3
     t = bank.embeds[4]
     assert int(b2.nearest(t, 1)[0][0]) == 4
+
+
+def test_several_captions_match_every_caption():
+    """Two captions: the mean direction is won by an entry that matches only the caption whose similarities
+    spread widest; the standardised AND picks the entry that matches both."""
+    e = torch.eye(4)
+    # caption 1 (axis 0) spreads widely over the bank, caption 2 (axis 1) narrowly
+    rows = [[0.98, 0.20, 0, 0],   # strong on caption 1 only
+            [0.60, 0.34, 0.72, 0],  # good on both
+            [0.10, 0.30, 0.9, 0], [0.05, 0.28, 0, 0.9], [0.0, 0.25, 0.6, 0.6], [0.3, 0.1, 0.5, 0.5]]
+    emb = torch.nn.functional.normalize(torch.tensor(rows), dim=1)
+    bank = LatentBank(torch.randn(len(rows), 8), emb, num_ws=2)
+    two = torch.stack([e[0], e[1]])
+    assert int(bank.nearest(two, 1)[0][0]) == 0  # "mean" is the default
+    assert int(bank.nearest(two, 1, combine="and")[0][0]) == 1
+    sims = emb @ two.t()
+    z = (sims - sims.mean(0)) / sims.std(0)
+    idx, vals = bank.nearest(two, 6, combine="and")
+    torch.testing.assert_close(vals, torch.sort(z.min(1).values, descending=True).values)
+    # one caption: plain cosine; the query goes through the same path
+    idx1, vals1 = bank.nearest(e[2], 2)
+    assert int(idx1[0]) == 2 and vals1[0] == pytest.approx(float(emb[2, 2]))
+    assert torch.equal(bank.query(two, k=1, m=1, n=1, diversity=0.0, combine="and")[0, 0], bank.ws[1])
+    with pytest.raises(ValueError, match="combine"):
+        bank.nearest(two, 1, combine="or")
+    with pytest.raises(ValueError, match="values"):
+        bank.nearest(torch.zeros(3), 1)
