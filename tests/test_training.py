@@ -79,3 +79,24 @@ def test_build_pack_smoke(tmp_path):
     for name in ("clip_metrics.json", "generator_metrics.json"):
         json.loads((tmp_path / name).read_text())
     assert (tmp_path / "samples_generator.png").exists()
+
+
+def test_projected_discriminator_trains_heads_only():
+    import torch
+
+    from core.clip import load_clip
+    from training.train_generator import ProjectedD
+
+    clip = load_clip("resources/weights/tiny/clip.safetensors")
+    clip.requires_grad_(False)
+    D = ProjectedD(clip, width=16)
+    assert all(k.startswith("heads.") for k in D.state_dict())  # the frozen tower is not saved
+    assert sum(p.numel() for p in D.parameters()) < 100_000
+    x = torch.rand(3, 3, 64, 64, requires_grad=True) * 2 - 1
+    x.retain_grad()
+    out = D(x)
+    assert out.shape == (3, 1)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # gradients reach the generator's images
+    assert all(p.grad is not None for p in D.parameters())
+    assert all(p.grad is None for p in clip.parameters())

@@ -82,6 +82,25 @@ class SmallD(nn.Module):
         return self.head(torch.cat([h, y], 1))
 
 
+class ProjectedD(nn.Module):
+    """Discriminator heads on the feature maps (32/16/8/4 px) of a FROZEN image tower, here the tiny CLIP's
+    (the idea of Projected GANs, Sauer et al. 2021: a pretrained feature space makes the discriminator's job
+    easy, so far fewer steps are needed). Only the heads are trained and saved; gradients reach G through the
+    frozen tower."""
+
+    def __init__(self, clip, width: int = 64):
+        super().__init__()
+        object.__setattr__(self, "_clip", clip)  # not a submodule: not saved, not optimised, not in DDP
+        with torch.no_grad():
+            chans = [f.shape[1] for f in clip.feature_maps(torch.zeros(1, 3, 64, 64, device=clip.device))]
+        self.heads = nn.ModuleList(nn.Sequential(nn.Conv2d(c, width, 3, 1, 1), nn.LeakyReLU(0.2),
+                                                 nn.Conv2d(width, 1, 1)) for c in chans)
+
+    def forward(self, x):
+        feats = self._clip.feature_maps(x)
+        return sum(h(f).mean((1, 2, 3)) for h, f in zip(self.heads, feats))[:, None]
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, beta: float) -> None:
     for pe, p in zip(ema.parameters(), model.parameters()):
@@ -120,7 +139,7 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
                     config: dict | None = None, ckpt_every: int = 25, minutes: float | None = None,
                     grid_every: int = 200, seed: int = 0, adv_lr: float = 1e-3, anchor_weight: float = 1.0,
                     r1_gamma: float = 0.05, r1_every: int = 4, log=print, amp: str = "auto",
-                    d_mbstd_group: int = 4, stop_after: int = 0) -> Generator:
+                    d_mbstd_group: int = 4, stop_after: int = 0, d_kind: str = "pixel") -> Generator:
     """Train (or resume) the generator; returns the EMA generator with ``w_avg`` set.
 
     Runs in one process or under torchrun (``python -m training.train_generator`` calls ``training.dist.init``):
@@ -131,7 +150,8 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
     writes checkpoints and grids; a checkpoint resumes under any world size. The minibatch-stddev groups of D
     are formed within each rank's rows (as in StyleGAN2), the one difference from a one-process run of the
     adversarial phase (``d_mbstd_group=1`` removes it). ``stop_after``: stop (and checkpoint) at this global
-    step, keeping the schedule of ``steps + adv_steps``."""
+    step, keeping the schedule of ``steps + adv_steps``. ``d_kind``: "pixel" (SmallD on the images) or
+    "projected" (ProjectedD on the frozen tiny CLIP given by ``clip_path``)."""
     from training.grids import image_grid, save_png
 
     info = dist.info()
@@ -149,12 +169,27 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
     opt = torch.optim.Adam([{"params": G.synthesis.parameters(), "lr": lr},
                             {"params": G.mapping.parameters(), "lr": lr * mapping_boost}], betas=(0.9, 0.99))
     D = d_opt = None
+    clip = None
     step = 0
     ckpt = work / "gen_ckpt.pt"
 
+    def load_frozen_clip():
+        from core.clip import load_clip
+
+        if not (clip_path and os.path.exists(clip_path)):
+            raise FileNotFoundError(f"d_kind='projected' needs the tiny CLIP file; not found: {clip_path}")
+        c = load_clip(clip_path, device=dev)
+        c.requires_grad_(False)
+        return c
+
     def make_d(d_lr: float) -> None:
         nonlocal D, d_opt
-        D = SmallD(mbstd_group=d_mbstd_group).to(dev)
+        if d_kind == "projected":
+            D = ProjectedD(clip if clip is not None else load_frozen_clip()).to(dev)
+        elif d_kind == "pixel":
+            D = SmallD(mbstd_group=d_mbstd_group).to(dev)
+        else:
+            raise ValueError(f"d_kind must be 'pixel' or 'projected', got {d_kind!r}")
         d_opt = torch.optim.Adam(D.parameters(), lr=d_lr, betas=(0.0, 0.99))
 
     if ckpt.exists():
@@ -184,7 +219,8 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
     amp_dtype = dist.amp_dtype(amp, dev)
     total = steps + adv_steps
     z_fixed = torch.randn(32, Z_DIM, generator=torch.Generator().manual_seed(1234))
-    clip = None
+    if D is not None and d_kind == "projected":
+        clip = D._clip
     clock = StopClock(minutes or 0.0)
     t0 = time.time()
     hist: list[float] = []
@@ -349,6 +385,8 @@ def main(argv=None) -> None:
                     help="stop at this global step (schedule kept; run again with the same --work to continue)")
     ap.add_argument("--d-mbstd-group", type=int, default=4,
                     help="minibatch-stddev group of D (1: none; then the run is the same for any world size)")
+    ap.add_argument("--d-kind", default="pixel", choices=("pixel", "projected"),
+                    help="adversarial phase: a conv D on the images, or heads on the frozen tiny CLIP's features")
     ap.add_argument("--device", default=None,
                     help="auto|cpu|cuda|mps (default: $ANYFACE_DEVICE or auto; torchrun on CUDA: cuda:LOCAL_RANK)")
     ap.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
@@ -364,7 +402,7 @@ def main(argv=None) -> None:
                             clip_path=a.clip, minutes=a.minutes, adv_lr=a.adv_lr, anchor_weight=a.anchor_weight,
                             config=config, ckpt_every=a.ckpt_every, grid_every=a.grid_every, seed=a.seed,
                             log=dist.log, amp=a.amp, d_mbstd_group=a.d_mbstd_group,
-                            stop_after=a.stop_after)
+                            stop_after=a.stop_after, d_kind=a.d_kind)
         if a.out and info.is_main:
             from core.checkpoints import save_generator
 
