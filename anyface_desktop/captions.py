@@ -72,6 +72,8 @@ class CaptionEditor(QWidget):
         self.identity.setValue(4)
         self.identity.setSuffix(" layers")
         self.identity.setToolTip("How many coarse layers (pose, face shape, identity) stay from the photo")
+        self.identity.valueChanged.connect(
+            lambda v: self.identity.setSuffix(" layer" if v == 1 else " layers"))  # "1 layer", "4 layers"
         self.identity.valueChanged.connect(lambda *_: self.settingsChanged.emit())
         srow = QHBoxLayout()
         self.slider = QSlider(Qt.Orientation.Horizontal)
