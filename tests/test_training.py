@@ -100,3 +100,14 @@ def test_projected_discriminator_trains_heads_only():
     assert x.grad is not None and x.grad.abs().sum() > 0  # gradients reach the generator's images
     assert all(p.grad is not None for p in D.parameters())
     assert all(p.grad is None for p in clip.parameters())
+
+
+def test_attribute_distance_to_the_dcgan():
+    from core.checkpoints import load_generator
+    from training.train_generator import attribute_distance
+
+    G = load_generator("resources/weights/tiny/generator.safetensors").eval()
+    m = attribute_distance(G, n=12, seed=3)
+    assert set(m["attribute_tv"]) >= {"hair", "skin", "yaw", "smile"}
+    assert all(0.0 <= v <= 1.0 for v in m["attribute_tv"].values())
+    assert 0.0 <= m["attribute_tv_floor_mean"] <= 1.0 and m["attribute_n"] == 12
