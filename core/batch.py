@@ -845,7 +845,7 @@ class EditProcessor:
     ``save_latent`` also each edited face's W+ code (``<stem>_anyface_face<i>.npz``).
     """
 
-    def __init__(self, engine, captions: Sequence[str], *, strength: float = 0.6, method: str = "cmd",
+    def __init__(self, engine, captions: Sequence[str], *, strength: float = 0.6, method: str | None = None,
                  identity_layers: int | None = None, face: str | int = "largest", tier: str = "fast",
                  fmt: str = "png", quality: int = 95, aligned_only: bool = False, save_latent: bool = False,
                  detector: str = "auto", seed: int = 0):
@@ -856,7 +856,9 @@ class EditProcessor:
         self.strength = float(strength)
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
-        self.method, self.identity_layers = method, identity_layers
+        # None: the pack's default method, recorded by name in the report and the outputs' metadata
+        self.method = method if method is not None else (getattr(engine, "default_method", None) or "cmd")
+        self.identity_layers = identity_layers
         self.face = parse_face(face)
         self.tier, self.detector, self.seed = tier, detector, int(seed)
         self.fmt = {"jpeg": "jpg"}.get(fmt.lower(), fmt.lower())
@@ -931,7 +933,7 @@ def _min_eye_distance() -> float:
 
 
 def run_batch(engine, input: str | os.PathLike, captions: Sequence[str], *, output_dir: str | os.PathLike,
-              strength: float = 0.6, method: str = "cmd", identity_layers: int | None = None, detector: str = "auto",
+              strength: float = 0.6, method: str | None = None, identity_layers: int | None = None, detector: str = "auto",
               tier: str = "fast", fmt: str = "png", face: str | int = "largest", aligned_only: bool = False,
               save_latent: bool = False, quality: int = 95, seed: int = 0, recursive: bool = False,
               shard: tuple[int, int] | str | None = None, overwrite: bool = False,

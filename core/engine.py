@@ -162,7 +162,7 @@ class Engine:
     def __init__(self, generator, clip, cmd: CMD | None = None, cvae: CVAE | None = None,
                  bank: LatentBank | None = None, encoder=None, pack_id: str = "custom",
                  device: torch.device | str | None = None, *, cache_size: int = 64,
-                 coarse_layers: int | None = None):
+                 coarse_layers: int | None = None, default_method: str | None = None):
         self.device = device if isinstance(device, torch.device) else pick_device(device)
         self.pack_id = pack_id
         self.generator = generator.to(self.device).eval()
@@ -176,6 +176,9 @@ class Engine:
         self.w_dim = int(generator.w_dim)
         self.resolution = int(generator.img_resolution)
         self.coarse_layers = coarse_layers_for(self.num_ws)
+        if default_method is not None and default_method not in METHODS:
+            raise ValueError(f"default_method must be one of {', '.join(METHODS)}, got {default_method!r}")
+        self.preferred_method = default_method  # a pack's measured best method comes first in ``methods``
         if coarse_layers is not None:  # a pack's own split (its CMD was trained with it)
             if not 1 <= int(coarse_layers) < self.num_ws:
                 raise ValueError(f"coarse_layers must be in 1..{self.num_ws - 1}, got {coarse_layers}")
@@ -245,13 +248,15 @@ class Engine:
             _tick(progress, i + 1, len(steps))
         return cls(loaded["generator"], loaded["clip"], cmd=loaded.get("cmd"), cvae=loaded.get("cvae"),
                    bank=loaded.get("knn"), encoder=loaded.get("encoder"), pack_id=pack_id, device=dev,
-                   coarse_layers=manifest.pack(pack_id).coarse_layers)
+                   coarse_layers=manifest.pack(pack_id).coarse_layers,
+                   default_method=manifest.pack(pack_id).default_method)
 
     @property
     def methods(self) -> list[str]:
         """Text-to-latent methods available with the loaded models, in preference order."""
         have = {"cmd": self.cmd is not None, "cvae": self.cvae is not None, "knn": self.bank is not None}
-        return [m for m in METHODS if have[m]]
+        order = sorted(METHODS, key=lambda m: m != getattr(self, "preferred_method", None))  # stable
+        return [m for m in order if have[m]]
 
     @property
     def default_method(self) -> str | None:
@@ -301,7 +306,7 @@ class Engine:
         return emb
 
     @torch.inference_mode()
-    def text_codes(self, captions: str | Iterable[str], method: str | None = "cmd", n: int = 1, seed: int = 0,
+    def text_codes(self, captions: str | Iterable[str], method: str | None = None, n: int = 1, seed: int = 0,
                    diversity: float = 1.0) -> torch.Tensor:
         """Text codes ws [n, num_ws, w_dim] on the engine device (read-only: may be a cached/expanded view);
         code i depends only on (captions, method, seed + i, diversity); the CMD code on the captions alone.
@@ -364,7 +369,7 @@ class Engine:
         return imgs[0] if single else imgs
 
     @torch.inference_mode()
-    def synthesize(self, captions: str | Sequence[str], n: int = 4, seed: int = 0, method: str | None = "cmd",
+    def synthesize(self, captions: str | Sequence[str], n: int = 4, seed: int = 0, method: str | None = None,
                    diversity: float = 1.0, *, truncation_psi: float | None = None, batch_size: int = 8,
                    progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> list[FaceResult]:
         """Text -> ``n`` faces. Face i has seed ``seed + i`` and is reproduced alone by
@@ -403,7 +408,7 @@ class Engine:
                            extra={"truncation_psi": psi, "coarse_layers": c}) for i in range(n)]
 
     @torch.inference_mode()
-    def edit(self, source_ws, captions: str | Sequence[str], strength: float, method: str | None = "cmd",
+    def edit(self, source_ws, captions: str | Sequence[str], strength: float, method: str | None = None,
              identity_layers: int | None = None, *, seed: int = 0, diversity: float = 0.0,
              progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> FaceResult:
         """Edit a face code ``source_ws`` [num_ws, w_dim] toward the captions.

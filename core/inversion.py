@@ -178,7 +178,7 @@ def image_to_tensor(img, resolution: int | None = None, device=None) -> torch.Te
         a = np.asarray(img)
         if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
             raise ValueError(f"Expected an RGB uint8 image [H, W, 3], got {a.dtype} {a.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        t = torch.from_numpy(a.astype(np.float32)).permute(2, 0, 1)[None] / 127.5 - 1.0  # a copy: inputs may be read-only
     else:
         t = img.detach().float()
         if t.ndim == 3:

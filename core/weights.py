@@ -90,6 +90,7 @@ class PackInfo:
     files: tuple[str, ...]
     bundled: bool = False
     coarse_layers: int | None = None  # W+ layers synthesis takes from random z (None: the engine's default)
+    default_method: str | None = None  # the text-to-latent method measured best for this pack (None: cmd first)
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,8 @@ class Manifest:
             packs[pid] = PackInfo(id=pid, title=p["title"], resolution=int(p["resolution"]),
                                   description=p.get("description", ""), files=tuple(p["files"]),
                                   bundled=bool(p.get("bundled", False)),
-                                  coarse_layers=None if p.get("coarse_layers") is None else int(p["coarse_layers"]))
+                                  coarse_layers=None if p.get("coarse_layers") is None else int(p["coarse_layers"]),
+                                  default_method=p.get("default_method"))
             for fid in packs[pid].files:
                 if fid not in files:
                     raise ValueError(f"Pack '{pid}' names unknown file '{fid}' in {path}")
@@ -168,7 +170,8 @@ class Manifest:
             "version": 1,
             "packs": {p.id: {"title": p.title, "resolution": p.resolution, "description": p.description,
                              "files": list(p.files), "bundled": p.bundled,
-                             **({} if p.coarse_layers is None else {"coarse_layers": p.coarse_layers})}
+                             **({} if p.coarse_layers is None else {"coarse_layers": p.coarse_layers}),
+                             **({} if p.default_method is None else {"default_method": p.default_method})}
                       for p in self.packs.values()},
             "files": [dict(vars(f)) for f in self.files.values()],
         }

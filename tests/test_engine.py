@@ -301,7 +301,7 @@ def test_from_pack(tmp_path, monkeypatch):
              for r, f in [("generator", "generator.bin"), ("clip", "clip.bin"), ("cmd", "cmd.safetensors"),
                           ("cvae", "cvae.safetensors"), ("knn", "knn.safetensors")]]
     manifest = {"version": 1, "packs": {"toy": {"title": "Toy", "resolution": 16, "files": [f["id"] for f in files],
-                                                "coarse_layers": 1}},
+                                                "coarse_layers": 1, "default_method": "knn"}},
                 "files": files}
     (root / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setenv("ANYFACE_RESOURCES", str(tmp_path))
@@ -313,7 +313,8 @@ def test_from_pack(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "core.clip", clipmod)
     seen = []
     e = Engine.from_pack("toy", device="cpu", progress=lambda d, t: seen.append(d))
-    assert e.pack_id == "toy" and e.methods == ["cmd", "knn"] and seen[-1] == 6
+    assert e.pack_id == "toy" and e.methods == ["knn", "cmd"] and seen[-1] == 6  # the pack's best first
+    assert e.default_method == "knn" and e.synthesize(["a face"], n=1)[0].method == "knn"
     assert e.coarse_layers == 1 != coarse_layers_for(NUM_WS)  # the pack's own split
     r = e.synthesize(["a face"], n=1)[0]
     assert r.pack_id == "toy" and r.extra["coarse_layers"] == 1
@@ -321,6 +322,7 @@ def test_from_pack(tmp_path, monkeypatch):
 
     m = Manifest.load(root / "manifest.json", overlay=False)
     assert m.to_json()["packs"]["toy"]["coarse_layers"] == 1  # survives a save
+    assert m.to_json()["packs"]["toy"]["default_method"] == "knn"
 
 
 def test_coarse_layers_override_is_checked():
@@ -329,6 +331,10 @@ def test_coarse_layers_override_is_checked():
     for bad in (0, NUM_WS):
         with pytest.raises(ValueError, match="coarse_layers"):
             Engine(G, clip, cmd=cmd, device="cpu", coarse_layers=bad)
+    e = Engine(G, clip, cmd=cmd, bank=bank, device="cpu", default_method="cvae")  # preferred but not loaded
+    assert e.methods == ["cmd", "knn"] and e.default_method == "cmd"
+    with pytest.raises(ValueError, match="default_method"):
+        Engine(G, clip, cmd=cmd, device="cpu", default_method="gan")
 
 
 # ---------------------------------------------------------------------------------------------------------------
