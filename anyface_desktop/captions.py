@@ -67,13 +67,14 @@ class CaptionEditor(QWidget):
         self.method = QComboBox()
         self.method.setToolTip("Which text-to-latent model turns the captions into a face code")
         self.method.currentIndexChanged.connect(lambda *_: self.settingsChanged.emit())
+        self._user_method: str | None = None  # set only when the user picks a method in the box
+        self.method.activated.connect(lambda i: setattr(self, "_user_method", self.method.itemData(i)))
         self.identity = QSpinBox()
         self.identity.setRange(0, 18)
         self.identity.setValue(4)
         self.identity.setSuffix(" layers")
         self.identity.setToolTip("How many coarse layers (pose, face shape, identity) stay from the photo")
-        self.identity.valueChanged.connect(
-            lambda v: self.identity.setSuffix(" layer" if v == 1 else " layers"))  # "1 layer", "4 layers"
+        self.identity.valueChanged.connect(self._identity_suffix)
         self.identity.valueChanged.connect(lambda *_: self.settingsChanged.emit())
         srow = QHBoxLayout()
         self.slider = QSlider(Qt.Orientation.Horizontal)
@@ -182,13 +183,17 @@ class CaptionEditor(QWidget):
 
     # ------------------------------------------------------------------ method / identity / strength
     def set_methods(self, methods: list[str]) -> None:
-        current = self.method_key()
+        """The pack's methods, best first: the user's own pick stays selected where the pack has it, else the
+        pack's first (its measured-best method)."""
         with QSignalBlocker(self.method):
             self.method.clear()
             for m in methods:
                 self.method.addItem(METHOD_LABELS.get(m, m), m)
-            i = self.method.findData(current)
+            i = self.method.findData(self._user_method) if self._user_method else -1
             self.method.setCurrentIndex(max(0, i))
+
+    def _identity_suffix(self, v: int) -> None:
+        self.identity.setSuffix(" layer" if v == 1 else " layers")  # "1 layer", "4 layers"
 
     def method_key(self) -> str:
         return self.method.currentData() or "cmd"
@@ -200,6 +205,7 @@ class CaptionEditor(QWidget):
                 self.identity.setValue(default_identity)
             self.identity.setToolTip(f"How many of the {num_ws} coarse-to-fine layers (pose, face shape, identity) "
                                      "stay from the photo")
+        self._identity_suffix(self.identity.value())
 
     def identity_layers(self) -> int:
         return int(self.identity.value())

@@ -621,3 +621,23 @@ def test_apply_edit_stacks_and_undo_restores_source(qtbot, photo):
     win.jump_history(k)
     assert win.source.params.get("applied")
     close_window(qtbot, win)
+
+
+def test_method_box_starts_with_the_packs_best_and_keeps_the_users_pick(qtbot):
+    from anyface_desktop.captions import CaptionEditor
+
+    ed = CaptionEditor()
+    qtbot.addWidget(ed)
+    ed.set_methods(["knn", "cmd", "cvae"])  # a pack whose measured-best method is KNN
+    assert ed.method_key() == "knn"
+    i = ed.method.findData("cvae")
+    ed.method.setCurrentIndex(i)
+    ed.method.activated.emit(i)  # what a click in the box sends
+    ed.set_methods(["cmd", "cvae"])  # another pack: the user's pick stays
+    assert ed.method_key() == "cvae"
+    ed.set_methods(["knn"])  # not available there: the pack's first
+    assert ed.method_key() == "knn"
+    ed.set_num_ws(10, default_identity=1)
+    assert ed.identity.text() == "1 layer"
+    ed.identity.setValue(3)
+    assert ed.identity.text() == "3 layers"
