@@ -139,7 +139,8 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
                     config: dict | None = None, ckpt_every: int = 25, minutes: float | None = None,
                     grid_every: int = 200, seed: int = 0, adv_lr: float = 1e-3, anchor_weight: float = 1.0,
                     r1_gamma: float = 0.05, r1_every: int = 4, log=print, amp: str = "auto",
-                    d_mbstd_group: int = 4, stop_after: int = 0, d_kind: str = "pixel") -> Generator:
+                    d_mbstd_group: int = 4, stop_after: int = 0, d_kind: str = "pixel",
+                    anchor_scales: tuple[int, ...] = (4, 8), adv_weight: float = 1.0) -> Generator:
     """Train (or resume) the generator; returns the EMA generator with ``w_avg`` set.
 
     Runs in one process or under torchrun (``python -m training.train_generator`` calls ``training.dist.init``):
@@ -151,7 +152,9 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
     are formed within each rank's rows (as in StyleGAN2), the one difference from a one-process run of the
     adversarial phase (``d_mbstd_group=1`` removes it). ``stop_after``: stop (and checkpoint) at this global
     step, keeping the schedule of ``steps + adv_steps``. ``d_kind``: "pixel" (SmallD on the images) or
-    "projected" (ProjectedD on the frozen tiny CLIP given by ``clip_path``)."""
+    "projected" (ProjectedD on the frozen tiny CLIP given by ``clip_path``). ``anchor_scales`` (pooling factors
+    of the distillation anchor on the un-mixed half; (1, 2, 4, 8) keeps full resolution) and ``adv_weight``
+    (the adversarial term's weight) set how far the adversarial phase may leave the distilled images."""
     from training.grids import image_grid, save_png
 
     info = dist.info()
@@ -285,9 +288,9 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
             d_loss.backward()
             d_opt.step()
             D_raw.requires_grad_(False)  # G's step: D's gradients were discarded anyway
-            loss = F.softplus(-D_raw(fake)).mean()
+            loss = adv_weight * F.softplus(-D_raw(fake)).mean()
             if n_keep:  # the anchor is a mean over the global first half: this rank's share of it, x W for DDP
-                anchor = multiscale_l1(fake[:n_keep], target[:n_keep], scales=(4, 8))
+                anchor = multiscale_l1(fake[:n_keep], target[:n_keep], scales=anchor_scales)
                 loss = loss + anchor_weight * anchor * (n_keep * W / half if W > 1 else 1.0)
             D_raw.requires_grad_(True)
             opt.zero_grad(set_to_none=True)
@@ -408,6 +411,9 @@ def main(argv=None) -> None:
     ap.add_argument("--clip", default=None, help="tiny CLIP file for the perceptual loss (used once it exists)")
     ap.add_argument("--adv-lr", type=float, default=1e-3)
     ap.add_argument("--anchor-weight", type=float, default=1.0)
+    ap.add_argument("--anchor-scales", default="4,8",
+                    help="pooling factors of the adversarial phase's distillation anchor (1,2,4,8: full resolution)")
+    ap.add_argument("--adv-weight", type=float, default=1.0, help="weight of the adversarial term")
     ap.add_argument("--minutes", type=float, default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--lr", type=float, default=4e-3)
@@ -436,7 +442,9 @@ def main(argv=None) -> None:
                             clip_path=a.clip, minutes=a.minutes, adv_lr=a.adv_lr, anchor_weight=a.anchor_weight,
                             config=config, ckpt_every=a.ckpt_every, grid_every=a.grid_every, seed=a.seed,
                             log=dist.log, amp=a.amp, d_mbstd_group=a.d_mbstd_group,
-                            stop_after=a.stop_after, d_kind=a.d_kind)
+                            stop_after=a.stop_after, d_kind=a.d_kind,
+                            anchor_scales=tuple(int(x) for x in a.anchor_scales.split(",")),
+                            adv_weight=a.adv_weight)
         if a.out and info.is_main:
             from core.checkpoints import save_generator
 
