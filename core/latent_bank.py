@@ -96,7 +96,7 @@ class LatentBank:
         the averaged, re-normalised direction; ``combine="and"`` standardises each caption's similarities over
         the bank and scores an entry by its WORST caption (the mean direction can be won by an entry that
         matches only the caption whose similarities spread widest). On the tiny pack "and" did not help:
-        for 16 two-caption prompts, 36% ("mean") vs 32% ("and") of the 12 nearest entries had both
+        for 16 two-caption prompts, 35% ("mean") vs 32% ("and") of the 12 nearest entries had both
         attributes by the annotator (benchmarks/knn_combine.py), so "mean" stays the default."""
         t = text_emb.detach().to("cpu", torch.float32)
         if t.ndim == 1:
