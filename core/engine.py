@@ -255,7 +255,7 @@ class Engine:
     def methods(self) -> list[str]:
         """Text-to-latent methods available with the loaded models, in preference order."""
         have = {"cmd": self.cmd is not None, "cvae": self.cvae is not None, "knn": self.bank is not None}
-        order = sorted(METHODS, key=lambda m: m != getattr(self, "preferred_method", None))  # stable
+        order = sorted(METHODS, key=lambda m: m != self.preferred_method)  # stable: the rest keep their order
         return [m for m in order if have[m]]
 
     @property

@@ -12,6 +12,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
+NO_SKIPS = bool(os.environ.get("CI"))  # CI installs every dependency and builds the pack: a skip is a failure
+
+
+def _skip_to_failure(rep, what: str) -> None:
+    rep.outcome = "failed"
+    rep.longrepr = f"{what} skipped under CI, where nothing may be missing: {rep.longrepr}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    rep = (yield).get_result()
+    if NO_SKIPS and rep.skipped and not hasattr(rep, "wasxfail"):
+        _skip_to_failure(rep, "test")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    rep = (yield).get_result()
+    if NO_SKIPS and rep.skipped:
+        _skip_to_failure(rep, "module")
 DATA = Path(__file__).resolve().parent / "data"
 
 

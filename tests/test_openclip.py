@@ -84,13 +84,18 @@ def test_spec_loads_with_shapes_and_unit_norm(official):
     assert enc.encode_text([]).shape == (0, 32)
 
 
+def _assert_same_embeddings(enc, model, img) -> None:
+    """Our encoder's text and image embeddings equal open_clip's own ``model`` on the same inputs."""
+    t_ref, i_ref = _reference(model, CAPTIONS, img, enc)
+    torch.testing.assert_close(enc.encode_text(CAPTIONS), t_ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(enc.encode_image(img), i_ref, rtol=0, atol=1e-6)
+
+
 def test_embeddings_equal_open_clip_own_output(official):
     model, ckpt = official
     enc = load_clip({"model": NAME, "checkpoint": ckpt})
     img = _images(3, 32)
-    t_ref, i_ref = _reference(model, CAPTIONS, img, enc)
-    torch.testing.assert_close(enc.encode_text(CAPTIONS), t_ref, rtol=0, atol=1e-6)
-    torch.testing.assert_close(enc.encode_image(img), i_ref, rtol=0, atol=1e-6)
+    _assert_same_embeddings(enc, model, img)
 
 
 def test_encode_image_is_differentiable(official):
@@ -166,9 +171,7 @@ def test_openai_torchscript_archive_loads_with_quick_gelu(official, tmp_path):
     ref = open_clip.create_model(NAME, pretrained=None, pretrained_text=False, force_quick_gelu=True).eval()
     ref.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in model.state_dict().items()})
     img = _images(2, 32)
-    t_ref, i_ref = _reference(ref, CAPTIONS, img, enc)
-    torch.testing.assert_close(enc.encode_text(CAPTIONS), t_ref, rtol=0, atol=1e-6)
-    torch.testing.assert_close(enc.encode_image(img), i_ref, rtol=0, atol=1e-6)
+    _assert_same_embeddings(enc, ref, img)
 
 
 def test_engine_on_generator_plus_open_clip_builds_bank_and_refines(official):

@@ -580,13 +580,13 @@ def evaluate(args: argparse.Namespace) -> dict:
     annotate = not args.no_annotate
     rates, rate_faces = None, (60 if args.quick else args.base_rate_faces)
     if annotate and "text" in args.parts.split(","):
-        if info.is_main:  # rank 0 annotates, every rank gets the same prompt sets
+        shared = None
+        if info.is_main:  # rank 0 annotates, every rank gets the same rates and prompt sets
             rates, labels = base_rates(engine, rate_faces, args.seed + 99991)
-            rates = (rates, producible_prompts(labels, 1 if args.quick else args.multi_prompts, args.seed + 7,
-                                               max(2, rate_faces // 100)))
-        rates = dist.broadcast_object(rates)
-        prompts.update(rates[1])
-        rates = rates[0]
+            shared = (rates, producible_prompts(labels, 1 if args.quick else args.multi_prompts, args.seed + 7,
+                                                max(2, rate_faces // 100)))
+        rates, producible = dist.broadcast_object(shared)
+        prompts.update(producible)
     dist.log(f"[eval] methods {methods}; {sum(len(v) for v in prompts.values())} prompts x {args.faces} faces")
     rows, grids = (text_consistency(engine, args, prompts, methods, annotate) if "text" in args.parts.split(",")
                    else ([], {}))
