@@ -111,3 +111,11 @@ def test_attribute_distance_to_the_dcgan():
     assert set(m["attribute_tv"]) >= {"hair", "skin", "yaw", "smile"}
     assert all(0.0 <= v <= 1.0 for v in m["attribute_tv"].values())
     assert 0.0 <= m["attribute_tv_floor_mean"] <= 1.0 and m["attribute_n"] == 12
+
+
+def test_generator_rejects_an_unknown_discriminator_before_training(tmp_path):
+    from training.train_generator import train_generator
+
+    with pytest.raises(ValueError, match="d_kind"):
+        train_generator(tmp_path / "g", steps=1, d_kind="patch")
+    assert not (tmp_path / "g").exists()  # nothing started

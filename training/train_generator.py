@@ -157,6 +157,8 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
     (the adversarial term's weight) set how far the adversarial phase may leave the distilled images."""
     from training.grids import image_grid, save_png
 
+    if d_kind not in ("pixel", "projected"):  # checked now, not hours later when the adversarial phase starts
+        raise ValueError(f"d_kind must be 'pixel' or 'projected', got {d_kind!r}")
     info = dist.info()
     dev = info.device
     if not info.is_main:
@@ -189,10 +191,8 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
         nonlocal D, d_opt
         if d_kind == "projected":
             D = ProjectedD(clip if clip is not None else load_frozen_clip()).to(dev)
-        elif d_kind == "pixel":
-            D = SmallD(mbstd_group=d_mbstd_group).to(dev)
         else:
-            raise ValueError(f"d_kind must be 'pixel' or 'projected', got {d_kind!r}")
+            D = SmallD(mbstd_group=d_mbstd_group).to(dev)
         d_opt = torch.optim.Adam(D.parameters(), lr=d_lr, betas=(0.0, 0.99))
 
     if ckpt.exists():
@@ -240,11 +240,8 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
         if clock.expired():
             log(f"time limit reached at step {step}")
             break
-        if clip is None and clip_path and os.path.exists(clip_path):
-            from core.clip import load_clip
-
-            clip = load_clip(clip_path, device=dev)
-            clip.requires_grad_(False)
+        if clip is None and clip_path and os.path.exists(clip_path):  # the CLIP may appear during the run
+            clip = load_frozen_clip()
             log(f"perceptual loss on from step {step} ({clip_path})")
         gen = dist.step_generator(seed, step)
         z = torch.randn(batch, Z_DIM, generator=gen)
