@@ -78,6 +78,9 @@ def test_build_pack_smoke(tmp_path):
     assert not torch.allclose(G.w_avg, torch.zeros_like(G.w_avg))
     for name in ("clip_metrics.json", "generator_metrics.json"):
         json.loads((tmp_path / name).read_text())
+    gm = json.loads((tmp_path / "generator_metrics.json").read_text())
+    assert gm["prior"]["encoded_faces"] == 32  # the autoencoder phase ran and refitted the mapping
+    assert 0.0 <= gm["attribute_tv_mean"] <= 1.0
     assert (tmp_path / "samples_generator.png").exists()
 
 
@@ -119,3 +122,52 @@ def test_generator_rejects_an_unknown_discriminator_before_training(tmp_path):
     with pytest.raises(ValueError, match="d_kind"):
         train_generator(tmp_path / "g", steps=1, d_kind="patch")
     assert not (tmp_path / "g").exists()  # nothing started
+
+
+def test_mapping_prior_fit_spreads_z_over_the_encoded_faces():
+    from core.stylegan2 import Generator
+    from training.train_generator import fit_mapping_prior
+
+    G = Generator.from_config({"resolution": 16, "z_dim": 8, "w_dim": 12, "mapping_layers": 3,
+                               "channels": {"4": 8, "8": 8, "16": 8}})
+    gen = torch.Generator().manual_seed(0)
+    # "encoded faces": a correlated Gaussian of rank 6 around an offset mean, in 12 dims
+    B = torch.randn(12, 6, generator=gen) * torch.linspace(2.0, 0.2, 6)
+    mu = torch.linspace(-1, 1, 12)
+    ws = mu + torch.randn(4000, 6, generator=gen) @ B.T
+    res = fit_mapping_prior(G, ws, steps=1500, batch=256, log=lambda *a: None)
+    assert res["prior_axes"] == 8 and res["prior_variance_kept"] > 0.999
+    assert res["prior_fit_r2"] > 0.8 and 0.7 < res["prior_spread_ratio"] < 1.2
+    assert torch.allclose(G.w_avg, ws.mean(0))
+    with torch.no_grad():
+        w = G.mapping(torch.randn(4000, 8, generator=gen))[:, 0]
+    # the samples spread like the encoded faces along their main axis, and stay off the axes they lack
+    u = torch.linalg.svd(ws - ws.mean(0), full_matrices=False).Vh
+    proj_s, proj_t = (w - w.mean(0)) @ u.T, (ws - ws.mean(0)) @ u.T
+    assert 0.7 < float(proj_s[:, 0].std() / proj_t[:, 0].std()) < 1.3
+    assert float(proj_s[:, 8:].std()) < 0.2 * float(proj_t[:, 0].std())
+
+
+def test_generator_autoencoder_phase_resumes_and_refits(tmp_path):
+    from training.train_generator import train_generator
+
+    cfg = {"resolution": 64, "z_dim": 100, "w_dim": 16, "mapping_layers": 2,
+           "channels": {str(r): 8 for r in (4, 8, 16, 32, 64)}}
+    kw = dict(batch=4, config=cfg, ckpt_every=1, grid_every=0, prior_samples=64, prior_steps=50,
+              log=lambda *a: None)
+    work = tmp_path / "g"
+    train_generator(work, steps=2, ae_steps=2, stop_after=3, **kw)  # stops inside the autoencoder phase
+    st = torch.load(work / "gen_ckpt.pt", weights_only=True)
+    assert st["step"] == 3 and st["E"] is not None and not st["prior_done"]
+    G = train_generator(work, steps=2, ae_steps=2, **kw)  # resumes, finishes, fits the prior
+    prior = json.loads((work / "prior.json").read_text())
+    assert prior["encoded_faces"] == 64 and prior["prior_axes"] == 16
+    st = torch.load(work / "gen_ckpt.pt", weights_only=True)
+    assert st["step"] == 4 and st["prior_done"]
+    with torch.no_grad():
+        img = G(torch.randn(3, 100))
+    assert img.shape == (3, 3, 64, 64) and torch.isfinite(img).all() and img.std(0).mean() > 0
+    (work / "prior.json").unlink()
+    train_generator(work, steps=2, ae_steps=2, refit_prior=True, **kw)
+    assert (work / "prior.json").exists()  # fitted again, no training step taken
+    assert torch.load(work / "gen_ckpt.pt", weights_only=True)["step"] == 4

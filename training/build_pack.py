@@ -30,13 +30,15 @@ MANIFEST_IDS = {"clip": ("tiny-clip", "clip.safetensors"), "generator": ("tiny-g
 # real sizes / toy sizes
 FULL = {
     "n_train": 9000, "n_val": 1000, "clip_steps": 1100, "clip_batch": 64, "clip_config": None,
-    "caption_variants": (4, 2, 1), "gen_steps": 3000, "gen_adv_steps": 0, "gen_batch": 8, "gen_config": None,
+    "caption_variants": (4, 2, 1), "gen_steps": 2288, "gen_ae_steps": 3000, "gen_prior_samples": 20000,
+    "gen_adv_steps": 0, "gen_batch": 16, "gen_config": None,
     "eval_n": 2000,
 }
 SMOKE = {
     "n_train": 24, "n_val": 24, "clip_steps": 3, "clip_batch": 8, "clip_config": {"widths": [8, 8, 16, 16],
                                                                                  "embed_dim": 32, "text_hidden": 32},
-    "caption_variants": (1, 1, 1), "gen_steps": 2, "gen_adv_steps": 2, "gen_batch": 4,
+    "caption_variants": (1, 1, 1), "gen_steps": 2, "gen_ae_steps": 2, "gen_prior_samples": 32, "gen_adv_steps": 2,
+    "gen_batch": 4,
     "gen_config": {"resolution": 64, "z_dim": 100, "w_dim": 32, "mapping_layers": 2,
                    "channels": {str(r): 8 for r in (4, 8, 16, 32, 64)}},
     "eval_n": 40,
@@ -105,10 +107,12 @@ def stage_generator(out: Path, work: Path, sizes: dict, log=print) -> dict:
     from core.clip import load_clip
     from training.dcgan import load_dcgan, to_uint8
     from training.grids import image_grid, save_png
-    from training.train_generator import evaluate_generator, train_generator
+    from training.train_generator import attribute_distance, evaluate_generator, train_generator
 
     clip_file = out / "clip.safetensors"
     G = train_generator(work / "generator", steps=sizes["gen_steps"], adv_steps=sizes["gen_adv_steps"],
+                        ae_steps=sizes["gen_ae_steps"], prior_samples=sizes["gen_prior_samples"],
+                        prior_steps=4000 if sizes["gen_prior_samples"] > 1000 else 20,
                         batch=sizes["gen_batch"], config=sizes["gen_config"],
                         clip_path=str(clip_file) if clip_file.exists() else None, log=log,
                         minutes=sizes.get("minutes"))
@@ -119,6 +123,11 @@ def stage_generator(out: Path, work: Path, sizes: dict, log=print) -> dict:
     if clip_file.exists():
         with torch.no_grad():
             metrics.update(evaluate_generator(G, load_clip(clip_file), n=sizes["eval_n"]))
+    # how far the annotator's labels on our faces are from the DCGAN's (the asked values must be producible)
+    metrics.update(attribute_distance(G, n=min(400, sizes["eval_n"] // 5)))
+    prior = work / "generator" / "prior.json"
+    if prior.is_file():
+        metrics["prior"] = json.loads(prior.read_text())
     z = torch.randn(32, G.z_dim, generator=torch.Generator().manual_seed(2024))
     with torch.no_grad():
         ours = to_uint8(G(z, noise_mode="const"))

@@ -8,6 +8,15 @@ discriminator (minibatch stddev, lazy R1) with DCGAN samples as reals; half of e
 random layer (StyleGAN's mixing regularisation, so that coarse and fine layers carry different things) and the
 other half keeps a distillation anchor at 16 and 8 px only, which holds pose and colours but leaves the
 fine detail to the discriminator (pixel-level regression is what makes distilled faces blurry).
+
+Autoencoder phase (``--ae-steps``, between the two): same-z distillation has to learn the DCGAN's own function
+z -> image and, short of millions of samples, learns its conditional mean (one blurred average face whose pose,
+mouth and hair hardly follow z). Instead, a small encoder E maps each DCGAN face to ONE w and G's synthesis must
+rebuild the face from it (same losses); E may place faces wherever suits the synthesis, which learns several
+times faster. Then the mapping network is refitted so that z ~ N(0, I) lands on the encoded faces' distribution
+in W (a Gaussian of rank z_dim from their PCA: ``fit_mapping_prior``), so G(z) samples new faces, and w_avg is
+their mean. Same-z correspondence with the DCGAN is gone after this phase (the adversarial phase then keeps no
+same-z anchor).
 Resumable: checkpoints every ``ckpt_every`` steps in the work dir.
 """
 from __future__ import annotations
@@ -109,6 +118,84 @@ def ema_update(ema: nn.Module, model: nn.Module, beta: float) -> None:
         be.copy_(b)
 
 
+class AEEncoder(nn.Module):
+    """Face [N, 3, 64, 64] -> one w [N, w_dim] for the autoencoder phase (training only; not in the pack)."""
+
+    def __init__(self, w_dim: int, width: int = 32, resolution: int = 64):
+        super().__init__()
+        layers, cin, r = [], 3, resolution
+        for c in (width, width * 2, width * 4, width * 8):
+            layers += [nn.Conv2d(cin, c, 3, 1, 1), nn.LeakyReLU(0.2), nn.Conv2d(c, c, 4, 2, 1), nn.LeakyReLU(0.2)]
+            cin, r = c, r // 2
+        self.net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin * r * r, 2 * cin), nn.LeakyReLU(0.2),
+                                 nn.Linear(2 * cin, w_dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class _AEForward(nn.Module):
+    """E then G's synthesis with the one w at every layer: the autoencoder phase's forward (one DDP module)."""
+
+    def __init__(self, E: AEEncoder, G: Generator):
+        super().__init__()
+        self.E, self.G = E, G
+
+    def forward(self, x):
+        w = self.E(x)
+        return self.G.synthesis(w[:, None].repeat(1, self.G.num_ws, 1), noise_mode="const")
+
+
+@torch.no_grad()
+def encode_faces(E: AEEncoder, dcgan, n: int, seed: int = 5, batch: int = 250) -> torch.Tensor:
+    """w of ``n`` fresh DCGAN faces under the encoder."""
+    gen = torch.Generator().manual_seed(seed)
+    dev = next(E.parameters()).device
+    return torch.cat([E(dcgan(torch.randn(min(batch, n - i), Z_DIM, generator=gen).to(dev))).cpu()
+                      for i in range(0, n, batch)])
+
+
+def fit_mapping_prior(G: Generator, ws: torch.Tensor, steps: int = 4000, batch: int = 512, lr: float = 0.5,
+                      seed: int = 0, log=print) -> dict:
+    """Refit G's mapping network so that z ~ N(0, I) is spread over W as the encoded faces ``ws`` [N, w_dim] are:
+    the target of z is ``mu + U diag(sqrt(ev)) z_hat`` on the top ``z_dim`` principal axes of ``ws`` (z_hat: z
+    after the mapping's own second-moment normalisation), learnt by regression. Returns the variance share the
+    axes keep, the fit's R^2 on fresh z and the spread of the fitted w's over the target's (1: as wide)."""
+    k = min(G.z_dim, ws.shape[1])
+    mu = ws.mean(0)
+    ev, U = torch.linalg.eigh(torch.cov((ws - mu).T.double()))
+    ev, U = ev.flip(0).clamp_min(0).float(), U.flip(1).float()
+    A = U[:, :k] * ev[:k].sqrt()  # [w_dim, k]
+
+    def target(z):
+        zh = z * (z.square().mean(1, keepdim=True) + 1e-8).rsqrt()
+        return mu + zh[:, :k] @ A.T
+
+    gen = torch.Generator().manual_seed(seed)
+    dev = next(G.mapping.parameters()).device
+    mapping = G.mapping.requires_grad_(True)
+    opt = torch.optim.Adam(mapping.parameters(), lr=lr, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for step in range(steps):
+        z = torch.randn(batch, G.z_dim, generator=gen)
+        loss = (mapping(z.to(dev))[:, 0] - target(z).to(dev)).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % 500 == 0:
+            log(f"prior fit {step + 1}/{steps}: mse {float(loss.detach()):.5f}")
+    with torch.no_grad():
+        z = torch.randn(4096, G.z_dim, generator=gen)
+        t, m = target(z), mapping(z.to(dev))[:, 0].cpu()
+        spread = (t - t.mean(0)).square().sum()
+        r2 = 1 - float((m - t).square().sum() / spread)
+        spread_ratio = float((m - m.mean(0)).square().sum() / spread)
+    G.w_avg = mu.to(G.w_avg.device)
+    return {"prior_axes": k, "prior_variance_kept": float(ev[:k].sum() / ev.sum()), "prior_fit_r2": r2,
+            "prior_spread_ratio": spread_ratio}
+
+
 class _GenForward(nn.Module):
     """G's training forward in one call, so that DDP sees it: plain ``G(z)``, or (adversarial phase) the
     rows ``mixed`` style-mixed with ``z2`` from layer ``cut`` on (mixed rows come last, as in the global batch)."""
@@ -140,7 +227,9 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
                     grid_every: int = 200, seed: int = 0, adv_lr: float = 1e-3, anchor_weight: float = 1.0,
                     r1_gamma: float = 0.05, r1_every: int = 4, log=print, amp: str = "auto",
                     d_mbstd_group: int = 4, stop_after: int = 0, d_kind: str = "pixel",
-                    anchor_scales: tuple[int, ...] = (4, 8), adv_weight: float = 1.0) -> Generator:
+                    anchor_scales: tuple[int, ...] = (4, 8), adv_weight: float = 1.0, ae_steps: int = 0,
+                    ae_lr: float = 2e-3, prior_samples: int = 20000, prior_steps: int = 4000,
+                    refit_prior: bool = False) -> Generator:
     """Train (or resume) the generator; returns the EMA generator with ``w_avg`` set.
 
     Runs in one process or under torchrun (``python -m training.train_generator`` calls ``training.dist.init``):
@@ -154,7 +243,10 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
     step, keeping the schedule of ``steps + adv_steps``. ``d_kind``: "pixel" (SmallD on the images) or
     "projected" (ProjectedD on the frozen tiny CLIP given by ``clip_path``). ``anchor_scales`` (pooling factors
     of the distillation anchor on the un-mixed half; (1, 2, 4, 8) keeps full resolution) and ``adv_weight``
-    (the adversarial term's weight) set how far the adversarial phase may leave the distilled images."""
+    (the adversarial term's weight) set how far the adversarial phase may leave the distilled images.
+    ``ae_steps``: the autoencoder phase after distillation (synthesis lr ``ae_lr``, the encoder half of it), ended
+    by ``fit_mapping_prior`` on ``prior_samples`` encoded faces (``prior_steps`` regression steps); its numbers
+    go to ``work/prior.json``; ``refit_prior`` fits it again on a finished run (e.g. with new prior settings)."""
     from training.grids import image_grid, save_png
 
     if d_kind not in ("pixel", "projected"):  # checked now, not hours later when the adversarial phase starts
@@ -174,6 +266,9 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
     opt = torch.optim.Adam([{"params": G.synthesis.parameters(), "lr": lr},
                             {"params": G.mapping.parameters(), "lr": lr * mapping_boost}], betas=(0.9, 0.99))
     D = d_opt = None
+    E = AEEncoder(G.w_dim).to(dev) if ae_steps else None
+    e_opt = torch.optim.Adam(E.parameters(), lr=ae_lr / 2, betas=(0.9, 0.99)) if E is not None else None
+    prior_done = False
     clip = None
     step = 0
     ckpt = work / "gen_ckpt.pt"
@@ -204,6 +299,11 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
         except ValueError:
             log("optimizer state does not match the parameter groups: fresh optimizer")
         step = st["step"]
+        prior_done = bool(st.get("prior_done", False)) and not refit_prior
+        if E is not None and st.get("E") is not None:
+            E.load_state_dict(st["E"])
+            e_opt.load_state_dict(st["e_opt"])
+            dist.optimizer_to(e_opt, dev)
         if st.get("D") is not None:
             make_d(lr)
             D.load_state_dict(st["D"])
@@ -214,13 +314,15 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
     G_ema.to(dev)
     dist.optimizer_to(opt, dev)
     g_model = dist.wrap(_GenForward(G))
+    ae_model = None
     if info.distributed:
         if step == 0:  # DDP gave every rank rank 0's initial G
             G_ema.load_state_dict(G.state_dict())
         dist.log(f"[generator] {W} process(es) on {dev}, global batch {batch}")
     d_model = dist.wrap(D) if D is not None else None
     amp_dtype = dist.amp_dtype(amp, dev)
-    total = steps + adv_steps
+    total = steps + ae_steps + adv_steps
+    ae_end = steps + ae_steps
     z_fixed = torch.randn(32, Z_DIM, generator=torch.Generator().manual_seed(1234))
     if D is not None and d_kind == "projected":
         clip = D._clip
@@ -233,10 +335,28 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
     def save():
         st = {"G": dist.cpu_state(G), "G_ema": dist.cpu_state(G_ema), "opt": opt.state_dict(), "step": step,
               "D": dist.cpu_state(D) if D is not None else None, "d_opt": d_opt.state_dict() if d_opt else None,
-              "batch": batch, "world_size": W}
+              "batch": batch, "world_size": W, "prior_done": prior_done,
+              "E": dist.cpu_state(E) if E is not None else None, "e_opt": e_opt.state_dict() if e_opt else None}
         dist.save_checkpoint(ckpt, st)
 
+    def fit_prior() -> None:
+        nonlocal prior_done
+        log(f"fitting the mapping prior on {prior_samples} encoded faces")
+        ws = encode_faces(E, dcgan, prior_samples)
+        if info.is_main:  # rank 0 fits; every rank then takes its mapping (same G everywhere)
+            res = fit_mapping_prior(G_ema, ws, steps=prior_steps, log=log)
+            res["encoded_faces"] = prior_samples
+            (work / "prior.json").write_text(json.dumps(res, indent=1))
+            log(f"prior: {res}")
+        fitted = dist.cpu_state(G_ema.mapping) if info.is_main else None
+        G_ema.mapping.load_state_dict(dist.broadcast_object(fitted))
+        G.mapping.load_state_dict(G_ema.mapping.state_dict())
+        prior_done = True
+        save()
+
     while step < total:
+        if ae_steps and step >= ae_end and not prior_done:  # >=: a rerun may shorten the phase
+            fit_prior()
         if clock.expired():
             log(f"time limit reached at step {step}")
             break
@@ -257,6 +377,22 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        elif step < ae_end:  # autoencoder: E(face) -> one w -> synthesis -> the same face
+            if ae_model is None:
+                for g_ in opt.param_groups:
+                    g_["lr"] = ae_lr if g_ is opt.param_groups[0] else 0.0  # the mapping is refitted afterwards
+                ae_model = dist.wrap(_AEForward(E, G), find_unused=True)  # the mapping takes no part
+                log(f"autoencoder phase from step {step} (synthesis lr {ae_lr}, encoder lr {ae_lr / 2})")
+            with dist.autocast(amp_dtype, dev):
+                out = ae_model(target)
+                loss = multiscale_l1(out.float(), target)
+                if clip is not None:
+                    loss = loss + clip_weight * perceptual(clip, out, target)
+            opt.zero_grad(set_to_none=True)
+            e_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            e_opt.step()
         else:  # adversarial fine-tune: half the batch style-mixed, a low-resolution anchor on the other half
             if D is None:
                 make_d(adv_lr)
@@ -286,14 +422,16 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
             d_opt.step()
             D_raw.requires_grad_(False)  # G's step: D's gradients were discarded anyway
             loss = adv_weight * F.softplus(-D_raw(fake)).mean()
-            if n_keep:  # the anchor is a mean over the global first half: this rank's share of it, x W for DDP
+            # the anchor (same-z, so not after a prior fit) is a mean over the global first half: this rank's share
+            # of it, x W for DDP
+            if n_keep and not prior_done:
                 anchor = multiscale_l1(fake[:n_keep], target[:n_keep], scales=anchor_scales)
                 loss = loss + anchor_weight * anchor * (n_keep * W / half if W > 1 else 1.0)
             D_raw.requires_grad_(True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        ema_update(G_ema, G, 0.98 if step < 500 else 0.995)
+        ema_update(G_ema, G, 0.98 if step < 500 else (0.99 if steps <= step < ae_end else 0.995))
         step += 1
         hist.append(float(loss.detach()))
         if step % 10 == 0:
@@ -303,15 +441,23 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
             save()
         if grid_every and step % grid_every == 0 and info.is_main:
             with torch.no_grad():
-                img = G_ema(z_fixed.to(dev), noise_mode="const").cpu()
-                ref = dcgan(z_fixed.to(dev)).cpu()
+                ref = dcgan(z_fixed.to(dev))
+                if steps < step <= ae_end:  # the autoencoder's reconstructions (the mapping is refitted at the end)
+                    img = G_ema.synthesis(E(ref)[:, None].repeat(1, G.num_ws, 1), noise_mode="const").cpu()
+                else:
+                    img = G_ema(z_fixed.to(dev), noise_mode="const").cpu()
+                ref = ref.cpu()
             save_png(work / f"grid_{step:06d}.png", image_grid(np.concatenate([to_uint8(img[:16]),
                                                                                  to_uint8(ref[:16])]), cols=8))
         if stop_after and step >= stop_after:
             log(f"stopped at step {step} (continue by running again with the same work dir)")
             break
+    if ae_steps and step >= ae_end and not prior_done:
+        fit_prior()
     save()
     G_ema = G_ema.cpu()
+    if prior_done:  # w_avg is the encoded faces' mean (set by the prior fit)
+        return G_ema
     G_ema.w_avg = G_ema.estimate_w_avg(n=10000, seed=0) if hasattr(G_ema, "estimate_w_avg") else \
         G_ema.mapping(torch.randn(10000, Z_DIM)).mean((0, 1))
     return G_ema
@@ -404,6 +550,11 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default="runs/generator")
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--adv-steps", type=int, default=0)
+    ap.add_argument("--ae-steps", type=int, default=0,
+                    help="autoencoder phase after distillation, then the mapping prior fit (see the module doc)")
+    ap.add_argument("--ae-lr", type=float, default=2e-3)
+    ap.add_argument("--prior-samples", type=int, default=20000)
+    ap.add_argument("--refit-prior", action="store_true", help="fit the mapping prior again on a finished run")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--clip", default=None, help="tiny CLIP file for the perceptual loss (used once it exists)")
     ap.add_argument("--adv-lr", type=float, default=1e-3)
@@ -441,7 +592,8 @@ def main(argv=None) -> None:
                             log=dist.log, amp=a.amp, d_mbstd_group=a.d_mbstd_group,
                             stop_after=a.stop_after, d_kind=a.d_kind,
                             anchor_scales=tuple(int(x) for x in a.anchor_scales.split(",")),
-                            adv_weight=a.adv_weight)
+                            adv_weight=a.adv_weight, ae_steps=a.ae_steps, ae_lr=a.ae_lr,
+                            prior_samples=a.prior_samples, refit_prior=a.refit_prior)
         if a.out and info.is_main:
             from core.checkpoints import save_generator
 
