@@ -135,7 +135,7 @@ def stage_generator(out: Path, work: Path, sizes: dict, log=print) -> dict:
         ref = to_uint8(load_dcgan()(z))
     save_png(out / "samples_generator.png", image_grid(ours, cols=8))
     save_png(out / "samples_generator_psi0.7.png", image_grid(trunc, cols=8))
-    save_png(out / "samples_dcgan_same_z.png", image_grid(ref, cols=8))
+    save_png(out / "samples_dcgan.png", image_grid(ref, cols=8))  # same z, same faces only before an autoencoder phase
     (out / "generator_metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 

@@ -10,11 +10,11 @@ from pathlib import Path
 from training import dist
 
 # build_pack merges these into its FULL / SMOKE size tables
-# FULL2 fits a shared 2-core CPU (about 40 min for all part-2 stages; the minutes cap each training stage if
-# the machine is busier); on a GPU raise the steps.
+# FULL2 fits a shared 2-core CPU (about 75 min for all part-2 stages one after another, ~40 min with two
+# processes as in runs/part2_v3.sh; the minutes cap each training stage); on a GPU raise the steps.
 FULL2 = {
     "knn_size": 20000,
-    "cmd_samples": 3000, "cmd_steps": 600, "cmd_batch": 64, "cmd_minutes": 10, "cmd_lr": 1e-3,
+    "cmd_samples": 3000, "cmd_steps": 2400, "cmd_batch": 64, "cmd_minutes": 25, "cmd_lr": 1e-3,
     # "" = annotate the generator's renders (~10 faces/s per core). "data/train.pt" = reuse z + labels of part 1's
     # annotated DCGAN faces (fast, but measured on a step-900 generator only 0-45% of those labels held on its
     # renders of the same z, so it is off by default)
