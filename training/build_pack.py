@@ -31,14 +31,14 @@ MANIFEST_IDS = {"clip": ("tiny-clip", "clip.safetensors"), "generator": ("tiny-g
 FULL = {
     "n_train": 9000, "n_val": 1000, "clip_steps": 1100, "clip_batch": 64, "clip_config": None,
     "caption_variants": (4, 2, 1), "gen_steps": 2288, "gen_ae_steps": 3000, "gen_prior_samples": 20000,
-    "gen_adv_steps": 0, "gen_batch": 16, "gen_config": None,
+    "gen_prior_steps": 4000, "gen_adv_steps": 0, "gen_batch": 16, "gen_config": None,
     "eval_n": 2000,
 }
 SMOKE = {
     "n_train": 24, "n_val": 24, "clip_steps": 3, "clip_batch": 8, "clip_config": {"widths": [8, 8, 16, 16],
                                                                                  "embed_dim": 32, "text_hidden": 32},
-    "caption_variants": (1, 1, 1), "gen_steps": 2, "gen_ae_steps": 2, "gen_prior_samples": 32, "gen_adv_steps": 2,
-    "gen_batch": 4,
+    "caption_variants": (1, 1, 1), "gen_steps": 2, "gen_ae_steps": 2, "gen_prior_samples": 32, "gen_prior_steps": 20,
+    "gen_adv_steps": 2, "gen_batch": 4,
     "gen_config": {"resolution": 64, "z_dim": 100, "w_dim": 32, "mapping_layers": 2,
                    "channels": {str(r): 8 for r in (4, 8, 16, 32, 64)}},
     "eval_n": 40,
@@ -112,7 +112,7 @@ def stage_generator(out: Path, work: Path, sizes: dict, log=print) -> dict:
     clip_file = out / "clip.safetensors"
     G = train_generator(work / "generator", steps=sizes["gen_steps"], adv_steps=sizes["gen_adv_steps"],
                         ae_steps=sizes["gen_ae_steps"], prior_samples=sizes["gen_prior_samples"],
-                        prior_steps=4000 if sizes["gen_prior_samples"] > 1000 else 20,
+                        prior_steps=sizes["gen_prior_steps"],
                         batch=sizes["gen_batch"], config=sizes["gen_config"],
                         clip_path=str(clip_file) if clip_file.exists() else None, log=log,
                         minutes=sizes.get("minutes"))

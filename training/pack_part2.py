@@ -11,7 +11,8 @@ from training import dist
 
 # build_pack merges these into its FULL / SMOKE size tables
 # FULL2 fits a shared 2-core CPU (about 75 min for all part-2 stages one after another, ~40 min with two
-# processes as in runs/part2_v3.sh; the minutes cap each training stage); on a GPU raise the steps.
+# processes: the CMD in one, knn + cvae + encoder then the pairwise ablation in the other; the minutes cap each
+# training stage); on a GPU raise the steps.
 FULL2 = {
     "knn_size": 20000,
     "cmd_samples": 3000, "cmd_steps": 2400, "cmd_batch": 64, "cmd_minutes": 25, "cmd_lr": 1e-3,
