@@ -342,9 +342,8 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
     def fit_prior() -> None:
         nonlocal prior_done
         log(f"fitting the mapping prior on {prior_samples} encoded faces")
-        ws = encode_faces(E, dcgan, prior_samples)
-        if info.is_main:  # rank 0 fits; every rank then takes its mapping (same G everywhere)
-            res = fit_mapping_prior(G_ema, ws, steps=prior_steps, log=log)
+        if info.is_main:  # rank 0 encodes and fits; every rank then takes its mapping (same G everywhere)
+            res = fit_mapping_prior(G_ema, encode_faces(E, dcgan, prior_samples), steps=prior_steps, log=log)
             res["encoded_faces"] = prior_samples
             (work / "prior.json").write_text(json.dumps(res, indent=1))
             log(f"prior: {res}")
@@ -443,7 +442,7 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
             with torch.no_grad():
                 ref = dcgan(z_fixed.to(dev))
                 if steps < step <= ae_end:  # the autoencoder's reconstructions (the mapping is refitted at the end)
-                    img = G_ema.synthesis(E(ref)[:, None].repeat(1, G.num_ws, 1), noise_mode="const").cpu()
+                    img = _AEForward(E, G_ema)(ref).cpu()
                 else:
                     img = G_ema(z_fixed.to(dev), noise_mode="const").cpu()
                 ref = ref.cpu()
