@@ -29,8 +29,56 @@ def test_captions_vary_and_paraphrases_are_held_out():
                 "a", "an", "the", "with", "someone", "individual", "of", "from", "side", "against", "photographed",
                 "complexion", "lips", "wall", "is", "who", "and", "at", "coming", "skin", "hair", "backdrop"}
             assert not (content & own), (attr, value, content & own)
+    # the validation paraphrases (used to choose training recipes) share no word with the training captions or
+    # with the test paraphrases, apart from function words and the attribute's own noun
+    generic = {"a", "an", "the", "with", "of", "from", "at", "to", "in", "on", "and", "is", "who", "their", "its",
+               "whose", "someone", "person", "individual", "skin", "hair", "wall", "backdrop", "complexion", "lips",
+               "front", "posing", "before", "toward", "face", "tone", "left", "right", "portrait", "very"}
+
+    def words(text):
+        return set(text.lower().replace(",", " ").split()) - generic
+
+    train_words = C.training_words()
+    test_words = set().union(*(words(t) for vals in C.PARAPHRASES.values() for t in vals.values()))
+    for attr, vals in C.PARAPHRASES_VAL.items():
+        assert set(vals) == set(C.PARAPHRASES[attr])
+        for value, text in vals.items():
+            assert not (words(text) & train_words), (attr, value, words(text) & train_words)
+            assert not (words(text) & test_words), (attr, value, words(text) & test_words)
     pool = C.build_caption_pool([{"hair": "black", "mouth": "open"}], variants=(2, 1, 1))
     assert set(pool) == {(("hair", "black"),), (("mouth", "open"),), (("hair", "black"), ("mouth", "open"))}
+
+
+def test_text_projection_retrain_keeps_the_image_tower(tmp_path):
+    """The text-only phase changes the text projection and nothing on the image side, and learns the labels."""
+    from core.clip import TinyClip
+    from training import captions as C
+    from training.train_clip import image_table, train_text_projection, zero_shot
+
+    rng = np.random.default_rng(0)
+    faces, labels = [], []
+    for i in range(32):  # dark faces are labelled black-haired, bright ones blond
+        hair = ("black", "blond")[i % 2]
+        faces.append(np.clip(rng.normal(40 if hair == "black" else 215, 20, (64, 64, 3)), 0, 255).astype(np.uint8))
+        labels.append({"hair": hair})
+    train = {"faces": torch.from_numpy(np.stack(faces)), "labels": labels}
+    torch.manual_seed(0)
+    model = TinyClip.load(ROOT / "resources" / "weights" / "tiny" / "clip.safetensors")
+    for layer in (model.text_proj[0], model.text_proj[2], model.text_skip):  # the text side starts afresh
+        layer.reset_parameters()
+    visual = {k: v.clone() for k, v in model.visual.state_dict().items()}
+    skip, scale = model.text_skip.weight.clone(), model.logit_scale.clone()
+    emb0, labels2 = image_table(model, train)
+    assert emb0.shape == (64, model.embed_dim) and labels2[:32] == labels
+    train_text_projection(model, train, tmp_path, steps=80, batch=16, lr=3e-3, noise=1.0)
+    emb1, _ = image_table(model, train)
+    assert torch.equal(emb0, emb1)
+    assert all(torch.equal(visual[k], v) for k, v in model.visual.state_dict().items())
+    assert torch.equal(scale, model.logit_scale)
+    assert not torch.equal(skip, model.text_skip.weight)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    prompts = {"hair": {v: C.PLAIN["hair"][v] for v in ("black", "blond")}}
+    assert zero_shot(model, emb1[:32], labels, prompts)["hair"] >= 0.9
 
 
 def test_annotator_on_dcgan_faces():

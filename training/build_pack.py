@@ -29,7 +29,8 @@ MANIFEST_IDS = {"clip": ("tiny-clip", "clip.safetensors"), "generator": ("tiny-g
 
 # real sizes / toy sizes
 FULL = {
-    "n_train": 9000, "n_val": 1000, "clip_steps": 1100, "clip_batch": 64, "clip_config": None,
+    "n_train": 9000, "n_val": 1000, "clip_steps": 1500, "clip_batch": 64, "clip_config": None,
+    "clip_text_steps": 1500, "clip_text_noise": 0.5,
     "caption_variants": (4, 2, 1), "gen_steps": 2288, "gen_ae_steps": 3000, "gen_prior_samples": 20000,
     "gen_prior_steps": 4000, "gen_adv_steps": 0, "gen_batch": 16, "gen_config": None,
     "eval_n": 2000,
@@ -37,6 +38,7 @@ FULL = {
 SMOKE = {
     "n_train": 24, "n_val": 24, "clip_steps": 3, "clip_batch": 8, "clip_config": {"widths": [8, 8, 16, 16],
                                                                                  "embed_dim": 32, "text_hidden": 32},
+    "clip_text_steps": 3, "clip_text_noise": 0.5,
     "caption_variants": (1, 1, 1), "gen_steps": 2, "gen_ae_steps": 2, "gen_prior_samples": 32, "gen_prior_steps": 20,
     "gen_adv_steps": 2, "gen_batch": 4,
     "gen_config": {"resolution": 64, "z_dim": 100, "w_dim": 32, "mapping_layers": 2,
@@ -82,12 +84,15 @@ def _datasets(work: Path, sizes: dict, log):
 
 
 def stage_clip(out: Path, work: Path, sizes: dict, log=print) -> dict:
-    from training.train_clip import evaluate_clip, prepare, train_clip
+    from training.train_clip import evaluate_clip, prepare, train_clip, train_text_projection
 
     train, val = _datasets(work, sizes, log)
     prep = prepare(train, work / "clip", log=log, variants=sizes["caption_variants"])
     model = train_clip(train, work / "clip", steps=sizes["clip_steps"], batch=sizes["clip_batch"],
                        config=sizes["clip_config"], log=log, prep=prep, minutes=sizes.get("minutes"))
+    if sizes["clip_text_steps"]:  # then the text side alone, for free wording (image embeddings unchanged)
+        model = train_text_projection(model, train, work / "clip", steps=sizes["clip_text_steps"],
+                                      noise=sizes["clip_text_noise"], prep=prep, log=log)
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / "clip.safetensors", dtype=torch.float16)
     metrics = evaluate_clip(model, val)

@@ -58,6 +58,83 @@ PHRASES: dict[str, dict[str, list[str]]] = {
     },
 }
 
+# a wider vocabulary (session 4): more ways of saying each value, so the text projection learns the attribute
+# from the wording's meaning rather than from a few fixed phrases. Never a word of PARAPHRASES or PARAPHRASES_VAL
+# (tests/test_training.py checks it).
+_MORE_PHRASES: dict[str, dict[str, list[str]]] = {
+    "hair": {
+        "black": ["sable hair", "jet hair", "black curls", "hair as dark as night", "midnight-black hair",
+                  "dark, almost black hair", "black wavy hair", "short black hair", "long black hair"],
+        "brown": ["hazel hair", "bronze-brown hair", "brown curls", "cinnamon hair", "mousy brown hair",
+                  "hair the colour of chocolate", "long brown hair", "short brown hair", "nut-brown hair"],
+        "blond": ["wheat-coloured hair", "buttery blond hair", "light blond curls", "bleached hair",
+                  "sun-bleached hair", "peroxide blonde hair", "a blonde", "long blond hair", "pale yellow hair"],
+        "red": ["scarlet hair", "maroon hair", "cherry-red hair", "brick-red hair", "russet hair",
+                "red curls", "strawberry-red hair", "long red hair", "orange hair"],
+        "gray": ["graying hair", "silver-grey hair", "steel-grey hair", "pewter hair", "aged grey hair",
+                 "grey curls", "white and grey hair", "hair gone grey", "the grey hair of an old person"],
+    },
+    "skin": {
+        "light": ["pale white skin", "light-skinned", "a pale face", "creamy skin", "rosy pale skin", "ivory skin"],
+        "medium": ["a tanned complexion", "honey-toned skin", "golden-brown skin", "an olive complexion",
+                   "tawny skin", "a tan"],
+        "dark": ["dark-skinned", "deep dark skin", "chocolate skin", "espresso skin", "a deep complexion",
+                 "very dark skin"],
+    },
+    "background": {
+        "green": ["a forest behind", "a garden backdrop", "a lime-green background", "a jade background",
+                  "trees and bushes behind", "a park with green grass behind"],
+        "blue": ["an ocean backdrop", "a turquoise background", "a cerulean backdrop", "a sea-blue wall behind",
+                 "a clear sky behind", "a blue curtain behind"],
+        "white": ["a white studio backdrop", "a pale background", "a light plain backdrop", "a clean white wall",
+                  "a whitewashed wall behind", "a white sheet behind"],
+        "dark": ["a black void behind", "a jet-black backdrop", "a black curtain behind", "a dim, dark room behind",
+                 "a night sky behind", "an unlit room behind"],
+        "gray": ["a stone-grey backdrop", "a silver-grey background", "an ash-grey wall", "a neutral grey backdrop",
+                 "a cement wall behind", "a foggy grey background"],
+        "warm": ["a tan backdrop", "a wooden wall behind", "an amber background", "a terracotta backdrop",
+                 "a golden-brown background", "a brick wall behind"],
+    },
+    "mouth": {
+        "open": ["mouth agape", "an open jaw", "mouth hanging open", "an o-shaped mouth", "a yawning mouth",
+                 "an astonished face with mouth open", "open lips"],
+        "closed": ["closed lips", "a shut mouth", "mouth firmly closed", "lips together", "a closed-mouth look"],
+    },
+    "smile": {
+        "smiling": ["a joyful smile", "a broad smile", "laughing", "a toothy grin", "smiling happily", "a glad face",
+                    "a warm smile", "a happy expression"],
+        "neutral": ["a calm expression", "an impassive face", "a solemn look", "a deadpan expression",
+                    "no expression", "an unsmiling face", "a serious face", "a stoic look"],
+    },
+    "yaw": {
+        "left": ["turned to the left", "left-facing", "head facing left", "a left profile",
+                 "a three-quarter view to the left", "head rotated left"],
+        "right": ["turned to the right", "right-facing", "head facing right", "a right profile",
+                  "a three-quarter view to the right", "head rotated right"],
+        "frontal": ["looking at the camera", "a front view", "a straight-on view", "facing forward",
+                    "eyes on the camera"],
+    },
+    "pitch": {
+        "up": ["looking upward", "face tilted upward", "head thrown back", "face pointing up", "chin up"],
+        "down": ["looking downward", "face tilted downward", "head bowed", "eyes cast down", "looking at the ground"],
+    },
+    "light": {
+        "bright": ["brightly lit", "a well-lit photo", "strong lighting", "sunny lighting", "high-key lighting",
+                   "vivid light"],
+        "dark": ["dark lighting", "a poorly lit face", "a dim picture", "low-key lighting", "shadows on the face",
+                 "a dark photo"],
+    },
+    "sidelight": {
+        "left": ["light falling from the left", "left side lighting", "side light from the left",
+                 "the left half brightly lit"],
+        "right": ["light falling from the right", "right side lighting", "side light from the right",
+                  "the right half brightly lit"],
+    },
+}
+for _attr, _vals in _MORE_PHRASES.items():
+    for _value, _more in _vals.items():
+        PHRASES[_attr][_value] = PHRASES[_attr][_value] + _more
+
 # one plain prompt per value (zero-shot "plain" evaluation; these wordings also occur in training)
 PLAIN: dict[str, dict[str, str]] = {
     "hair": {v: f"a person with {v} hair" for v in ("black", "brown", "blond", "red", "gray")},
@@ -95,8 +172,32 @@ PARAPHRASES: dict[str, dict[str, str]] = {
     "sidelight": {"left": "illumination coming from the leftward side", "right": "illumination coming from the rightward side"},
 }
 
+# a second held-out set, for choosing between training recipes (PARAPHRASES stays untouched for the final
+# report): its words occur neither in training captions nor in PARAPHRASES
+PARAPHRASES_VAL: dict[str, dict[str, str]] = {
+    "hair": {"black": "someone with an onyx mane", "brown": "someone with a cocoa-coloured mane",
+             "blond": "a towheaded person", "red": "someone with a crimson mane",
+             "gray": "a grizzled person with an ashen mane"},
+    "skin": {"light": "someone with a porcelain, alabaster skin tone", "medium": "someone with a caramel skin tone",
+             "dark": "someone with a rich umber skin tone"},
+    "background": {"green": "posing in front of lush shrubbery", "blue": "posing before a cobalt wall",
+                   "white": "posing in front of a chalky, colourless wall",
+                   "dark": "posing in front of a sooty, lightless wall",
+                   "gray": "posing in front of a drab, mousy-grey wall",
+                   "warm": "posing in front of a rust-and-ochre wall"},
+    "mouth": {"open": "a person whose lips hang apart, mid-shout", "closed": "a tight-lipped person"},
+    "smile": {"smiling": "someone radiating happiness", "neutral": "someone keeping a poker face"},
+    "yaw": {"left": "someone swivelling toward their left", "right": "someone swivelling toward their right",
+            "frontal": "someone eyeing the photographer head-on"},
+    "pitch": {"up": "someone contemplating the heavens", "down": "someone contemplating their shoes"},
+    "light": {"bright": "a radiant, sunlit portrait", "dark": "a gloomy, badly exposed portrait"},
+    "sidelight": {"left": "a lamp shining onto the left cheek", "right": "a lamp shining onto the right cheek"},
+}
+
 _SUBJECTS = ["a person", "a man or woman", "someone", "a face", "this person", "a portrait of a person",
-             "a photo of a person", "a close-up of a face", "a headshot of someone", "an individual"]
+             "a photo of a person", "a close-up of a face", "a headshot of someone", "an individual",
+             "a man", "a woman", "a young person", "an older person", "somebody", "a human face", "a model",
+             "a picture of someone", "a guy", "a lady"]
 _WITH = ["with", "having", "who has", "showing"]
 _BACKGROUND_TEMPLATES = ["{s} in front of {p}", "{s} against {p}", "{s}, {p}", "{s} photographed with {p}"]
 _POSE_TEMPLATES = ["{s} {p}", "{s}, {p}", "{s} and {p}"]
