@@ -8,6 +8,7 @@ how free wording generalises.
 from __future__ import annotations
 
 import random
+import re
 
 # attribute -> value -> training phrases (noun-phrase fragments that fit "a person with ..." or stand alone)
 PHRASES: dict[str, dict[str, list[str]]] = {
@@ -58,7 +59,7 @@ PHRASES: dict[str, dict[str, list[str]]] = {
     },
 }
 
-# a wider vocabulary (session 4): more ways of saying each value, so the text projection learns the attribute
+# a wider vocabulary: more ways of saying each value, so the text projection learns the attribute
 # from the wording's meaning rather than from a few fixed phrases. Never a word of PARAPHRASES or PARAPHRASES_VAL
 # (tests/test_training.py checks it).
 _MORE_PHRASES: dict[str, dict[str, list[str]]] = {
@@ -68,17 +69,17 @@ _MORE_PHRASES: dict[str, dict[str, list[str]]] = {
         "brown": ["hazel hair", "bronze-brown hair", "brown curls", "cinnamon hair", "mousy brown hair",
                   "hair the colour of chocolate", "long brown hair", "short brown hair", "nut-brown hair"],
         "blond": ["wheat-coloured hair", "buttery blond hair", "light blond curls", "bleached hair",
-                  "sun-bleached hair", "peroxide blonde hair", "a blonde", "long blond hair", "pale yellow hair"],
+                  "bleached blond hair", "peroxide blonde hair", "a blonde", "long blond hair", "pale yellow hair"],
         "red": ["scarlet hair", "maroon hair", "cherry-red hair", "brick-red hair", "russet hair",
                 "red curls", "strawberry-red hair", "long red hair", "orange hair"],
         "gray": ["graying hair", "silver-grey hair", "steel-grey hair", "pewter hair", "aged grey hair",
                  "grey curls", "white and grey hair", "hair gone grey", "the grey hair of an old person"],
     },
     "skin": {
-        "light": ["pale white skin", "light-skinned", "a pale face", "creamy skin", "rosy pale skin", "ivory skin"],
+        "light": ["pale white skin", "a light skin colour", "a pale face", "creamy skin", "rosy pale skin", "ivory skin"],
         "medium": ["a tanned complexion", "honey-toned skin", "golden-brown skin", "an olive complexion",
-                   "tawny skin", "a tan"],
-        "dark": ["dark-skinned", "deep dark skin", "chocolate skin", "espresso skin", "a deep complexion",
+                   "tawny skin", "a tanned face"],
+        "dark": ["a dark skin colour", "deep dark skin", "chocolate skin", "espresso skin", "a deep complexion",
                  "very dark skin"],
     },
     "background": {
@@ -126,14 +127,12 @@ _MORE_PHRASES: dict[str, dict[str, list[str]]] = {
     },
     "sidelight": {
         "left": ["light falling from the left", "left side lighting", "side light from the left",
-                 "the left half brightly lit"],
+                 "the left half lit up"],
         "right": ["light falling from the right", "right side lighting", "side light from the right",
-                  "the right half brightly lit"],
+                  "the right half lit up"],
     },
 }
-for _attr, _vals in _MORE_PHRASES.items():
-    for _value, _more in _vals.items():
-        PHRASES[_attr][_value] = PHRASES[_attr][_value] + _more
+PHRASES = {a: {v: ps + _MORE_PHRASES[a].get(v, []) for v, ps in vals.items()} for a, vals in PHRASES.items()}
 
 # one plain prompt per value (zero-shot "plain" evaluation; these wordings also occur in training)
 PLAIN: dict[str, dict[str, str]] = {
@@ -173,9 +172,12 @@ PARAPHRASES: dict[str, dict[str, str]] = {
 }
 
 # a second held-out set, for choosing between training recipes (PARAPHRASES stays untouched for the final
-# report): its words occur neither in training captions nor in PARAPHRASES
+# report): apart from function words, attribute nouns and the direction words left/right, its words occur neither
+# in training captions nor in PARAPHRASES (tests/test_training.py). PARAPHRASES itself, written earlier, shares a
+# few compound parts with training phrases: "fair" (fair-skinned), "haired" (flaxen-haired), "black"
+# (pitch-black), "coloured" (slate-coloured), "well" (well-illuminated), "left"/"right" (leftward/rightward).
 PARAPHRASES_VAL: dict[str, dict[str, str]] = {
-    "hair": {"black": "someone with an onyx mane", "brown": "someone with a cocoa-coloured mane",
+    "hair": {"black": "someone with an onyx mane", "brown": "someone with a cocoa mane",
              "blond": "a towheaded person", "red": "someone with a crimson mane",
              "gray": "a grizzled person with an ashen mane"},
     "skin": {"light": "someone with a porcelain, alabaster skin tone", "medium": "someone with a caramel skin tone",
@@ -183,12 +185,12 @@ PARAPHRASES_VAL: dict[str, dict[str, str]] = {
     "background": {"green": "posing in front of lush shrubbery", "blue": "posing before a cobalt wall",
                    "white": "posing in front of a chalky, colourless wall",
                    "dark": "posing in front of a sooty, lightless wall",
-                   "gray": "posing in front of a drab, mousy-grey wall",
-                   "warm": "posing in front of a rust-and-ochre wall"},
+                   "gray": "posing in front of a drab, leaden wall",
+                   "warm": "posing in front of a sepia, ochre wall"},
     "mouth": {"open": "a person whose lips hang apart, mid-shout", "closed": "a tight-lipped person"},
     "smile": {"smiling": "someone radiating happiness", "neutral": "someone keeping a poker face"},
-    "yaw": {"left": "someone swivelling toward their left", "right": "someone swivelling toward their right",
-            "frontal": "someone eyeing the photographer head-on"},
+    "yaw": {"left": "someone swivelling to their left", "right": "someone swivelling to their right",
+            "frontal": "someone eyeing the photographer squarely"},
     "pitch": {"up": "someone contemplating the heavens", "down": "someone contemplating their shoes"},
     "light": {"bright": "a radiant, sunlit portrait", "dark": "a gloomy, badly exposed portrait"},
     "sidelight": {"left": "a lamp shining onto the left cheek", "right": "a lamp shining onto the right cheek"},
@@ -288,13 +290,18 @@ def caption_bank(labels: dict[str, str], n: int, seed: int) -> list[str]:
     return [caption(labels, rng) for _ in range(n)]
 
 
+def words_of(text: str) -> set[str]:
+    """Lower-case words, hyphenated compounds split ("salt-and-pepper" -> salt, and, pepper) as the tokenizer does."""
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
 def training_words() -> set[str]:
     """Every word that can appear in a training caption (to check paraphrases are held out)."""
     words: set[str] = set()
     for vals in PHRASES.values():
         for phrases in vals.values():
             for p in phrases:
-                words.update(p.lower().replace(",", " ").split())
+                words |= words_of(p)
     for t in _SUBJECTS + _WITH + _BACKGROUND_TEMPLATES + _POSE_TEMPLATES:
-        words.update(t.lower().replace(",", " ").split())
+        words |= words_of(t.replace("{s}", "").replace("{p}", ""))
     return words

@@ -5,6 +5,9 @@ the same attribute assignment so every distinct caption is embedded by MiniLM on
 symmetric cross-entropy with multi-positive soft targets (a caption is a positive for every face in the batch
 whose labels agree with all attributes it mentions). Horizontal flips swap the left/right labels.
 Resumable: a checkpoint every ``ckpt_every`` steps under the work dir.
+
+Text phase (``--text-steps``; alone with ``--init FILE``): the text projection retrained against the frozen image
+tower, with noise on the sentence embeddings so unseen wordings generalise (``train_text_projection``).
 """
 from __future__ import annotations
 
@@ -118,7 +121,7 @@ def _attribute_loss(model: TinyClip, img: torch.Tensor, labs: list[dict[str, str
                     scale: torch.Tensor, project=None) -> torch.Tensor:
     """Per attribute: pick the face's value among one random training phrase per value (cross-entropy).
     ``project``: sentence embeddings -> text embeddings (default ``model.project_text``)."""
-    project = project or model.project_text
+    project = project or model.project_text  # Callable[[Tensor], Tensor]
     losses = []
     for attr, vals in phrase_emb.items():
         idx = [i for i, l in enumerate(labs) if l.get(attr) in vals]
@@ -283,16 +286,18 @@ def train_text_projection(model: TinyClip, train: dict, work: Path, *, steps: in
                           lr: float = 1e-3, noise: float = 0.5, attr_weight: float = 0.5, seed: int = 0,
                           prep: dict | None = None, log=print) -> TinyClip:
     """Retrain only the text side of a trained tiny CLIP (``text_proj``, ``text_skip``) against its frozen image
-    tower, for free wording; returns the model in eval mode.
+    tower, for free wording; returns the model in eval mode with every parameter frozen (as ``TinyClip.load``).
 
     The image embeddings do not change, so whatever was built from them (a KNN bank, a CVAE trained on image
-    embeddings, the generator's CLIP losses) stays valid. Same losses as ``train_clip`` (multi-positive
-    contrastive + the per-attribute phrase loss), with one change: every MiniLM sentence embedding e is replaced
-    in training by normalize(e + noise * n / sqrt(384)), n ~ N(0, I). The projection then has to map a
+    embeddings, the generator's CLIP losses) stays valid. The losses of ``train_clip`` (multi-positive
+    contrastive + the per-attribute phrase loss) on fixed image embeddings of the faces and their mirror images
+    (no shifts), with the logit scale frozen, AdamW without weight decay, cosine lr without warm-up, and one
+    addition: every MiniLM sentence embedding e is replaced in training by normalize(e + noise * n / sqrt(D)),
+    n ~ N(0, I) (noise = the perturbation's norm relative to the unit e). The projection then has to map a
     neighbourhood of each training caption to its faces, not the caption's exact point, so an unseen wording
     that MiniLM places near a training caption is projected like it. On the tiny pack (noise 0.5, chosen on
     ``PARAPHRASES_VAL``): zero-shot on held-out paraphrases 66% -> 73%, and the KNN engine's faces carry a
-    paraphrased attribute 39% -> 50% of the time (training/README.md). One process: the image tower runs
+    paraphrased attribute 39% -> 49% of the time (training/README.md). One process: the image tower runs
     once, then each step is a few small matrix products (about 0.1 s on a CPU)."""
     work.mkdir(parents=True, exist_ok=True)
     prep = prep or prepare(train, work, log=log)
@@ -333,7 +338,7 @@ def train_text_projection(model: TinyClip, train: dict, work: Path, *, steps: in
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % 100 == 0 or step + 1 == steps:
             log(f"[clip text] step {step + 1}/{steps} loss {np.mean(losses[-100:]):.3f} {time.time() - t0:.0f}s")
     model.requires_grad_(False)
@@ -446,29 +451,35 @@ def main(argv=None) -> None:
                     help="auto|cpu|cuda|mps (default: $ANYFACE_DEVICE or auto; torchrun on CUDA: cuda:LOCAL_RANK)")
     ap.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
                     help="mixed precision on CUDA (ignored on CPU)")
-    ap.add_argument("--text-steps", type=int, default=0,
-                    help="then retrain the text projection alone for this many steps (image tower frozen)")
+    ap.add_argument("--text-steps", type=int, default=None,
+                    help="then retrain the text projection alone for this many steps (image tower frozen; "
+                         "only once the joint training has reached --steps)")
     ap.add_argument("--text-noise", type=float, default=0.5, help="sentence-embedding noise of that phase")
     ap.add_argument("--init", default=None,
                     help="a trained tiny CLIP file: skip the joint training and only retrain its text projection "
                          "(--text-steps, default 1500); its image embeddings stay exactly as they were")
     a = ap.parse_args(argv)
-    if a.init and a.text_steps <= 0:
-        a.text_steps = 1500
+    if a.text_steps is None:
+        a.text_steps = 1500 if a.init else 0
     info = dist.init(a.device)
     try:
         work = Path(a.work)
         with dist.main_first():
             val = cached_dataset(Path(a.data) / "val.pt", a.n_val, 2)
             train = cached_dataset(Path(a.data) / "train.pt", a.n_train, 1)
+            prep = prepare(train, work, log=dist.log if info.is_main else _quiet)
         if a.init:
             model = TinyClip.load(a.init, device=info.device)
+            finished = True
         else:
             model = train_clip(train, work, steps=a.steps, batch=a.batch, minutes=a.minutes, seed=a.seed,
-                               log=dist.log, amp=a.amp, stop_after=a.stop_after)
-        if a.text_steps > 0 and info.is_main:
+                               log=dist.log, amp=a.amp, stop_after=a.stop_after, prep=prep)
+            finished = dist.load_checkpoint(work / "clip_ckpt.pt")["step"] >= a.steps
+        if a.text_steps > 0 and not finished:
+            dist.log("[clip] joint training stopped before --steps: the text phase waits for the next run")
+        if a.text_steps > 0 and finished and info.is_main:
             model = train_text_projection(model, train, work, steps=a.text_steps, noise=a.text_noise, seed=a.seed,
-                                          log=dist.log)
+                                          prep=prep, log=dist.log)
         if info.is_main:
             model.cpu()
             metrics = evaluate_clip(model, val)
