@@ -128,3 +128,21 @@ def test_checkpoint_of_other_models_is_not_resumed(tmp_path):
     assert resume_state(args, ck) is None
     args.resume = False
     assert resume_state(args, ck) is None
+
+
+def test_cmd_stop_after_is_exact_and_rerun_adds_no_step(tmp_path, run):
+    """The pairwise ablation is stopped where the DT run stopped (build_pack's cmd stage passes
+    --stop-after); resuming a run that already reached --stop-after must not train one more step."""
+    from training import train_cmd
+
+    args = [*TOY, "--samples", "8", "--samples-file", str(tmp_path / "s.pt"), "--no-annotate", "--steps", "6",
+            "--batch", "4", "--image-batch", "2", "--d-model", "16", "--layers", "1", "--heads", "2",
+            "--hidden", "32", "--loss", "pairwise", "--stop-after", "2", "--resume",
+            "--out", str(tmp_path / "pw.safetensors"), "--ckpt", str(tmp_path / "pw.ckpt")]
+    run(train_cmd.main, args)
+    first = torch.load(tmp_path / "pw.ckpt", weights_only=True)
+    assert first["step"] == 2
+    run(train_cmd.main, args)
+    again = torch.load(tmp_path / "pw.ckpt", weights_only=True)
+    assert again["step"] == 2
+    assert all(torch.equal(first["model"][k], again["model"][k]) for k in first["model"])

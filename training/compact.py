@@ -6,7 +6,7 @@ back to fp32), and refresh their manifest entries. Checks that each file still l
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import torch
@@ -26,6 +26,12 @@ def to_fp16(path: Path) -> tuple[int, int]:
                for k, v in tensors.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    with safe_open(str(tmp), "pt") as f:  # the new file reads back with every tensor, shape and the metadata
+        ok = (f.metadata() or {}) == meta and set(f.keys()) == set(tensors) and all(
+            f.get_slice(k).get_shape() == list(v.shape) for k, v in tensors.items())
+    if not ok:
+        tmp.unlink()
+        raise RuntimeError(f"{path}: the fp16 copy did not read back the same tensors; the file was left as it was")
     tmp.replace(path)
     return before, path.stat().st_size
 
@@ -33,7 +39,11 @@ def to_fp16(path: Path) -> tuple[int, int]:
 def main(argv=None) -> None:
     from training.stage_utils import update_manifest
 
-    for p in map(Path, argv if argv is not None else sys.argv[1:]):
+    ap = argparse.ArgumentParser(prog="python -m training.compact", description=__doc__.split("\n\n")[0])
+    ap.add_argument("files", nargs="+", type=Path, help="safetensors files, rewritten in place")
+    for p in ap.parse_args(argv).files:
+        if not p.is_file():
+            raise SystemExit(f"{p}: no such file")
         before, after = to_fp16(p)
         print(f"{p.name}: {before:,} -> {after:,} bytes")
         if p.name in MANIFEST_IDS and p.parent.name == "tiny":

@@ -107,9 +107,18 @@ def stage_cmd(out: Path, work: Path, sizes: dict, log=print) -> dict:
     if _smoke(sizes):
         common += SMOKE_MODEL_ARGS["cmd"]
     _call(train_cmd.main, [*common, "--out", str(out / "cmd.safetensors"), "--ckpt", str(work / "cmd.ckpt.pt")], log)
-    _call(train_cmd.main, [*common, "--loss", "pairwise", "--out", str(work / "cmd_pairwise.safetensors"),
-                           "--ckpt", str(work / "cmd_pairwise.ckpt.pt")], log)
-    return {"steps": s["cmd_steps"], "samples": s["cmd_samples"]}
+    # the ablation stops where the DT run stopped (its time budget may have cut it short of --steps), with the
+    # same cosine schedule, so that the two differ in the loss only
+    steps = int(dist.load_checkpoint(work / "cmd.ckpt.pt")["step"])
+    pairwise = [a for a in common]
+    i = pairwise.index("--time-limit")
+    pairwise[i + 1] = "0"
+    _call(train_cmd.main, [*pairwise, "--loss", "pairwise", "--stop-after", str(steps), "--out",
+                           str(work / "cmd_pairwise.safetensors"), "--ckpt", str(work / "cmd_pairwise.ckpt.pt")], log)
+    pw_steps = int(dist.load_checkpoint(work / "cmd_pairwise.ckpt.pt")["step"])
+    if pw_steps != steps:
+        log(f"  note: the pairwise ablation's checkpoint is at step {pw_steps}, the DT CMD's at {steps}")
+    return {"steps": steps, "pairwise_steps": pw_steps, "samples": s["cmd_samples"]}
 
 
 def stage_encoder(out: Path, work: Path, sizes: dict, log=print) -> dict:

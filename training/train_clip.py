@@ -474,7 +474,7 @@ def main(argv=None) -> None:
         else:
             model = train_clip(train, work, steps=a.steps, batch=a.batch, minutes=a.minutes, seed=a.seed,
                                log=dist.log, amp=a.amp, stop_after=a.stop_after, prep=prep)
-            finished = dist.load_checkpoint(work / "clip_ckpt.pt")["step"] >= a.steps
+            finished = a.text_steps > 0 and dist.load_checkpoint(work / "clip_ckpt.pt")["step"] >= a.steps
         if a.text_steps > 0 and not finished:
             dist.log("[clip] joint training stopped before --steps: the text phase waits for the next run")
         if a.text_steps > 0 and finished and info.is_main:

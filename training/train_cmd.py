@@ -162,8 +162,9 @@ def train(args: argparse.Namespace) -> dict:
              f"params {sum(p.numel() for p in cmd.parameters()) / 1e6:.2f} M, amp {amp}")
     model.train()
     t0, acc, last = time.time(), {}, {}
-    step = start
-    for step in range(start, args.steps):
+    step = start - 1  # no step left: the summary reports the checkpoint's step
+    end = min(args.steps, args.stop_after) if args.stop_after > 0 else args.steps
+    for step in range(start, end):
         g = dist.step_generator(args.seed, step)
         rng = random.Random(int(torch.randint(0, 2 ** 62, (1,), generator=g)))
         idx = torch.randint(0, n, (B,), generator=g)
