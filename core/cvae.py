@@ -12,6 +12,7 @@ code (``w_plus=True``).
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -51,10 +52,18 @@ class CVAE(nn.Module):
     """
 
     def __init__(self, embed_dim: int, num_ws: int, w_dim: int, *, z_dim: int = 64, hidden_dim: int = 512,
-                 num_layers: int = 4, w_plus: bool = False):
+                 num_layers: int = 4, w_plus: bool = False, sample_temperature: float = 1.0):
         super().__init__()
+        if not (math.isfinite(float(sample_temperature)) and float(sample_temperature) > 0):
+            raise ValueError(f"sample_temperature must be > 0, got {sample_temperature}")
         self.config = dict(embed_dim=int(embed_dim), num_ws=int(num_ws), w_dim=int(w_dim), z_dim=int(z_dim),
                            hidden_dim=int(hidden_dim), num_layers=int(num_layers), w_plus=bool(w_plus))
+        # the scale of the random code at temperature 1.0: a property of the file, chosen after training on
+        # held-out validation captions (text embeddings lie outside the image embeddings the CVAE was trained on,
+        # and a narrower code keeps more of what the text asks; `python -m training.val_presence`)
+        self.sample_temperature = float(sample_temperature)
+        if self.sample_temperature != 1.0:
+            self.config["sample_temperature"] = self.sample_temperature
         self.embed_dim, self.num_ws, self.w_dim, self.z_dim = int(embed_dim), int(num_ws), int(w_dim), int(z_dim)
         self.w_plus = bool(w_plus)
         self.out_dim = self.w_dim * (self.num_ws if self.w_plus else 1)
@@ -123,7 +132,8 @@ class CVAE(nn.Module):
     def sample(self, e: torch.Tensor, n: int = 1, temperature: float = 1.0,
                generator: int | torch.Generator | None = None) -> torch.Tensor:
         """Codes for an embedding: e [D] -> ws [n, num_ws, w_dim]; e [B, D] -> [B, n, num_ws, w_dim].
-        ``temperature`` scales the random code (0 = deterministic); ``generator``: seed or torch.Generator."""
+        ``temperature`` scales the random code (0 = deterministic; 1 = the file's ``sample_temperature``, itself
+        1.0 unless the file sets it); ``generator``: seed or torch.Generator."""
         if n < 1:
             raise ValueError("n must be >= 1")
         single = e.ndim == 1
@@ -131,7 +141,7 @@ class CVAE(nn.Module):
         b = e2.shape[0]
         gen = _generator(generator)
         z = torch.randn(b * n, self.z_dim, generator=gen, dtype=torch.float32)
-        z = (z * float(temperature)).to(e2)
+        z = (z * float(temperature) * self.sample_temperature).to(e2)
         out = self.decode(z, e2.repeat_interleave(n, 0)).view(b, n, self.num_ws, self.w_dim)
         return out[0] if single else out
 

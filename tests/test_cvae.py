@@ -101,3 +101,22 @@ def test_save_load(tmp_path):
     CMD(D, NUM_WS, W_DIM, d_model=32, num_layers=1, num_heads=4, hidden_dim=32).save(tmp_path / "cmd.safetensors")
     with pytest.raises(InvalidCheckpointError, match="not a anyface-cvae"):
         CVAE.load(tmp_path / "cmd.safetensors")
+
+
+def test_stored_sample_temperature_scales_the_code_and_survives_save(tmp_path):
+    base = tiny()
+    e = torch.nn.functional.normalize(torch.randn(D), dim=0)
+    narrow = CVAE(D, NUM_WS, W_DIM, z_dim=8, hidden_dim=32, num_layers=3, sample_temperature=0.4).eval()
+    narrow.load_state_dict(base.state_dict())
+    # the file's temperature multiplies the caller's: diversity 1.0 on the narrow file == 0.4 on the plain one
+    assert torch.allclose(narrow.sample(e, 3, generator=5), base.sample(e, 3, temperature=0.4, generator=5))
+    assert not torch.allclose(narrow.sample(e, 3, generator=5), base.sample(e, 3, generator=5))
+    narrow.save(tmp_path / "c.safetensors")
+    again = CVAE.load(tmp_path / "c.safetensors")
+    assert again.sample_temperature == 0.4
+    assert torch.allclose(again.sample(e, 2, generator=1), narrow.sample(e, 2, generator=1))
+    base.save(tmp_path / "b.safetensors")  # files without the key (older ones, official) sample at 1.0
+    assert "sample_temperature" not in base.config and CVAE.load(tmp_path / "b.safetensors").sample_temperature == 1.0
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="sample_temperature"):
+            CVAE(D, NUM_WS, W_DIM, sample_temperature=bad)

@@ -146,3 +146,27 @@ def test_cmd_stop_after_is_exact_and_rerun_adds_no_step(tmp_path, run):
     again = torch.load(tmp_path / "pw.ckpt", weights_only=True)
     assert again["step"] == 2
     assert all(torch.equal(first["model"][k], again["model"][k]) for k in first["model"])
+
+
+def test_val_presence_reports_each_setting_on_the_validation_wordings(tmp_path, capsys):
+    from core.cvae import CVAE
+    from training import val_presence
+    from training.captions import PARAPHRASES, PARAPHRASES_VAL
+    from training.stage_utils import ToyClip, toy_generator
+
+    G, clip = toy_generator(), ToyClip()
+    path = tmp_path / "cvae.safetensors"
+    CVAE(clip.embed_dim, G.num_ws, G.w_dim, z_dim=4, hidden_dim=16, num_layers=2).save(path)
+    rows = val_presence.main(["--generator", "toy", "--clip", "toy", "--cvae", str(path), "--method", "cvae",
+                              "--diversity", "1,0", "--faces", "2", "--no-annotate", "--json",
+                              str(tmp_path / "v.json")])
+    assert [r["diversity"] for r in rows] == [1.0, 0.0]
+    assert all(r["plain-1"] == 0.0 and r["val-1"] == 0.0 for r in rows)  # nothing annotated
+    assert all(r["diversity_within"] >= 0 for r in rows)
+    assert "| 1 |" in capsys.readouterr().out
+    # the selection set is the validation wording, never the report's paraphrases
+    vals = {t for caps, _ in val_presence.prompts()["val-1"] for t in caps}
+    assert vals == {t for d in PARAPHRASES_VAL.values() for t in d.values()}
+    assert not vals & {t for d in PARAPHRASES.values() for t in d.values()}
+    with pytest.raises(SystemExit):
+        val_presence.main(["--generator", "toy", "--clip", "toy", "--method", "knn", "--knn", str(tmp_path / "no")])

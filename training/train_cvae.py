@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-batch", type=int, default=8)
     p.add_argument("--emb-noise", type=float, default=0.05,
                    help="gaussian noise on the (normalised) image embedding: narrows the text/image gap")
+    p.add_argument("--sample-temperature", type=float, default=1.0,
+                   help="stored in the file: the scale of the random code at the engine's diversity 1.0 (choose it "
+                        "after training with `python -m training.val_presence`; the tiny pack's is 0.5)")
     p.add_argument("--z-dim", type=int, default=64)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
@@ -111,7 +114,8 @@ def train(args: argparse.Namespace) -> dict:
         zs = torch.randn(2048, G.z_dim, generator=torch.Generator().manual_seed(12345)).to(dev)
         ws_s = G.mapping(zs, truncation_psi=args.truncation)[:, 0].float().cpu()
     torch.manual_seed(args.seed)
-    cvae = CVAE(clip.embed_dim, G.num_ws, G.w_dim, z_dim=args.z_dim, hidden_dim=args.hidden, num_layers=args.layers)
+    cvae = CVAE(clip.embed_dim, G.num_ws, G.w_dim, z_dim=args.z_dim, hidden_dim=args.hidden, num_layers=args.layers,
+                sample_temperature=args.sample_temperature)
     cvae.set_w_stats(G.w_avg.detach().cpu(), ws_s.std(0))
     cvae.to(dev)
     opt = torch.optim.AdamW(cvae.parameters(), lr=args.lr, weight_decay=1e-4)

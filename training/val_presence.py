@@ -1,0 +1,119 @@
+"""Choose a sampling setting on the VALIDATION wordings, never on the held-out report set.
+
+For each ``--diversity`` value, every plain caption (``captions.PLAIN``) and every validation paraphrase
+(``captions.PARAPHRASES_VAL``) of one attribute value makes ``--faces`` faces with the given method; the
+annotator says how many carry the asked value, and the mean within-prompt distance of CLIP image-tower features
+says how varied they are (the same measures as ``training.evaluate``, whose ``PARAPHRASES`` stay untouched):
+
+    python -m training.val_presence --generator resources/weights/tiny/generator.safetensors \\
+        --clip resources/weights/tiny/clip.safetensors --cvae resources/weights/tiny/cvae.safetensors \\
+        --method cvae --diversity 1,0.7,0.5,0.4,0.3 --coarse-layers 1
+
+For the CVAE the engine's diversity multiplies the file's ``sample_temperature``; a chosen value is stored in
+the file by ``training.train_cvae --sample-temperature T --resume`` (a finished run only re-exports).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.stage_utils import annotate_faces, load_pair
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m training.val_presence", description=__doc__.split("\n\n")[0])
+    p.add_argument("--generator", required=True)
+    p.add_argument("--clip", required=True)
+    p.add_argument("--cmd", default="")
+    p.add_argument("--cvae", default="")
+    p.add_argument("--knn", default="")
+    p.add_argument("--method", choices=("cmd", "cvae", "knn"), required=True)
+    p.add_argument("--diversity", default="1", help="comma-separated values of the engine's diversity")
+    p.add_argument("--coarse-layers", type=int, default=-1, help="W+ layers from random z (-1: the engine's default)")
+    p.add_argument("--faces", type=int, default=8)
+    p.add_argument("--seed", type=int, default=1000, help="the evaluation's default held-out seeds")
+    p.add_argument("--no-annotate", action="store_true", help="skip the dlib annotator (toy smoke runs)")
+    p.add_argument("--json", default="", help="also write the rows here")
+    p.add_argument("--threads", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def prompts() -> dict[str, list[tuple[list[str], dict[str, str]]]]:
+    from training.captions import PARAPHRASES_VAL, PLAIN
+
+    out: dict[str, list] = {"plain-1": [], "val-1": []}
+    for a, vals in PLAIN.items():
+        for v, text in vals.items():
+            out["plain-1"].append(([text], {a: v}))
+            out["val-1"].append(([PARAPHRASES_VAL[a][v]], {a: v}))
+    return out
+
+
+def measure(engine, method: str, diversity: float, faces: int, seed: int, annotate: bool) -> dict[str, float]:
+    """{'plain-1': share, 'val-1': share, 'diversity_within': mean feature distance} for one setting."""
+    from training.evaluate import feature_diversity
+
+    ps = prompts()
+    out: dict[str, float] = {}
+    divs = []
+    for name, lst in ps.items():
+        hits = total = 0
+        for i, (caps, asked) in enumerate(lst):
+            imgs = [r.image for r in engine.synthesize(caps, n=faces, seed=seed + 17 * i, method=method,
+                                                       diversity=diversity)]
+            batch = np.stack(imgs)
+            labels = annotate_faces(batch) if annotate else [{} for _ in imgs]
+            hits += sum(all(lb.get(a) == v for a, v in asked.items()) for lb in labels)
+            total += len(imgs)
+            if name == "plain-1":
+                divs.append(feature_diversity(engine.clip, batch, engine.device))
+        out[name] = hits / max(total, 1)
+    out["diversity_within"] = float(sum(divs) / max(len(divs), 1))
+    return out
+
+
+def main(argv=None) -> list[dict]:
+    from core.cmd import CMD
+    from core.cvae import CVAE
+    from core.engine import Engine
+    from core.latent_bank import LatentBank
+
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dev = torch.device("cpu")
+    G, clip = load_pair(a.generator, a.clip, dev)
+    kw = {}
+    path = {"cmd": a.cmd, "cvae": a.cvae, "knn": a.knn}[a.method]
+    if not path or not Path(path).is_file():
+        raise SystemExit(f"--{a.method}: no such file {path!r}")
+    if a.method == "cmd":
+        kw["cmd"] = CMD.load(path)
+    elif a.method == "cvae":
+        kw["cvae"] = CVAE.load(path)
+    else:
+        kw["bank"] = LatentBank.load(path)
+    engine = Engine(G, clip, pack_id="val", device=dev, **kw)
+    if a.coarse_layers >= 0:
+        engine.coarse_layers = a.coarse_layers
+    rows = []
+    print(f"| diversity | plain-1 | val-1 (PARAPHRASES_VAL) | within-prompt feature distance | s |", flush=True)
+    print("|---|---|---|---|---|", flush=True)
+    for d in (float(x) for x in a.diversity.split(",")):
+        t0 = time.time()
+        m = measure(engine, a.method, d, a.faces, a.seed, not a.no_annotate)
+        rows.append({"diversity": d, **m})
+        print(f"| {d:g} | {m['plain-1']:.1%} | {m['val-1']:.1%} | {m['diversity_within']:.3f} | "
+              f"{time.time() - t0:.0f} |", flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"method": a.method, "file": path, "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
