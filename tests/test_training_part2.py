@@ -162,7 +162,12 @@ def test_val_presence_reports_each_setting_on_the_validation_wordings(tmp_path, 
                               str(tmp_path / "v.json")])
     assert [r["diversity"] for r in rows] == [1.0, 0.0]
     assert all(r["plain-1"] == 0.0 and r["val-1"] == 0.0 for r in rows)  # nothing annotated
-    assert all(r["diversity_within"] >= 0 for r in rows)
+    # diversity reaches the engine: at 0 the CVAE code and the random layers' truncation leave one face per prompt
+    assert rows[0]["diversity_within"] > 1e-4 and rows[1]["diversity_within"] < 1e-6
+    t_rows = val_presence.main(["--generator", "toy", "--clip", "toy", "--cvae", str(path), "--method", "cvae",
+                                "--temperature", "1,0.001", "--faces", "2", "--no-annotate"])
+    assert [r["temperature"] for r in t_rows] == [1.0, 0.001]
+    assert t_rows[0]["diversity_within"] > t_rows[1]["diversity_within"]  # the sweep is not served from the cache
     assert "| 1 |" in capsys.readouterr().out
     # the selection set is the validation wording, never the report's paraphrases
     vals = {t for caps, _ in val_presence.prompts()["val-1"] for t in caps}
@@ -170,3 +175,38 @@ def test_val_presence_reports_each_setting_on_the_validation_wordings(tmp_path, 
     assert not vals & {t for d in PARAPHRASES.values() for t in d.values()}
     with pytest.raises(SystemExit):
         val_presence.main(["--generator", "toy", "--clip", "toy", "--method", "knn", "--knn", str(tmp_path / "no")])
+
+
+@pytest.mark.parametrize("stage", ["cvae", "encoder"])
+def test_rerun_at_stop_after_adds_no_step(tmp_path, run, stage):
+    from training import train_cvae, train_encoder
+
+    main = {"cvae": train_cvae.main, "encoder": train_encoder.main}[stage]
+    extra = (["--pairs", "", "--batch", "8", "--image-batch", "4", "--hidden", "32", "--z-dim", "8"] if stage == "cvae"
+             else ["--batch", "4", "--channels", "8", "--max-channels", "16"])
+    args = [*TOY, *extra, "--steps", "5", "--stop-after", "2", "--resume", "--out", str(tmp_path / "m.safetensors"),
+            "--ckpt", str(tmp_path / "m.ckpt")]
+    run(main, args)
+    assert torch.load(tmp_path / "m.ckpt", weights_only=True)["step"] == 2
+    run(main, args)
+    assert torch.load(tmp_path / "m.ckpt", weights_only=True)["step"] == 2
+
+
+def test_compact_halves_part2_files_and_refuses_others(tmp_path):
+    from core.cvae import CVAE
+    from training import compact
+
+    m = CVAE(32, 6, 16, z_dim=4, hidden_dim=16, num_layers=2, sample_temperature=0.4)
+    path = tmp_path / "cvae.safetensors"
+    m.save(path)
+    before = path.stat().st_size
+    clip = tmp_path / "clip.safetensors"
+    clip.write_bytes(path.read_bytes())
+    with pytest.raises(SystemExit, match="not a part-2 pack file"):
+        compact.main([str(path), str(clip)])  # nothing rewritten when one path is refused
+    assert path.stat().st_size == before
+    compact.main([str(path)])
+    assert path.stat().st_size < 0.6 * before
+    back = CVAE.load(path)
+    assert back.sample_temperature == 0.4
+    assert all(torch.allclose(back.state_dict()[k], v.half().float()) for k, v in m.state_dict().items())

@@ -84,13 +84,18 @@ def _datasets(work: Path, sizes: dict, log):
 
 
 def stage_clip(out: Path, work: Path, sizes: dict, log=print) -> dict:
+    from training import dist
     from training.train_clip import evaluate_clip, prepare, train_clip, train_text_projection
 
     train, val = _datasets(work, sizes, log)
     prep = prepare(train, work / "clip", log=log, variants=sizes["caption_variants"])
     model = train_clip(train, work / "clip", steps=sizes["clip_steps"], batch=sizes["clip_batch"],
                        config=sizes["clip_config"], log=log, prep=prep, minutes=sizes.get("minutes"))
-    if sizes["clip_text_steps"]:  # then the text side alone, for free wording (image embeddings unchanged)
+    finished = dist.load_checkpoint(work / "clip" / "clip_ckpt.pt")["step"] >= sizes["clip_steps"]
+    if sizes["clip_text_steps"] and not finished:  # as train_clip's CLI: the text phase needs the final image tower
+        log("[clip] joint training stopped before its steps (--minutes): exported without the text phase, which "
+            "runs when this stage is run again and the joint training has finished")
+    if sizes["clip_text_steps"] and finished:  # then the text side alone, for free wording (image embeddings kept)
         model = train_text_projection(model, train, work / "clip", steps=sizes["clip_text_steps"],
                                       noise=sizes["clip_text_noise"], prep=prep, log=log)
     out.mkdir(parents=True, exist_ok=True)

@@ -60,8 +60,9 @@ PHRASES: dict[str, dict[str, list[str]]] = {
 }
 
 # a wider vocabulary: more ways of saying each value, so the text projection learns the attribute
-# from the wording's meaning rather than from a few fixed phrases. Never a word of PARAPHRASES or PARAPHRASES_VAL
-# (tests/test_training.py checks it).
+# from the wording's meaning rather than from a few fixed phrases. Never a content word of PARAPHRASES_VAL, nor a
+# value-specific word of the same value's PARAPHRASES wording (tests/test_training.py checks both); the training
+# words that do occur in PARAPHRASES are listed above PARAPHRASES_VAL.
 _MORE_PHRASES: dict[str, dict[str, list[str]]] = {
     "hair": {
         "black": ["sable hair", "jet hair", "black curls", "hair as dark as night", "midnight-black hair",
@@ -174,8 +175,9 @@ PARAPHRASES: dict[str, dict[str, str]] = {
 # a second held-out set, for choosing between training recipes (PARAPHRASES stays untouched for the final
 # report): apart from function words, attribute nouns and the direction words left/right, its words occur neither
 # in training captions nor in PARAPHRASES (tests/test_training.py). PARAPHRASES itself, written earlier, shares a
-# few compound parts with training phrases: "fair" (fair-skinned), "haired" (flaxen-haired), "black"
-# (pitch-black), "coloured" (slate-coloured), "well" (well-illuminated), "left"/"right" (leftward/rightward).
+# few words and compound parts with training phrases: "fair" (fair-skinned), "very" (a very fair-skinned
+# individual; "very dark skin" trains skin=dark), "haired" (flaxen-haired), "black" (pitch-black), "coloured"
+# (slate-coloured), "well" (well-illuminated), and "left"/"right" as subwords of leftward/rightward.
 PARAPHRASES_VAL: dict[str, dict[str, str]] = {
     "hair": {"black": "someone with an onyx mane", "brown": "someone with a cocoa mane",
              "blond": "a towheaded person", "red": "someone with a crimson mane",

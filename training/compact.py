@@ -1,5 +1,7 @@
-"""Store a pack's weight files with floating tensors in fp16 (half the bytes in git; every loader casts
-back to fp32), and refresh their manifest entries. Checks that each file still loads.
+"""Store a pack's part-2 weight files (CMD, CVAE, KNN bank, encoder) with floating tensors in fp16 (half the
+bytes in git; every loader casts back to fp32), and refresh their manifest entries. Checks that the fp16 copy
+reads back with the same tensor names, shapes and metadata before it replaces the file. The CLIP and generator
+files are written by their stages (the CLIP in fp16 with fp32 BatchNorm statistics) and are refused here.
 
     python -m training.compact resources/weights/tiny/cmd.safetensors ...
 """
@@ -41,9 +43,13 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(prog="python -m training.compact", description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="+", type=Path, help="safetensors files, rewritten in place")
-    for p in ap.parse_args(argv).files:
+    files = ap.parse_args(argv).files
+    for p in files:  # every path checked before any file is rewritten
         if not p.is_file():
             raise SystemExit(f"{p}: no such file")
+        if p.name not in MANIFEST_IDS:
+            raise SystemExit(f"{p}: not a part-2 pack file ({', '.join(MANIFEST_IDS)})")
+    for p in files:
         before, after = to_fp16(p)
         print(f"{p.name}: {before:,} -> {after:,} bytes")
         if p.name in MANIFEST_IDS and p.parent.name == "tiny":

@@ -11,8 +11,8 @@ from training import dist
 
 # build_pack merges these into its FULL / SMOKE size tables
 # FULL2 fits a shared 2-core CPU (about 75 min for all part-2 stages one after another, ~40 min with two
-# processes: the CMD in one, knn + cvae + encoder then the pairwise ablation in the other; the minutes cap each
-# training stage); on a GPU raise the steps.
+# processes: the cmd stage in one, knn + cvae + encoder in the other; the cmd stage runs the pairwise ablation after
+# the DT CMD, up to the step the DT run reached; the minutes cap each training stage); on a GPU raise the steps.
 FULL2 = {
     "knn_size": 20000,
     "cmd_samples": 3000, "cmd_steps": 2400, "cmd_batch": 64, "cmd_minutes": 25, "cmd_lr": 1e-3,
@@ -21,9 +21,10 @@ FULL2 = {
     # renders of the same z, so it is off by default)
     "cmd_labels_from": "",
     "cvae_steps": 2000, "cvae_batch": 128, "cvae_minutes": 5,
-    # the CVAE's stored sampling temperature, chosen with training.val_presence on the validation wordings
-    # (diversity 1 / 0.7 / 0.5 / 0.4 / 0.3: plain-1 44 / 53 / 62 / 64 / 66%, val-1 19 / 23 / 28 / 30 / 29%,
-    # within-prompt feature distance 0.52 / 0.48 / 0.43 / 0.39 / 0.34); re-check it after retraining
+    # the CVAE's stored sampling temperature: the most accurate on the validation wordings while at least as varied
+    # within a prompt as the KNN bank (`training.val_presence --temperature 1,0.7,0.5,0.4,0.3,0.2`: val-1
+    # 18.5 / 22.7 / 30.1 / 32.9 / 36.1 / 35.6%, feature distance 0.51 / 0.46 / 0.41 / 0.37 / 0.33 / 0.26, KNN
+    # 0.34); re-check it after retraining
     "cvae_temperature": 0.4,
     "enc_steps": 600, "enc_batch": 16, "enc_minutes": 9, "enc_pixel_every": 3,
     "eval_quick": False,
@@ -121,8 +122,10 @@ def stage_cmd(out: Path, work: Path, sizes: dict, log=print) -> dict:
     _call(train_cmd.main, [*pairwise, "--loss", "pairwise", "--stop-after", str(steps), "--out",
                            str(work / "cmd_pairwise.safetensors"), "--ckpt", str(work / "cmd_pairwise.ckpt.pt")], log)
     pw_steps = int(dist.load_checkpoint(work / "cmd_pairwise.ckpt.pt")["step"])
-    if pw_steps != steps:
-        log(f"  note: the pairwise ablation's checkpoint is at step {pw_steps}, the DT CMD's at {steps}")
+    if pw_steps != steps:  # e.g. a stale ablation checkpoint from a longer run in the same work dir
+        raise RuntimeError(f"the pairwise ablation's checkpoint {work / 'cmd_pairwise.ckpt.pt'} is at step {pw_steps}, "
+                           f"the DT CMD's at {steps}: the two would differ in more than the loss; delete the "
+                           f"ablation's checkpoint and run --stage cmd again")
     return {"steps": steps, "pairwise_steps": pw_steps, "samples": s["cmd_samples"]}
 
 

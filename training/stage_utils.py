@@ -253,6 +253,12 @@ def resume_state(args: argparse.Namespace, path: Path) -> dict | None:
     return st
 
 
+def end_step(steps: int, stop_after: int = 0) -> int:
+    """The step a run trains up to: ``steps``, or ``stop_after`` when that comes first (the schedule still spans
+    ``steps``). A resumed run that is already there trains no step more."""
+    return min(int(steps), int(stop_after)) if stop_after and int(stop_after) > 0 else int(steps)
+
+
 def ckpt_path(args: argparse.Namespace, stage: str) -> Path:
     return Path(args.ckpt) if args.ckpt else RUNS / f"{stage}.ckpt.pt"
 

@@ -25,7 +25,7 @@ from torch import nn
 from core.clip import TinyClip
 from training import captions as C
 from training import dist
-from training.stage_utils import StopClock
+from training.stage_utils import StopClock, end_step
 
 FLIP_SWAP = {"yaw": {"left": "right", "right": "left"}, "sidelight": {"left": "right", "right": "left"}}
 
@@ -227,7 +227,7 @@ def train_clip(train: dict, work: Path, *, steps: int = 1500, batch: int = 128, 
         dist.save_checkpoint(ckpt, {"model": dist.cpu_state(model), "opt": opt.state_dict(), "step": step,
                                     "batch": batch, "world_size": info.world_size})
 
-    while step < steps:
+    while step < end_step(steps, stop_after):
         if clock.expired():
             log(f"time limit reached at step {step}")
             break

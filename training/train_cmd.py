@@ -32,8 +32,8 @@ from torch import nn
 from core.cmd import CMD, clip_loss, cmt_kl_loss, diverse_triplet_loss, pairwise_loss
 from core.engine import coarse_layers_for
 from training import dist
-from training.stage_utils import (StopClock, ckpt_path, common_args, finish_stage, load_or_build_samples, load_pair,
-                                  pair_key, pick_captions, resume_state, run_stage, setup)
+from training.stage_utils import (StopClock, ckpt_path, common_args, end_step, finish_stage, load_or_build_samples,
+                                  load_pair, pair_key, pick_captions, resume_state, run_stage, setup)
 
 STAGE = "cmd"
 
@@ -163,8 +163,7 @@ def train(args: argparse.Namespace) -> dict:
     model.train()
     t0, acc, last = time.time(), {}, {}
     step = start - 1  # no step left: the summary reports the checkpoint's step
-    end = min(args.steps, args.stop_after) if args.stop_after > 0 else args.steps
-    for step in range(start, end):
+    for step in range(start, end_step(args.steps, args.stop_after)):
         g = dist.step_generator(args.seed, step)
         rng = random.Random(int(torch.randint(0, 2 ** 62, (1,), generator=g)))
         idx = torch.randint(0, n, (B,), generator=g)

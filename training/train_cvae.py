@@ -23,8 +23,8 @@ from torch import nn
 
 from core.cvae import CVAE, cvae_loss
 from training import dist
-from training.stage_utils import (TINY_DIR, StopClock, ckpt_path, common_args, finish_stage, load_pair, pair_key,
-                                  resume_state, run_stage, setup)
+from training.stage_utils import (TINY_DIR, StopClock, ckpt_path, common_args, end_step, finish_stage, load_pair,
+                                  pair_key, resume_state, run_stage, setup)
 
 STAGE = "cvae"
 
@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="gaussian noise on the (normalised) image embedding: narrows the text/image gap")
     p.add_argument("--sample-temperature", type=float, default=1.0,
                    help="stored in the file: the scale of the random code at the engine's diversity 1.0 (choose it "
-                        "after training with `python -m training.val_presence`; the tiny pack's is 0.5)")
+                        "after training with `python -m training.val_presence`; the tiny pack's is 0.4)")
     p.add_argument("--z-dim", type=int, default=64)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
@@ -136,8 +136,8 @@ def train(args: argparse.Namespace) -> dict:
     sl = dist.rank_slice(B)
     clock = StopClock(args.time_limit)
     dist.log(f"[cvae] {info.world_size} process(es) on {dev}, global batch {B}, amp {amp}")
-    t0, acc, last, step = time.time(), {}, {}, start
-    for step in range(start, args.steps):
+    t0, acc, last, step = time.time(), {}, {}, start - 1  # no step left: the summary reports the checkpoint's
+    for step in range(start, end_step(args.steps, args.stop_after)):
         g = dist.step_generator(args.seed, step, salt=2)
         if pairs is not None:
             idx = torch.randint(0, pairs[0].shape[0], (B,), generator=g)

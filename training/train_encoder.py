@@ -23,8 +23,8 @@ from torch import nn
 
 from core.inversion import Encoder
 from training import dist
-from training.stage_utils import (StopClock, ckpt_path, common_args, finish_stage, load_pair, pair_key, resume_state,
-                                  run_stage, setup)
+from training.stage_utils import (StopClock, ckpt_path, common_args, end_step, finish_stage, load_pair, pair_key,
+                                  resume_state, run_stage, setup)
 
 STAGE = "encoder"
 
@@ -164,8 +164,8 @@ def train(args: argparse.Namespace) -> dict:
     clock = StopClock(args.time_limit)
     dist.log(f"[encoder] {info.world_size} process(es) on {dev}, global batch {B}, "
              f"params {sum(p.numel() for p in enc.parameters()) / 1e6:.2f} M, amp {amp}")
-    t0, acc, last, step = time.time(), {}, {}, start
-    for step in range(start, args.steps):
+    t0, acc, last, step = time.time(), {}, {}, start - 1  # no step left: the summary reports the checkpoint's
+    for step in range(start, end_step(args.steps, args.stop_after)):
         g = dist.step_generator(args.seed, step, salt=3)
         ws, target = make_targets(G, g, B, args.mix_prob, args.truncation, sl, dev)
         u = torch.rand(B, 12, generator=dist.step_generator(args.seed, step, salt=4))[sl]  # global draw, our rows

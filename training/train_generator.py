@@ -35,7 +35,7 @@ from torch import nn
 from core.stylegan2 import Generator
 from training import dist
 from training.dcgan import Z_DIM, load_dcgan, to_uint8
-from training.stage_utils import StopClock
+from training.stage_utils import StopClock, end_step
 
 TINY_G_CONFIG = {
     "resolution": 64, "z_dim": Z_DIM, "w_dim": 256, "mapping_layers": 4,
@@ -353,7 +353,7 @@ def train_generator(work: Path, *, steps: int = 4000, batch: int = 16, lr: float
         prior_done = True
         save()
 
-    while step < total:
+    while step < end_step(total, stop_after):
         if ae_steps and step >= ae_end and not prior_done:  # >=: a rerun may shorten the phase
             fit_prior()
         if clock.expired():

@@ -3,14 +3,17 @@
 For each ``--diversity`` value, every plain caption (``captions.PLAIN``) and every validation paraphrase
 (``captions.PARAPHRASES_VAL``) of one attribute value makes ``--faces`` faces with the given method; the
 annotator says how many carry the asked value, and the mean within-prompt distance of CLIP image-tower features
-says how varied they are (the same measures as ``training.evaluate``, whose ``PARAPHRASES`` stay untouched):
+says how varied they are (the same measures as ``training.evaluate``). Neither the report's paraphrases
+(``PARAPHRASES``) nor its seeds are used; the plain captions are the report's plain wording (training phrases,
+not held out), on other seeds:
 
     python -m training.val_presence --generator resources/weights/tiny/generator.safetensors \\
         --clip resources/weights/tiny/clip.safetensors --cvae resources/weights/tiny/cvae.safetensors \\
-        --method cvae --diversity 1,0.7,0.5,0.4,0.3 --coarse-layers 1
+        --method cvae --temperature 1,0.7,0.5,0.4,0.3 --coarse-layers 1
 
-For the CVAE the engine's diversity multiplies the file's ``sample_temperature``; a chosen value is stored in
-the file by ``training.train_cvae --sample-temperature T --resume`` (a finished run only re-exports).
+For the CVAE the engine's diversity multiplies the file's ``sample_temperature`` (and sets the truncation of
+the random layers); ``--temperature`` sweeps the stored value itself. A chosen value is stored in the file by
+``training.train_cvae --sample-temperature T --resume`` (a finished run only re-exports).
 """
 from __future__ import annotations
 
@@ -35,8 +38,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", choices=("cmd", "cvae", "knn"), required=True)
     p.add_argument("--diversity", default="1", help="comma-separated values of the engine's diversity")
     p.add_argument("--coarse-layers", type=int, default=-1, help="W+ layers from random z (-1: the engine's default)")
+    p.add_argument("--temperature", default="",
+                   help="CVAE only: comma-separated sampling temperatures to try in place of the file's "
+                        "sample_temperature, at the first --diversity value (the diversity also sets the truncation "
+                        "of the random layers, so a temperature sweep keeps it fixed)")
+    p.add_argument("--knn-k", type=int, default=0, help="KNN: nearest entries to choose from (0: the engine's)")
+    p.add_argument("--knn-m", type=int, default=0, help="KNN: entries mixed per face (0: the engine's)")
     p.add_argument("--faces", type=int, default=8)
-    p.add_argument("--seed", type=int, default=1000, help="the evaluation's default held-out seeds")
+    p.add_argument("--seed", type=int, default=5000,
+                   help="seeds start here (not the evaluation's 1000, so no face of the report is reused)")
     p.add_argument("--no-annotate", action="store_true", help="skip the dlib annotator (toy smoke runs)")
     p.add_argument("--json", default="", help="also write the rows here")
     p.add_argument("--threads", type=int, default=0)
@@ -101,15 +111,31 @@ def main(argv=None) -> list[dict]:
     engine = Engine(G, clip, pack_id="val", device=dev, **kw)
     if a.coarse_layers >= 0:
         engine.coarse_layers = a.coarse_layers
+    if a.knn_k:
+        engine.knn_k = a.knn_k
+    if a.knn_m:
+        engine.knn_m = a.knn_m
+    diversities = [float(x) for x in a.diversity.split(",")]
+    if a.temperature:
+        if a.method != "cvae":
+            raise SystemExit("--temperature is for --method cvae")
+        settings = [(diversities[0], float(t)) for t in a.temperature.split(",")]
+    else:
+        settings = [(d, None) for d in diversities]
     rows = []
-    print(f"| diversity | plain-1 | val-1 (PARAPHRASES_VAL) | within-prompt feature distance | s |", flush=True)
-    print("|---|---|---|---|---|", flush=True)
-    for d in (float(x) for x in a.diversity.split(",")):
+    print("| diversity | CVAE temperature | plain-1 | val-1 (PARAPHRASES_VAL) | within-prompt feature distance | s |",
+          flush=True)
+    print("|---|---|---|---|---|---|", flush=True)
+    for d, t in settings:
         t0 = time.time()
+        if t is not None:
+            engine.cvae.sample_temperature = t
+            engine.clear_cache()  # codes are cached per (captions, method, seed, n, diversity)
+        temp = engine.cvae.sample_temperature if engine.cvae is not None else None
         m = measure(engine, a.method, d, a.faces, a.seed, not a.no_annotate)
-        rows.append({"diversity": d, **m})
-        print(f"| {d:g} | {m['plain-1']:.1%} | {m['val-1']:.1%} | {m['diversity_within']:.3f} | "
-              f"{time.time() - t0:.0f} |", flush=True)
+        rows.append({"diversity": d, "temperature": temp, **m})
+        print(f"| {d:g} | {'-' if temp is None else f'{temp:g}'} | {m['plain-1']:.1%} | {m['val-1']:.1%} | "
+              f"{m['diversity_within']:.3f} | {time.time() - t0:.0f} |", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"method": a.method, "file": path, "rows": rows}, indent=1))
     return rows
