@@ -52,7 +52,8 @@ class CVAE(nn.Module):
     """
 
     def __init__(self, embed_dim: int, num_ws: int, w_dim: int, *, z_dim: int = 64, hidden_dim: int = 512,
-                 num_layers: int = 4, w_plus: bool = False, sample_temperature: float = 1.0):
+                 num_layers: int = 4, w_plus: bool = False, sample_temperature: float = 1.0,
+                 condition_bank_k: int = 0):
         super().__init__()
         if not (math.isfinite(float(sample_temperature)) and float(sample_temperature) > 0):
             raise ValueError(f"sample_temperature must be > 0, got {sample_temperature}")
@@ -64,6 +65,15 @@ class CVAE(nn.Module):
         self.sample_temperature = float(sample_temperature)
         if self.sample_temperature != 1.0:
             self.config["sample_temperature"] = self.sample_temperature
+        # 0: the condition is the CLIP embedding itself (the paper: text at inference, image in training). k > 0:
+        # at inference the engine first carries a TEXT embedding to the image side through the pack's KNN bank
+        # (the mean image embedding of its k nearest entries, ``LatentBank.image_side``): for a CLIP whose text and
+        # image embeddings lie far apart. Training is unchanged (image embeddings only).
+        if int(condition_bank_k) < 0:
+            raise ValueError(f"condition_bank_k must be >= 0, got {condition_bank_k}")
+        self.condition_bank_k = int(condition_bank_k)
+        if self.condition_bank_k:
+            self.config["condition_bank_k"] = self.condition_bank_k
         self.embed_dim, self.num_ws, self.w_dim, self.z_dim = int(embed_dim), int(num_ws), int(w_dim), int(z_dim)
         self.w_plus = bool(w_plus)
         self.out_dim = self.w_dim * (self.num_ws if self.w_plus else 1)

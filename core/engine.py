@@ -254,7 +254,9 @@ class Engine:
     @property
     def methods(self) -> list[str]:
         """Text-to-latent methods available with the loaded models, in preference order."""
-        have = {"cmd": self.cmd is not None, "cvae": self.cvae is not None, "knn": self.bank is not None}
+        have = {"cmd": self.cmd is not None, "knn": self.bank is not None,
+                # a CVAE that takes its condition through the KNN bank needs the bank too
+                "cvae": self.cvae is not None and (not self.cvae.condition_bank_k or self.bank is not None)}
         order = sorted(METHODS, key=lambda m: m != self.preferred_method)  # stable: the rest keep their order
         return [m for m in order if have[m]]
 
@@ -268,7 +270,13 @@ class Engine:
             raise MethodUnavailableError(f"Unknown method '{method}'. Available: {', '.join(METHODS)}.")
         if method not in self.methods:
             have = ", ".join(self.methods) or "none"
-            hint = ("build a KNN bank (Models > Build KNN bank…, or `anyface models build-bank`)" if method == "knn"
+            build_bank = "build a KNN bank (Models > Build KNN bank…, or `anyface models build-bank`)"
+            if method == "cvae" and self.cvae is not None:  # loaded, but it needs the bank
+                raise MethodUnavailableError(
+                    f"Method 'cvae' ({METHOD_TITLES['cvae']}) of pack '{self.pack_id}' reads text through the "
+                    f"pack's KNN bank (condition_bank_k={self.cvae.condition_bank_k}), which is not loaded. "
+                    f"Available here: {have}. To get it, restore the pack's knn_bank file or {build_bank}.")
+            hint = (build_bank if method == "knn"
                     else "train it with `python -m training.build_pack` for this generator and CLIP")
             raise MethodUnavailableError(f"Method '{method}' ({METHOD_TITLES[method]}) is not part of pack "
                                          f"'{self.pack_id}'. Available here: {have}. To get it, {hint}.")
@@ -333,6 +341,8 @@ class Engine:
         else:
             e = F.normalize(emb.mean(0), dim=0)  # the set's direction in CLIP space
             if method == "cvae":
+                if self.cvae.condition_bank_k:  # the text embedding carried to the image side (see CVAE)
+                    e = self.bank.image_side(e, self.cvae.condition_bank_k).to(e)
                 codes = torch.cat([self.cvae.sample(e, 1, temperature=diversity,
                                                     generator=sub_seed(int(seed) + i, "cvae"))
                                    for i in range(n)])
@@ -460,6 +470,7 @@ class Engine:
             bank.save(bank_cache_path(self.pack_id))
         self.bank = bank
         self._check_compatible()
+        self.clear_cache()  # cached KNN codes, and CVAE codes that read text through the bank, came from the old one
         return bank
 
     def bank_bytes(self, size: int) -> int:

@@ -126,6 +126,13 @@ class LatentBank:
             d = torch.minimum(d, (x - x[nxt]).pow(2).sum(1))
         return chosen
 
+    def image_side(self, text_emb: torch.Tensor, k: int) -> torch.Tensor:
+        """A text embedding carried over to the image side of CLIP: the normalised mean of the IMAGE embeddings of
+        the ``k`` nearest entries [D] (CPU float32). A model trained on image embeddings only (the text-free CVAE)
+        can take it where CLIP's text and image embeddings lie far apart (a small CLIP's modality gap)."""
+        idx, _ = self.nearest(text_emb, k)
+        return F.normalize(self.embeds[idx].mean(0), dim=0)
+
     def query(self, text_emb: torch.Tensor, k: int = 16, m: int = 3, n: int = 1, seed: int = 0,
               diversity: float = 1.0, combine: str = "mean") -> torch.Tensor:
         """Codes for a text embedding: ws [n, num_ws, w_dim] (CPU float32).

@@ -120,3 +120,12 @@ def test_stored_sample_temperature_scales_the_code_and_survives_save(tmp_path):
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="sample_temperature"):
             CVAE(D, NUM_WS, W_DIM, sample_temperature=bad)
+
+
+def test_condition_bank_k_is_stored_and_checked(tmp_path):
+    m = CVAE(D, NUM_WS, W_DIM, z_dim=8, hidden_dim=32, num_layers=3, condition_bank_k=16)
+    m.save(tmp_path / "c.safetensors")
+    assert CVAE.load(tmp_path / "c.safetensors").condition_bank_k == 16
+    assert tiny().condition_bank_k == 0 and "condition_bank_k" not in tiny().config
+    with pytest.raises(ValueError, match="condition_bank_k"):
+        CVAE(D, NUM_WS, W_DIM, condition_bank_k=-1)

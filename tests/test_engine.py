@@ -9,11 +9,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from core.cmd import CMD
 from core.cvae import CVAE
 from core.engine import (Engine, FaceResult, MethodUnavailableError, blend_layers, clean_captions, coarse_layers_for,
-                         layer_weights)
+                         layer_weights, sub_seed)
 from core.errors import CancelledError, CaptionError, InvalidCheckpointError
 from core.latent_bank import LatentBank
 from core.latents import EditHistory, load_latent, save_latent
@@ -400,3 +401,33 @@ def test_with_real_stylegan2():
     d = [float((r.ws - src).norm()) for r in res]
     assert all(b > a for a, b in zip(d, d[1:]))
     assert all(torch.equal(r.ws[:1], src[:1]) for r in res)
+
+
+def test_cvae_reads_text_through_the_bank_when_its_file_says_so():
+    G, clip, cmd, cvae, bank = make_models()
+    cvae.condition_bank_k = 5
+    alone = Engine(G, clip, cvae=cvae, device="cpu", pack_id="nb")
+    assert alone.methods == []  # the CVAE needs the bank, which is not loaded
+    with pytest.raises(MethodUnavailableError, match="reads text through the pack's KNN bank"):
+        alone.synthesize(["a face"], n=1, method="cvae")
+    e = Engine(G, clip, cvae=cvae, bank=bank, device="cpu")
+    assert e.methods == ["cvae", "knn"]
+    codes = e.text_codes(["red hair"], "cvae", n=2, seed=3)
+    emb = F.normalize(e.text_embedding(["red hair"]).mean(0), dim=0)
+    bridged = bank.image_side(emb, 5)
+    assert torch.allclose(bridged.norm(), torch.tensor(1.0)) and bridged.shape == emb.shape
+    idx, _ = bank.nearest(emb, 5)
+    assert torch.allclose(bridged, F.normalize(bank.embeds[idx].mean(0), dim=0))
+    want = torch.cat([cvae.sample(bridged, 1, generator=sub_seed(3 + i, "cvae")) for i in range(2)])
+    assert torch.allclose(codes, want, atol=1e-6)
+    direct = cvae.sample(emb, 1, generator=sub_seed(3, "cvae"))
+    assert not torch.allclose(codes[:1], direct)  # it is not the paper's direct condition
+    cvae.condition_bank_k = 0
+
+
+def test_build_bank_clears_cached_codes():
+    G, clip, cmd, cvae, bank = make_models()
+    e = Engine(G, clip, bank=bank, device="cpu")
+    before = e.text_codes(["a face"], "knn", n=1, seed=0).clone()
+    e.build_bank(size=16, batch=16, seed=5, save=False)
+    assert not torch.allclose(e.text_codes(["a face"], "knn", n=1, seed=0), before)

@@ -175,6 +175,16 @@ def test_val_presence_reports_each_setting_on_the_validation_wordings(tmp_path, 
     assert not vals & {t for d in PARAPHRASES.values() for t in d.values()}
     with pytest.raises(SystemExit):
         val_presence.main(["--generator", "toy", "--clip", "toy", "--method", "knn", "--knn", str(tmp_path / "no")])
+    # text through the bank: needs --knn, and the rows say which way the CVAE read the text
+    bridge = ["--generator", "toy", "--clip", "toy", "--cvae", str(path), "--method", "cvae", "--cvae-bank-k", "3",
+              "--faces", "2", "--no-annotate"]
+    with pytest.raises(SystemExit, match="pass --knn"):
+        val_presence.main(bridge)
+    from core.latent_bank import LatentBank
+
+    LatentBank.build(G, clip, size=16, batch=16, seed=0).save(tmp_path / "bank.safetensors")
+    rows = val_presence.main([*bridge, "--knn", str(tmp_path / "bank.safetensors")])
+    assert rows[0]["cvae_bank_k"] == 3
 
 
 @pytest.mark.parametrize("stage", ["cvae", "encoder"])

@@ -21,11 +21,10 @@ FULL2 = {
     # renders of the same z, so it is off by default)
     "cmd_labels_from": "",
     "cvae_steps": 2000, "cvae_batch": 128, "cvae_minutes": 5,
-    # the CVAE's stored sampling temperature: the most accurate on the validation wordings while at least as varied
-    # within a prompt as the KNN bank (`training.val_presence --temperature 1,0.7,0.5,0.4,0.3,0.2`: val-1
-    # 18.5 / 22.7 / 30.1 / 32.9 / 36.1 / 35.6%, feature distance 0.51 / 0.46 / 0.41 / 0.37 / 0.33 / 0.26, KNN
-    # 0.34); re-check it after retraining
-    "cvae_temperature": 0.4,
+    # stored in the CVAE file, chosen with training.val_presence on the validation wordings (model card, section 4):
+    # text read through the KNN bank's 16 nearest image embeddings, and the sampling temperature that is the most
+    # accurate while at least as varied within a prompt as the KNN bank; re-check both after retraining
+    "cvae_bank_k": 16, "cvae_temperature": 0.5,
     "enc_steps": 600, "enc_batch": 16, "enc_minutes": 9, "enc_pixel_every": 3,
     "eval_quick": False,
     # W+ layers synthesis takes from random z (the manifest's pack "coarse_layers"; -1: the engine's default).
@@ -36,7 +35,7 @@ FULL2 = {
 SMOKE2 = {
     "knn_size": 64,
     "cmd_samples": 16, "cmd_labels_from": "", "cmd_lr": 1e-3, "cmd_steps": 2, "cmd_batch": 4, "cmd_minutes": 0,
-    "cvae_steps": 2, "cvae_batch": 8, "cvae_minutes": 0, "cvae_temperature": 0.4,
+    "cvae_steps": 2, "cvae_batch": 8, "cvae_minutes": 0, "cvae_bank_k": 4, "cvae_temperature": 0.5,
     "enc_steps": 2, "enc_batch": 4, "enc_minutes": 0, "enc_pixel_every": 1,
     "eval_quick": True,
     "coarse_layers": -1,
@@ -92,7 +91,7 @@ def stage_cvae(out: Path, work: Path, sizes: dict, log=print) -> dict:
         pairs = work / "cmd_samples.pt"  # the CMD stage's (w, image embedding) cache: the same kind of pairs
     args = [*_pair(out), "--pairs", str(pairs) if pairs.is_file() else "", "--steps", str(s["cvae_steps"]),
             "--batch", str(s["cvae_batch"]), "--time-limit", str(s["cvae_minutes"]),
-            "--sample-temperature", str(s["cvae_temperature"]), "--out",
+            "--sample-temperature", str(s["cvae_temperature"]), "--condition-bank-k", str(s["cvae_bank_k"]), "--out",
             str(out / "cvae.safetensors"), "--ckpt", str(work / "cvae.ckpt.pt"), "--resume", "--manifest-id", ""]
     _call(train_cvae.main, args + (SMOKE_MODEL_ARGS["cvae"] if _smoke(sizes) else []), log)
     return {"steps": s["cvae_steps"]}

@@ -69,7 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="gaussian noise on the (normalised) image embedding: narrows the text/image gap")
     p.add_argument("--sample-temperature", type=float, default=1.0,
                    help="stored in the file: the scale of the random code at the engine's diversity 1.0 (choose it "
-                        "after training with `python -m training.val_presence`; the tiny pack's is 0.4)")
+                        "after training with `python -m training.val_presence`; the tiny pack's is 0.5)")
+    p.add_argument("--condition-bank-k", type=int, default=0,
+                   help="stored in the file: at inference read text through the pack's KNN bank (the mean image "
+                        "embedding of the K nearest entries); 0: the text embedding itself (the paper). Training "
+                        "is the same either way; choose it with training.val_presence --cvae-bank-k")
     p.add_argument("--z-dim", type=int, default=64)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
@@ -115,7 +119,7 @@ def train(args: argparse.Namespace) -> dict:
         ws_s = G.mapping(zs, truncation_psi=args.truncation)[:, 0].float().cpu()
     torch.manual_seed(args.seed)
     cvae = CVAE(clip.embed_dim, G.num_ws, G.w_dim, z_dim=args.z_dim, hidden_dim=args.hidden, num_layers=args.layers,
-                sample_temperature=args.sample_temperature)
+                sample_temperature=args.sample_temperature, condition_bank_k=args.condition_bank_k)
     cvae.set_w_stats(G.w_avg.detach().cpu(), ws_s.std(0))
     cvae.to(dev)
     opt = torch.optim.AdamW(cvae.parameters(), lr=args.lr, weight_decay=1e-4)

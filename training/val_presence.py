@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CVAE only: comma-separated sampling temperatures to try in place of the file's "
                         "sample_temperature, at the first --diversity value (the diversity also sets the truncation "
                         "of the random layers, so a temperature sweep keeps it fixed)")
+    p.add_argument("--cvae-bank-k", type=int, default=-1,
+                   help="CVAE only: read text through the --knn bank's K nearest image embeddings (0: the embedding "
+                        "itself, the paper's way; -1: as the file says)")
     p.add_argument("--knn-k", type=int, default=0, help="KNN: nearest entries to choose from (0: the engine's)")
     p.add_argument("--knn-m", type=int, default=0, help="KNN: entries mixed per face (0: the engine's)")
     p.add_argument("--faces", type=int, default=8)
@@ -106,6 +109,13 @@ def main(argv=None) -> list[dict]:
         kw["cmd"] = CMD.load(path)
     elif a.method == "cvae":
         kw["cvae"] = CVAE.load(path)
+        if a.cvae_bank_k >= 0:
+            kw["cvae"].condition_bank_k = a.cvae_bank_k
+        if kw["cvae"].condition_bank_k:
+            if not a.knn or not Path(a.knn).is_file():
+                raise SystemExit(f"the CVAE reads text through a KNN bank (K={kw['cvae'].condition_bank_k}): "
+                                 f"pass --knn")
+            kw["bank"] = LatentBank.load(a.knn)
     else:
         kw["bank"] = LatentBank.load(path)
     engine = Engine(G, clip, pack_id="val", device=dev, **kw)
@@ -134,6 +144,8 @@ def main(argv=None) -> list[dict]:
         temp = engine.cvae.sample_temperature if engine.cvae is not None else None
         m = measure(engine, a.method, d, a.faces, a.seed, not a.no_annotate)
         rows.append({"diversity": d, "temperature": temp, **m})
+        if engine.cvae is not None:
+            rows[-1]["cvae_bank_k"] = engine.cvae.condition_bank_k
         print(f"| {d:g} | {'-' if temp is None else f'{temp:g}'} | {m['plain-1']:.1%} | {m['val-1']:.1%} | "
               f"{m['diversity_within']:.3f} | {time.time() - t0:.0f} |", flush=True)
     if a.json:
