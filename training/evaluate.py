@@ -73,15 +73,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------- prompts
 
+def single_caption_prompts(wording: dict[str, dict[str, str]]) -> list[tuple[list[str], dict[str, str]]]:
+    """One prompt per attribute value of ``captions.PLAIN``, worded by ``wording`` (PLAIN, PARAPHRASES or
+    PARAPHRASES_VAL), in PLAIN's order: [([caption], {attr: value}), ...]."""
+    from training.captions import PLAIN
+
+    return [([wording[a][v]], {a: v}) for a, vals in PLAIN.items() for v in vals]
+
+
 def prompt_sets(multi: int, seed: int) -> dict[str, list[tuple[list[str], dict[str, str]]]]:
     """{'plain-1': [(captions, asked {attr: value}), ...], 'para-1': ..., 'plain-2'.. 'plain-5', 'para-2'..}."""
     from training.captions import PARAPHRASES, PLAIN
 
-    out: dict[str, list] = {"plain-1": [], "para-1": []}
-    for a, vals in PLAIN.items():
-        for v, text in vals.items():
-            out["plain-1"].append(([text], {a: v}))
-            out["para-1"].append(([PARAPHRASES[a][v]], {a: v}))
+    out: dict[str, list] = {"plain-1": single_caption_prompts(PLAIN), "para-1": single_caption_prompts(PARAPHRASES)}
     rng = random.Random(seed)
     attrs = list(PLAIN)
     for k in range(2, 6):
@@ -107,15 +111,17 @@ def feature_diversity(clip, faces: np.ndarray, device) -> float:
 
 # ---------------------------------------------------------------------------------------------- parts
 
-def text_consistency(engine, args, prompts, methods, annotate: bool):
-    """Rows {method, set, prompt, asked, hits, n, diversity} for this rank's share of the prompts."""
+def text_consistency(engine, args, prompts, methods, annotate: bool, diversity: float = 1.0):
+    """Rows {method, set, prompt, asked, hits, n, diversity} for this rank's share of the prompts; ``diversity``
+    is the engine's (the report uses its default, 1.0)."""
     jobs = [(m, name, i) for m in methods for name, lst in prompts.items() for i in range(len(lst))]
     mine = [jobs[i] for i in dist.shard_indices(len(jobs))]
     rows, grids = [], {}
     last = time.time()
     for j, (m, name, i) in enumerate(mine):
         caps, asked = prompts[name][i]
-        faces = np.stack([r.image for r in engine.synthesize(caps, n=args.faces, seed=args.seed + 17 * i, method=m)])
+        faces = np.stack([r.image for r in engine.synthesize(caps, n=args.faces, seed=args.seed + 17 * i, method=m,
+                                                             diversity=diversity)])
         labels = annotate_faces(faces) if annotate else [{} for _ in faces]
         hits = sum(all(lb.get(a) == v for a, v in asked.items()) for lb in labels)
         rows.append(dict(method=m, set=name, prompt=" | ".join(caps), asked=asked, hits=int(hits), n=len(faces),

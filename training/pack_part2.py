@@ -105,20 +105,18 @@ def stage_cmd(out: Path, work: Path, sizes: dict, log=print) -> dict:
     s = _sizes(sizes)
     common = [*_pair(out), "--samples", str(s["cmd_samples"]), "--samples-file", str(work / "cmd_samples.pt"),
               "--steps", str(s["cmd_steps"]), "--batch", str(s["cmd_batch"]), "--lr", str(s["cmd_lr"]),
-              "--image-every", "4", "--time-limit", str(s["cmd_minutes"]),
+              "--image-every", "4",
               "--resume", "--manifest-id", "", "--coarse-layers", str(s["coarse_layers"])]
     if s["cmd_labels_from"] and (work / s["cmd_labels_from"]).is_file():
         common += ["--labels-from", str(work / s["cmd_labels_from"])]
     if _smoke(sizes):
         common += SMOKE_MODEL_ARGS["cmd"]
-    _call(train_cmd.main, [*common, "--out", str(out / "cmd.safetensors"), "--ckpt", str(work / "cmd.ckpt.pt")], log)
+    _call(train_cmd.main, [*common, "--time-limit", str(s["cmd_minutes"]), "--out", str(out / "cmd.safetensors"),
+                           "--ckpt", str(work / "cmd.ckpt.pt")], log)
     # the ablation stops where the DT run stopped (its time budget may have cut it short of --steps), with the
     # same cosine schedule, so that the two differ in the loss only
     steps = int(dist.load_checkpoint(work / "cmd.ckpt.pt")["step"])
-    pairwise = [a for a in common]
-    i = pairwise.index("--time-limit")
-    pairwise[i + 1] = "0"
-    _call(train_cmd.main, [*pairwise, "--loss", "pairwise", "--stop-after", str(steps), "--out",
+    _call(train_cmd.main, [*common, "--loss", "pairwise", "--stop-after", str(steps), "--out",
                            str(work / "cmd_pairwise.safetensors"), "--ckpt", str(work / "cmd_pairwise.ckpt.pt")], log)
     pw_steps = int(dist.load_checkpoint(work / "cmd_pairwise.ckpt.pt")["step"])
     if pw_steps != steps:  # e.g. a stale ablation checkpoint from a longer run in the same work dir

@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import types
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from training.stage_utils import annotate_faces, load_pair
+from training.stage_utils import load_pair
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,35 +58,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def prompts() -> dict[str, list[tuple[list[str], dict[str, str]]]]:
     from training.captions import PARAPHRASES_VAL, PLAIN
+    from training.evaluate import single_caption_prompts
 
-    out: dict[str, list] = {"plain-1": [], "val-1": []}
-    for a, vals in PLAIN.items():
-        for v, text in vals.items():
-            out["plain-1"].append(([text], {a: v}))
-            out["val-1"].append(([PARAPHRASES_VAL[a][v]], {a: v}))
-    return out
+    return {"plain-1": single_caption_prompts(PLAIN), "val-1": single_caption_prompts(PARAPHRASES_VAL)}
 
 
 def measure(engine, method: str, diversity: float, faces: int, seed: int, annotate: bool) -> dict[str, float]:
-    """{'plain-1': share, 'val-1': share, 'diversity_within': mean feature distance} for one setting."""
-    from training.evaluate import feature_diversity
+    """{'plain-1': share, 'val-1': share, 'diversity_within': mean feature distance} for one setting, by the
+    evaluation's own ``text_consistency``."""
+    from training.evaluate import text_consistency
 
-    ps = prompts()
-    out: dict[str, float] = {}
-    divs = []
-    for name, lst in ps.items():
-        hits = total = 0
-        for i, (caps, asked) in enumerate(lst):
-            imgs = [r.image for r in engine.synthesize(caps, n=faces, seed=seed + 17 * i, method=method,
-                                                       diversity=diversity)]
-            batch = np.stack(imgs)
-            labels = annotate_faces(batch) if annotate else [{} for _ in imgs]
-            hits += sum(all(lb.get(a) == v for a, v in asked.items()) for lb in labels)
-            total += len(imgs)
-            if name == "plain-1":
-                divs.append(feature_diversity(engine.clip, batch, engine.device))
-        out[name] = hits / max(total, 1)
-    out["diversity_within"] = float(sum(divs) / max(len(divs), 1))
+    rows, _ = text_consistency(engine, types.SimpleNamespace(faces=faces, seed=seed), prompts(), [method], annotate,
+                               diversity=diversity)
+    out = {}
+    for name in ("plain-1", "val-1"):
+        mine = [r for r in rows if r["set"] == name]
+        out[name] = sum(r["hits"] for r in mine) / max(sum(r["n"] for r in mine), 1)
+    within = [r["diversity"] for r in rows if r["set"] == "plain-1"]
+    out["diversity_within"] = float(sum(within) / max(len(within), 1))
     return out
 
 
