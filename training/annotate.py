@@ -288,12 +288,12 @@ def cached_dataset(path, n: int, seed: int, chunk: int = 500, log=print) -> dict
     import torch
 
     if os.path.exists(path):
-        return torch.load(path, weights_only=False)
+        return torch.load(path, weights_only=True)
     parts = []
     for i, start in enumerate(range(0, n, chunk)):
         part_path = f"{path}.part{i:04d}"
         if os.path.exists(part_path):
-            parts.append(torch.load(part_path, weights_only=False))
+            parts.append(torch.load(part_path, weights_only=True))
             continue
         part = build_dataset(min(chunk, n - start), seed * 100003 + i)
         torch.save(part, part_path)

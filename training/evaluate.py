@@ -225,7 +225,7 @@ def diversity_ablation(engine, args, prompts, pairwise_cmd):
 def label_agreement(engine, path: str, n: int) -> dict:
     """Per attribute: among faces where the dataset has a label, the share whose generator render (same z) gets
     the same label from the annotator ("missing" = the render is left unlabelled)."""
-    data = torch.load(path, map_location="cpu", weights_only=False)
+    data = torch.load(path, map_location="cpu", weights_only=True)
     G = engine.generator
     n = min(n, len(data["labels"]))
     with torch.no_grad():

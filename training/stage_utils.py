@@ -376,7 +376,7 @@ def embed_texts(texts: list[str], clip, batch: int = 256) -> torch.Tensor:
         for p in MINILM_CACHES:
             if p.is_file():
                 try:
-                    cache.update(torch.load(p, map_location="cpu", weights_only=False))
+                    cache.update(torch.load(p, map_location="cpu", weights_only=True))
                 except Exception:  # a cache being written by another process: embed instead
                     pass
         todo = [t for t in mine if t not in cache]
@@ -463,7 +463,7 @@ def load_or_build_samples(args: argparse.Namespace, generator, clip, n: int, *, 
             last[0] = time.time()
             dist.log(f"[samples] rank 0: {done}/{total}")
 
-    lf = torch.load(labels_from, map_location="cpu", weights_only=False) if labels_from else None
+    lf = torch.load(labels_from, map_location="cpu", weights_only=True) if labels_from else None
     data = build_samples(generator, clip, n, seed=args.seed, annotate=annotate, labels_from=lf, progress=prog)
     data["meta"]["pair"] = key
     if dist.info().is_main:

@@ -40,7 +40,7 @@ def embed_texts(texts: list[str], cache_path: Path | None, batch: int = 256, log
 
     cache: dict[str, torch.Tensor] = {}
     if cache_path is not None and cache_path.exists():
-        cache = torch.load(cache_path, weights_only=False)
+        cache = torch.load(cache_path, weights_only=True)
     todo = sorted({t for t in texts if t not in cache})
     if todo:
         tower = MiniLMText()
