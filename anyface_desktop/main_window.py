@@ -735,7 +735,8 @@ class MainWindow(QMainWindow):
 
     def _done_generate(self, job: Job, results: list) -> None:
         self.gallery.set_results(results)
-        self.gallery.seed.setValue(self.gallery.seed.value() + len(results))  # next press: new faces
+        if results:  # next press: new faces (the seed after the last one shown, whoever asked for these)
+            self.gallery.seed.setValue(min(max(r.seed for r in results) + 1, self.gallery.seed.maximum()))
         self.statusBar().showMessage(f"{len(results)} faces in {job.seconds:.2f} s. Double-click one to edit it.", 6000)
         if self.photo is None and results:
             self.canvas.set_images(results[0].image, None, refit=True)

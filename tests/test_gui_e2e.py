@@ -206,6 +206,7 @@ def test_e2e_generate_four_faces(qtbot, win):
     qtbot.waitUntil(lambda: len(win.gallery.results) == 4 and win.idle, timeout=60000)
     faces = [r.image for r in win.gallery.results]
     assert [r.seed for r in win.gallery.results][0] == 11
+    assert win.gallery.seed.value() == 15, "the seed box must move past the faces shown (11..14)"
     assert all(f.shape == (win.engine_info.resolution, win.engine_info.resolution, 3) for f in faces)
     assert any(not np.array_equal(faces[0], f) for f in faces[1:]), "4 identical faces"
     win.gallery.select(1)
