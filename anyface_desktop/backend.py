@@ -15,10 +15,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from core.io import PROVENANCE  # noqa: F401 - re-exported: the tag every output carries
+
 ProgressFn = Callable[[int, int], None] | None
 CancelFn = Callable[[], bool] | None
 
-PROVENANCE = "made/edited with AnyFace Desktop"
 
 
 @dataclass

@@ -49,6 +49,28 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+def _quality(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= v <= 100:
+        raise argparse.ArgumentTypeError("must be between 1 and 100")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError("must be a number >= 0")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anyface", description="AnyFace Desktop command line: make and edit faces with words.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_nonneg_int, default=None, metavar="N",
                    help="CPU threads for the models (default: 1 for small packs, else torch's choice; 0 = torch's)")
     p.add_argument("--pack", default=None, help="model pack id (default: tiny)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (errors and failures are still shown)")
     p.add_argument("--json", action="store_true", help="machine-readable results on stdout")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     # the global flags are accepted after the command too (`anyface edit ... --json`)
@@ -78,11 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-n", type=int, default=4, help="number of faces (default 4)")
     g.add_argument("--seed", type=int, default=0, help="seed of the first face; face i uses seed+i (default 0)")
     g.add_argument("--method", choices=("cmd", "cvae", "knn"), default=None,
-                   help="text-to-latent method (default: the pack's first)")
-    g.add_argument("--diversity", type=float, default=1.0, help="how varied the faces are (default 1.0)")
+                   help="text-to-latent method (default: the pack's default method, knn on the tiny pack)")
+    g.add_argument("--diversity", type=_nonneg_float, default=1.0,
+                   help="how varied the faces are, >= 0 (default 1.0; 0: the least varied)")
     g.add_argument("-o", "--output", default=".", help="output folder (default: current folder)")
     g.add_argument("--format", choices=("png", "jpg", "webp"), default="png")
-    g.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+    g.add_argument("--quality", type=_quality, default=95, help="JPEG/WebP quality, 1-100 (default 95)")
     g.add_argument("--save-latent", action="store_true", help="also save each face's W+ code (.npz)")
     g.add_argument("--refine", type=_nonneg_int, default=0, metavar="STEPS",
                    help="CLIP-guided refinement: STEPS optimisation steps of each face's text layers toward the "
@@ -95,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--caption", action="append", default=[], help="a caption; repeat for several (required)")
     e.add_argument("--strength", type=float, default=0.6, help="0 = unchanged .. 1 = full edit (default 0.6)")
     e.add_argument("--method", choices=("cmd", "cvae", "knn"), default=None)
-    e.add_argument("--identity-layers", type=int, default=None, metavar="L",
+    e.add_argument("--identity-layers", type=_nonneg_int, default=None, metavar="L",
                    help="first L layers keep the source (identity); default: the engine's coarse layers")
     e.add_argument("--face", default="largest", metavar="largest|all|N",
                    help="which face: the largest (default), all, or number N (0 = leftmost)")
@@ -104,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True, help="output folder (may equal the input folder)")
     e.add_argument("--aligned-only", action="store_true", help="save the edited aligned face crops only")
     e.add_argument("--format", choices=("png", "jpg", "webp"), default="png")
-    e.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+    e.add_argument("--quality", type=_quality, default=95, help="JPEG/WebP quality, 1-100 (default 95)")
     e.add_argument("--save-latent", action="store_true", help="also save each edited face's W+ code (.npz)")
     e.add_argument("--recursive", "-r", action="store_true", help="include subfolders (mirrored in the output)")
     e.add_argument("--shard", default=None, metavar="K/N",
@@ -321,6 +344,23 @@ class _UsageError(Exception):
     """Bad arguments found after parsing (exit code 2)."""
 
 
+def _output_folder(path, create: bool = True) -> "Path":
+    """The output folder, created if missing (``create``); a path that is a file, or cannot be created, is a
+    usage error."""
+    from pathlib import Path
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise _UsageError(f"the output '{out}' is a file, not a folder; give a folder with -o")
+    if not create:
+        return out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _UsageError(f"cannot create the output folder '{out}': {e.strerror or e}") from e
+    return out
+
+
 def _slug(captions, limit: int = 40) -> str:
     import re
     import unicodedata
@@ -335,12 +375,15 @@ def _slug(captions, limit: int = 40) -> str:
 def cmd_generate(args) -> int:
     from pathlib import Path
 
-    from core.io import unique_path, write_image
+    from core.io import provenance_tag, unique_path, write_image
+
+    from core.engine import clean_captions
 
     if args.n < 1:
         raise _UsageError("-n must be at least 1")
+    clean_captions(args.captions)  # an empty caption is a usage error before any model loads
+    out = _output_folder(args.output)
     engine = _load_engine(args)
-    out = Path(args.output)
     bar = _Progress(args, "generating", "step")
     with _CancelOnSignal(args.quiet or args.json) as cancel:
         try:
@@ -353,12 +396,12 @@ def cmd_generate(args) -> int:
     fmt = {"jpeg": "jpg"}.get(args.format, args.format)
     slug, rows = _slug(args.captions), []
     for r in results:
-        meta = {"captions": list(r.captions), "seed": r.seed, "method": r.method, "pack": r.pack_id,
-                "diversity": r.diversity}
+        meta = provenance_tag("generated", captions=list(r.captions), seed=r.seed, method=r.method, pack=r.pack_id,
+                              diversity=r.diversity)
         if "refine_steps" in r.extra:
             meta["refine_steps"] = r.extra["refine_steps"]
         path = write_image(unique_path(out / f"{slug}_s{r.seed}.{fmt}"), r.image, fmt, quality=args.quality,
-                           metadata=meta, overwrite=False)
+                           metadata=meta, overwrite=False, description="AI-generated with AnyFace Desktop")
         row = {"image": str(path), "seed": r.seed, "method": r.method, "captions": list(r.captions)}
         if "refine_steps" in r.extra:
             row.update(refine_steps=r.extra["refine_steps"], clip_similarity_before=r.extra["clip_similarity_before"],
@@ -411,6 +454,11 @@ def cmd_edit(args) -> int:
         raise _UsageError("give at least one --caption")
     if not 0.0 <= args.strength <= 1.0:
         raise _UsageError("--strength must be between 0 and 1")
+    from core.engine import clean_captions
+
+    clean_captions(args.caption)  # only blank captions: a usage error before any model loads
+    _check_detector(args.detector)
+    _output_folder(args.output, create=False)  # the batch runner creates it
     engine = _load_engine(args)
     try:
         proc = batch.EditProcessor(engine, args.caption, strength=args.strength, method=args.method,
@@ -428,7 +476,25 @@ def cmd_edit(args) -> int:
             report = getattr(e, "report", None)
         finally:
             bar.close()
+    if report is not None and report.total == 0 and not report.cancelled:
+        print(f"note: no photos found in '{src}' ({', '.join(sorted(s.lstrip('.') for s in batch.IMAGE_SUFFIXES))}"
+              f"{'' if args.recursive else '; --recursive includes subfolders'})", file=sys.stderr)
     return _report_out(args, report)
+
+
+def _check_detector(name: str) -> None:
+    """An unavailable --detector is refused once, up front, not photo by photo."""
+    from core.align import detector_status
+
+    status = detector_status()
+    if name == "auto":
+        if all(status.get(n) is not None for n in ("dlib", "yunet")):
+            raise _UsageError("no face detector can run here: " + "; ".join(
+                f"{n}: {status[n]}" for n in ("dlib", "yunet")))
+    elif status.get(name) is not None:
+        ok = [n for n, why in status.items() if why is None]
+        raise _UsageError(f"face detector '{name}' cannot run: {status[name]}. Use --detector "
+                          f"{' or '.join(['auto'] + ok) if ok else 'auto'}")
 
 
 def _report_out(args, report) -> int:
@@ -438,12 +504,11 @@ def _report_out(args, report) -> int:
     if args.json:
         print(json.dumps({"summary": report.to_json(), "items": [it.to_json() for it in report.items]}, indent=2))
     else:
-        if not args.quiet:
-            failed = report.failed_items
-            for it in failed[:50]:
-                print(f"FAILED {it.rel}: [{it.code}] {it.reason}", file=sys.stderr)
-            if len(failed) > 50:
-                print(f"... and {len(failed) - 50} more failures, see {report.report_csv}", file=sys.stderr)
+        failed = report.failed_items  # --quiet hides progress only: the reason of each failure is always printed
+        for it in failed[:50]:
+            print(f"FAILED {it.rel}: [{it.code}] {it.reason}", file=sys.stderr)
+        if len(failed) > 50:
+            print(f"... and {len(failed) - 50} more failures, see {report.report_csv}", file=sys.stderr)
         print(report.summary_line())
     if report.cancelled:
         return 130
@@ -455,6 +520,15 @@ def _report_out(args, report) -> int:
 def cmd_batch_merge(args) -> int:
     from core import batch
 
+    from pathlib import Path
+
+    for s in args.sources:
+        p = Path(s)
+        if not p.exists():
+            raise _UsageError(f"'{p}' does not exist; give output folders of `anyface edit` runs")
+        if p.is_dir() and not any((p / batch.STATE_DIR).glob("manifest*.jsonl")):
+            raise _UsageError(f"'{p}' is not the output folder of an `anyface edit` run (no "
+                              f"{batch.STATE_DIR}/manifest*.jsonl in it)")
     report = batch.merge_reports(args.sources, args.output)
     return _report_out(args, report)
 
@@ -584,11 +658,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         warnings.simplefilter("ignore")
-    from core.errors import AnyFaceError
+    from core.errors import AnyFaceError, CaptionError
 
     try:
         return COMMANDS[args.command](args)
-    except _UsageError as e:
+    except (_UsageError, CaptionError) as e:  # a bad or empty caption is the user's input, like a bad option
         print(f"anyface: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except AnyFaceError as e:

@@ -41,9 +41,11 @@ class ExportResult:
 
 
 def provenance(req: ExportRequest) -> dict:
-    return {"provenance": PROVENANCE, "software": SOFTWARE, "kind": "edited" if req.edited else "generated",
-            "prompt": " | ".join(req.captions), "captions": list(req.captions), "pack": req.pack,
-            "method": req.method, "strength": req.strength, "seed": req.seed}
+    from core.io import provenance_tag
+
+    return provenance_tag("edited" if req.edited else "generated", prompt=" | ".join(req.captions),
+                          captions=list(req.captions), pack=req.pack, method=req.method, strength=req.strength,
+                          seed=req.seed)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -65,12 +67,16 @@ def export_image(req: ExportRequest) -> ExportResult:
     fmt = req.fmt.lower().lstrip(".")
     if fmt not in FORMATS:
         raise OutputError(f"Unsupported export format '{req.fmt}'. Use PNG, JPEG or WebP.")
+    exts = {"png": (".png",), "jpg": (".jpg", ".jpeg"), "jpeg": (".jpg", ".jpeg"), "webp": (".webp",)}[fmt]
+    if path.suffix.lower() not in exts:  # the name says the format: "face.jpg" must hold a JPEG
+        path = path.with_name(path.name + exts[0]) if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp") \
+            else path.with_suffix(exts[0])
     for src in req.inputs:
         if src and _same_file(path, Path(src)):
             raise OutputError(f"Refusing to write over the input photo {path}. Choose another file name.")
     img = np.ascontiguousarray(req.image, dtype=np.uint8)
     if req.size and max(img.shape[:2]) != req.size:
-        pil = Image.fromarray(img, "RGB")
+        pil = Image.fromarray(img)  # RGB, RGBA or grey as the array has it
         scale = req.size / max(pil.size)
         pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.LANCZOS)
         img = np.asarray(pil)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
@@ -19,6 +18,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QDialog, QFileDialog, QHBoxLay
 from anyface_desktop.dialogs import show_error
 from anyface_desktop.worker import WorkerHost
 from core import weights
+from core.atomic import mkstemp_beside
 
 STATE_COLORS = {"present": QColor(40, 150, 70), "unverified": QColor(150, 120, 20), "missing": QColor(190, 60, 50),
                 "corrupt": QColor(190, 60, 50)}
@@ -36,7 +36,7 @@ def import_weight_file(wf: weights.WeightFile, src: str, progress=None, should_c
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists() and os.path.samefile(dest, src_p):
         return dest
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    fd, tmp = mkstemp_beside(dest, suffix=".part")
     os.close(fd)
     try:
         shutil.copyfile(src_p, tmp)

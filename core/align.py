@@ -133,7 +133,7 @@ def detector_status() -> dict[str, str | None]:
 
 def _unavailable(name: str, reason: str) -> DetectorUnavailableError:
     return DetectorUnavailableError(
-        f"Face detector '{name}' cannot run: {reason}. Choose another detector in Settings "
+        f"Face detector '{name}' cannot run: {reason}. Choose another detector (Settings; command line: --detector) "
         f"(available here: {', '.join(k for k, v in detector_status().items() if v is None) or 'none'})."
     )
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import csv
 import errno
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -51,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+from core.io import provenance_tag
 from core.errors import (AnyFaceError, CancelledError, FaceTooSmallError, ImageTooLargeError, InvalidImageError,
                          NoFaceFoundError, OutputError)
 
@@ -269,7 +271,7 @@ class BatchItem:
     """The final state of one input. ``outputs`` are relative to ``out_dir``."""
 
     rel: str
-    status: str  # "ok" | "failed"
+    status: str  # "ok" | "failed" | "not_run" (a cancelled run had not reached it; a re-run does it)
     code: str = ""
     reason: str = ""
     outputs: list[str] = field(default_factory=list)
@@ -343,7 +345,8 @@ class BatchReport:
         lines = [self.summary_line()]
         for it in self.items:
             lines.append(f"  ok     {it.rel} -> {', '.join(it.outputs)}" if it.status == "ok"
-                         else f"  FAILED {it.rel}: [{it.code}] {it.reason}")
+                         else f"  FAILED {it.rel}: [{it.code}] {it.reason}" if it.status == "failed"
+                         else f"  not run {it.rel}")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -599,6 +602,7 @@ def run(input: str | os.PathLike, output_dir: str | os.PathLike, process: Callab
     out_res = out.resolve()
     report = BatchReport(output_dir=str(out), shard=shard)
     writer = None
+    item, inputs = None, iter(())  # the input being processed, and those not reached yet
     try:
         shutil.rmtree(staging, ignore_errors=True)  # leftovers of a killed run (we hold the lock)
         staging.mkdir(exist_ok=True)
@@ -612,7 +616,8 @@ def run(input: str | os.PathLike, output_dir: str | os.PathLike, process: Callab
         if progress is not None:
             progress(0, total)
         done = 0
-        for item in iter_inputs(src, recursive=recursive, shard=shard, output_dir=out):
+        inputs = iter_inputs(src, recursive=recursive, shard=shard, output_dir=out)
+        for item in inputs:
             _check(should_cancel)
             prev = index.get(item.rel)
             if prev is not None and prev["status"] == "ok" and prev.get("job") == job and _outputs_intact(out, prev):
@@ -622,6 +627,7 @@ def run(input: str | os.PathLike, output_dir: str | os.PathLike, process: Callab
             else:
                 bi = _run_one(item, out, out_res, staging, process, manifest, index, job, overwrite, should_cancel)
             writer.add(bi)
+            item = None  # reported
             if bi.status == "ok":
                 report.ok += 1
             else:
@@ -631,6 +637,11 @@ def run(input: str | os.PathLike, output_dir: str | os.PathLike, process: Callab
                 progress(done, total)
     except CancelledError as e:
         report.cancelled = True
+        if writer is not None:  # the report lists every input: the ones not reached are "not_run"
+            for it in itertools.chain([item] if item is not None else [], inputs):
+                writer.add(BatchItem(it.rel, "not_run", code="cancelled",
+                                     reason="not processed: the run was cancelled first (run it again to resume)",
+                                     path=str(it.path), out_dir=str(out)))
         _finish(report, writer, manifest, t0)
         shutil.rmtree(staging, ignore_errors=True)
         e.report = report
@@ -649,8 +660,8 @@ def run(input: str | os.PathLike, output_dir: str | os.PathLike, process: Callab
 def _finish(report: BatchReport, writer: _ReportWriter | None, manifest: _Manifest, t0: float) -> None:
     report.seconds = time.perf_counter() - t0
     if writer is not None:
-        writer.close(report.to_json())
         report.report_csv, report.report_json = str(writer.csv_path), str(writer.json_path)
+        writer.close(report.to_json())
     manifest.write({"event": "end", "time": time.time(), "cancelled": report.cancelled, "ok": report.ok,
                     "failed": report.failed, "total": report.total})
     manifest.close()
@@ -749,7 +760,8 @@ def _safe_target(final: Path, out_res: Path, item: BatchInput, owned: list[str],
             raise OutputError(f"'{final}' is a folder; cannot write an output there.")
         if not (name in owned or overwrite):
             raise OutputError(f"'{final}' already exists and was not written by this batch; it is left alone. Move "
-                              "it away, choose another output folder, or allow overwriting.")
+                              "it away, choose another output folder, or allow overwriting (command line: "
+                              "--overwrite).")
 
 
 # ----------------------------------------------------------------------------------------------- merge
@@ -858,6 +870,10 @@ class EditProcessor:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         # None: the pack's default method, recorded by name in the report and the outputs' metadata
         self.method = method if method is not None else (getattr(engine, "default_method", None) or "cmd")
+        num_ws = int(getattr(engine, "num_ws", 0) or 0)
+        if identity_layers is not None and num_ws and not 0 <= int(identity_layers) < num_ws:
+            raise ValueError(f"identity layers must be in 0..{num_ws - 1} for this pack ({num_ws} W+ layers), "
+                             f"got {identity_layers}")
         self.identity_layers = identity_layers
         self.face = parse_face(face)
         self.tier, self.detector, self.seed = tier, detector, int(seed)
@@ -865,6 +881,8 @@ class EditProcessor:
         if self.fmt not in ("png", "jpg", "webp"):
             raise ValueError(f"format is png, jpg or webp, got {fmt!r}")
         self.quality, self.aligned_only, self.save_latent = int(quality), bool(aligned_only), bool(save_latent)
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be between 1 and 100, got {quality}")
 
     @property
     def params(self) -> dict:
@@ -890,8 +908,8 @@ class EditProcessor:
             if not big:
                 raise
             prepared = prepare_photo(path, resolution=res, detector=self.detector, face=big)
-        meta = {"captions": self.captions, "strength": self.strength, "method": self.method,
-                "pack": str(getattr(self.engine, "pack_id", "")), "source": name, "tier": self.tier}
+        meta = provenance_tag("edited", captions=self.captions, strength=self.strength, method=self.method,
+                              pack=str(getattr(self.engine, "pack_id", "")), source=name, tier=self.tier)
         outputs: list[Output] = []
         edited: dict[int, object] = {}
         for i, crop in zip(prepared.selected, prepared.aligned):

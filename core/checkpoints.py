@@ -52,6 +52,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from core.atomic import set_file_mode
 from core.errors import InvalidCheckpointError, UnsafeCheckpointError
 from core.stylegan2 import Generator, normalize_config
 
@@ -74,6 +75,7 @@ def save_generator(G: Generator, path: str | os.PathLike, *, metadata: Mapping[s
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata=meta)
+        set_file_mode(tmp)  # save_file leaves 0600
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.atomic import set_file_mode
 from core.errors import CaptionError, InvalidCheckpointError, MissingWeightsError, MissingFile
 
 TINY_ARCH = "anyface-tiny-clip"
@@ -250,6 +251,7 @@ class TinyClip(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"config": json.dumps(self.config), "format": TINY_ARCH})
+        set_file_mode(tmp)  # save_file leaves 0600
         os.replace(tmp, path)
 
     @classmethod

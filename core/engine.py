@@ -380,10 +380,12 @@ class Engine:
 
     @torch.inference_mode()
     def synthesize(self, captions: str | Sequence[str], n: int = 4, seed: int = 0, method: str | None = None,
-                   diversity: float = 1.0, *, truncation_psi: float | None = None, batch_size: int = 8,
+                   diversity: float = 1.0, *, truncation_psi: float | None = None, batch_size: int = 1,
                    progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> list[FaceResult]:
         """Text -> ``n`` faces. Face i has seed ``seed + i`` and is reproduced alone by
-        ``synthesize(captions, 1, seed + i, ...)``. The text code sets layers ``coarse_layers..num_ws``,
+        ``synthesize(captions, 1, seed + i, ...)``, bit for bit: each face is mapped and rendered on its own
+        (``batch_size`` 1; a larger one renders faster on a GPU but batched kernels may round differently, by
+        one level of 255 at most). The text code sets layers ``coarse_layers..num_ws``,
         the mapping network on random z the first ``coarse_layers``. ``diversity`` (>= 0) scales the
         randomness: the CVAE temperature, the KNN mixing, and z truncation (psi = min(1, 0.7 * diversity)
         unless ``truncation_psi`` is given)."""
@@ -401,7 +403,8 @@ class Engine:
         psi = float(truncation_psi) if truncation_psi is not None else min(1.0, self.base_truncation * float(diversity))
         z = torch.stack([torch.randn(self.z_dim, generator=torch.Generator().manual_seed(sub_seed(seed + i, "z")))
                          for i in range(n)]).to(self.device)
-        ws_z = self.generator.mapping(z, truncation_psi=psi)  # [n, num_ws, w_dim]
+        # one face at a time: a batched matrix product can round differently from a single one
+        ws_z = torch.cat([self.generator.mapping(z[i:i + 1], truncation_psi=psi) for i in range(n)])  # [n, num_ws, w_dim]
         c = self.coarse_layers
         ws = torch.cat([ws_z[:, :c], codes[:, c:]], 1)
         _tick(progress, 1, total)

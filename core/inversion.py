@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.atomic import mkstemp_beside, set_file_mode
 from core.errors import CancelledError, InvalidCheckpointError
 
 TIERS = {"fast": 0, "balanced": 50, "best": 300}
@@ -131,10 +131,11 @@ class Encoder(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         meta = {"config": json.dumps(self.config), "format": ENCODER_FORMAT}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=str(path.parent))
+        fd, tmp = mkstemp_beside(path)
         os.close(fd)
         try:
             save_file(state, tmp, metadata=meta)
+            set_file_mode(tmp)  # save_file leaves 0600
             os.replace(tmp, path)
         except BaseException:
             try:

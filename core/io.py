@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from core.atomic import mkstemp_beside
 from core.errors import ImageTooLargeError, InvalidImageError, OutputError
 
 PathLike = Union[str, os.PathLike]
@@ -38,6 +38,18 @@ FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 #: Key under which the provenance JSON is stored (PNG text chunk / EXIF UserComment / XMP).
 PROVENANCE_KEY = "AnyFace"
 DEFAULT_DESCRIPTION = "AI-edited with AnyFace Desktop"
+PROVENANCE = "made/edited with AnyFace Desktop"
+
+
+def provenance_tag(kind: str, **fields) -> dict:
+    """The provenance dict every output of the app carries in its metadata (GUI export, CLI, batch), so any of
+    them reads back the same way: ``provenance``, ``software``, ``kind`` ("generated" | "edited") and ``fields``
+    (captions, method, pack, seed, strength ...)."""
+    from core import __version__
+
+    if kind not in ("generated", "edited"):
+        raise ValueError(f"kind is 'generated' or 'edited', got {kind!r}")
+    return {"provenance": PROVENANCE, "software": f"AnyFace Desktop {__version__}", "kind": kind, **fields}
 
 _EXIF_IFD = 0x8769
 _TAG_DESCRIPTION = 0x010E
@@ -341,6 +353,8 @@ def write_image(path: PathLike, img: np.ndarray, fmt: str | None = None, quality
     Refuses (``OutputError``) to write onto any path in ``protect`` (the inputs), or onto an existing
     file when ``overwrite`` is False. Returns the path written.
     """
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"quality must be between 1 and 100, got {quality}")
     path = Path(path)
     if fmt is None:
         fmt = FORMATS.get(path.suffix.lower())
@@ -388,7 +402,7 @@ def write_image(path: PathLike, img: np.ndarray, fmt: str | None = None, quality
         else:
             kwargs.update(method=4)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:40]}.", suffix=".tmp", dir=str(path.parent))
+    fd, tmp = mkstemp_beside(path, prefix_len=40)
     try:
         with os.fdopen(fd, "wb") as f:
             pil.save(f, format=fmt, **kwargs)

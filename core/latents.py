@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
+from core.atomic import mkstemp_beside, set_file_mode
 from core.errors import InvalidCheckpointError
 
 LATENT_FORMAT = "anyface-latent"
@@ -34,8 +34,7 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------------------------------------------
 
 def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    return mkstemp_beside(path)
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict, kind: str) -> None:
@@ -48,6 +47,7 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
     os.close(fd)
     try:
         save_file(clean, tmp, metadata={"config": json.dumps(config), "format": kind})
+        set_file_mode(tmp)  # save_file leaves 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.atomic import mkstemp_beside
 from core.errors import AnyFaceError, CancelledError, InvalidCheckpointError
 from core.weights import Manifest, atomic_write_text, local_manifest_path, sha256_file, user_data_dir
 
@@ -51,7 +51,7 @@ def sniff_format(path: Path) -> str:
 
 def _copy_atomic(src: Path, dst: Path, should_cancel=None) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".part")
+    fd, tmp = mkstemp_beside(dst, suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
             while buf := inp.read(1 << 20):

@@ -90,7 +90,7 @@ def prepare_photo(path_or_array: Union[str, os.PathLike, np.ndarray], *, resolut
     if not faces:
         raise NoFaceFoundError(
             f"No face was found in {name} (detector: {detector}). Use a photo where the face is visible, "
-            "roughly frontal and at least ~80 pixels wide, or try another detector in Settings.")
+            "roughly frontal and at least ~80 pixels wide, or try another detector (Settings; command line: --detector).")
     selected = _select(faces, face)
     aligned, transforms = [], []
     for i in selected:

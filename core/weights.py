@@ -15,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from core.atomic import mkstemp_beside
 from core.errors import CancelledError, CorruptWeightsError, MissingFile, MissingWeightsError, UnknownWeightsError
 
 ENV_WEIGHTS_DIR = "ANYFACE_WEIGHTS_DIR"
@@ -183,7 +183,7 @@ class Manifest:
 
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = mkstemp_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -432,6 +432,14 @@ def test_cancel_stops_within_a_second_and_resumes(tmp_path):
     rep = ei.value.report
     assert rep.cancelled and rep.ok == 1 and rep.exit_code == 1
     assert Path(rep.report_csv).is_file()
+    # the report lists every input: the one cut short and the six never reached are "not_run"
+    rows = {it.rel: it.status for it in batch.read_report(rep.report_json)}
+    assert rows == {"p0.png": "ok", **{f"p{i}.png": "not_run" for i in range(1, 8)}}
+    with open(rep.report_csv, newline="", encoding="utf-8") as f:
+        assert len(list(csv.DictReader(f))) == 8
+    summary = json.loads(Path(rep.report_json).read_text())["summary"]
+    assert summary["report_csv"] == rep.report_csv and summary["report_json"] == rep.report_json
+    assert rep.failed_items == [] and "not run p7.png" in rep.summary()
     idx = batch.read_manifest(batch.manifest_paths(out))
     assert idx["p0.png"]["status"] == "ok" and idx["p1.png"]["status"] == "started"
     assert sorted(p.name for p in out.glob("*.png")) == ["p0_anyface.png"]

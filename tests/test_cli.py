@@ -90,6 +90,18 @@ def test_help_and_usage_errors(tmp_path):
     anyface("--threads", "-1", "generate", "x", check_rc=2)
     anyface("generate", "x", "--threads", "many", check_rc=2)
     anyface("frobnicate", check_rc=2)
+    # bad values are refused by the parser or before any model loads, with exit 2 and no traceback
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    for bad in (["generate", "x", "--diversity", "-1"], ["generate", "x", "--diversity", "nan"],
+                ["generate", "x", "--quality", "0"], ["generate", "x", "--quality", "101", "--format", "webp"],
+                ["generate", ""], ["generate", "   "], ["generate", "x", "-o", afile],
+                ["edit", tmp_path, "--caption", " ", "-o", tmp_path / "o"],
+                ["edit", tmp_path, "--caption", "x", "-o", tmp_path / "o", "--identity-layers", "-1"],
+                ["edit", tmp_path, "--caption", "x", "-o", afile],
+                ["batch-merge", tmp_path]):  # a folder without a batch manifest
+        r = anyface(*bad, check_rc=2)
+        assert "Traceback" not in r.stderr and "error:" in r.stderr, (bad, r.stderr)
     assert not (tmp_path / "o").exists()
 
 
@@ -137,7 +149,7 @@ def test_batch_merge_cli(tmp_path):
     assert [(d["rel"], d["status"], d["outputs"]) for d in js["items"]] == \
         [(it.rel, it.status, it.outputs) for it in single.items]
     assert (tmp_path / "m" / "anyface-report.csv").is_file()
-    anyface("batch-merge", tmp_path / "nothing-here", check_rc=1)
+    anyface("batch-merge", tmp_path / "nothing-here", check_rc=2)  # usage error (README: exit 2), before any work
 
 
 # ----------------------------------------------------------------------------------------------- real engine
@@ -163,6 +175,12 @@ def test_generate(tmp_path, weights_env):
             assert im.size[0] == im.size[1] >= 16
     assert Path(js["outputs"][0]["image"]).name == "a-smiling-woman-with-glasses_s1-1.png"
     assert theirs.read_bytes() == b"someone else's file"
+    # the same provenance tag as a GUI export (the GUI reads it back), marked as generated
+    from anyface_desktop.export import read_provenance
+
+    tag = read_provenance(js["outputs"][0]["image"])
+    assert tag is not None and tag["kind"] == "generated" and tag["captions"] == ["a smiling woman", "with glasses"]
+    assert "AI-generated" in tag.get("description", "")
 
 
 def test_edit_single_photo(tmp_path, weights_env):
@@ -181,6 +199,32 @@ def test_edit_single_photo(tmp_path, weights_env):
 
     meta = read_metadata(out / "me_anyface_face0.webp")
     assert meta.get("captions") == ["grey hair"]
+    assert meta.get("kind") == "edited" and meta.get("provenance")
+
+
+def test_edit_quiet_still_names_failures_and_bad_values_need_no_photo_work(tmp_path, weights_env):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    r = anyface("--quiet", "edit", src, "--caption", "smiling", "-o", tmp_path / "out", env_extra=weights_env,
+                check_rc=1)
+    assert "FAILED broken.jpg: [invalid_image]" in r.stderr and "0 of 1 photos done, 1 failed" in r.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = anyface("--quiet", "edit", empty, "--caption", "smiling", "-o", tmp_path / "out4", env_extra=weights_env,
+                check_rc=0)
+    assert "no photos found" in r.stderr and "--recursive" in r.stderr
+    # out of range for the pack (10 W+ layers): refused once, before any photo is read
+    r = anyface("edit", src, "--caption", "smiling", "--identity-layers", "99", "-o", tmp_path / "out2",
+                env_extra=weights_env, check_rc=2)
+    assert "identity layers must be in 0..9" in r.stderr
+    from core.align import detector_status
+
+    if detector_status()["fan"] is not None:  # FAN weights are not installed here: refused up front
+        r = anyface("edit", src, "--caption", "smiling", "--detector", "fan", "-o", tmp_path / "out3",
+                    env_extra=weights_env, check_rc=2)
+        assert "face detector 'fan' cannot run" in r.stderr and "--detector auto" in r.stderr
+        assert not (tmp_path / "out3" / "anyface-report.csv").exists()
 
 
 def test_edit_folder_sharded_resumed_merged(tmp_path, weights_env):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 
@@ -237,3 +238,29 @@ def test_unique_path(tmp_path):
     assert unique_path(p) == tmp_path / "face-1.png"
     (tmp_path / "face-1.png").write_bytes(b"x")
     assert unique_path(p, reserved=[tmp_path / "face-2.png"]) == tmp_path / "face-3.png"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_outputs_get_the_umask_permissions(tmp_path, mask):
+    """An atomic write (mkstemp + replace) must not leave the 0600 of mkstemp: the file gets 0666 minus the umask,
+    like one made by open()."""
+    import torch
+
+    from core.latents import save_latent, save_safetensors
+
+    old = os.umask(mask)
+    try:
+        img = np.zeros((8, 8, 3), np.uint8)
+        paths = [write_image(tmp_path / f"a.{ext}", img) for ext in ("png", "jpg", "webp")]
+        paths.append(save_latent(tmp_path / "a.npz", np.zeros((4, 8), np.float32), captions=["x"], seed=0,
+                                 method="knn", pack_id="tiny"))
+        save_safetensors(tmp_path / "s.safetensors", {"t": torch.zeros(2)}, {}, "test")
+        paths.append(tmp_path / "s.safetensors")
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+        expected = os.stat(tmp_path / "plain.txt").st_mode & 0o777
+    finally:
+        os.umask(old)
+    assert expected == 0o666 & ~mask
+    assert {p.name: os.stat(p).st_mode & 0o777 for p in paths} == {p.name: expected for p in paths}

@@ -15,6 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from core.atomic import set_file_mode
+
 MANIFEST_IDS = {"cmd.safetensors": "tiny-cmd", "cvae.safetensors": "tiny-cvae", "knn_bank.safetensors": "tiny-knn",
                 "encoder.safetensors": "tiny-encoder"}
 
@@ -34,6 +36,7 @@ def to_fp16(path: Path) -> tuple[int, int]:
     if not ok:
         tmp.unlink()
         raise RuntimeError(f"{path}: the fp16 copy did not read back the same tensors; the file was left as it was")
+    set_file_mode(tmp)  # save_file leaves 0600
     tmp.replace(path)
     return before, path.stat().st_size
 

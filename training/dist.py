@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +26,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from core.atomic import mkstemp_beside
 from core.device import pick_device
 
 
@@ -313,7 +313,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     if info().is_main:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = mkstemp_beside(path)
         os.close(fd)
         try:
             torch.save(state, tmp)

@@ -1,0 +1,27 @@
+"""anyface_desktop.export (Qt-free): the GUI's export writer."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from anyface_desktop.export import ExportRequest, export_image, read_provenance
+
+
+def test_export_keeps_alpha_when_resizing_and_names_match_the_format(tmp_path):
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 128
+    res = export_image(ExportRequest(path=str(tmp_path / "a.png"), image=rgba, fmt="png", size=20, save_latent=False,
+                                     captions=["x"], method="knn", pack="tiny"))
+    with Image.open(res.image_path) as im:
+        assert im.mode == "RGBA" and im.size == (20, 20) and im.getpixel((5, 5))[3] == 128
+    # a PNG asked for under a .jpg name is written as face.png, never PNG bytes in a .jpg file
+    res = export_image(ExportRequest(path=str(tmp_path / "face.jpg"), image=rgba[..., :3].copy(), fmt="png",
+                                     save_latent=False, captions=["x"]))
+    assert res.image_path.endswith("face.png") and not (tmp_path / "face.jpg").exists()
+    res = export_image(ExportRequest(path=str(tmp_path / "face"), image=rgba[..., :3].copy(), fmt="jpg",
+                                     save_latent=False, captions=["x"], edited=False))
+    assert res.image_path.endswith("face.jpg")
+    with Image.open(res.image_path) as im:
+        assert im.format == "JPEG"
+    assert read_provenance(res.image_path)["kind"] == "generated"
