@@ -71,6 +71,13 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
+def _positive_float(text: str) -> float:
+    v = _nonneg_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError("must be a number > 0")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anyface", description="AnyFace Desktop command line: make and edit faces with words.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog="example:\n  anyface models download --pack ffhq-1024 --mirror https://my.mirror/models/")
     md.add_argument("--pack", dest="models_pack", required=True)
     md.add_argument("--mirror", default=None, help="base URL serving the files by name (or $ANYFACE_MIRROR)")
-    md.add_argument("--timeout", type=float, default=20.0, help="network timeout in seconds")
+    md.add_argument("--timeout", type=_positive_float, default=20.0, help="network timeout in seconds (> 0)")
     mb = msub.add_parser("build-bank", parents=[common], formatter_class=fmt,
                          help="build the KNN latent bank of a pack (enables --method knn without training)",
                          description="Sample SIZE faces from the pack's generator, embed them with its CLIP and save "
@@ -352,6 +359,11 @@ def _output_folder(path, create: bool = True) -> "Path":
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise _UsageError(f"the output '{out}' is a file, not a folder; give a folder with -o")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise _UsageError(f"cannot create the output folder '{out}': '{parent}' is a file")
     if not create:
         return out
     try:
@@ -407,7 +419,7 @@ def cmd_generate(args) -> int:
             row.update(refine_steps=r.extra["refine_steps"], clip_similarity_before=r.extra["clip_similarity_before"],
                        clip_similarity_after=r.extra["clip_similarity_after"])
         if args.save_latent:
-            row["latent"] = str(r.save_latent(unique_path(path.with_suffix(".npz"))))
+            row["latent"] = str(r.save_latent(unique_path(path.with_suffix(".npz")), kind="generated"))
         rows.append(row)
     _print(args, {"pack": engine.pack_id, "outputs": rows},
            "\n".join(r["image"] + (f"  (+ {Path(r['latent']).name})" if "latent" in r else "") for r in rows))
@@ -457,8 +469,8 @@ def cmd_edit(args) -> int:
     from core.engine import clean_captions
 
     clean_captions(args.caption)  # only blank captions: a usage error before any model loads
-    _check_detector(args.detector)
     _output_folder(args.output, create=False)  # the batch runner creates it
+    _check_detector(args.detector)
     engine = _load_engine(args)
     try:
         proc = batch.EditProcessor(engine, args.caption, strength=args.strength, method=args.method,
@@ -477,7 +489,8 @@ def cmd_edit(args) -> int:
         finally:
             bar.close()
     if report is not None and report.total == 0 and not report.cancelled:
-        print(f"note: no photos found in '{src}' ({', '.join(sorted(s.lstrip('.') for s in batch.IMAGE_SUFFIXES))}"
+        where = f"shard {shard[0]}/{shard[1]} of '{src}'" if shard else f"'{src}'"
+        print(f"note: no photos in {where} ({', '.join(sorted(s.lstrip('.') for s in batch.IMAGE_SUFFIXES))}"
               f"{'' if args.recursive else '; --recursive includes subfolders'})", file=sys.stderr)
     return _report_out(args, report)
 
@@ -529,6 +542,10 @@ def cmd_batch_merge(args) -> int:
         if p.is_dir() and not any((p / batch.STATE_DIR).glob("manifest*.jsonl")):
             raise _UsageError(f"'{p}' is not the output folder of an `anyface edit` run (no "
                               f"{batch.STATE_DIR}/manifest*.jsonl in it)")
+        if p.is_file() and not (p.suffix == ".jsonl" and p.name.startswith("manifest")):
+            raise _UsageError(f"'{p}' is not a batch manifest ({batch.STATE_DIR}/manifest*.jsonl)")
+    if args.output:
+        _output_folder(args.output, create=False)
     report = batch.merge_reports(args.sources, args.output)
     return _report_out(args, report)
 

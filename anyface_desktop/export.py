@@ -61,8 +61,10 @@ def export_image(req: ExportRequest) -> ExportResult:
     from PIL import Image
 
     from core.errors import OutputError
-    from core.io import write_image
+    from core.io import unique_path, write_image
 
+    if not str(req.path).strip() or not Path(req.path).name:
+        raise OutputError("Choose a file name to export to.")
     path = Path(req.path)
     fmt = req.fmt.lower().lstrip(".")
     if fmt not in FORMATS:
@@ -71,6 +73,7 @@ def export_image(req: ExportRequest) -> ExportResult:
     if path.suffix.lower() not in exts:  # the name says the format: "face.jpg" must hold a JPEG
         path = path.with_name(path.name + exts[0]) if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp") \
             else path.with_suffix(exts[0])
+        path = unique_path(path)  # a name the user did not type must not replace an existing file
     for src in req.inputs:
         if src and _same_file(path, Path(src)):
             raise OutputError(f"Refusing to write over the input photo {path}. Choose another file name.")

@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 
 
-def _read_umask() -> int:
-    """The process umask, without changing it where the OS can tell (Linux >= 4.7: /proc/self/status)."""
+def _proc_umask() -> int | None:
+    """The process umask as Linux >= 4.7 shows it (/proc/self/status), without changing it; None elsewhere."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
@@ -21,20 +21,32 @@ def _read_umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError):
         pass
-    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it back at once
+    return None
+
+
+def _umask_by_setting() -> int:
+    mask = os.umask(0o022)  # read it by setting it, and put it back at once
     os.umask(mask)
     return mask
 
 
+# Where /proc cannot tell (macOS, Windows, old kernels) the umask is read once, here: at import, before the app
+# starts worker threads, since reading it by setting it could give a file created meanwhile another mode.
+_IMPORT_UMASK = _umask_by_setting() if _proc_umask() is None else None
+
+
 def file_mode() -> int:
     """The permission bits a newly created regular file gets (0666 minus the umask)."""
-    return 0o666 & ~_read_umask()
+    mask = _proc_umask()
+    return 0o666 & ~(mask if mask is not None else _IMPORT_UMASK if _IMPORT_UMASK is not None else 0o022)
 
 
-def set_file_mode(path: str | os.PathLike) -> None:
-    """Give ``path`` the normal permission bits (writers such as safetensors' ``save_file`` make their file 0600)."""
+def set_file_mode(path: str | os.PathLike, like: str | os.PathLike | None = None) -> None:
+    """Give ``path`` the permission bits of the file it will replace (``like``, when it exists), else those of a
+    new file (writers such as safetensors' ``save_file`` make their file 0600)."""
     try:
-        os.chmod(path, file_mode())
+        mode = os.stat(like).st_mode & 0o7777 if like is not None and os.path.isfile(like) else file_mode()
+        os.chmod(path, mode)
     except OSError:  # a file system without POSIX modes
         pass
 
@@ -45,5 +57,5 @@ def mkstemp_beside(path: str | os.PathLike, suffix: str = ".tmp", prefix_len: in
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name[:prefix_len]}.", suffix=suffix)
-    set_file_mode(tmp)
+    set_file_mode(tmp, like=path)
     return fd, tmp

@@ -27,8 +27,9 @@ Guarantees
 - Keeps going: each failing input is recorded with a reason code and a message (``anyface-report.csv``
   and ``.json`` next to the outputs) and the run goes on.
 - Cancel: ``should_cancel`` is checked between inputs and passed to ``process``; the runner stops,
-  writes the report of what is done and raises :class:`CancelledError` (its ``report`` attribute holds the
-  :class:`BatchReport`). The manifest is append-only, so it is consistent at any instant, even after
+  writes the report and raises :class:`CancelledError` (its ``report`` attribute holds the
+  :class:`BatchReport`). The report still lists every input: those it did not reach are ``not_run`` (also
+  in the manifest, so a merge lists them), or ``ok`` if an earlier run had finished them. The manifest is append-only, so it is consistent at any instant, even after
   SIGKILL.
 - Sharding: ``shard=(K, N)`` (1 <= K <= N) keeps the inputs whose relative path hashes to K - 1 modulo N,
   so N independent runs (a job array) cover a folder exactly once; :func:`merge_reports` combines their
@@ -431,7 +432,8 @@ def read_manifest(paths: Iterable[str | os.PathLike], index: dict | None = None)
                     rec = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(rec, dict) and "rel" in rec and rec.get("status") in ("started", "ok", "failed"):
+                if isinstance(rec, dict) and "rel" in rec and rec.get("status") in ("started", "ok", "failed",
+                                                                                   "not_run"):
                     old = index.get(rec["rel"])
                     if old is None or float(rec.get("time", 0)) >= float(old.get("time", 0)):
                         index[rec["rel"]] = rec
@@ -619,10 +621,8 @@ def run(input: str | os.PathLike, output_dir: str | os.PathLike, process: Callab
         inputs = iter_inputs(src, recursive=recursive, shard=shard, output_dir=out)
         for item in inputs:
             _check(should_cancel)
-            prev = index.get(item.rel)
-            if prev is not None and prev["status"] == "ok" and prev.get("job") == job and _outputs_intact(out, prev):
-                bi = BatchItem(item.rel, "ok", outputs=list(prev["outputs"]), seconds=float(prev.get("seconds", 0)),
-                               path=str(item.path), out_dir=str(out), reused=True)
+            bi = _reusable(item, index.get(item.rel), job, out)
+            if bi is not None:
                 report.reused += 1
             else:
                 bi = _run_one(item, out, out_res, staging, process, manifest, index, job, overwrite, should_cancel)
@@ -637,12 +637,17 @@ def run(input: str | os.PathLike, output_dir: str | os.PathLike, process: Callab
                 progress(done, total)
     except CancelledError as e:
         report.cancelled = True
-        if writer is not None:  # the report lists every input: the ones not reached are "not_run"
-            for it in itertools.chain([item] if item is not None else [], inputs):
-                writer.add(BatchItem(it.rel, "not_run", code="cancelled",
-                                     reason="not processed: the run was cancelled first (run it again to resume)",
-                                     path=str(it.path), out_dir=str(out)))
-        _finish(report, writer, manifest, t0)
+        try:
+            if writer is not None:  # the report lists every input, also those the run did not reach
+                for it in itertools.chain([item] if item is not None else [], inputs):
+                    _report_unreached(it, index.get(it.rel), job, out, writer, manifest, report)
+            _finish(report, writer, manifest, t0)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            manifest.close()
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         shutil.rmtree(staging, ignore_errors=True)
         e.report = report
         raise
@@ -655,6 +660,36 @@ def run(input: str | os.PathLike, output_dir: str | os.PathLike, process: Callab
     _finish(report, writer, manifest, t0)
     shutil.rmtree(staging, ignore_errors=True)
     return report
+
+
+def _reusable(item: BatchInput, prev: dict | None, job: str, out: Path) -> BatchItem | None:
+    """The item as an earlier run of the same job finished it, if its outputs are still intact."""
+    if prev is not None and prev["status"] == "ok" and prev.get("job") == job and _outputs_intact(out, prev):
+        return BatchItem(item.rel, "ok", outputs=list(prev["outputs"]), seconds=float(prev.get("seconds", 0)),
+                         path=str(item.path), out_dir=str(out), reused=True)
+    return None
+
+
+def _report_unreached(item: BatchInput, prev: dict | None, job: str, out: Path, writer: _ReportWriter,
+                      manifest: _Manifest, report: BatchReport) -> None:
+    """An input a cancelled run did not process: "ok" if an earlier run finished it, "failed" if the walk
+    already found it unreadable, else "not_run" (recorded in the manifest too, keeping the output names this
+    batch owns, so a merge lists it and a re-run does it)."""
+    bi = _reusable(item, prev, job, out)
+    if bi is not None:
+        report.ok += 1
+        report.reused += 1
+    elif item.error is not None:
+        bi = BatchItem(item.rel, "failed", code=item.error[0], reason=item.error[1], path=str(item.path),
+                       out_dir=str(out))
+        report.failed += 1
+    else:
+        bi = BatchItem(item.rel, "not_run", code="cancelled",
+                       reason="not processed: the run was cancelled first (run it again to resume)",
+                       path=str(item.path), out_dir=str(out))
+        manifest.write({"rel": item.rel, "status": "not_run", "time": time.time(), "job": job,
+                        "input": str(item.path), "owned": _owned(prev)})
+    writer.add(bi)
 
 
 def _finish(report: BatchReport, writer: _ReportWriter | None, manifest: _Manifest, t0: float) -> None:
@@ -812,6 +847,10 @@ def merge_reports(sources: Iterable[str | os.PathLike], dest: str | os.PathLike 
                                    seconds=float(rec.get("seconds", 0)), out_dir=str(out_dir),
                                    path=rec.get("input", ""))
                     report.failed += 1
+                elif rec["status"] == "not_run":  # a cancelled run did not reach it
+                    bi = BatchItem(rel, "not_run", code="cancelled", reason="not processed: its run was cancelled "
+                                   "first; re-run its shard.", out_dir=str(out_dir), path=rec.get("input", ""))
+                    report.cancelled = True
                 else:
                     bi = BatchItem(rel, "failed", code="error", reason="Not finished (the run was stopped before "
                                    "this input completed); re-run its shard.", out_dir=str(out_dir))
@@ -821,12 +860,13 @@ def merge_reports(sources: Iterable[str | os.PathLike], dest: str | os.PathLike 
                 mf.write(json.dumps({**rec, "out_dir": str(out_dir)}) + "\n")
         os.replace(mtmp, state / "manifest.merged.jsonl")
         report.seconds = time.perf_counter() - t0
+        report.report_csv, report.report_json = str(writer.csv_path), str(writer.json_path)
         writer.close(report.to_json())
     except BaseException:
+        report.report_csv = report.report_json = None
         writer.abort()
         Path(mtmp).unlink(missing_ok=True)
         raise
-    report.report_csv, report.report_json = str(writer.csv_path), str(writer.json_path)
     return report
 
 
@@ -909,7 +949,8 @@ class EditProcessor:
                 raise
             prepared = prepare_photo(path, resolution=res, detector=self.detector, face=big)
         meta = provenance_tag("edited", captions=self.captions, strength=self.strength, method=self.method,
-                              pack=str(getattr(self.engine, "pack_id", "")), source=name, tier=self.tier)
+                              pack=str(getattr(self.engine, "pack_id", "")), source=name, tier=self.tier,
+                              seed=self.seed)
         outputs: list[Output] = []
         edited: dict[int, object] = {}
         for i, crop in zip(prepared.selected, prepared.aligned):
@@ -925,7 +966,7 @@ class EditProcessor:
             else:
                 edited[i] = r.image
             if self.save_latent:
-                outputs.append(latent_output(r.ws, tag=tag, captions=self.captions, seed=self.seed,
+                outputs.append(latent_output(r.ws, tag=tag, kind="edited", captions=self.captions, seed=self.seed,
                                              method=r.method, pack_id=r.pack_id, strength=self.strength,
                                              source=name, face=i))
         if not self.aligned_only:

@@ -75,7 +75,7 @@ def save_generator(G: Generator, path: str | os.PathLike, *, metadata: Mapping[s
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata=meta)
-        set_file_mode(tmp)  # save_file leaves 0600
+        set_file_mode(tmp, like=path)  # save_file leaves 0600
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -251,7 +251,7 @@ class TinyClip(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"config": json.dumps(self.config), "format": TINY_ARCH})
-        set_file_mode(tmp)  # save_file leaves 0600
+        set_file_mode(tmp, like=path)  # save_file leaves 0600
         os.replace(tmp, path)
 
     @classmethod

@@ -135,7 +135,7 @@ class Encoder(nn.Module):
         os.close(fd)
         try:
             save_file(state, tmp, metadata=meta)
-            set_file_mode(tmp)  # save_file leaves 0600
+            set_file_mode(tmp, like=path)  # save_file leaves 0600
             os.replace(tmp, path)
         except BaseException:
             try:

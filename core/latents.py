@@ -22,6 +22,7 @@ import torch
 
 from core.atomic import mkstemp_beside, set_file_mode
 from core.errors import InvalidCheckpointError
+from core.io import PROVENANCE
 
 LATENT_FORMAT = "anyface-latent"
 LATENT_VERSION = 1
@@ -47,7 +48,7 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
     os.close(fd)
     try:
         save_file(clean, tmp, metadata={"config": json.dumps(config), "format": kind})
-        set_file_mode(tmp)  # save_file leaves 0600
+        set_file_mode(tmp, like=path)  # save_file leaves 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -133,6 +134,7 @@ def save_latent(path: str | os.PathLike, ws, *, captions, seed: int | None, meth
         "method": method,
         "pack_id": pack_id,
         "created": time.time(),
+        "provenance": PROVENANCE,  # the tag every output of the app carries
         "extra": extra,
     }
     try:

@@ -441,7 +441,19 @@ def test_cancel_stops_within_a_second_and_resumes(tmp_path):
     assert summary["report_csv"] == rep.report_csv and summary["report_json"] == rep.report_json
     assert rep.failed_items == [] and "not run p7.png" in rep.summary()
     idx = batch.read_manifest(batch.manifest_paths(out))
-    assert idx["p0.png"]["status"] == "ok" and idx["p1.png"]["status"] == "started"
+    assert idx["p0.png"]["status"] == "ok" and {idx[f"p{i}.png"]["status"] for i in range(1, 8)} == {"not_run"}
+    # a merge of the cancelled run lists the inputs it did not reach and is not a success
+    merged = batch.merge_reports([out], tmp_path / "merged")
+    assert (merged.total, merged.ok, merged.failed, merged.cancelled, merged.exit_code) == (8, 1, 0, True, 1)
+    assert json.loads(Path(merged.report_json).read_text())["summary"]["report_json"] == merged.report_json
+    # a re-run cancelled before it does anything reports what earlier runs finished as ok, not "not_run"
+    flag_now = threading.Event()
+    flag_now.set()
+    with pytest.raises(CancelledError) as ei2:
+        batch.run(src, out, fake_process, should_cancel=flag_now.is_set)
+    rows2 = {it.rel: it.status for it in batch.read_report(ei2.value.report.report_json)}
+    assert rows2["p0.png"] == "ok" and ei2.value.report.ok == 1 and ei2.value.report.reused == 1
+    assert sorted(rows2) == sorted(rows) and list(rows2.values()).count("not_run") == 7
     assert sorted(p.name for p in out.glob("*.png")) == ["p0_anyface.png"]
     assert not no_temp_files(out)
     r = batch.run(src, out, fake_process)

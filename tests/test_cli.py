@@ -99,9 +99,20 @@ def test_help_and_usage_errors(tmp_path):
                 ["edit", tmp_path, "--caption", " ", "-o", tmp_path / "o"],
                 ["edit", tmp_path, "--caption", "x", "-o", tmp_path / "o", "--identity-layers", "-1"],
                 ["edit", tmp_path, "--caption", "x", "-o", afile],
-                ["batch-merge", tmp_path]):  # a folder without a batch manifest
+                ["edit", tmp_path, "--caption", "x", "-o", afile / "sub"],
+                ["batch-merge", tmp_path],  # a folder without a batch manifest
+                ["batch-merge", afile],  # a file that is not a manifest
+                ["models", "download", "--pack", "tiny", "--timeout", "-1"]):
         r = anyface(*bad, check_rc=2)
         assert "Traceback" not in r.stderr and "error:" in r.stderr, (bad, r.stderr)
+    # each refusal says what was wrong (not just the first check that happens to fire)
+    msg = {"afile": "is a file", "diversity": "--diversity", "quality": "--quality", "blank": "No caption"}
+    assert msg["afile"] in anyface("generate", "x", "-o", afile, check_rc=2).stderr
+    assert msg["afile"] in anyface("edit", tmp_path, "--caption", "x", "-o", afile / "sub", check_rc=2).stderr
+    assert msg["diversity"] in anyface("generate", "x", "--diversity", "-1", check_rc=2).stderr
+    assert msg["quality"] in anyface("generate", "x", "--quality", "0", check_rc=2).stderr
+    assert msg["blank"] in anyface("generate", "   ", check_rc=2).stderr
+    assert "not a batch manifest" in anyface("batch-merge", afile, check_rc=2).stderr
     assert not (tmp_path / "o").exists()
 
 
@@ -213,7 +224,7 @@ def test_edit_quiet_still_names_failures_and_bad_values_need_no_photo_work(tmp_p
     empty.mkdir()
     r = anyface("--quiet", "edit", empty, "--caption", "smiling", "-o", tmp_path / "out4", env_extra=weights_env,
                 check_rc=0)
-    assert "no photos found" in r.stderr and "--recursive" in r.stderr
+    assert "no photos in" in r.stderr and "--recursive" in r.stderr
     # out of range for the pack (10 W+ layers): refused once, before any photo is read
     r = anyface("edit", src, "--caption", "smiling", "--identity-layers", "99", "-o", tmp_path / "out2",
                 env_extra=weights_env, check_rc=2)

@@ -19,9 +19,20 @@ def test_export_keeps_alpha_when_resizing_and_names_match_the_format(tmp_path):
     res = export_image(ExportRequest(path=str(tmp_path / "face.jpg"), image=rgba[..., :3].copy(), fmt="png",
                                      save_latent=False, captions=["x"]))
     assert res.image_path.endswith("face.png") and not (tmp_path / "face.jpg").exists()
+    # a second time face.png exists (a file the user did not name): it is kept, the export gets a new name
+    before = (tmp_path / "face.png").read_bytes()
+    res = export_image(ExportRequest(path=str(tmp_path / "face.jpg"), image=rgba[..., :3].copy() + 1, fmt="png",
+                                     save_latent=False, captions=["x"]))
+    assert res.image_path != str(tmp_path / "face.png") and (tmp_path / "face.png").read_bytes() == before
     res = export_image(ExportRequest(path=str(tmp_path / "face"), image=rgba[..., :3].copy(), fmt="jpg",
                                      save_latent=False, captions=["x"], edited=False))
     assert res.image_path.endswith("face.jpg")
     with Image.open(res.image_path) as im:
         assert im.format == "JPEG"
     assert read_provenance(res.image_path)["kind"] == "generated"
+    import pytest
+
+    from core.errors import OutputError
+
+    with pytest.raises(OutputError, match="file name"):
+        export_image(ExportRequest(path="", image=rgba[..., :3].copy(), fmt="png", save_latent=False))

@@ -264,3 +264,26 @@ def test_outputs_get_the_umask_permissions(tmp_path, mask):
         os.umask(old)
     assert expected == 0o666 & ~mask
     assert {p.name: os.stat(p).st_mode & 0o777 for p in paths} == {p.name: expected for p in paths}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_atomic_writes_keep_a_replaced_files_mode_and_work_without_proc(tmp_path, monkeypatch):
+    import core.atomic as atomic
+    from core.checkpoints import save_generator
+
+    img = np.zeros((8, 8, 3), np.uint8)
+    target = write_image(tmp_path / "keep.png", img)
+    os.chmod(target, 0o640)  # the user's choice for this file survives a rewrite
+    write_image(target, img + 1)
+    assert os.stat(target).st_mode & 0o777 == 0o640
+    # no /proc (macOS, Windows, old kernels): the umask read once at import is used
+    monkeypatch.setattr(atomic, "_proc_umask", lambda: None)
+    monkeypatch.setattr(atomic, "_IMPORT_UMASK", 0o027)
+    assert atomic.file_mode() == 0o640
+    p = write_image(tmp_path / "new.png", img)
+    assert os.stat(p).st_mode & 0o777 == 0o640
+    from core.stylegan2 import Generator
+
+    G = Generator(resolution=8, z_dim=8, w_dim=8, mapping_layers=1, channels={"4": 8, "8": 8})
+    save_generator(G, tmp_path / "g.safetensors")
+    assert os.stat(tmp_path / "g.safetensors").st_mode & 0o777 == 0o640

@@ -36,7 +36,7 @@ def to_fp16(path: Path) -> tuple[int, int]:
     if not ok:
         tmp.unlink()
         raise RuntimeError(f"{path}: the fp16 copy did not read back the same tensors; the file was left as it was")
-    set_file_mode(tmp)  # save_file leaves 0600
+    set_file_mode(tmp, like=path)  # save_file leaves 0600
     tmp.replace(path)
     return before, path.stat().st_size
 
