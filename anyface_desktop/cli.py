@@ -394,8 +394,9 @@ def cmd_generate(args) -> int:
     if args.n < 1:
         raise _UsageError("-n must be at least 1")
     clean_captions(args.captions)  # an empty caption is a usage error before any model loads
-    out = _output_folder(args.output)
+    _output_folder(args.output, create=False)  # checked now, created once the models are loaded
     engine = _load_engine(args)
+    out = _output_folder(args.output)
     bar = _Progress(args, "generating", "step")
     with _CancelOnSignal(args.quiet or args.json) as cancel:
         try:
