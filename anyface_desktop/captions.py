@@ -207,6 +207,18 @@ class CaptionEditor(QWidget):
                                      "stay from the photo")
         self._identity_suffix(self.identity.value())
 
+    def set_edit_params(self, method: str | None, identity_layers: int | None) -> None:
+        """Show the method and identity lock an edit was made with (undo/redo), without emitting a change."""
+        if method:
+            i = self.method.findData(method)
+            if i >= 0:
+                with QSignalBlocker(self.method):
+                    self.method.setCurrentIndex(i)
+        if identity_layers is not None:
+            with QSignalBlocker(self.identity):
+                self.identity.setValue(int(identity_layers))
+            self._identity_suffix(self.identity.value())
+
     def identity_layers(self) -> int:
         return int(self.identity.value())
 

@@ -83,6 +83,7 @@ def export_image(req: ExportRequest) -> ExportResult:
         scale = req.size / max(pil.size)
         pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.LANCZOS)
         img = np.asarray(pil)
+    image_existed = path.exists()
     meta = provenance(req)
     desc = f"{PROVENANCE} (AI-{'edited' if req.edited else 'generated'}); prompt: {meta['prompt']}; pack: {req.pack}"
     written = write_image(path, img, FORMATS[fmt], int(req.quality), metadata=meta, protect=list(req.inputs),
@@ -90,11 +91,26 @@ def export_image(req: ExportRequest) -> ExportResult:
     latent_path = None
     if req.save_latent and req.ws is not None:
         latent_path = str(Path(written).with_suffix(".npz"))
+        # the .npz name is the app's choice: it replaces the latent of an image the user chose to overwrite, never
+        # an unrelated file beside a new image
+        if Path(latent_path).exists() and not (image_existed and _is_latent(Path(latent_path))):
+            latent_path = str(unique_path(Path(latent_path)))
         for src in req.inputs:
             if src and _same_file(Path(latent_path), Path(src)):
                 raise OutputError(f"Refusing to write the latent over the input {src}.")
         save_latent_file(latent_path, req)
     return ExportResult(str(written), latent_path)
+
+
+def _is_latent(path: Path) -> bool:
+    """An AnyFace latent file (one the app wrote), as opposed to any other .npz."""
+    from core.latents import load_latent
+
+    try:
+        load_latent(path)
+        return True
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
 
 
 def save_latent_file(path: str, req: ExportRequest) -> None:

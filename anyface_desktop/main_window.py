@@ -375,10 +375,18 @@ class MainWindow(QMainWindow):
                 return
         if job.kind == "batch" and self.batch_dialog is not None:
             self.batch_dialog.job_failed(exc, tb)
+        if job.kind == "open":
+            self._resume_cut_inversion()
         if job.kind == "preview" and open_error_boxes():
             log.warning("preview failed again: %s", exc)  # one box at a time while dragging
             return
         show_error(self, exc, tb)
+
+    def _resume_cut_inversion(self) -> None:
+        """A photo failed to open: the previous photo, whose inversion that open stopped, gets its face back."""
+        resume, self._resume_invert = getattr(self, "_resume_invert", None), None
+        if resume is not None and resume[0] is self.photo and self.face is None:
+            self.pick_face(resume[1])
 
     def _on_cancelled(self, job: Job) -> None:
         if not self._closing and job.kind in LONG_JOBS:
@@ -484,15 +492,26 @@ class MainWindow(QMainWindow):
     def open_photo(self, path: str) -> None:
         path = str(path)
         self.scheduler.invalidate()
+        # the running inversion of the current photo (one worker) is stopped so the new photo opens at once; if
+        # the new photo then fails to open, _on_failed starts it again, so the current photo stays usable
+        inverting = [j for j in self._jobs.values() if j.kind == "invert"]
+        self._resume_invert = (self.photo, self.canvas_face_index()) if inverting and self.photo is not None else None
         self.host.cancel(kind="invert")
         detector = self.settings.detector
-        self.settings.add_recent_file(path)
         self.submit("open", lambda b, progress, cancel: _open_photo_any_faces(b, path, detector))
 
+    def canvas_face_index(self) -> int:
+        return max(0, self.face_combo.currentIndex())
+
     def _done_open(self, job: Job, photo: PhotoState) -> None:
+        self._resume_invert = None
+        self.settings.add_recent_file(str(photo.path))
         self.photo = photo
         self.face = None
         self.source = None
+        self.current_entry = None  # nothing to apply, refine or export until this photo has a face
+        self._live_entry = None
+        self.statusBar().clearMessage()
         self.history.reset()
         self.history_panel.show_history(self.history)
         self.setWindowTitle(f"{Path(photo.path).name} — AnyFace Desktop")
@@ -578,7 +597,10 @@ class MainWindow(QMainWindow):
         source = getattr(out, "source", None) or self.source
         if source is not self.source:
             return  # made from a source that is no longer current (an apply or undo happened meanwhile)
-        entry = HistoryEntry(f"“{caps[:40]}” @ {p.get('strength', 0):.2f}", out.result.ws, out.result.image,
+        how = f" · {p['method']}" if p.get("method") else ""
+        how += f" · lock {p['identity_layers']}" if p.get("identity_layers") is not None else ""
+        short = caps if len(caps) <= 28 else caps[:27] + "…"
+        entry = HistoryEntry(f"“{short}” @ {p.get('strength', 0):.2f}{how}", out.result.ws, out.result.image,
                              out.composed, out.result, p, source=source)
         self._live_entry = entry
         self._show_entry(entry)
@@ -700,6 +722,8 @@ class MainWindow(QMainWindow):
         if entry.params.get("captions"):
             self.captions.set_captions(entry.params["captions"], emit=False)
             self.captions.set_strength(entry.params.get("strength", 0.0), emit=False)
+            # the panel shows what this step was made with, so the next slider move continues from it
+            self.captions.set_edit_params(entry.params.get("method"), entry.params.get("identity_layers"))
         self.history_panel.show_history(self.history)
         self._update_actions()
 
@@ -738,7 +762,7 @@ class MainWindow(QMainWindow):
         if results:  # next press: new faces (the seed after the last one shown, whoever asked for these)
             self.gallery.seed.setValue(min(max(r.seed for r in results) + 1, self.gallery.seed.maximum()))
         self.statusBar().showMessage(f"{len(results)} faces in {job.seconds:.2f} s. Double-click one to edit it.", 6000)
-        if self.photo is None and results:
+        if self.photo is None and self.source is None and results:  # not while a face is being edited
             self.canvas.set_images(results[0].image, None, refit=True)
 
     def open_latent_dialog(self) -> None:

@@ -401,8 +401,10 @@ def write_image(path: PathLike, img: np.ndarray, fmt: str | None = None, quality
             kwargs.update(optimize=True, subsampling=0 if quality >= 90 else 2)
         else:
             kwargs.update(method=4)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = mkstemp_beside(path, prefix_len=40)
+    try:
+        fd, tmp = mkstemp_beside(path, prefix_len=40)  # creates the folder
+    except OSError as e:
+        raise OutputError(f"Could not write '{path}': {e.strerror or e} (folder '{path.parent}').") from e
     try:
         with os.fdopen(fd, "wb") as f:
             pil.save(f, format=fmt, **kwargs)

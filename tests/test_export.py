@@ -36,3 +36,28 @@ def test_export_keeps_alpha_when_resizing_and_names_match_the_format(tmp_path):
 
     with pytest.raises(OutputError, match="file name"):
         export_image(ExportRequest(path="", image=rgba[..., :3].copy(), fmt="png", save_latent=False))
+
+
+def test_export_latent_never_replaces_an_unrelated_npz_and_write_errors_are_clear(tmp_path):
+    import pytest
+    import torch
+
+    from core.errors import OutputError
+
+    (tmp_path / "mine.npz").write_bytes(b"the user's own file")
+    req = dict(image=np.zeros((16, 16, 3), np.uint8), fmt="png", save_latent=True, ws=torch.zeros(4, 8),
+               captions=["x"], method="knn", pack="tiny")
+    res = export_image(ExportRequest(path=str(tmp_path / "mine.png"), **req))
+    assert (tmp_path / "mine.npz").read_bytes() == b"the user's own file" and res.latent_path.endswith("mine-1.npz")
+    # exporting over that image again (the user chose to overwrite it) replaces its own latent
+    res2 = export_image(ExportRequest(path=res.image_path, **req))
+    assert res2.image_path == res.image_path and (tmp_path / "mine.npz").read_bytes() == b"the user's own file"
+    # an image exported over itself replaces its own latent (an AnyFace latent), not a second copy
+    (tmp_path / "mine.npz").unlink()
+    res3 = export_image(ExportRequest(path=str(tmp_path / "b.png"), **req))
+    res4 = export_image(ExportRequest(path=res3.image_path, **req))
+    assert res4.latent_path == res3.latent_path == str(tmp_path / "b.npz")
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="Could not write"):
+        export_image(ExportRequest(path=str(blocker / "sub" / "face.png"), **req))

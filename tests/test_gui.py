@@ -641,3 +641,76 @@ def test_method_box_starts_with_the_packs_best_and_keeps_the_users_pick(qtbot):
     assert ed.identity.text() == "1 layer"
     ed.identity.setValue(3)
     assert ed.identity.text() == "3 layers"
+
+
+def test_no_face_photo_leaves_nothing_to_apply_or_export(qtbot, photo, tmp_path):
+    """After a photo with no face, Apply/Refine/Export must not act on the previous photo's face."""
+    win = make_window(qtbot)
+    open_ready(qtbot, win, photo)
+    win.captions.add_caption("a smiling woman")
+    wait_idle(qtbot, win)
+    assert win.act_apply.isEnabled() and win.act_save.isEnabled()
+    noface = tmp_path / "noface_coffee.png"
+    noface.write_bytes(photo.read_bytes())
+    win.open_photo(str(noface))
+    qtbot.waitUntil(lambda: bool(open_error_boxes()), timeout=5000)
+    for b in open_error_boxes():
+        b.close()
+    wait_idle(qtbot, win)
+    assert win.photo.path == str(noface) and win.face is None and win.current_entry is None
+    assert not win.act_apply.isEnabled() and not win.act_save.isEnabled()
+    assert win.export_to({"path": str(tmp_path / "x.png"), "fmt": "png"}) is None
+    win.apply_edit()  # the shortcut still reaches the slot: nothing happens
+    wait_idle(qtbot, win)
+    assert win.captions.captions() == ["a smiling woman"] and not (tmp_path / "x.png").exists()
+    close_window(qtbot, win)
+
+
+def test_failed_open_gives_back_the_face_whose_inversion_it_stopped(qtbot, photo, tmp_path):
+    win = make_window(qtbot, FakeBackend(invert_seconds=1.0))
+    win.open_photo(str(photo))
+    qtbot.waitUntil(lambda: any(j.kind == "invert" for j in win.host.active.values()), timeout=5000)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    win.open_photo(str(bad))  # stops the running inversion so it can open at once, then fails
+    qtbot.waitUntil(lambda: bool(open_error_boxes()), timeout=5000)
+    for b in open_error_boxes():
+        b.close()
+    qtbot.waitUntil(lambda: win.face is not None, timeout=10000)  # inverted again, without the user asking
+    assert win.photo.path == str(photo) and win.face.photo is win.photo
+    assert str(bad) not in win.settings.recent_files()
+    wait_idle(qtbot, win)
+    close_window(qtbot, win)
+
+
+def test_generate_while_editing_a_generated_face_keeps_showing_it(qtbot):
+    win = make_window(qtbot)
+    win.captions.add_caption("a bald man")
+    wait_idle(qtbot, win)
+    win.generate(2, 0)
+    qtbot.waitUntil(lambda: len(win.gallery.results) == 2 and win.idle, timeout=10000)
+    win.edit_generated(win.gallery.results[1])
+    shown = win.canvas.after.toImage()
+    win.generate(2, 7)
+    qtbot.waitUntil(lambda: win.gallery.results and win.gallery.results[0].seed == 7 and win.idle, timeout=10000)
+    assert win.source is not None and win.current_entry is not None
+    assert win.canvas.after.toImage() == shown  # still the face being edited, which is what Export writes
+    close_window(qtbot, win)
+
+
+def test_undo_shows_the_method_and_identity_lock_of_the_step(qtbot, photo):
+    win = make_window(qtbot)
+    open_ready(qtbot, win, photo)
+    win.captions.add_caption("grey hair")
+    wait_idle(qtbot, win)
+    first = win.current_entry.params
+    win.captions.identity.setValue(0 if first["identity_layers"] else 1)
+    wait_idle(qtbot, win)
+    assert win.current_entry.params["identity_layers"] != first["identity_layers"]
+    assert "lock" in win.history_panel.list.item(win.history.index).text()
+    win.undo()
+    assert win.current_entry.params == first
+    assert win.captions.identity_layers() == first["identity_layers"]
+    assert win.captions.method_key() == first["method"]
+    wait_idle(qtbot, win)
+    close_window(qtbot, win)
