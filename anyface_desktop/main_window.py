@@ -177,7 +177,7 @@ class MainWindow(QMainWindow):
         self.act_zoom_out = act("Zoom &out", lambda: self.canvas.zoom_by(0.8), QKeySequence.StandardKey.ZoomOut)
         self.act_quit = act("&Quit", self.close, QKeySequence.StandardKey.Quit)
         self.view_group = QActionGroup(self)
-        self.act_after = act("After", lambda: self.set_view_mode("after"), None, "Show the edit", True)
+        self.act_after = act("After", lambda: self.set_view_mode("after"), "A", "Show the edit (A)", True)
         self.act_before = act("Before", lambda: self.set_view_mode("before"), "B", "Show the original (B)", True)
         self.act_wipe = act("Wipe", lambda: self.set_view_mode("wipe"), "W", "Before | after with a divider (W)", True)
         for a in (self.act_after, self.act_before, self.act_wipe):

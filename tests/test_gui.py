@@ -565,6 +565,7 @@ def test_drag_and_drop_recent_files_and_shortcuts(qtbot, photo):
     assert win.act_redo.shortcut().toString() == "Ctrl+Shift+Z"
     assert win.act_save.shortcut().toString() == "Ctrl+S"
     assert win.act_save_as.shortcut().toString() == "Ctrl+Shift+S"
+    assert [a.shortcut().toString() for a in (win.act_after, win.act_before, win.act_wipe)] == ["A", "B", "W"]
     # zoom / pan / fit / before-after / aligned crop
     fit_scale = win.canvas.scale
     win.act_zoom_in.trigger()
