@@ -39,24 +39,22 @@ examples:
 """
 
 
-def _nonneg_int(text: str) -> int:
+def _whole_number(text: str, lo: int, hi: int | None = None) -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
+    if v < lo or (hi is not None and v > hi):
+        raise argparse.ArgumentTypeError(f"must be >= {lo}" if hi is None else f"must be between {lo} and {hi}")
     return v
+
+
+def _nonneg_int(text: str) -> int:
+    return _whole_number(text, 0)
 
 
 def _quality(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 1 <= v <= 100:
-        raise argparse.ArgumentTypeError("must be between 1 and 100")
-    return v
+    return _whole_number(text, 1, 100)
 
 
 def _nonneg_float(text: str) -> float:

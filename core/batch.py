@@ -643,23 +643,25 @@ def run(input: str | os.PathLike, output_dir: str | os.PathLike, process: Callab
                     _report_unreached(it, index.get(it.rel), job, out, writer, manifest, report)
             _finish(report, writer, manifest, t0)
         except BaseException:
-            if writer is not None:
-                writer.abort()
-            manifest.close()
-            shutil.rmtree(staging, ignore_errors=True)
+            _abort(writer, manifest, staging)
             raise
         shutil.rmtree(staging, ignore_errors=True)
         e.report = report
         raise
     except BaseException:
-        if writer is not None:
-            writer.abort()
-        manifest.close()
-        shutil.rmtree(staging, ignore_errors=True)
+        _abort(writer, manifest, staging)
         raise
     _finish(report, writer, manifest, t0)
     shutil.rmtree(staging, ignore_errors=True)
     return report
+
+
+def _abort(writer: "_ReportWriter | None", manifest: "_Manifest", staging: Path) -> None:
+    """A run that stops on an error: drop the half-written report, release the manifest, clear the staging."""
+    if writer is not None:
+        writer.abort()
+    manifest.close()
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _reusable(item: BatchInput, prev: dict | None, job: str, out: Path) -> BatchItem | None:
