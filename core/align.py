@@ -569,10 +569,23 @@ def paste_back(original: np.ndarray, edited_face: np.ndarray, transform: AlignTr
     (x0, y0, x1, y1), warped, wm = warp
     roi = out[y0:y1, x0:x1]
     rgb = roi[:, :, :3].astype(np.float32)
+    if _is_grey(roi):  # a black-and-white photo stays black and white: the face goes in as its luma
+        warped = np.repeat(_luma(warped)[:, :, None], 3, axis=2)
     blended = np.clip(np.rint(rgb + (warped.astype(np.float32) - rgb) * wm[:, :, None]), 0, 255).astype(np.uint8)
     sel = wm > 0
     roi[:, :, :3][sel] = blended[sel]
     return out
+
+
+def _is_grey(rgb: np.ndarray) -> bool:
+    """True when the pixels carry no colour (R == G == B everywhere): a black-and-white photo read as RGB."""
+    return bool(np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 1], rgb[:, :, 2]))
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma of RGB uint8 (what PIL's "L" conversion gives), uint8 [H, W]."""
+    x = rgb[:, :, :3].astype(np.float32)
+    return np.clip(np.rint(x[:, :, 0] * 0.299 + x[:, :, 1] * 0.587 + x[:, :, 2] * 0.114), 0, 255).astype(np.uint8)
 
 
 def warped_mask(transform: AlignTransform, feather: float = 0.08, region: str = "face") -> np.ndarray:

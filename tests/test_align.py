@@ -269,3 +269,19 @@ def test_paste_back_full_resolution_12mp(astronaut):
     wm = warped_mask(tr)
     assert np.array_equal(out[wm == 0], big[wm == 0])
     assert (out != big).any(2).sum() > 100_000  # the face region of a 12 MP photo, at full resolution
+
+
+def test_paste_back_keeps_a_black_and_white_photo_grey(astronaut, astro_face):
+    """A colour face pasted into a black-and-white photo goes in as its luma; a colour photo keeps the colour."""
+    grey = np.repeat(np.asarray(PIL.Image.fromarray(astronaut).convert("L"))[:, :, None], 3, axis=2)
+    aligned, tr = align_face(grey, astro_face, 128)
+    red = np.zeros_like(aligned)
+    red[...] = (250, 30, 30)  # a strongly coloured edit; its luma is 96 (PIL's "L")
+    assert int(np.asarray(PIL.Image.fromarray(red).convert("L"))[0, 0]) == 96
+    out = paste_back(grey, red, tr)
+    wm = warped_mask(tr)
+    assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
+    assert np.all(out[wm == 1.0] == 96)
+    assert np.array_equal(out[wm == 0], grey[wm == 0])
+    coloured = paste_back(astronaut, red, tr)  # the colour photo gets the colour edit
+    assert np.all(coloured[wm == 1.0] == (250, 30, 30))
