@@ -153,13 +153,39 @@ class ExportDialog(QDialog):
                                               "Images (*.png *.jpg *.jpeg *.webp)")
         if path:
             self.path.setText(path)
+            self._confirmed = str(Path(path))  # the file dialog has asked about replacing it
             suf = Path(path).suffix.lower().lstrip(".")
             i = self.fmt.findData("jpg" if suf == "jpeg" else suf)
             if i >= 0:
                 self.fmt.setCurrentIndex(i)
 
+    def accept(self) -> None:
+        """Save, unless the name is empty or names an existing file the user does not want replaced (a name picked
+        with Browse… was asked about there)."""
+        text = self.path.text().strip()
+        if not text or not Path(text).name:
+            QMessageBox.warning(self, "Export", "Choose a file name to export to.")
+            return
+        path = self._target()
+        if path.is_dir():
+            QMessageBox.warning(self, "Export", f"{path} is a folder. Add a file name, e.g. {path / 'face.png'}.")
+            return
+        if path.exists() and str(path) != getattr(self, "_confirmed", None):
+            answer = QMessageBox.question(self, "Replace file?", f"{path.name} already exists in {path.parent}.\n"
+                                          "Do you want to replace it?",
+                                          QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                          QMessageBox.StandardButton.No)
+            if answer != QMessageBox.StandardButton.Yes:
+                return
+        super().accept()
+
+    def _target(self) -> Path:
+        """The typed file; a bare or relative name goes in the output folder (where the suggested name was)."""
+        path = Path(self.path.text().strip()).expanduser()
+        return path if path.is_absolute() else Path(self.settings.output_dir) / path
+
     def options(self) -> dict:
-        opts = {"path": self.path.text().strip(), "fmt": self.fmt.currentData(), "size": self.size.value() or None,
+        opts = {"path": str(self._target()) if self.path.text().strip() else "", "fmt": self.fmt.currentData(), "size": self.size.value() or None,
                 "quality": self.quality.value(), "save_latent": self.latent.isChecked()}
         self.settings.set("export/format", opts["fmt"])
         self.settings.set("export/size", self.size.value())

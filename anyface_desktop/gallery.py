@@ -14,6 +14,7 @@ class Gallery(QWidget):
     generateRequested = Signal(int, int)  # n, seed
     moreLikeRequested = Signal(object)  # FaceResult
     editRequested = Signal(object)  # FaceResult
+    exportRequested = Signal(object)  # FaceResult
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -57,8 +58,13 @@ class Gallery(QWidget):
         self.more_btn.clicked.connect(lambda: self.current() is not None and self.moreLikeRequested.emit(self.current()))
         self.edit_btn = QPushButton("Edit this face")
         self.edit_btn.clicked.connect(lambda: self.current() is not None and self.editRequested.emit(self.current()))
+        self.export_btn = QPushButton("Export…")
+        self.export_btn.setToolTip("Save this face as an image (and its latent), without editing it first")
+        self.export_btn.clicked.connect(
+            lambda: self.current() is not None and self.exportRequested.emit(self.current()))
         brow.addWidget(self.more_btn)
         brow.addWidget(self.edit_btn)
+        brow.addWidget(self.export_btn)
         brow.addStretch(1)
         lay.addLayout(brow)
         self._update_buttons()
@@ -94,3 +100,4 @@ class Gallery(QWidget):
         ok = self.current() is not None
         self.more_btn.setEnabled(ok)
         self.edit_btn.setEnabled(ok)
+        self.export_btn.setEnabled(ok)

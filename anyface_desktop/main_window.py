@@ -65,6 +65,7 @@ class MainWindow(QMainWindow):
         self._build_ui()
         self._build_actions()
         self.gallery.view.currentRowChanged.connect(lambda *_: self._update_actions())
+        self.gallery.view.itemSelectionChanged.connect(self._update_actions)
         self._restore_geometry()
         self.captions.set_history(self.settings.prompt_history())
         self._update_actions()
@@ -89,6 +90,7 @@ class MainWindow(QMainWindow):
         self.gallery.generateRequested.connect(self.generate)
         self.gallery.moreLikeRequested.connect(self.more_like)
         self.gallery.editRequested.connect(self.edit_generated)
+        self.gallery.exportRequested.connect(lambda r: self.export_as(self._gallery_entry(r)))
         self.gallery.view.currentRowChanged.connect(self._gallery_preview)
         self.history_panel = HistoryPanel()
         self.history_panel.jumpRequested.connect(self.jump_history)
@@ -286,7 +288,7 @@ class MainWindow(QMainWindow):
         self.canvas.update()
 
     def _update_actions(self) -> None:
-        has_result = self.history.current is not None
+        has_result = self._export_entry() is not None
         self.act_undo.setEnabled(self.history.can_undo())
         self.act_redo.setEnabled(self.history.can_redo())
         cur = getattr(self, "current_entry", None)
@@ -818,9 +820,30 @@ class MainWindow(QMainWindow):
             return entry.composed
         return entry.face_image
 
-    def _suggest_path(self, fmt: str) -> str:
+    def _gallery_entry(self, result) -> HistoryEntry:
+        """A generated face from the gallery as something to export (not made the face being edited)."""
+        return HistoryEntry(f"Generated face (seed {result.seed})", result.ws, result.image, None, result,
+                            params={"captions": list(getattr(result, "captions", []) or []), "strength": None,
+                                    "seed": result.seed, "method": getattr(result, "method", "")})
+
+    def _is_gallery_entry(self, entry: HistoryEntry) -> bool:
+        return entry is not getattr(self, "current_entry", None) and all(entry is not e for e in self.history.entries)
+
+    def _export_entry(self) -> HistoryEntry | None:
+        """What Export writes: the face being edited; with nothing being edited, the face picked in the gallery."""
+        entry = getattr(self, "current_entry", None) or self.history.current
+        if entry is None and self.photo is None and self.source is None and self.gallery.current() is not None:
+            entry = self._gallery_entry(self.gallery.current())
+        return entry
+
+    def _suggest_path(self, fmt: str, entry: HistoryEntry | None = None) -> str:
         out = Path(self.settings.output_dir)
-        stem = Path(self.photo.path).stem + "_anyface" if self.photo else "anyface_face"
+        if self.photo and (entry is None or not self._is_gallery_entry(entry)):
+            stem = Path(self.photo.path).stem + "_anyface"
+        elif entry is not None and entry.params.get("seed") is not None:
+            stem = f"anyface_seed{entry.params['seed']}"
+        else:
+            stem = "anyface_face"
         i = 1
         while True:
             p = out / f"{stem}_{i:03d}.{fmt}"
@@ -829,30 +852,34 @@ class MainWindow(QMainWindow):
             i += 1
 
     def quick_export(self) -> None:
-        if self.history.current is None:
+        entry = self._export_entry()
+        if entry is None:
             return
         fmt = str(self.settings.get("export/format"))
-        self.export_to(dict(path=self._suggest_path(fmt), fmt=fmt, size=int(self.settings.get("export/size")) or None,
+        self.export_to(dict(path=self._suggest_path(fmt, entry), fmt=fmt,
+                            size=int(self.settings.get("export/size")) or None,
                             quality=int(self.settings.get("export/quality")),
-                            save_latent=bool(self.settings.get("export/latent"))))
+                            save_latent=bool(self.settings.get("export/latent"))), entry)
 
-    def export_as(self) -> None:
-        entry = self.history.current
+    def export_as(self, entry: HistoryEntry | None = None) -> None:
+        """The Export dialog for ``entry`` (default: what Export writes, see ``_export_entry``)."""
+        entry = entry if isinstance(entry, HistoryEntry) else self._export_entry()
         if entry is None:
             return
         img = self._export_image(entry)
-        dlg = ExportDialog(self.settings, self._suggest_path(str(self.settings.get("export/format"))),
+        dlg = ExportDialog(self.settings, self._suggest_path(str(self.settings.get("export/format")), entry),
                            max(img.shape[:2]), self)
         self._export_dialog = dlg
-        dlg.accepted.connect(lambda: self.export_to(dlg.options()))
+        dlg.accepted.connect(lambda: self.export_to(dlg.options(), entry))
         dlg.open()
 
-    def export_to(self, opts: dict):
+    def export_to(self, opts: dict, entry: HistoryEntry | None = None):
         from anyface_desktop.export import ExportRequest
 
-        entry = getattr(self, "current_entry", None) or self.history.current
+        entry = entry or self._export_entry()
         if entry is None:
             return None
+        from_photo = self.face is not None and not self._is_gallery_entry(entry)
         p = entry.params
         req = ExportRequest(path=opts["path"], image=self._export_image(entry), fmt=opts.get("fmt", "png"),
                             quality=int(opts.get("quality", 92)), size=opts.get("size"),
@@ -860,8 +887,7 @@ class MainWindow(QMainWindow):
                             captions=list(p.get("captions", [])), method=str(p.get("method", "")),
                             strength=p.get("strength"), seed=p.get("seed"),
                             pack=self.engine_info.pack_id if self.engine_info else self.pack_id,
-                            edited=self.face is not None,
-                            inputs=[self.photo.path] if self.photo else [])
+                            edited=from_photo, inputs=[self.photo.path] if self.photo else [])
         return self.submit("export", lambda b, progress, cancel: b.export(req))
 
     def _done_export(self, job: Job, res) -> None:

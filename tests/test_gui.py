@@ -715,3 +715,85 @@ def test_undo_shows_the_method_and_identity_lock_of_the_step(qtbot, photo):
     assert win.captions.method_key() == first["method"]
     wait_idle(qtbot, win)
     close_window(qtbot, win)
+
+
+def test_export_a_gallery_face_without_editing_it(qtbot, tmp_path, photo, monkeypatch):
+    """A face made from text alone can be exported straight from the gallery (Ctrl+S and the gallery's Export…),
+    tagged as generated, named after its seed; while a photo is edited, Ctrl+S still writes the photo's edit."""
+    from PIL import Image
+
+    win = make_window(qtbot)
+    win.settings.set("output_dir", str(tmp_path / "out"))
+    assert not win.act_save.isEnabled()  # nothing to export yet
+    win.captions.add_caption("a woman with red hair")
+    win.generate(3, 40)
+    qtbot.waitUntil(lambda: len(win.gallery.results) == 3, timeout=5000)
+    win.gallery.select(1)
+    assert win.act_save.isEnabled() and win.gallery.export_btn.isEnabled() and win.source is None
+    win.act_save.trigger()
+    wait_idle(qtbot, win)
+    written = Path(win.last_export.image_path)
+    assert written.parent == tmp_path / "out" and written.name.startswith("anyface_seed41")
+    with Image.open(written) as im:
+        assert np.array_equal(np.asarray(im.convert("RGB")), win.gallery.results[1].image)
+    meta = read_provenance(str(written))
+    assert meta["kind"] == "generated" and meta["seed"] == 41 and meta["captions"] == ["a woman with red hair"]
+    assert win.source is None and win.history.current is None  # exporting did not start an edit
+    # the gallery's own button, through the Export dialog, for another face
+    win.gallery.select(2)
+    win.gallery.export_btn.click()
+    dlg = win._export_dialog
+    assert Path(dlg.path.text()).name.startswith("anyface_seed42")
+    dlg.accept()
+    wait_idle(qtbot, win)
+    assert Path(win.last_export.image_path).name.startswith("anyface_seed42")
+    # with a photo being edited, Export writes the photo's edit, and the gallery button still the gallery face
+    open_ready(qtbot, win, photo)
+    win.act_save.trigger()
+    wait_idle(qtbot, win)
+    assert Path(win.last_export.image_path).name.startswith("portrait_anyface")
+    assert read_provenance(win.last_export.image_path)["kind"] == "edited"
+    win.gallery.select(0)
+    win.gallery.export_btn.click()
+    win._export_dialog.accept()
+    wait_idle(qtbot, win)
+    assert Path(win.last_export.image_path).name.startswith("anyface_seed40")
+    assert read_provenance(win.last_export.image_path)["kind"] == "generated"
+    close_window(qtbot, win)
+
+
+def test_export_dialog_asks_before_replacing_a_typed_existing_file(qtbot, tmp_path, monkeypatch):
+    from PySide6.QtWidgets import QMessageBox
+
+    from anyface_desktop.dialogs import ExportDialog
+    from anyface_desktop.settings import Settings
+
+    settings = Settings()
+    settings.set("output_dir", str(tmp_path))
+    existing = tmp_path / "mine.png"
+    existing.write_bytes(b"precious")
+    asked = []
+    answer = [QMessageBox.StandardButton.No]
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or answer[0])
+    monkeypatch.setattr(QMessageBox, "warning", lambda *a, **k: asked.append(a[2]))
+    dlg = ExportDialog(settings, str(tmp_path / "anyface_face_001.png"), 64)
+    qtbot.addWidget(dlg)
+    dlg.open()
+    dlg.path.setText("mine.png")  # a bare name goes in the output folder
+    dlg.accept()
+    assert dlg.isVisible() and "mine.png already exists" in asked[-1]  # "No": the dialog stays open
+    answer[0] = QMessageBox.StandardButton.Yes
+    dlg.accept()
+    assert not dlg.isVisible() and dlg.options()["path"] == str(existing)
+    dlg.open()
+    dlg.path.setText(str(tmp_path))  # a folder is not a file name
+    dlg.accept()
+    assert dlg.isVisible() and "is a folder" in asked[-1]
+    dlg.path.setText("  ")
+    dlg.accept()
+    assert dlg.isVisible() and "Choose a file name" in asked[-1]
+    n = len(asked)
+    dlg.path.setText(str(tmp_path / "new.png"))  # a new name needs no question
+    dlg.accept()
+    assert not dlg.isVisible() and len(asked) == n
+    assert existing.read_bytes() == b"precious"
