@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit,
-                               QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QVBoxLayout, QWidget)
+                               QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from anyface_desktop.backend import BatchJob
 from core.batch import IMAGE_SUFFIXES
@@ -20,7 +20,6 @@ class BatchDialog(QDialog):
         self.window = window
         self.job = None
         self.report = None
-        self.identity_layers = None
         self.setWindowTitle("Batch edit a folder")
         self.resize(620, 520)
         lay = QVBoxLayout(self)
@@ -34,6 +33,13 @@ class BatchDialog(QDialog):
         self.strength.setRange(0.0, 1.0)
         self.strength.setSingleStep(0.05)
         self.strength.setValue(0.6)
+        self.identity = QSpinBox()
+        self.identity.setRange(0, 17)
+        self.identity.setValue(4)
+        self.identity.setToolTip("How many coarse layers (pose, face shape, identity) stay from each photo; the same "
+                                 "setting as the main window's Identity lock")
+        self.identity.valueChanged.connect(lambda v: self.identity.setSuffix(" layer" if v == 1 else " layers"))
+        self.identity.setSuffix(" layers")
         self.method = QComboBox()
         for k, v in METHOD_LABELS.items():
             self.method.addItem(v, k)
@@ -43,6 +49,7 @@ class BatchDialog(QDialog):
         form.addRow("Photos from:", self._with_browse(self.input, "Photos folder"))
         form.addRow("Captions:", self.captions)
         form.addRow("Strength:", self.strength)
+        form.addRow("Identity lock:", self.identity)
         form.addRow("Method:", self.method)
         form.addRow("Format:", self.fmt)
         self.latents = QCheckBox("Also save each edited face's latent (.npz)")
@@ -101,7 +108,10 @@ class BatchDialog(QDialog):
             self.strength.setValue(strength)
             i = self.method.findData(method)
             self.method.setCurrentIndex(max(0, i))
-            self.identity_layers = identity_layers
+            if info is not None:
+                self.identity.setRange(0, max(0, int(info.num_ws) - 1))
+            if identity_layers is not None:
+                self.identity.setValue(int(identity_layers))
         if not self.output.text():
             self.output.setText(str(Path(output_dir) / "batch"))
 
@@ -110,7 +120,7 @@ class BatchDialog(QDialog):
         return BatchJob(input_dir=self.input.text().strip(),
                         captions=[c.strip() for c in self.captions.text().split("|") if c.strip()],
                         output_dir=self.output.text().strip(), strength=self.strength.value(),
-                        method=self.method.currentData(), identity_layers=self.identity_layers,
+                        method=self.method.currentData(), identity_layers=self.identity.value(),
                         detector=s.detector, tier=s.tier, fmt=self.fmt.currentData(),
                         save_latent=self.latents.isChecked())
 

@@ -434,11 +434,16 @@ def test_batch_with_fake_engine_report_and_cancel(qtbot, tmp_path, photo):
     (src / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
     (src / "noface.png").write_bytes(photo.read_bytes())
     win = make_window(qtbot)
+    win.captions.identity.setValue(3)
     win.open_batch()
     dlg = win.batch_dialog
+    assert dlg.identity.value() == 3 and dlg.identity.maximum() == win.engine_info.num_ws - 1  # the main window's lock
+    dlg.identity.setValue(2)  # its own setting for this batch
+    assert dlg.identity.text() == "2 layers"
     dlg.input.setText(str(src))
     dlg.output.setText(str(tmp_path / "out"))
     dlg.captions.setText("smiling | grey hair")
+    assert dlg.batch_job().identity_layers == 2
     dlg.start()
     qtbot.waitUntil(lambda: dlg.report is not None, timeout=10000)
     rep = dlg.report
