@@ -15,6 +15,7 @@ class Gallery(QWidget):
     moreLikeRequested = Signal(object)  # FaceResult
     editRequested = Signal(object)  # FaceResult
     exportRequested = Signal(object)  # FaceResult
+    saveAllRequested = Signal()
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -64,7 +65,11 @@ class Gallery(QWidget):
             lambda: self.current() is not None and self.exportRequested.emit(self.current()))
         brow.addWidget(self.more_btn)
         brow.addWidget(self.edit_btn)
+        self.save_all_btn = QPushButton("Save all…")
+        self.save_all_btn.setToolTip("Save every face shown here into a folder, named after its seed")
+        self.save_all_btn.clicked.connect(lambda: self.results and self.saveAllRequested.emit())
         brow.addWidget(self.export_btn)
+        brow.addWidget(self.save_all_btn)
         brow.addStretch(1)
         lay.addLayout(brow)
         self._update_buttons()
@@ -101,3 +106,4 @@ class Gallery(QWidget):
         self.more_btn.setEnabled(ok)
         self.edit_btn.setEnabled(ok)
         self.export_btn.setEnabled(ok)
+        self.save_all_btn.setEnabled(bool(self.results))

@@ -23,7 +23,7 @@ from anyface_desktop.worker import Job, WorkerHost
 from core import weights
 
 log = logging.getLogger("anyface.gui")
-LONG_JOBS = {"load", "open", "invert", "generate", "more", "export", "batch", "bank", "refine"}
+LONG_JOBS = {"load", "open", "invert", "generate", "more", "export", "exportall", "batch", "bank", "refine"}
 
 
 class MainWindow(QMainWindow):
@@ -91,6 +91,7 @@ class MainWindow(QMainWindow):
         self.gallery.moreLikeRequested.connect(self.more_like)
         self.gallery.editRequested.connect(self.edit_generated)
         self.gallery.exportRequested.connect(lambda r: self.export_as(self._gallery_entry(r)))
+        self.gallery.saveAllRequested.connect(lambda: self.export_gallery())
         self.gallery.view.currentRowChanged.connect(self._gallery_preview)
         self.history_panel = HistoryPanel()
         self.history_panel.jumpRequested.connect(self.jump_history)
@@ -323,7 +324,7 @@ class MainWindow(QMainWindow):
             self.cancel_btn.setVisible(kind not in ("load", "export"))
             self.canvas.set_busy({"load": "Loading models…", "open": "Finding faces…", "invert": "Inverting the face…",
                                   "generate": "Generating…", "more": "Generating…", "batch": "Batch running…",
-                                  "export": "Exporting…", "bank": "Building the KNN bank…",
+                                  "export": "Exporting…", "exportall": "Saving the faces…", "bank": "Building the KNN bank…",
                                   "refine": "Refining with CLIP…"}.get(kind, ""))
         return job
 
@@ -873,22 +874,63 @@ class MainWindow(QMainWindow):
         dlg.accepted.connect(lambda: self.export_to(dlg.options(), entry))
         dlg.open()
 
-    def export_to(self, opts: dict, entry: HistoryEntry | None = None):
+    def _export_request(self, entry: HistoryEntry, opts: dict):
         from anyface_desktop.export import ExportRequest
 
+        p = entry.params
+        from_photo = self.face is not None and not self._is_gallery_entry(entry)
+        return ExportRequest(path=opts["path"], image=self._export_image(entry), fmt=opts.get("fmt", "png"),
+                             quality=int(opts.get("quality", 92)), size=opts.get("size"),
+                             save_latent=bool(opts.get("save_latent", True)), ws=entry.ws,
+                             captions=list(p.get("captions", [])), method=str(p.get("method", "")),
+                             strength=p.get("strength"), seed=p.get("seed"),
+                             pack=self.engine_info.pack_id if self.engine_info else self.pack_id,
+                             edited=from_photo, inputs=[self.photo.path] if self.photo else [])
+
+    def export_to(self, opts: dict, entry: HistoryEntry | None = None):
         entry = entry or self._export_entry()
         if entry is None:
             return None
-        from_photo = self.face is not None and not self._is_gallery_entry(entry)
-        p = entry.params
-        req = ExportRequest(path=opts["path"], image=self._export_image(entry), fmt=opts.get("fmt", "png"),
-                            quality=int(opts.get("quality", 92)), size=opts.get("size"),
-                            save_latent=bool(opts.get("save_latent", True)), ws=entry.ws,
-                            captions=list(p.get("captions", [])), method=str(p.get("method", "")),
-                            strength=p.get("strength"), seed=p.get("seed"),
-                            pack=self.engine_info.pack_id if self.engine_info else self.pack_id,
-                            edited=from_photo, inputs=[self.photo.path] if self.photo else [])
+        req = self._export_request(entry, opts)
         return self.submit("export", lambda b, progress, cancel: b.export(req))
+
+    def export_gallery(self, folder: str | None = None):
+        """Save every face of the gallery into ``folder`` (asked for when None) as ``anyface_seed<seed>.<fmt>``, with
+        the export settings (format, size, quality, latent); an existing file is never replaced (``-1``, ``-2``...)."""
+        results = list(self.gallery.results)
+        if not results:
+            return None
+        if folder is None:
+            folder = QFileDialog.getExistingDirectory(self, "Save all faces to", self.settings.output_dir)
+            if not folder:
+                return None
+        fmt = str(self.settings.get("export/format"))
+        opts = dict(fmt=fmt, size=int(self.settings.get("export/size")) or None,
+                    quality=int(self.settings.get("export/quality")), save_latent=bool(self.settings.get("export/latent")))
+        reqs = []
+        for i, r in enumerate(results):
+            name = f"anyface_seed{r.seed}.{fmt}" if getattr(r, "seed", None) is not None else f"anyface_face_{i + 1:03d}.{fmt}"
+            reqs.append(self._export_request(self._gallery_entry(r), dict(opts, path=str(Path(folder) / name))))
+
+        def save_all(b, progress, cancel):
+            from core.errors import CancelledError
+            from core.io import unique_path
+
+            written = []
+            for k, req in enumerate(reqs):
+                if cancel():
+                    raise CancelledError(f"Saving cancelled after {k} of {len(reqs)} faces.")
+                req.path = str(unique_path(req.path))
+                written.append(b.export(req))
+                progress(k + 1, len(reqs))
+            return written
+
+        return self.submit("exportall", save_all)
+
+    def _done_exportall(self, job: Job, written: list) -> None:
+        self.last_export = written[-1] if written else None
+        folder = Path(written[0].image_path).parent if written else ""
+        self.statusBar().showMessage(f"Saved {len(written)} faces to {folder}", 8000)
 
     def _done_export(self, job: Job, res) -> None:
         self.last_export = res

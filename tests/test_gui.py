@@ -744,6 +744,19 @@ def test_export_a_gallery_face_without_editing_it(qtbot, tmp_path, photo, monkey
     meta = read_provenance(str(written))
     assert meta["kind"] == "generated" and meta["seed"] == 41 and meta["captions"] == ["a woman with red hair"]
     assert win.source is None and win.history.current is None  # exporting did not start an edit
+    # Save all: every face, named after its seed; a second time never replaces the first files
+    assert win.gallery.save_all_btn.isEnabled()
+    win.export_gallery(str(tmp_path / "all"))
+    wait_idle(qtbot, win)
+    names = sorted(p.name for p in (tmp_path / "all").iterdir())
+    assert names == ["anyface_seed40.npz", "anyface_seed40.png", "anyface_seed41.npz", "anyface_seed41.png",
+                     "anyface_seed42.npz", "anyface_seed42.png"]
+    first = (tmp_path / "all" / "anyface_seed40.png").read_bytes()
+    win.export_gallery(str(tmp_path / "all"))
+    wait_idle(qtbot, win)
+    assert len(list((tmp_path / "all").glob("anyface_seed4?-1.png"))) == 3
+    assert (tmp_path / "all" / "anyface_seed40.png").read_bytes() == first
+    assert read_provenance(str(tmp_path / "all" / "anyface_seed42-1.png"))["seed"] == 42
     # the gallery's own button, through the Export dialog, for another face
     win.gallery.select(2)
     win.gallery.export_btn.click()
