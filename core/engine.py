@@ -217,39 +217,37 @@ class Engine:
     def from_pack(cls, pack_id: str = "tiny", device: torch.device | str | None = None, *, manifest=None,
                   progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> "Engine":
         """Load every file of a pack (roles generator, clip, cmd, cvae, knn, encoder; the last four optional).
-        A KNN bank built with :meth:`build_bank` for a pack that has none is picked up from the user data dir."""
-        from core.checkpoints import load_generator
-        from core.clip import load_clip
-        from core.weights import Manifest, locate_pack
+        A KNN bank built with :meth:`build_bank` for a pack that has none is picked up from the user data dir.
+
+        Every file's size and sha256 are checked against the manifest first (the hash once per file version; see
+        ``core.weights.verify_file``). A file that fails, or that its loader cannot read, raises
+        ``CorruptWeightsError`` naming the file, where it is and where to get it again."""
+        from core.weights import Manifest, locate_pack_files
 
         dev = device if isinstance(device, torch.device) else pick_device(device)
         manifest = manifest if manifest is not None else Manifest.load()
-        paths = locate_pack(pack_id, manifest=manifest)
+        files = locate_pack_files(pack_id, manifest=manifest, verify=True, should_cancel=should_cancel)
         steps = ["generator", "clip", "cmd", "cvae", "knn", "encoder"]
         loaded: dict[str, Any] = {}
         for i, role in enumerate(steps):
             _check(should_cancel, "Loading the models")
-            path = paths.get(role)
+            wf, path = files.get(role, (None, None))
             if role == "knn" and path is None and bank_cache_path(pack_id).is_file():
                 path = bank_cache_path(pack_id)
             if path is not None:
-                if role == "generator":
-                    loaded[role] = load_generator(path, device=dev)
-                elif role == "clip":
-                    loaded[role] = load_clip(path, device=dev)
-                elif role == "cmd":
-                    loaded[role] = CMD.load(path, dev)
-                elif role == "cvae":
-                    loaded[role] = CVAE.load(path, dev)
-                elif role == "knn":
-                    loaded[role] = LatentBank.load(path)
-                elif role == "encoder":
-                    loaded[role] = _load_encoder(path, dev)
+                loaded[role] = _load_role(role, Path(path), dev, wf)
             _tick(progress, i + 1, len(steps))
-        return cls(loaded["generator"], loaded["clip"], cmd=loaded.get("cmd"), cvae=loaded.get("cvae"),
+        pack = manifest.pack(pack_id)
+        gen = loaded["generator"]
+        if pack.resolution and getattr(gen, "img_resolution", pack.resolution) != pack.resolution:
+            from core.errors import CorruptWeightsError
+
+            wf, path = files["generator"]
+            raise CorruptWeightsError(wf.id, path, f"it holds a {gen.img_resolution} px generator, but pack "
+                                      f"'{pack_id}' is {pack.resolution} px", wf.where_to_get())
+        return cls(gen, loaded["clip"], cmd=loaded.get("cmd"), cvae=loaded.get("cvae"),
                    bank=loaded.get("knn"), encoder=loaded.get("encoder"), pack_id=pack_id, device=dev,
-                   coarse_layers=manifest.pack(pack_id).coarse_layers,
-                   default_method=manifest.pack(pack_id).default_method)
+                   coarse_layers=pack.coarse_layers, default_method=pack.default_method)
 
     @property
     def methods(self) -> list[str]:
@@ -511,6 +509,44 @@ class Engine:
         ws = inversion.invert(self.generator, aligned_img, tier=tier, encoder=self.encoder, clip=self.clip,
                               progress=progress, should_cancel=should_cancel)
         return torch.as_tensor(ws).detach().float().cpu().reshape(self.num_ws, self.w_dim)
+
+
+def _load_role(role: str, path: Path, device: torch.device, wf=None):
+    """Load one file of a pack. Whatever a loader cannot read (a same-size file with other bytes, a truncated
+    pickle, a file of another kind) becomes ``CorruptWeightsError`` naming the file and where to get it again;
+    errors that already say so pass through."""
+    from core.checkpoints import load_generator
+    from core.clip import load_clip
+    from core.errors import CorruptWeightsError
+
+    loaders = {"generator": lambda: load_generator(path, device=device), "clip": lambda: load_clip(path, device=device),
+               "cmd": lambda: CMD.load(path, device), "cvae": lambda: CVAE.load(path, device),
+               "knn": lambda: LatentBank.load(path), "encoder": lambda: _load_encoder(path, device)}
+    try:
+        return loaders[role]()
+    except AnyFaceError as e:
+        if not isinstance(e, InvalidCheckpointError):  # missing dependencies, unsafe pickles, cancel: as they are
+            raise
+        err: Exception = e
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any other reader failure means a bad file
+        err = e
+    where = wf.where_to_get() if wf is not None else ""
+    fid = wf.id if wf is not None else f"{role} ({path.name})"
+    raise CorruptWeightsError(fid, path, f"the {role} file could not be read ({_short_reason(err)}); "
+                              f"`anyface models verify` checks every file", where) from err
+
+
+def _short_reason(e: BaseException) -> str:
+    """The first line of a loader's error, without advice that does not apply (torch suggests turning its
+    weights_only safety check off, which the app never does)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    for cut in ("Re-running `torch.load`", "Re-running torch.load", "In PyTorch 2.6"):
+        if cut in text:
+            text = text[:text.index(cut)].strip()
+    text = text.rstrip(" .,:;") or type(e).__name__
+    return f"{type(e).__name__}: {text}" if type(e).__name__ not in text else text
 
 
 def _load_encoder(path, device):

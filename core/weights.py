@@ -6,8 +6,9 @@ Lookup order for a file (first hit wins):
   3. the user data dir (``<user_data>/weights/<pack>/<file>``),
   4. the bundled resources (``resources/weights/<pack>/<file>``).
 
-Existence and size are checked on every lookup (cheap); the full sha256 is streamed on first load,
-on import and on "verify", and remembered per (path, size, mtime) so later loads stay fast.
+Existence and size are checked on every lookup (cheap); the full sha256 is streamed on first load
+(``Engine.from_pack``), on import and on "verify", and remembered per (path, size, mtime) so later loads stay
+fast. Of several files for one role (alternatives), the first present one that checks out is used.
 """
 
 from __future__ import annotations
@@ -193,8 +194,9 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def search_paths(wf: WeightFile, explicit: Path | str | None = None) -> list[Path]:
-    """Every place ``wf`` is looked for, in precedence order."""
+def search_paths(wf: WeightFile, explicit: Path | str | None = None, pack: str | None = None) -> list[Path]:
+    """Every place ``wf`` is looked for, in precedence order. A file shared by several packs (the CLIP of
+    ffhq-1024 and ffhq-256) is also looked for in the folder of the ``pack`` asking for it."""
     paths: list[Path] = []
     if explicit:
         paths.append(Path(explicit))
@@ -202,11 +204,12 @@ def search_paths(wf: WeightFile, explicit: Path | str | None = None) -> list[Pat
         import torch.hub
 
         paths.append(Path(torch.hub.get_dir()) / "checkpoints" / wf.file_name)
+    folders = [wf.pack] + ([pack] if pack and pack != wf.pack else [])
     env = os.environ.get(ENV_WEIGHTS_DIR)
     if env:
-        paths += [Path(env) / wf.pack / wf.file_name, Path(env) / wf.file_name]
-    paths.append(user_data_dir() / "weights" / wf.pack / wf.file_name)
-    paths.append(resources_dir() / "weights" / wf.pack / wf.file_name)
+        paths += [Path(env) / f / wf.file_name for f in folders] + [Path(env) / wf.file_name]
+    paths += [user_data_dir() / "weights" / f / wf.file_name for f in folders]
+    paths += [resources_dir() / "weights" / f / wf.file_name for f in folders]
     return paths
 
 
@@ -309,11 +312,32 @@ def verify_file(wf: WeightFile, path: Path | str, progress: ProgressFn | None = 
     return digest
 
 
-def find_file(wf: WeightFile, explicit: Path | str | None = None) -> Path | None:
-    for p in search_paths(wf, explicit):
+def find_file(wf: WeightFile, explicit: Path | str | None = None, pack: str | None = None) -> Path | None:
+    for p in search_paths(wf, explicit, pack):
         if p.is_file():
             return p
     return None
+
+
+def _choose(wfs: list[WeightFile], pack: str, verify: bool, progress: ProgressFn | None,
+            should_cancel: CancelFn | None) -> tuple[tuple[WeightFile, Path] | None, CorruptWeightsError | None]:
+    """The first of a role's alternatives that is present and passes the size check (and the sha256 when
+    ``verify``): a bad copy of one (a partial download) does not hide a good copy of another. Returns
+    (choice or None, the first alternative's error when every present one failed)."""
+    first_error = None
+    for wf in wfs:
+        path = find_file(wf, pack=pack)
+        if path is None:
+            continue
+        try:
+            if verify:
+                verify_file(wf, path, progress, should_cancel)
+            else:
+                check_size(wf, path)
+            return (wf, path), None
+        except CorruptWeightsError as e:
+            first_error = first_error or e
+    return None, first_error
 
 
 def locate(id: str | WeightFile, explicit: Path | str | None = None, *, manifest: Manifest | None = None,
@@ -343,28 +367,29 @@ def locate_pack_files(pack: str, *, manifest: Manifest | None = None, verify: bo
                       include_optional: bool = True, progress: ProgressFn | None = None,
                       should_cancel: CancelFn | None = None) -> dict[str, tuple[WeightFile, Path]]:
     """(entry, path) of every role of a pack. Several files with the same role are alternatives
-    (e.g. NVIDIA's ffhq.pkl or rosinality's .pt): the first one present is used. All roles that no
-    file satisfies are reported together in one ``MissingWeightsError``."""
+    (e.g. NVIDIA's ffhq.pkl or rosinality's .pt): the first one present whose size (and, with ``verify``,
+    sha256) checks out is used. All roles that no file satisfies are reported together in one
+    ``MissingWeightsError``; a role whose only present files are corrupt raises ``CorruptWeightsError``."""
     manifest = manifest or Manifest.load()
     found: dict[str, tuple[WeightFile, Path]] = {}
     missing: list[MissingFile] = []
+    corrupt: CorruptWeightsError | None = None
     for role, wfs in _by_role(manifest, pack).items():
-        hit = next(((wf, p) for wf in wfs if (p := find_file(wf)) is not None), None)
-        if hit is None:
-            if not all(wf.optional for wf in wfs):
-                missing += [MissingFile(wf.id, wf.file_name, tuple(map(str, search_paths(wf))), wf.where_to_get())
-                            for wf in wfs]
+        if all(wf.optional for wf in wfs) and not include_optional:
             continue
-        if hit[0].optional and not include_optional:
+        hit, error = _choose(wfs, pack, verify, progress, should_cancel)
+        if hit is None:
+            if error is not None:
+                corrupt = corrupt or error
+            elif not all(wf.optional for wf in wfs):
+                missing += [MissingFile(wf.id, wf.file_name, tuple(map(str, search_paths(wf, pack=pack))),
+                                        wf.where_to_get()) for wf in wfs]
             continue
         found[role] = hit
     if missing:
         raise MissingWeightsError(missing)
-    for wf, path in found.values():
-        if verify:
-            verify_file(wf, path, progress, should_cancel)
-        else:
-            check_size(wf, path)
+    if corrupt is not None:
+        raise corrupt
     return found
 
 
@@ -379,28 +404,33 @@ def locate_pack(pack: str, *, manifest: Manifest | None = None, verify: bool = F
 
 def pack_status(pack: str, *, manifest: Manifest | None = None, verify: bool = False,
                 progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> list[FileStatus]:
-    """Per-file status (present / missing / corrupt / unverified) for the model manager."""
+    """Per-file status (present / missing / corrupt / unverified / not needed) for the model manager: of a role's
+    alternatives, the one the app would load is present (or unverified), the others are "not needed"."""
     manifest = manifest or Manifest.load()
     out = []
     roles = _by_role(manifest, pack)
+    chosen = {role: _choose(wfs, pack, verify, progress, should_cancel)[0] for role, wfs in roles.items()}
     for wf in manifest.pack_files(pack):
-        path = find_file(wf)
+        hit = chosen[wf.role]
+        if hit is not None and hit[0] is not wf:
+            other = find_file(wf, pack=pack)
+            detail = f"alternative {hit[0].id} is present"
+            if other is not None and other != hit[1]:
+                detail += f"; the file at {other} does not match this entry and is not used"
+            out.append(FileStatus(wf, "not needed", None, detail))
+            continue
+        path = find_file(wf, pack=pack)
         if path is None:
-            others = [o for o in roles[wf.role] if o is not wf and find_file(o) is not None]
-            if others:
-                out.append(FileStatus(wf, "not needed", None, f"alternative {others[0].id} is present"))
-            else:
-                out.append(FileStatus(wf, "missing", None, "looked in: " + "; ".join(map(str, search_paths(wf)))))
+            out.append(FileStatus(wf, "missing", None, "looked in: " + "; ".join(map(str, search_paths(wf, pack=pack)))))
+            continue
+        if hit is not None:  # this file is the one loaded
+            cached = _VerifiedCache().get(path)
+            ok = verify or (cached is not None and (pinned_sha256(wf) in (None, cached)))
+            out.append(FileStatus(wf, "present" if ok else "unverified", path))
             continue
         try:
-            if verify:
-                verify_file(wf, path, progress, should_cancel)
-                out.append(FileStatus(wf, "present", path))
-            else:
-                check_size(wf, path)
-                cached = _VerifiedCache().get(path)
-                ok = cached is not None and (pinned_sha256(wf) in (None, cached))
-                out.append(FileStatus(wf, "present" if ok else "unverified", path))
+            verify_file(wf, path, progress, should_cancel) if verify else check_size(wf, path)
+            out.append(FileStatus(wf, "present", path))  # not reached: _choose would have chosen it
         except CorruptWeightsError as e:
             out.append(FileStatus(wf, "corrupt", path, e.reason))
     return out

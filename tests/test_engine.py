@@ -442,3 +442,48 @@ def test_seed_gives_the_same_face_whatever_n_on_the_real_pack(method):
     for i, r in enumerate(many):
         alone = eng.synthesize(["a bearded man"], n=1, seed=5 + i, method=method)[0]
         assert torch.equal(alone.ws, r.ws) and np.array_equal(alone.image, r.image), i
+
+
+def test_corrupt_or_wrong_pack_files_name_themselves(tmp_path, monkeypatch):
+    """A same-size file with other bytes is caught by its sha256 before it is used (it used to render black faces);
+    a file without a published hash that no loader can read, or a generator of another resolution than its pack,
+    is a CorruptWeightsError naming the file, where it is and where to get it."""
+    import json
+    import shutil
+
+    from core.errors import CorruptWeightsError
+    from core.weights import resources_dir
+
+    tiny = resources_dir() / "weights" / "tiny"
+    monkeypatch.setenv("ANYFACE_DATA_DIR", str(tmp_path / "data"))
+    wdir = tmp_path / "w"
+    (wdir / "tiny").mkdir(parents=True)
+    bad = bytearray((tiny / "generator.safetensors").read_bytes())
+    bad[-4096:] = b"\xff" * 4096
+    (wdir / "tiny" / "generator.safetensors").write_bytes(bytes(bad))
+    monkeypatch.setenv("ANYFACE_WEIGHTS_DIR", str(wdir))
+    with pytest.raises(CorruptWeightsError) as e:
+        Engine.from_pack("tiny", device="cpu")
+    assert e.value.id == "tiny-generator" and "sha256" in str(e.value)
+    assert str(wdir / "tiny" / "generator.safetensors") in str(e.value)
+    monkeypatch.delenv("ANYFACE_WEIGHTS_DIR")
+    # a pack of the user's own, without hashes: unreadable bytes, then a generator of the wrong resolution
+    res = tmp_path / "res"
+    (res / "weights" / "mine").mkdir(parents=True)
+    (res / "weights" / "mine" / "g.pt").write_bytes(b"\x00" * 5000)
+    shutil.copy(tiny / "clip.safetensors", res / "weights" / "mine" / "clip.safetensors")
+    files = [dict(id="mine-g", file_name="g.pt", pack="mine", role="generator", sha256=None, size=None,
+                  source="https://example.invalid/g.pt"),
+             dict(id="mine-clip", file_name="clip.safetensors", pack="mine", role="clip", sha256=None, size=None,
+                  source="test")]
+    pack = {"title": "Mine", "resolution": 1024, "files": ["mine-g", "mine-clip"]}
+    (res / "weights" / "manifest.json").write_text(json.dumps({"packs": {"mine": pack}, "files": files}))
+    monkeypatch.setenv("ANYFACE_RESOURCES", str(res))
+    with pytest.raises(CorruptWeightsError) as e:
+        Engine.from_pack("mine", device="cpu")
+    msg = str(e.value)
+    assert e.value.id == "mine-g" and "could not be read" in msg and "example.invalid/g.pt" in msg
+    assert "weights_only" not in msg
+    shutil.copy(tiny / "generator.safetensors", res / "weights" / "mine" / "g.pt")
+    with pytest.raises(CorruptWeightsError, match="64 px generator, but pack 'mine' is 1024 px"):
+        Engine.from_pack("mine", device="cpu")

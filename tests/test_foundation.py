@@ -199,3 +199,68 @@ def test_files_with_the_same_role_are_alternatives(tmp_path, monkeypatch):
     with pytest.raises(MissingWeightsError) as e:
         weights.locate_pack("p", manifest=m)
     assert {x.id for x in e.value.missing} == {"alt1", "alt2"}
+
+
+def _manifest(res: Path, files: list[dict], packs: dict) -> weights.Manifest:
+    (res / "weights").mkdir(parents=True, exist_ok=True)
+    for f in files:
+        f.setdefault("source", f"https://example.invalid/{f['file_name']}")
+        f.setdefault("license", "l")
+    (res / "weights" / "manifest.json").write_text(json.dumps({"packs": packs, "files": files}))
+    return weights.Manifest.load()
+
+
+def test_a_bad_copy_of_one_alternative_does_not_hide_a_good_one(tmp_path, monkeypatch):
+    """A partial ffhq.pkl must not block a good rosinality .pt; and two known copies under ONE file name (the
+    rosinality file circulates in three sizes) are both accepted."""
+    res, wdir = tmp_path / "resources", tmp_path / "w"
+    monkeypatch.setenv("ANYFACE_RESOURCES", str(res))
+    monkeypatch.setenv("ANYFACE_WEIGHTS_DIR", str(wdir))
+    good, small = b"g" * 500, b"s" * 300
+    sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+    files = [dict(id="pkl", file_name="ffhq.pkl", pack="p", role="generator", sha256=sha(good), size=500),
+             dict(id="pt-big", file_name="g.pt", pack="p", role="generator", sha256=sha(good), size=500),
+             dict(id="pt-small", file_name="g.pt", pack="p", role="generator", sha256=sha(small), size=300),
+             dict(id="clip", file_name="clip.bin", pack="p", role="clip", sha256=None, size=None)]
+    m = _manifest(res, files, {"p": {"title": "P", "resolution": 8, "files": [f["id"] for f in files]}})
+    (wdir / "p").mkdir(parents=True)
+    (wdir / "p" / "clip.bin").write_bytes(b"c")
+    (wdir / "p" / "ffhq.pkl").write_bytes(good[:123])  # a partial download
+    (wdir / "p" / "g.pt").write_bytes(small)  # the smaller copy of the .pt
+    found = weights.locate_pack_files("p", manifest=m, verify=True)
+    assert found["generator"][0].id == "pt-small" and found["generator"][1] == wdir / "p" / "g.pt"
+    states = {s.file.id: (s.state, s.detail) for s in weights.pack_status("p", manifest=m)}
+    assert states["pt-small"][0] == "present" and states["pkl"][0] == "not needed"
+    assert "ffhq.pkl does not match" in states["pkl"][1]
+    (wdir / "p" / "g.pt").write_bytes(small[:-1] + b"x")  # same size, other bytes: only the hash can tell
+    assert weights.locate_pack_files("p", manifest=m)["generator"][0].id == "pt-small"  # the cheap check passes
+    with pytest.raises(CorruptWeightsError) as e:
+        weights.locate_pack_files("p", manifest=m, verify=True)
+    assert e.value.id == "pkl" and "ffhq.pkl" in str(e.value) and "example.invalid/ffhq.pkl" in str(e.value)
+    assert {s.file.id: s.state for s in weights.pack_status("p", manifest=m, verify=True)} == {
+        "pkl": "corrupt", "pt-big": "corrupt", "pt-small": "corrupt", "clip": "present"}
+
+
+def test_a_file_shared_by_packs_is_found_in_either_pack_folder(tmp_path, monkeypatch):
+    """The CLIP is listed under ffhq-1024 but used by ffhq-256 too: a user who puts it in the ffhq-256 folder must
+    not be told it is missing."""
+    res, wdir = tmp_path / "resources", tmp_path / "w"
+    monkeypatch.setenv("ANYFACE_RESOURCES", str(res))
+    monkeypatch.setenv("ANYFACE_WEIGHTS_DIR", str(wdir))
+    files = [dict(id="g1", file_name="g1.bin", pack="big", role="generator", sha256=None, size=None),
+             dict(id="g2", file_name="g2.bin", pack="small", role="generator", sha256=None, size=None),
+             dict(id="clip", file_name="clip.bin", pack="big", role="clip", sha256=None, size=None)]
+    m = _manifest(res, files, {"big": {"title": "B", "resolution": 8, "files": ["g1", "clip"]},
+                               "small": {"title": "S", "resolution": 8, "files": ["g2", "clip"]}})
+    (wdir / "small").mkdir(parents=True)
+    (wdir / "small" / "g2.bin").write_bytes(b"g")
+    (wdir / "small" / "clip.bin").write_bytes(b"c")
+    assert weights.locate_pack("small", manifest=m)["clip"] == wdir / "small" / "clip.bin"
+    with pytest.raises(MissingWeightsError) as e:  # the big pack does not borrow from the small pack's folder
+        weights.locate_pack("big", manifest=m)
+    assert {x.id for x in e.value.missing} == {"g1", "clip"}
+    (wdir / "small" / "clip.bin").unlink()
+    with pytest.raises(MissingWeightsError) as e:
+        weights.locate_pack("small", manifest=m)
+    looked = [x for x in e.value.missing if x.id == "clip"][0].searched
+    assert str(wdir / "small" / "clip.bin") in looked and str(wdir / "big" / "clip.bin") in looked
