@@ -218,7 +218,8 @@ def cmd_models(args) -> int:
             rows.append({"pack": pid, "id": s.file.id, "file": s.file.file_name, "state": s.state,
                          "path": str(s.path) if s.path else None, "detail": s.detail, "optional": s.file.optional})
             bad += s.state in ("missing", "corrupt") and not s.file.optional
-    text = "\n".join(f"{r['pack']:10s} {r['id']:24s} {r['state']:10s} {r['path'] or r['detail']}" for r in rows)
+    text = "\n".join(f"{r['pack']:10s} {r['id']:24s} {r['state']:10s} "
+                     + " — ".join(x for x in (r["path"], r["detail"]) if x) for r in rows)
     _print(args, rows, text)
     return EXIT_FAILED_ITEMS if (bad and args.models_command == "verify") else EXIT_OK
 
@@ -674,19 +675,26 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         warnings.simplefilter("ignore")
-    from core.errors import AnyFaceError, CaptionError
+    from core.errors import AnyFaceError, CancelledError, CaptionError
 
     try:
         return COMMANDS[args.command](args)
     except (_UsageError, CaptionError) as e:  # a bad or empty caption is the user's input, like a bad option
-        print(f"anyface: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fatal(args, f"anyface: error: {e}", EXIT_USAGE, e)
+    except CancelledError as e:  # Ctrl-C seen by the core (the SIGINT handler asks it to stop)
+        return _fatal(args, f"interrupted: {e}", 130, e)
     except AnyFaceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILED_ITEMS
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _fatal(args, f"error: {e}", EXIT_FAILED_ITEMS, e)
+    except KeyboardInterrupt as e:
+        return _fatal(args, "interrupted", 130, e)
+
+
+def _fatal(args, message: str, code: int, exc: BaseException) -> int:
+    """A run that stops: the reason on stderr, and with --json also as JSON on stdout (where a script reads)."""
+    print(message, file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": str(exc) or message, "kind": type(exc).__name__, "exit_code": code}, indent=2))
+    return code
 
 
 if __name__ == "__main__":

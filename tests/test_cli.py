@@ -337,3 +337,25 @@ def test_auto_threads(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_generate_interrupted_by_sigint_exits_130_and_json_says_why(tmp_path, weights_env):
+    """Ctrl-C in `generate` is an interruption (130, like `edit`), not a failure (1); with --json the reason of a
+    run that stops is also on stdout as JSON."""
+    out = tmp_path / "g"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **weights_env}
+    cmd = [str(SCRIPT), "--json", "generate", "a smiling man", "-n", "3000", "-o", str(out)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 180
+    while time.time() < deadline and p.poll() is None and not (out.is_dir() and any(out.glob("*.png"))):
+        time.sleep(0.05)
+    assert p.poll() is None, p.communicate()[1][-3000:]
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130, stderr[-3000:]
+    assert json.loads(stdout)["exit_code"] == 130 and "interrupted" in stderr
+    assert not list(out.glob("*.tmp"))
+    r = anyface("--json", "--pack", "no-such-pack", "generate", "x", env_extra=weights_env)
+    assert r.returncode in (1, 2) and r.stderr.strip()
+    assert json.loads(r.stdout)["exit_code"] == r.returncode and "no-such-pack" in json.loads(r.stdout)["error"]
