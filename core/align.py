@@ -278,7 +278,20 @@ def detect_faces(img: np.ndarray, detector: str = "auto", *,
             raise DetectorUnavailableError("No face detector can run here:\n" + "\n".join(errors))
     else:
         faces = get_detector(detector).detect(img, max_detect_side)
+    faces = [f for f in faces if _plausible(f, img.shape[:2])]
     return sorted(faces, key=lambda f: (f.box[0] + f.box[2]) / 2)
+
+
+def _plausible(face: Face, shape: tuple[int, int]) -> bool:
+    """Drop detector output that is no face: non-finite numbers (YuNet on a 25 px photo returned boxes of
+    -inf/nan/1e18), an empty box, or landmarks far outside the photo."""
+    H, W = shape
+    box, lm = np.asarray(face.box, float), np.asarray(face.landmarks, float)
+    if not (np.all(np.isfinite(box)) and np.all(np.isfinite(lm))) or box[2] <= box[0] or box[3] <= box[1]:
+        return False
+    margin = 2.0 * max(H, W)
+    return bool(np.all(lm[:, 0] > -margin) and np.all(lm[:, 0] < W + margin) and np.all(lm[:, 1] > -margin)
+                and np.all(lm[:, 1] < H + margin))
 
 
 # ------------------------------------------------------------------------------------------ alignment
@@ -362,7 +375,7 @@ def align_face(img: np.ndarray, face: Face, output_size: int, *, transform_size:
         transform_size = max(output_size, min(4096, 4 * output_size))
     el, er, ml, mr = face.eyes_mouth()
     quad_orig, qsize = ffhq_quad(el, er, ml, mr, rotate_level=rotate_level)
-    if not np.isfinite(qsize) or qsize < 2:
+    if not np.isfinite(qsize) or qsize < 2 or qsize > 8 * max(H, W):
         raise NoFaceFoundError("The face is too small or its landmarks are degenerate; cannot align it.")
 
     quad = quad_orig.copy()

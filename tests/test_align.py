@@ -285,3 +285,28 @@ def test_paste_back_keeps_a_black_and_white_photo_grey(astronaut, astro_face):
     assert np.array_equal(out[wm == 0], grey[wm == 0])
     coloured = paste_back(astronaut, red, tr)  # the colour photo gets the colour edit
     assert np.all(coloured[wm == 1.0] == (250, 30, 30))
+
+
+def test_degenerate_detections_are_dropped_and_never_crash_alignment(monkeypatch):
+    """YuNet once returned, for a 25 px LFW face, a box of -inf/nan/-2.3e18 and landmarks near 1e19: the GUI showed
+    'Unexpected error: division by zero'. Such output is no face; aligning it is a clear NoFaceFoundError."""
+    from core import align
+    from core.errors import NoFaceFoundError
+
+    img = np.full((25, 25, 3), 128, np.uint8)
+    junk_lm = np.array([[3.77e18, -1.25e19], [2.81e18, -1.35e19], [2.73e18, -1.18e19], [1.88e18, -1.16e19],
+                        [4.70e18, -9.0e18]])
+    junk = Face(np.array([-np.inf, -2.31e18, np.nan, -2.31e18]), junk_lm, 0.9, "yunet")
+    far = Face(np.array([0.0, 0.0, 20.0, 20.0]), junk_lm, 0.9, "yunet")  # finite box, landmarks far away
+    good = Face(np.array([4.0, 4.0, 20.0, 20.0]), np.array([[8.0, 9], [16, 9], [12, 13], [9, 17], [15, 17]]), 0.9,
+                "yunet")
+
+    class Junk:
+        def detect(self, image, max_side):
+            return [junk, far, good]
+
+    monkeypatch.setattr(align, "get_detector", lambda name: Junk())
+    assert detect_faces(img, "yunet") == [good]
+    for bad in (junk, far):
+        with pytest.raises(NoFaceFoundError):
+            align_face(img, bad, 64)
