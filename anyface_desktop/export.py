@@ -32,6 +32,7 @@ class ExportRequest:
     pack: str = ""
     edited: bool = True
     inputs: Sequence[str] = field(default_factory=tuple)  # never written over
+    unique: bool = False  # the name is the app's choice: never replace a file (take "-1", "-2"... when taken)
 
 
 @dataclass
@@ -74,6 +75,8 @@ def export_image(req: ExportRequest) -> ExportResult:
         path = path.with_name(path.name + exts[0]) if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp") \
             else path.with_suffix(exts[0])
         path = unique_path(path)  # a name the user did not type must not replace an existing file
+    if req.unique:  # decided here, on the worker, so two quick exports in a row never get the same name
+        path = unique_path(path)
     for src in req.inputs:
         if src and _same_file(path, Path(src)):
             raise OutputError(f"Refusing to write over the input photo {path}. Choose another file name.")

@@ -860,7 +860,7 @@ class MainWindow(QMainWindow):
         self.export_to(dict(path=self._suggest_path(fmt, entry), fmt=fmt,
                             size=int(self.settings.get("export/size")) or None,
                             quality=int(self.settings.get("export/quality")),
-                            save_latent=bool(self.settings.get("export/latent"))), entry)
+                            save_latent=bool(self.settings.get("export/latent")), unique=True), entry)
 
     def export_as(self, entry: HistoryEntry | None = None) -> None:
         """The Export dialog for ``entry`` (default: what Export writes, see ``_export_entry``)."""
@@ -885,7 +885,8 @@ class MainWindow(QMainWindow):
                              captions=list(p.get("captions", [])), method=str(p.get("method", "")),
                              strength=p.get("strength"), seed=p.get("seed"),
                              pack=self.engine_info.pack_id if self.engine_info else self.pack_id,
-                             edited=from_photo, inputs=[self.photo.path] if self.photo else [])
+                             edited=from_photo, inputs=[self.photo.path] if self.photo else [],
+                             unique=bool(opts.get("unique", False)))
 
     def export_to(self, opts: dict, entry: HistoryEntry | None = None):
         entry = entry or self._export_entry()

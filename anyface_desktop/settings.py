@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QSettings, QStandardPaths, Qt
 from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit,
-                               QPushButton, QWidget)
+                               QMessageBox, QPushButton, QWidget)
 
 ENV_SETTINGS_FILE = "ANYFACE_SETTINGS_FILE"  # tests point this at an .ini in tmp_path
 DETECTORS = [("auto", "Automatic (best available)"), ("dlib", "dlib HOG + 68 landmarks (FFHQ)"),
@@ -117,6 +117,8 @@ class SettingsDialog(QDialog):
             if reason:
                 self.detector.setItemData(self.detector.count() - 1, f"Cannot run here: {reason}",
                                           Qt.ItemDataRole.ToolTipRole)
+                if key != settings.detector:  # a detector that cannot run here cannot be chosen
+                    self.detector.model().item(self.detector.count() - 1).setEnabled(False)
         self._select(self.detector, settings.detector)
         self.tier = QComboBox()
         for key, label in TIERS:
@@ -147,10 +149,29 @@ class SettingsDialog(QDialog):
         if d:
             self.output.setText(d)
 
+    def output_path(self) -> str:
+        """The output folder typed, as an absolute path ("" = the default); a relative one is under the home folder
+        (a GUI app's working folder is wherever it was started from)."""
+        text = self.output.text().strip()
+        if not text:
+            return ""
+        p = Path(text).expanduser()
+        return str(p if p.is_absolute() else Path.home() / p)
+
+    def accept(self) -> None:
+        out = self.output_path()
+        if out and Path(out).exists() and not Path(out).is_dir():
+            QMessageBox.warning(self, "Settings", f"The output folder {out} is a file. Choose a folder.")
+            return
+        if out and any(p.exists() and not p.is_dir() for p in Path(out).parents):
+            QMessageBox.warning(self, "Settings", f"The output folder {out} lies under a file. Choose a folder.")
+            return
+        super().accept()
+
     def apply(self) -> dict:
         """Store the choices; returns the keys that changed."""
         new = {"device": self.device.currentData(), "detector": self.detector.currentData(),
-               "tier": self.tier.currentData(), "output_dir": self.output.text().strip()}
+               "tier": self.tier.currentData(), "output_dir": self.output_path()}
         changed = {k: v for k, v in new.items() if str(self.settings.get(k, "")) != str(v)}
         for k, v in new.items():
             self.settings.set(k, v)

@@ -815,3 +815,48 @@ def test_export_dialog_asks_before_replacing_a_typed_existing_file(qtbot, tmp_pa
     dlg.accept()
     assert not dlg.isVisible() and len(asked) == n
     assert existing.read_bytes() == b"precious"
+
+
+def test_two_quick_exports_in_a_row_never_share_a_name(qtbot, tmp_path, photo):
+    """Ctrl+S twice before the first export has run: both names were picked on the GUI thread before either file
+    existed, so the second replaced the first."""
+    win = make_window(qtbot)
+    win.settings.set("output_dir", str(tmp_path / "out"))
+    open_ready(qtbot, win, photo)
+    win.captions.add_caption("blue eyes")
+    wait_idle(qtbot, win)
+    win.quick_export()
+    win.quick_export()
+    wait_idle(qtbot, win)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["portrait_anyface_001-1.png",
+                                                                       "portrait_anyface_001.png"]
+    close_window(qtbot, win)
+
+
+def test_settings_output_folder_is_absolute_and_a_file_is_refused(qtbot, tmp_path, monkeypatch):
+    from PySide6.QtWidgets import QMessageBox
+
+    from anyface_desktop.settings import Settings, SettingsDialog
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    warned = []
+    monkeypatch.setattr(QMessageBox, "warning", lambda *a, **k: warned.append(a[2]))
+    settings = Settings()
+    dlg = SettingsDialog(settings, ["cpu"])
+    qtbot.addWidget(dlg)
+    dlg.open()
+    dlg.output.setText("relative/folder")  # a GUI app's working folder is arbitrary: under the home folder
+    dlg.accept()
+    assert not dlg.isVisible()
+    dlg.apply()
+    assert settings.output_dir == str(tmp_path / "home" / "relative" / "folder")
+    (tmp_path / "afile").write_text("x")
+    for bad in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        dlg.open()
+        dlg.output.setText(str(bad))
+        dlg.accept()
+        assert dlg.isVisible() and "file" in warned[-1]
+    dlg.output.setText("")  # empty: the default folder
+    dlg.accept()
+    dlg.apply()
+    assert settings.output_dir and Path(settings.output_dir).is_absolute()
