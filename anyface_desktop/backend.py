@@ -49,6 +49,7 @@ class FaceState:
     ws: Any  # Tensor [num_ws, w_dim]
     reconstruction: np.ndarray  # G(ws), what the inversion found
     seconds: float = 0.0
+    tier: str = ""  # the inversion tier it was made with
 
 
 @dataclass
@@ -221,7 +222,7 @@ class Backend:
         ws = self.invert(aligned, tier, progress, should_cancel)
         recon = e.render(ws)
         return FaceState(photo=photo, index=index, aligned=np.ascontiguousarray(aligned), transform=transform,
-                         ws=ws, reconstruction=recon, seconds=time.perf_counter() - t0)
+                         ws=ws, reconstruction=recon, seconds=time.perf_counter() - t0, tier=str(tier))
 
     def edit(self, face: FaceState | None, source_ws: Any, captions: Sequence[str], strength: float,
              method: str = "cmd", identity_layers: int | None = None, seed: int = 0) -> EditOutcome:

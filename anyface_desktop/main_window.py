@@ -390,10 +390,26 @@ class MainWindow(QMainWindow):
         resume, self._resume_invert = getattr(self, "_resume_invert", None), None
         if resume is not None and resume[0] is self.photo and self.face is None:
             self.pick_face(resume[1])
+        elif resume is not None and resume[0] is self.photo and self.face is not None:  # a face switch was cut
+            self.photo = self.face.photo
+            self.canvas.set_faces(self.photo.face_boxes() if self.display == "photo" else [], self.face.index)
+            self.face_combo.setCurrentIndex(self.face.index)
+
+    def _inverting(self, but: Job | None = None) -> bool:
+        return any(j.kind in ("invert", "open") and j is not but and not j.cancelled for j in self._jobs.values())
 
     def _on_cancelled(self, job: Job) -> None:
         if not self._closing and job.kind in LONG_JOBS:
             self.statusBar().showMessage(f"{job.kind.capitalize()} cancelled", 5000)
+        if self._closing:
+            return
+        if job.kind == "open":  # the photo whose inversion this open stopped gets its face back
+            self._resume_cut_inversion()
+        elif job.kind == "invert" and not self._inverting(but=job) and self.face is not None:
+            # a face switch was cancelled: everything goes back to the face still being edited
+            self.photo = self.face.photo if self.photo is not None else self.photo
+            self.canvas.set_faces(self.photo.face_boxes() if self.display == "photo" else [], self.face.index)
+            self.face_combo.setCurrentIndex(self.face.index)
         if job.kind == "batch" and self.batch_dialog is not None and not self._closing:
             self.batch_dialog.job_cancelled(getattr(self.host.backend, "last_batch_report", None))
 
@@ -539,10 +555,21 @@ class MainWindow(QMainWindow):
     def pick_face(self, index: int) -> None:
         if self.photo is None or not (0 <= index < len(self.photo.faces)):
             return
+        if (self.face is not None and index == self.face.index and not self._inverting()
+                and self.face.tier == self.settings.tier):
+            return  # already the face being edited (picking it again after a tier change inverts it again)
         self.canvas.set_faces(self.photo.face_boxes(), index)
         self.face_combo.setCurrentIndex(index)
         self.scheduler.invalidate()
         self.host.cancel(kind="invert")
+        cur = getattr(self, "current_entry", None)
+        if (self.face is not None and index != self.face.index and cur is not None and cur is not self.source
+                and cur.composed is not None):
+            # the edit of the face being left stays in the photo: the next face is edited (and exported) on top of it
+            from dataclasses import replace
+
+            self.photo = replace(self.photo, image=cur.composed)
+            self.statusBar().showMessage(f"Face {self.face.index + 1}'s edit is kept in the photo.", 6000)
         photo, tier = self.photo, self.settings.tier
         self.submit("invert", lambda b, progress, cancel: b.prepare_face(photo, index, tier, progress, cancel))
 

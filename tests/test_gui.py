@@ -109,7 +109,10 @@ class FakeBackend(Backend):
         return [] if "noface" in name else [(w * 0.25, h * 0.2, w * 0.6, h * 0.7), (w * 0.65, h * 0.3, w * 0.9, h * 0.6)][
             : 2 if "two" in name else 1]
 
+    open_seconds = 0.0
+
     def open_photo(self, path, detector="auto"):
+        time.sleep(self.open_seconds)
         self._name = Path(path).name
         return super().open_photo(path, detector)
 
@@ -860,3 +863,78 @@ def test_settings_output_folder_is_absolute_and_a_file_is_refused(qtbot, tmp_pat
     dlg.accept()
     dlg.apply()
     assert settings.output_dir and Path(settings.output_dir).is_absolute()
+
+
+def _region(img, box):
+    x0, y0, x1, y1 = map(int, box)
+    return img[y0:y1, x0:x1]
+
+
+def test_edits_of_several_faces_add_up_in_the_photo_and_the_export(qtbot, tmp_path, photo):
+    """Editing face 2 used to throw face 1's edit away (the export held face 2's only)."""
+    from PIL import Image
+
+    two = tmp_path / "two_people.png"
+    two.write_bytes(photo.read_bytes())
+    original = np.asarray(Image.open(two).convert("RGB"))
+    win = make_window(qtbot)
+    win.settings.set("output_dir", str(tmp_path / "out"))
+    open_ready(qtbot, win, two)
+    boxes = win.photo.face_boxes()
+    first = win.face.index
+    win.captions.add_caption("blond hair")
+    win.captions.set_strength(1.0)
+    qtbot.waitUntil(lambda: win.history.index >= 1, timeout=5000)
+    wait_idle(qtbot, win)
+    edited_first = _region(win.current_entry.composed, boxes[first]).copy()
+    assert not np.array_equal(edited_first, _region(original, boxes[first]))
+    other = 1 - first
+    win.pick_face(other)
+    qtbot.waitUntil(lambda: win.face is not None and win.face.index == other, timeout=5000)
+    qtbot.waitUntil(lambda: win.history.index >= 1, timeout=5000)  # the captions apply to this face too
+    wait_idle(qtbot, win)
+    composed = win.current_entry.composed
+    assert np.array_equal(_region(composed, boxes[first]), edited_first)  # face 1's edit is still there
+    assert not np.array_equal(_region(composed, boxes[other]), _region(original, boxes[other]))
+    win.quick_export()
+    wait_idle(qtbot, win)
+    exported = np.asarray(Image.open(win.last_export.image_path).convert("RGB"))
+    assert np.array_equal(exported, composed)
+    assert np.array_equal(np.asarray(Image.open(two).convert("RGB")), original)  # the input is untouched
+    # picking the face already being edited keeps its edits (it used to invert again and reset the history)
+    n = win.history.index
+    win.pick_face(other)
+    wait_idle(qtbot, win)
+    assert win.history.index == n and win.face.index == other
+    close_window(qtbot, win)
+
+
+def test_cancelled_face_switch_and_cancelled_open_give_back_the_face_being_edited(qtbot, tmp_path, photo):
+    two = tmp_path / "two_people.png"
+    two.write_bytes(photo.read_bytes())
+    backend = FakeBackend()
+    win = make_window(qtbot, backend)
+    open_ready(qtbot, win, two)
+    first, other = win.face.index, 1 - win.face.index
+    backend.invert_seconds = 2.0
+    win.pick_face(other)
+    qtbot.waitUntil(lambda: win.cancel_btn.isVisible(), timeout=2000)
+    win.cancel_btn.click()
+    wait_idle(qtbot, win)
+    assert win.face.index == first and win.face_combo.currentIndex() == first  # not "Face 2" while editing face 1
+    assert win.canvas.selected_face == first and win.photo is win.face.photo
+    close_window(qtbot, win)
+    # open A; while A's face is inverting, open B and cancel that open: A gets its face back
+    backend = FakeBackend(invert_seconds=1.0)
+    win = make_window(qtbot, backend)
+    win.open_photo(str(two))
+    qtbot.waitUntil(lambda: any(j.kind == "invert" for j in win._jobs.values()), timeout=5000)
+    backend.open_seconds = 1.0
+    win.open_photo(str(photo))
+    qtbot.waitUntil(lambda: win._progress_job is not None and win._progress_job.kind == "open", timeout=2000)
+    win.cancel_long_job()
+    backend.open_seconds = backend.invert_seconds = 0.0
+    qtbot.waitUntil(lambda: win.face is not None, timeout=10000)
+    wait_idle(qtbot, win)
+    assert win.photo.path == str(two) and win.face.photo is win.photo and win.act_save.isEnabled()
+    close_window(qtbot, win)
