@@ -352,6 +352,10 @@ class MainWindow(QMainWindow):
                 self._show_preview(job._value, commit=self.scheduler.is_current(job.stamp))
             if nxt is not None:
                 self._start_preview(nxt)
+            elif getattr(self, "_deferred_export", None) is not None and not self._preview_timer.isActive():
+                opts, self._deferred_export = self._deferred_export, None
+                self._commit_current()
+                self.export_to(opts)
 
     def _on_result(self, job: Job, value) -> None:
         if self._closing:
@@ -887,7 +891,8 @@ class MainWindow(QMainWindow):
         self.export_to(dict(path=self._suggest_path(fmt, entry), fmt=fmt,
                             size=int(self.settings.get("export/size")) or None,
                             quality=int(self.settings.get("export/quality")),
-                            save_latent=bool(self.settings.get("export/latent")), unique=True), entry)
+                            save_latent=bool(self.settings.get("export/latent")), unique=True),
+                       entry if self._is_gallery_entry(entry) else None)
 
     def export_as(self, entry: HistoryEntry | None = None) -> None:
         """The Export dialog for ``entry`` (default: what Export writes, see ``_export_entry``)."""
@@ -898,7 +903,8 @@ class MainWindow(QMainWindow):
         dlg = ExportDialog(self.settings, self._suggest_path(str(self.settings.get("export/format")), entry),
                            max(img.shape[:2]), self)
         self._export_dialog = dlg
-        dlg.accepted.connect(lambda: self.export_to(dlg.options(), entry))
+        keep = entry if self._is_gallery_entry(entry) else None  # else: what is shown when the dialog is accepted
+        dlg.accepted.connect(lambda: self.export_to(dlg.options(), keep))
         dlg.open()
 
     def _export_request(self, entry: HistoryEntry, opts: dict):
@@ -916,6 +922,12 @@ class MainWindow(QMainWindow):
                              unique=bool(opts.get("unique", False)))
 
     def export_to(self, opts: dict, entry: HistoryEntry | None = None):
+        """Export ``entry`` (default: what Export writes). While a preview is still being made (the slider was just
+        released), the export waits for it: the file is what the canvas ends up showing."""
+        if entry is None and (self._preview_timer.isActive() or self.scheduler.busy):
+            self._deferred_export = opts
+            self.statusBar().showMessage("Exporting as soon as the preview is ready…", 4000)
+            return None
         entry = entry or self._export_entry()
         if entry is None:
             return None

@@ -34,6 +34,7 @@ class LiveScheduler:
         self._stamp = 0
         self._floor = 0  # results with a stamp <= floor are stale (set by invalidate)
         self._shown = 0  # newest stamp whose result was accepted
+        self._last_request = 0  # newest preview request (one-off jobs take stamps too, but are no previews)
         self.in_flight: Request | None = None
         self.pending: Request | None = None
         self.dropped = 0  # requests replaced before they ran (for tests and the status bar)
@@ -55,6 +56,7 @@ class LiveScheduler:
         """Register a new request. Returns it if it should start now, else None (it waits, replacing any
         request that was waiting)."""
         req = Request(self.next_stamp(), params)
+        self._last_request = req.stamp
         if self.in_flight is None:
             self.in_flight = req
             return req
@@ -79,8 +81,9 @@ class LiveScheduler:
         return accept, nxt
 
     def is_current(self, stamp: int) -> bool:
-        """True when ``stamp`` is the newest request and nothing newer waits."""
-        return stamp == self._stamp
+        """True when ``stamp`` is the newest preview request and nothing newer waits (a one-off job started
+        meanwhile, an export or a generate, does not make it stale)."""
+        return stamp == self._last_request and stamp > self._floor
 
     def invalidate(self) -> None:
         """Everything requested so far is stale (the thing being previewed changed). The waiting request

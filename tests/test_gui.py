@@ -938,3 +938,35 @@ def test_cancelled_face_switch_and_cancelled_open_give_back_the_face_being_edite
     wait_idle(qtbot, win)
     assert win.photo.path == str(two) and win.face.photo is win.photo and win.act_save.isEnabled()
     close_window(qtbot, win)
+
+
+def test_export_right_after_releasing_the_slider_writes_what_the_canvas_ends_up_showing(qtbot, tmp_path, photo):
+    """Ctrl+S while the last preview was still being made exported the previous strength, and that preview never
+    entered the history; starting another job (Generate) during a preview lost its commit too."""
+    engine = FakeEngine()
+    win = make_window(qtbot, FakeBackend(engine))
+    win.settings.set("output_dir", str(tmp_path / "out"))
+    open_ready(qtbot, win, photo)
+    win.captions.add_caption("red hair")
+    win.captions.set_strength(0.3)
+    wait_idle(qtbot, win)
+    assert win.history.current.params["strength"] == pytest.approx(0.3)
+    engine.delay = 0.4
+    win.captions.set_strength(1.0)
+    qtbot.waitUntil(lambda: win.scheduler.busy, timeout=2000)
+    win.quick_export()
+    wait_idle(qtbot, win)
+    assert win.history.current.params["strength"] == pytest.approx(1.0)  # the 1.00 state is in the history
+    meta = read_provenance(win.last_export.image_path)
+    assert meta["strength"] == pytest.approx(1.0)
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(win.last_export.image_path).convert("RGB")),
+                          win.current_entry.composed)
+    # a Generate started while a preview runs does not make that preview stale
+    win.captions.set_strength(0.6)
+    qtbot.waitUntil(lambda: win.scheduler.busy, timeout=2000)
+    win.generate(2, 0)
+    wait_idle(qtbot, win)
+    assert win.history.current.params["strength"] == pytest.approx(0.6)
+    close_window(qtbot, win)

@@ -77,3 +77,17 @@ def test_scheduler_module_is_qt_free():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_one_off_jobs_do_not_make_the_last_preview_stale():
+    from anyface_desktop.scheduler import LiveScheduler
+
+    s = LiveScheduler()
+    req = s.request("strength 1.0")
+    s.next_stamp()  # an export or a generate started while the preview runs
+    assert s.is_current(req.stamp)
+    assert s.finished(req.stamp) == (True, None)
+    newer = s.request("strength 0.5")
+    assert not s.is_current(req.stamp) and s.is_current(newer.stamp)
+    s.invalidate()  # a new photo: nothing requested before is current
+    assert not s.is_current(newer.stamp)
