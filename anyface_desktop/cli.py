@@ -181,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cv = sub.add_parser("convert", parents=[common], help="convert an official StyleGAN2 checkpoint to AnyFace safetensors")
     cv.add_argument("input", help="rosinality .pt (g_ema + latent_avg) or NVlabs network .pkl (G_ema)")
-    cv.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    cv.add_argument("-o", "--output", required=True,
+                    help="output .safetensors file, or a folder to write <input name>.safetensors into")
+    cv.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p
 
 
@@ -228,16 +230,34 @@ def cmd_convert(args) -> int:
     from pathlib import Path
 
     from core.checkpoints import convert_checkpoint, detect_format, load_generator
+    from core.errors import OutputError
 
-    src, dst = Path(args.input), Path(args.output)
+    src, dst = Path(args.input).expanduser(), Path(args.output).expanduser()
+    if src.is_dir():
+        raise _UsageError(f"{src} is a folder; give the checkpoint file (.pkl or .pt)")
     if not src.is_file():
-        print(f"error: {src} does not exist", file=sys.stderr)
-        return EXIT_USAGE
-    if dst.resolve() == src.resolve():
-        print("error: the output must not overwrite the input", file=sys.stderr)
-        return EXIT_USAGE
+        raise _UsageError(f"{src} does not exist")
+    if dst.is_dir() or str(args.output).endswith(("/", "\\")) or not dst.name or dst.name in (".", ".."):
+        dst = dst / (src.stem + ".safetensors")  # a folder: the input's name, as safetensors
+    elif not dst.suffix:
+        dst = dst.with_name(dst.name + ".safetensors")
+    elif dst.suffix.lower() != ".safetensors":
+        raise _UsageError(f"the output '{dst}' must be a .safetensors file (or a folder)")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise _UsageError("the output must not overwrite the input")
+    if dst.exists() and not args.overwrite:
+        raise _UsageError(f"{dst} exists; pass --overwrite to replace it")
+    if any(p.exists() and not p.is_dir() for p in dst.parents):
+        raise _UsageError(f"the output '{dst}' lies under a file")
     fmt = detect_format(src)
-    convert_checkpoint(src, dst)
+    try:
+        convert_checkpoint(src, dst)
+    except OSError as e:
+        raise OutputError(f"Could not write {dst}: {e.strerror or e}") from e
+    except Exception as e:  # noqa: BLE001 - safetensors reports write failures as its own error type
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise OutputError(f"Could not write {dst}: {e}") from e
     G = load_generator(dst)
     info = {"input": str(src), "format": fmt, "output": str(dst), "resolution": G.img_resolution,
             "num_ws": G.num_ws, "z_dim": G.z_dim, "w_dim": G.w_dim, "config": G.config}

@@ -359,3 +359,34 @@ def test_generate_interrupted_by_sigint_exits_130_and_json_says_why(tmp_path, we
     r = anyface("--json", "--pack", "no-such-pack", "generate", "x", env_extra=weights_env)
     assert r.returncode in (1, 2) and r.stderr.strip()
     assert json.loads(r.stdout)["exit_code"] == r.returncode and "no-such-pack" in json.loads(r.stdout)["error"]
+
+
+def test_convert_names_refuses_and_reports_like_a_user_expects(tmp_path):
+    """`convert` used to give tracebacks for `-o ./` or `-o folder/` and silently replaced any file, a photo
+    included."""
+    golden = next(p for p in (ROOT / "tests" / "data" / "golden" / "rosinality_tiny.pt",
+                              ROOT.parent / "shared" / "golden" / "rosinality_tiny.pt") if p.is_file())
+    work = tmp_path / "w"
+    work.mkdir()
+    r = anyface("convert", golden, "-o", str(work) + "/", check_rc=0)  # a folder: <input name>.safetensors in it
+    out = work / "rosinality_tiny.safetensors"
+    assert out.is_file() and str(out) in r.stdout
+    r = anyface("convert", golden, "-o", work, check_rc=2)  # the same again: exists
+    assert "--overwrite" in r.stderr and "Traceback" not in r.stderr
+    anyface("convert", golden, "-o", work, "--overwrite", check_rc=0)
+    photo_file = tmp_path / "precious.jpg"
+    photo_file.write_bytes(b"a photo")
+    r = anyface("convert", golden, "-o", photo_file, check_rc=2)
+    assert ".safetensors" in r.stderr and photo_file.read_bytes() == b"a photo"
+    anyface("convert", golden, "-o", tmp_path / "named", check_rc=0)
+    assert (tmp_path / "named.safetensors").is_file()
+    r = anyface("convert", tmp_path, "-o", work / "x.safetensors", check_rc=2)
+    assert "is a folder" in r.stderr
+    r = anyface("convert", golden, "-o", photo_file / "x.safetensors", check_rc=2)
+    assert "under a file" in r.stderr
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        r = anyface("convert", golden, "-o", ro, check_rc=1)
+        assert "Could not write" in r.stderr and "Traceback" not in r.stderr
