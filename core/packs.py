@@ -74,7 +74,10 @@ def _register(entry: dict, pack: str, pack_info: dict | None = None) -> None:
     packs = data.setdefault("packs", {})
     if pack_info is not None:
         packs[pack] = pack_info
-    else:
+    elif "files" in packs.get(pack, {}):  # a pack made by an earlier import: the newest generator comes first
+        p = packs[pack]
+        p["files"] = [entry["id"]] + [f for f in p["files"] if f != entry["id"]]
+    else:  # a pack of the bundled manifest: listed before its own files
         p = packs.setdefault(pack, {"prepend": []})
         if entry["id"] not in p.setdefault("prepend", []):
             p["prepend"].insert(0, entry["id"])
@@ -123,7 +126,8 @@ def import_file(src: Path | str, *, pack: str | None = None, progress=None, shou
     if target_pack in manifest.packs and manifest.packs[target_pack].resolution not in (0, res):
         raise InvalidCheckpointError(
             f"{src.name} is a {res} px generator; pack '{target_pack}' needs {manifest.packs[target_pack].resolution} px.")
-    out = user_data_dir() / "weights" / target_pack / f"{src.stem}.safetensors"
+    # named after the content too: two different files with the same name never share one converted file
+    out = user_data_dir() / "weights" / target_pack / f"{src.stem}-{digest[:10]}.safetensors"
     save_generator(G, out, metadata={"source_file": src.name, "source_sha256": digest})
     fid = f"imported-{target_pack}-{digest[:10]}"
     entry = {"id": fid, "file_name": out.name, "pack": target_pack, "role": "generator",

@@ -83,3 +83,21 @@ def test_disk_usage_counts_imported(tmp_path):
     shutil.copy(GOLDEN / "rosinality_tiny.pt", src)
     r = packs.import_file(src)
     assert packs.disk_usage()[r.pack] == r.path.stat().st_size
+
+
+def test_two_generators_with_the_same_name_are_both_kept_and_registered(tmp_path):
+    """`import "ffhq copy.pkl"` then `import "ffhq copy.pt"` (another generator) used to write both to
+    custom-32/ffhq copy.safetensors (the first entry then failed verify), and the second import into a pack made by
+    an import was never part of the pack."""
+    a, b = tmp_path / "ffhq copy.pkl", tmp_path / "ffhq copy.pt"
+    shutil.copy(GOLDEN / "nvlabs_tiny.pkl", a)
+    shutil.copy(GOLDEN / "rosinality_tiny.pt", b)
+    ra, rb = packs.import_file(a), packs.import_file(b)
+    assert ra.pack == rb.pack == "custom-32" and ra.path != rb.path and ra.path.is_file() and rb.path.is_file()
+    m = weights.Manifest.load()
+    assert m.packs["custom-32"].files[:2] == (rb.id, ra.id)  # the newest first
+    states = {s.file.id: s.state for s in weights.pack_status("custom-32", manifest=m, verify=True)}
+    assert states[rb.id] == "present" and states[ra.id] == "not needed"  # neither is corrupt
+    packs.delete_imported(rb.id)
+    m = weights.Manifest.load()
+    assert rb.id not in m.packs["custom-32"].files and ra.path.is_file() and not rb.path.exists()
