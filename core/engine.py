@@ -139,6 +139,21 @@ def _check(should_cancel: CancelFn | None, what: str) -> None:
         raise CancelledError(f"{what} was cancelled.")
 
 
+def _check_writable(folder: Path, what: str) -> None:
+    """Create ``folder`` and a file in it (removed again), or raise ``OutputError`` saying where and why."""
+    import tempfile
+
+    from core.errors import OutputError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise OutputError(f"Cannot save {what} in {folder}: {e.strerror or e}. Make that folder writable, or set "
+                          "ANYFACE_DATA_DIR to a writable folder.") from e
+
+
 def bank_cache_path(pack_id: str) -> Path:
     """Where a KNN bank built on this machine for a pack without one is kept (user data dir)."""
     from core.weights import user_data_dir
@@ -464,7 +479,10 @@ class Engine:
                    save: bool = True, progress: ProgressFn | None = None,
                    should_cancel: CancelFn | None = None) -> LatentBank:
         """Build a KNN bank for this generator + CLIP (enables the "knn" method); saved to
-        :func:`bank_cache_path` when ``save`` so ``from_pack`` finds it next time."""
+        :func:`bank_cache_path` when ``save`` so ``from_pack`` finds it next time. Where it cannot be saved is
+        found out before any face is sampled (``OutputError``), not after minutes of work."""
+        if save:
+            _check_writable(bank_cache_path(self.pack_id).parent, "the KNN bank")
         bank = LatentBank.build(self.generator, self.clip, size=size, batch=batch, truncation=truncation, seed=seed,
                                 progress=progress, should_cancel=should_cancel)
         if save:

@@ -487,3 +487,17 @@ def test_corrupt_or_wrong_pack_files_name_themselves(tmp_path, monkeypatch):
     shutil.copy(tiny / "generator.safetensors", res / "weights" / "mine" / "g.pt")
     with pytest.raises(CorruptWeightsError, match="64 px generator, but pack 'mine' is 1024 px"):
         Engine.from_pack("mine", device="cpu")
+
+
+def test_build_bank_where_it_cannot_be_saved_fails_before_any_work(tmp_path, monkeypatch):
+    from core.errors import OutputError
+
+    blocker = tmp_path / "data"
+    blocker.write_text("a file where the data folder should be")  # unwritable for anyone, root included
+    monkeypatch.setenv("ANYFACE_DATA_DIR", str(blocker))
+    G, clip, cmd, cvae, bank = make_models()
+    e = Engine(G, clip, device="cpu", pack_id="nobank")
+    seen = []
+    with pytest.raises(OutputError, match="Cannot save the KNN bank in .*ANYFACE_DATA_DIR"):
+        e.build_bank(size=32, batch=16, progress=lambda d, t: seen.append(d))
+    assert seen == [] and e.methods == []  # nothing was sampled
