@@ -219,7 +219,8 @@ def iter_inputs(input: str | os.PathLike, *, recursive: bool = False, shard: tup
     """Image files under ``input`` in walk order (or ``input`` itself when it is a file), as a generator.
 
     Hidden entries (``.name``) are skipped, symlinked folders are not followed, and inside ``output_dir``
-    files named like the runner's outputs are not inputs (so output folder == input folder works)."""
+    files named like the runner's outputs are not inputs (so output folder == input folder works). A subfolder
+    that is another batch run's output folder (it holds ``.anyface-batch``) is not walked into."""
     root = Path(input)
     out_res = Path(output_dir).resolve() if output_dir is not None else None
     if root.is_file() or (root.is_symlink() and not root.is_dir()):
@@ -249,7 +250,10 @@ def iter_inputs(input: str | os.PathLike, *, recursive: bool = False, shard: tup
                 continue
             rel = f"{rel_dir}/{name}" if rel_dir else name
             if is_dir:
-                if recursive and not (out_res is not None and (d_res / name) == out_res):
+                # not into this run's output folder, nor into another run's (it holds the batch state folder):
+                # a second run with another -o inside the input would edit the first run's outputs again
+                if (recursive and not (out_res is not None and (d_res / name) == out_res)
+                        and not (d / name / STATE_DIR).is_dir()):
                     yield from walk(d / name, rel)
                 continue
             if name not in stems:

@@ -235,6 +235,20 @@ def test_iter_inputs_is_a_lazy_stable_walk(tmp_path):
     assert [i.rel for i in batch.iter_inputs(tmp_path)] == ["a.png"]
 
 
+def test_another_runs_output_folder_inside_the_input_is_not_an_input(tmp_path):
+    """`edit nest -r -o nest/edited` then `edit nest -r -o nest/edited2` edited the first run's outputs again
+    (edited2/edited/*_anyface_anyface.png)."""
+    for rel in ["p.png", "sub/q.png", "edited/p_anyface.png", "edited/sub/q_anyface.png"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    (tmp_path / "edited" / batch.STATE_DIR).mkdir()
+    rels = [i.rel for i in batch.iter_inputs(tmp_path, recursive=True, output_dir=tmp_path / "edited2")]
+    assert rels == ["p.png", "sub/q.png"]
+    # pointed at directly, that folder's images are inputs like any others
+    assert [i.rel for i in batch.iter_inputs(tmp_path / "edited", recursive=True)] == ["p_anyface.png",
+                                                                                      "sub/q_anyface.png"]
+
+
 def test_classify_permission_denied_even_as_root(tmp_path):
     """Root reads chmod-000 files, so the permission path is also checked with a processor that raises it."""
     (tmp_path / "in").mkdir()
