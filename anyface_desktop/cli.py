@@ -216,10 +216,14 @@ def cmd_models(args) -> int:
         except AnyFaceError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USAGE
+        # a pack the user never installed (no file of it anywhere) is not a failure of `verify` over all packs
+        installed = bool(args.models_pack or args.pack) or manifest.packs[pid].bundled or any(
+            s.state in ("present", "unverified", "corrupt") for s in statuses)
         for s in statuses:
             rows.append({"pack": pid, "id": s.file.id, "file": s.file.file_name, "state": s.state,
-                         "path": str(s.path) if s.path else None, "detail": s.detail, "optional": s.file.optional})
-            bad += s.state in ("missing", "corrupt") and not s.file.optional
+                         "path": str(s.path) if s.path else None, "detail": s.detail, "optional": s.file.optional,
+                         "installed": installed})
+            bad += (s.state == "corrupt" or s.state == "missing" and installed) and not s.file.optional
     text = "\n".join(f"{r['pack']:10s} {r['id']:24s} {r['state']:10s} "
                      + " — ".join(x for x in (r["path"], r["detail"]) if x) for r in rows)
     _print(args, rows, text)

@@ -264,3 +264,31 @@ def test_a_file_shared_by_packs_is_found_in_either_pack_folder(tmp_path, monkeyp
         weights.locate_pack("small", manifest=m)
     looked = [x for x in e.value.missing if x.id == "clip"][0].searched
     assert str(wdir / "small" / "clip.bin") in looked and str(wdir / "big" / "clip.bin") in looked
+
+
+def test_verify_over_all_packs_fails_only_for_what_is_installed(tmp_path, monkeypatch):
+    """On a fresh install `anyface models verify` exited 1 because official packs the user never installed are
+    missing; it fails for corrupt files and for missing files of packs that are (partly) there or named."""
+    res = tmp_path / "resources"
+    monkeypatch.setenv("ANYFACE_RESOURCES", str(res))
+    files = [dict(id="mine-g", file_name="g.bin", pack="mine", role="generator", sha256=None, size=1),
+             dict(id="big-g", file_name="big.bin", pack="big", role="generator", sha256=None, size=None),
+             dict(id="half-g", file_name="h.bin", pack="half", role="generator", sha256=None, size=None),
+             dict(id="half-c", file_name="hc.bin", pack="half", role="clip", sha256=None, size=None)]
+    packs = {"mine": {"title": "M", "resolution": 8, "files": ["mine-g"], "bundled": True},
+             "big": {"title": "B", "resolution": 8, "files": ["big-g"]}}
+    _manifest(res, files[:2], packs)
+    (res / "weights" / "mine").mkdir()
+    (res / "weights" / "mine" / "g.bin").write_bytes(b"g")
+    cmd = [sys.executable, "-m", "anyface_desktop.cli", "models", "verify"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "big-g" in r.stdout and "missing" in r.stdout and "looked in" in r.stdout  # still listed, with where
+    r = subprocess.run(cmd + ["--pack", "big"], capture_output=True, text=True, cwd=ROOT, env=dict(os.environ))
+    assert r.returncode == 1
+    packs["half"] = {"title": "H", "resolution": 8, "files": ["half-g", "half-c"]}
+    _manifest(res, files, packs)
+    (res / "weights" / "half").mkdir()
+    (res / "weights" / "half" / "h.bin").write_bytes(b"h")  # a pack half installed: its missing CLIP fails verify
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ))
+    assert r.returncode == 1 and "half-c" in r.stdout
