@@ -108,8 +108,9 @@ def _open(source, max_pixels: int, name: str) -> Image.Image:
                 Image.MAX_IMAGE_PIXELS = old
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(
-            f"{name} is too large to open safely ({e}). The limit is {_mp(max_pixels)} megapixels; "
-            f"downscale the image, or raise the limit in Settings (or ${MAX_PIXELS_ENV})."
+            f"{name} is too large to open safely: more than twice the limit of {_mp(max_pixels)} megapixels "
+            f"(decompression-bomb guard). Downscale the image, or raise the limit with the environment variable "
+            f"{MAX_PIXELS_ENV} (pixels)."
         ) from e
     except FileNotFoundError as e:
         raise InvalidImageError(f"{name} does not exist. Check the path and try again.") from e
@@ -133,7 +134,7 @@ def _open(source, max_pixels: int, name: str) -> Image.Image:
         raise ImageTooLargeError(
             f"{name} is {w}x{h} = {_mp(w * h)} megapixels, more than the limit of "
             f"{_mp(max_pixels)} megapixels (decompression-bomb guard). Downscale the image, or raise the "
-            f"limit in Settings (or ${MAX_PIXELS_ENV})."
+            f"limit with the environment variable {MAX_PIXELS_ENV} (pixels)."
         )
     return img
 
