@@ -6,6 +6,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 from PySide6.QtCore import QByteArray, Qt, QTimer
 from PySide6.QtGui import QAction, QActionGroup, QKeySequence
 from PySide6.QtWidgets import (QComboBox, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar, QPushButton,
@@ -665,11 +666,22 @@ class MainWindow(QMainWindow):
                 self.canvas.set_images(self.face.aligned, entry.face_image)
             else:
                 self.canvas.set_images(self.face.photo.image, entry.composed if entry.composed is not None
-                                       else self.face.photo.image)
+                                       else self.face.photo.image, region=self._face_region())
         else:
             before = self.source.face_image if self.source is not None else entry.face_image
             self.canvas.set_images(before, entry.face_image)
         self._update_actions()
+
+    def _face_region(self) -> tuple[float, float, float, float] | None:
+        """Bounds (original pixels) of what pasting the current face back can change: the aligned crop's quad."""
+        t = getattr(self.face, "transform", None)
+        quad = getattr(t, "quad", None)
+        if quad is not None:
+            q = np.asarray(quad, float)
+            return float(q[:, 0].min()), float(q[:, 1].min()), float(q[:, 0].max()), float(q[:, 1].max())
+        if isinstance(t, (tuple, list)) and len(t) == 4:  # a plain box
+            return tuple(float(v) for v in t)
+        return None
 
     def set_display(self, mode: str) -> None:
         self.display = mode or "photo"

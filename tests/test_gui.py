@@ -970,3 +970,40 @@ def test_export_right_after_releasing_the_slider_writes_what_the_canvas_ends_up_
     wait_idle(qtbot, win)
     assert win.history.current.params["strength"] == pytest.approx(0.6)
     close_window(qtbot, win)
+
+
+def test_canvas_region_updates_show_the_same_pixels_as_full_updates(qtbot):
+    """Previews on a big photo convert and re-scale only the pasted face's region; what is shown must be what a full
+    conversion shows (scaled down, zoomed in, wipe)."""
+    from anyface_desktop.canvas import PhotoCanvas
+
+    rng = np.random.default_rng(0)
+    before = (rng.random((1500, 2000, 3)) * 255).astype(np.uint8)
+    before = np.ascontiguousarray(np.repeat(np.repeat(before[::10, ::10], 10, 0), 10, 1))  # smooth-ish content
+    shots = {}
+    for mode in ("full", "region"):
+        c = PhotoCanvas()
+        qtbot.addWidget(c)
+        c.resize(640, 480)
+        c.show()
+        c.set_images(before, before, refit=True)
+        c.grab()  # the scaled "before" is made at the first paint
+        for k in range(3):  # consecutive previews
+            after = before.copy()
+            after[600:900, 800 + 50 * k:1100 + 50 * k] = (40 * k, 200, 90)
+            c.set_images(before, after, region=(790 + 50 * k, 590, 1110 + 50 * k, 910) if mode == "region" else None)
+            shots[(mode, k)] = c.grab().toImage()
+        c.set_view_mode("wipe")
+        shots[(mode, "wipe")] = c.grab().toImage()
+        c.set_view_mode("after")
+        c.zoom_by(3.0)
+        shots[(mode, "zoom")] = c.grab().toImage()
+
+    def arr(img):
+        img = img.convertToFormat(img.Format.Format_RGB888)
+        return np.frombuffer(img.constBits(), np.uint8).reshape(img.height(), img.bytesPerLine())[:, : img.width() * 3]
+
+    for key in (0, 1, 2, "wipe", "zoom"):
+        a, b = arr(shots[("full", key)]).astype(int), arr(shots[("region", key)]).astype(int)
+        d = np.abs(a - b)  # the region is scaled on its own: at most sub-pixel shifts at sharp edges
+        assert a.shape == b.shape and d.mean() < 0.5 and (d > 48).mean() < 0.005, (key, d.mean(), (d > 48).mean())
