@@ -277,8 +277,11 @@ class Backend:
             from core.engine import FaceResult
         except ImportError:  # a fake engine in tests
             from types import SimpleNamespace as FaceResult
-        return FaceResult(image=e.render(lat.ws), ws=lat.ws, seed=lat.seed, captions=tuple(lat.captions),
-                          method=lat.method)
+        kind = str(lat.extra.get("kind") or "")
+        # a photo edit's latent has no meaningful seed (previews use 0): it must not be named "seed 0" later
+        return FaceResult(image=e.render(lat.ws), ws=lat.ws, seed=None if kind == "edited" else lat.seed,
+                          captions=tuple(lat.captions), method=lat.method,
+                          extra={"kind": kind, "file": Path(path).name})
 
     def more_like(self, picked: Any, captions: Sequence[str], n: int, seed: int, method: str = "cmd",
                   closeness: float = 0.65, progress: ProgressFn = None, should_cancel: CancelFn = None) -> list:

@@ -845,7 +845,14 @@ class MainWindow(QMainWindow):
         self.photo, self.face = None, None
         self.canvas.set_faces([])
         self.face_combo_action.setVisible(False)
-        first = HistoryEntry(f"Generated face (seed {result.seed})", result.ws, result.image, None, result,
+        extra = getattr(result, "extra", None) or {}
+        if extra.get("kind") == "edited":
+            title = f"Edited face ({extra.get('file', 'latent')})"
+        elif result.seed is None:
+            title = f"Face ({extra.get('file', 'latent')})"
+        else:
+            title = f"Generated face (seed {result.seed})"
+        first = HistoryEntry(title, result.ws, result.image, None, result,
                              params={"captions": list(getattr(result, "captions", []) or []), "strength": 0.0,
                                      "seed": result.seed, "method": getattr(result, "method", "")})
         self.source = first
@@ -853,7 +860,7 @@ class MainWindow(QMainWindow):
         self.history_panel.show_history(self.history)
         self.canvas.set_images(result.image, result.image, refit=True)
         self.current_entry = first
-        self.setWindowTitle(f"Generated face (seed {result.seed}) — AnyFace Desktop")
+        self.setWindowTitle(f"{title} — AnyFace Desktop")
         self._update_actions()
         self.tabs.setCurrentWidget(self.history_panel)
         self.statusBar().showMessage("Editing the generated face: change the captions or move the slider.", 6000)
@@ -923,7 +930,8 @@ class MainWindow(QMainWindow):
         from anyface_desktop.export import ExportRequest
 
         p = entry.params
-        from_photo = self.face is not None and not self._is_gallery_entry(entry)
+        source_kind = (getattr(getattr(self.source, "result", None), "extra", None) or {}).get("kind")
+        from_photo = not self._is_gallery_entry(entry) and (self.face is not None or source_kind == "edited")
         return ExportRequest(path=opts["path"], image=self._export_image(entry), fmt=opts.get("fmt", "png"),
                              quality=int(opts.get("quality", 92)), size=opts.get("size"),
                              save_latent=bool(opts.get("save_latent", True)), ws=entry.ws,

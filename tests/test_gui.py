@@ -337,6 +337,13 @@ def test_export_writes_metadata_and_latent_never_over_input(qtbot, photo, tmp_pa
     qtbot.waitUntil(lambda: win.face is None or bool(open_error_boxes()), timeout=5000)
     assert not open_error_boxes(), open_error_boxes()[-1].text()
     assert torch.allclose(win.source.ws, exported_ws) and win.captions.captions() == ["blue eyes"]
+    # a photo edit's latent is an edited face, not "Generated face (seed 0)", and exports as edited
+    assert win.windowTitle().startswith("Edited face (face.npz)")
+    win.settings.set("output_dir", str(tmp_path / "again"))
+    win.quick_export()
+    wait_idle(qtbot, win)
+    assert Path(win.last_export.image_path).name.startswith("anyface_face_")
+    assert read_provenance(win.last_export.image_path)["kind"] == "edited"
     close_window(qtbot, win)
 
 
