@@ -514,6 +514,8 @@ class MainWindow(QMainWindow):
             self.open_photo(path)
 
     def open_photo(self, path: str) -> None:
+        if not self.confirm_discard("Open another photo"):
+            return
         path = str(path)
         self.scheduler.invalidate()
         # the running inversion of the current photo (one worker) is stopped so the new photo opens at once; if
@@ -817,10 +819,12 @@ class MainWindow(QMainWindow):
             self.open_latent(path)
 
     def open_latent(self, path: str) -> None:
+        if not self.confirm_discard("Open the latent"):
+            return
         self.submit("latent", lambda b, progress, cancel: b.open_latent(str(path)))
 
     def _done_latent(self, job: Job, result) -> None:
-        self.edit_generated(result)
+        self.edit_generated(result, ask=False)
         if getattr(result, "captions", None):
             self.captions.set_captions(list(result.captions), emit=False)
 
@@ -838,8 +842,8 @@ class MainWindow(QMainWindow):
     def _done_more(self, job: Job, results: list) -> None:
         self._done_generate(job, results)
 
-    def edit_generated(self, result) -> None:
-        if result is None:
+    def edit_generated(self, result, ask: bool = True) -> None:
+        if result is None or ask and not self.confirm_discard("Edit this face"):
             return
         self.scheduler.invalidate()
         self.photo, self.face = None, None
@@ -952,7 +956,9 @@ class MainWindow(QMainWindow):
         if entry is None:
             return None
         req = self._export_request(entry, opts)
-        return self.submit("export", lambda b, progress, cancel: b.export(req))
+        job = self.submit("export", lambda b, progress, cancel: b.export(req))
+        job.entry = entry
+        return job
 
     def export_gallery(self, folder: str | None = None):
         """Save every face of the gallery into ``folder`` (asked for when None) as ``anyface_seed<seed>.<fmt>``, with
@@ -992,8 +998,28 @@ class MainWindow(QMainWindow):
         folder = Path(written[0].image_path).parent if written else ""
         self.statusBar().showMessage(f"Saved {len(written)} faces to {folder}", 8000)
 
+    def unexported_edit(self) -> bool:
+        """The face shown is an edit (not the photo or face it started from) and was not exported as it is."""
+        cur = getattr(self, "current_entry", None)
+        if cur is None or cur is self.source or self.source is None:
+            return False
+        saved = getattr(self, "_exported_entry", None)
+        return not (saved is cur or saved is not None and saved.params == cur.params and saved.source is cur.source
+                    and torch_equal(saved.ws, cur.ws))
+
+    def confirm_discard(self, action: str) -> bool:
+        """Before an edit that was not exported is replaced: ask (Settings can turn the question off)."""
+        if not bool(self.settings.get("ask_before_discard")) or not self.unexported_edit():
+            return True
+        answer = QMessageBox.question(
+            self, "Edit not exported", f"The edit shown has not been exported.\n{action} and discard it?",
+            QMessageBox.StandardButton.Discard | QMessageBox.StandardButton.Cancel, QMessageBox.StandardButton.Cancel)
+        return answer == QMessageBox.StandardButton.Discard
+
     def _done_export(self, job: Job, res) -> None:
         self.last_export = res
+        if getattr(job, "entry", None) is not None:
+            self._exported_entry = job.entry
         msg = f"Exported {res.image_path}" + (f" and {Path(res.latent_path).name}" if res.latent_path else "")
         self.statusBar().showMessage(msg, 8000)
 
@@ -1035,7 +1061,7 @@ class MainWindow(QMainWindow):
     def open_settings(self) -> None:
         from core.device import available_devices
 
-        dlg = SettingsDialog(self.settings, available_devices(), self)
+        dlg = SettingsDialog(self.settings, available_devices(), self, current_device=self.device_pref)
         if dlg.exec():
             changed = dlg.apply()
             if "device" in changed:
@@ -1053,6 +1079,9 @@ class MainWindow(QMainWindow):
         self.canvas.dropEvent(e)
 
     def closeEvent(self, e):  # noqa: N802
+        if not self._closing and not self.confirm_discard("Close AnyFace Desktop"):
+            e.ignore()
+            return
         self._closing = True
         t0 = time.perf_counter()
         self._preview_timer.stop()
@@ -1068,6 +1097,15 @@ class MainWindow(QMainWindow):
         except Exception:  # noqa: BLE001
             pass
         super().closeEvent(e)
+
+
+def torch_equal(a, b) -> bool:
+    try:
+        import torch
+
+        return bool(torch.equal(torch.as_tensor(a), torch.as_tensor(b)))
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _open_photo_any_faces(b: Backend, path: str, detector: str) -> PhotoState:

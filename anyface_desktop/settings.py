@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 from PySide6.QtCore import QSettings, QStandardPaths, Qt
-from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit,
-                               QMessageBox, QPushButton, QWidget)
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout,
+                               QLineEdit, QMessageBox, QPushButton, QWidget)
 
 ENV_SETTINGS_FILE = "ANYFACE_SETTINGS_FILE"  # tests point this at an .ini in tmp_path
 DETECTORS = [("auto", "Automatic (best available)"), ("dlib", "dlib HOG + 68 landmarks (FFHQ)"),
@@ -27,7 +27,8 @@ class Settings:
     """Typed access to the app's QSettings."""
 
     DEFAULTS = {"device": "auto", "detector": "auto", "tier": "fast", "pack": "tiny", "export/format": "png",
-                "export/quality": 92, "export/size": 0, "export/latent": True, "generate/count": 4}
+                "export/quality": 92, "export/size": 0, "export/latent": True, "generate/count": 4,
+                "ask_before_discard": True}
 
     def __init__(self, qsettings: QSettings | None = None):
         if qsettings is None:
@@ -95,7 +96,10 @@ class Settings:
 
 
 class SettingsDialog(QDialog):
-    def __init__(self, settings: Settings, devices: list[str], parent: QWidget | None = None):
+    def __init__(self, settings: Settings, devices: list[str], parent: QWidget | None = None,
+                 current_device: str | None = None):
+        """``current_device``: the device the app runs on now when it was chosen on the command line (shown instead
+        of the stored setting)."""
         super().__init__(parent)
         self.setWindowTitle("Settings")
         self.settings = settings
@@ -103,7 +107,8 @@ class SettingsDialog(QDialog):
         self.device = QComboBox()
         for d in ["auto"] + [d for d in devices if d != "auto"]:
             self.device.addItem("Automatic (GPU if available)" if d == "auto" else d, d)
-        self._select(self.device, settings.device)
+        self._select(self.device, current_device or settings.device)
+        self._shown_device = self.device.currentData()
         self.detector = QComboBox()
         try:
             from core.align import detector_status
@@ -134,6 +139,9 @@ class SettingsDialog(QDialog):
         form.addRow("Face detector:", self.detector)
         form.addRow("Photo inversion:", self.tier)
         form.addRow("Default output folder:", row)
+        self.ask_discard = QCheckBox("Ask before closing or opening something else over an edit that was not exported")
+        self.ask_discard.setChecked(bool(settings.get("ask_before_discard")))
+        form.addRow("", self.ask_discard)
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
@@ -171,7 +179,10 @@ class SettingsDialog(QDialog):
     def apply(self) -> dict:
         """Store the choices; returns the keys that changed."""
         new = {"device": self.device.currentData(), "detector": self.detector.currentData(),
-               "tier": self.tier.currentData(), "output_dir": self.output_path()}
+               "tier": self.tier.currentData(), "output_dir": self.output_path(),
+               "ask_before_discard": self.ask_discard.isChecked()}
+        if new["device"] == self._shown_device:  # untouched: keep the stored choice (the command line may differ)
+            del new["device"]
         changed = {k: v for k, v in new.items() if str(self.settings.get(k, "")) != str(v)}
         for k, v in new.items():
             self.settings.set(k, v)

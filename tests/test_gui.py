@@ -157,6 +157,7 @@ class FakeBackend(Backend):
 @pytest.fixture(autouse=True)
 def _settings_file(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_SETTINGS_FILE, str(tmp_path / "settings.ini"))
+    Settings().set("ask_before_discard", False)  # a modal question would stop the test (one test turns it on)
     yield
     for box in open_error_boxes():
         box.close()
@@ -1014,3 +1015,49 @@ def test_canvas_region_updates_show_the_same_pixels_as_full_updates(qtbot):
         a, b = arr(shots[("full", key)]).astype(int), arr(shots[("region", key)]).astype(int)
         d = np.abs(a - b)  # the region is scaled on its own: at most sub-pixel shifts at sharp edges
         assert a.shape == b.shape and d.mean() < 0.5 and (d > 48).mean() < 0.005, (key, d.mean(), (d > 48).mean())
+
+
+def test_closing_or_opening_over_an_unexported_edit_asks_first(qtbot, tmp_path, photo, monkeypatch):
+    from PySide6.QtWidgets import QMessageBox
+
+    win = make_window(qtbot)
+    win.settings.set("ask_before_discard", True)
+    win.settings.set("output_dir", str(tmp_path / "out"))
+    asked = []
+    answer = [QMessageBox.StandardButton.Cancel]
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or answer[0])
+    open_ready(qtbot, win, photo)
+    assert not win.unexported_edit()  # the photo as opened is no edit
+    win.captions.add_caption("red hair")
+    wait_idle(qtbot, win)
+    assert win.unexported_edit()
+    other = tmp_path / "other.png"
+    other.write_bytes(photo.read_bytes())
+    win.open_photo(str(other))  # Cancel: the edit stays
+    wait_idle(qtbot, win)
+    assert "Open another photo" in asked[-1] and win.photo.path == str(photo) and win.current_entry is not None
+    win.close()  # Cancel: the window stays open, the worker keeps running
+    assert win.isVisible() and win.host.thread.isRunning() and "Close" in asked[-1]
+    win.quick_export()
+    wait_idle(qtbot, win)
+    assert not win.unexported_edit()  # exported as it is: nothing to ask
+    n = len(asked)
+    win.captions.set_strength(0.4)
+    wait_idle(qtbot, win)
+    assert win.unexported_edit()
+    answer[0] = QMessageBox.StandardButton.Discard
+    close_window(qtbot, win)
+    assert len(asked) == n + 1 and not win.isVisible()
+
+
+def test_settings_show_the_device_the_app_runs_on(qtbot):
+    from anyface_desktop.settings import Settings, SettingsDialog
+
+    settings = Settings()
+    settings.set("device", "auto")
+    dlg = SettingsDialog(settings, ["cpu"], current_device="cpu")  # started with --device cpu
+    qtbot.addWidget(dlg)
+    assert dlg.device.currentData() == "cpu"
+    assert "device" not in dlg.apply() and settings.device == "auto"  # untouched: nothing reloads or is stored
+    dlg.device.setCurrentIndex(dlg.device.findData("auto"))
+    assert dlg.apply()["device"] == "auto"

@@ -55,6 +55,7 @@ def _window(qapp, engine, tmp_path, monkeypatch):
     from anyface_desktop.main_window import MainWindow
 
     w = MainWindow(pack="tiny", device="cpu", backend=QuickBackend(engine))
+    w.settings.set("ask_before_discard", False)
     w.show()
     end = time.time() + 30
     while w.engine_info is None and time.time() < end:

@@ -77,6 +77,7 @@ def win(qapp, workdir):
 
     w = MainWindow(pack="tiny", device="cpu")
     w.settings.set("output_dir", str(workdir / "exports"))
+    w.settings.set("ask_before_discard", False)
     w.resize(1280, 800)
     w.show()
     deadline = time.time() + 120

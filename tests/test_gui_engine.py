@@ -67,6 +67,7 @@ def win(qapp, workdir):
     from anyface_desktop.main_window import MainWindow
 
     w = MainWindow(pack="toy", device="cpu", backend=ToyBackend(_engine()))
+    w.settings.set("ask_before_discard", False)
     w.settings.set("tier", "balanced")  # 50 optimisation steps: a real, cancellable, progress-reporting job
     w.show()
     end = time.time() + 30
