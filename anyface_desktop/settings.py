@@ -181,9 +181,11 @@ class SettingsDialog(QDialog):
         new = {"device": self.device.currentData(), "detector": self.detector.currentData(),
                "tier": self.tier.currentData(), "output_dir": self.output_path(),
                "ask_before_discard": self.ask_discard.isChecked()}
+        changed = {k: v for k, v in new.items() if k != "device" and str(self.settings.get(k, "")) != str(v)}
         if new["device"] == self._shown_device:  # untouched: keep the stored choice (the command line may differ)
             del new["device"]
-        changed = {k: v for k, v in new.items() if str(self.settings.get(k, "")) != str(v)}
+        else:  # a device other than the one the app runs on now
+            changed["device"] = new["device"]
         for k, v in new.items():
             self.settings.set(k, v)
         self.settings.sync()
