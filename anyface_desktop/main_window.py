@@ -772,6 +772,8 @@ class MainWindow(QMainWindow):
             self.captions.set_strength(entry.params.get("strength", 0.0), emit=False)
             # the panel shows what this step was made with, so the next slider move continues from it
             self.captions.set_edit_params(entry.params.get("method"), entry.params.get("identity_layers"))
+        else:  # a starting (or applied) state is no edit: strength 0 matches the canvas; the captions stay for reuse
+            self.captions.set_strength(0.0, emit=False)
         self.history_panel.show_history(self.history)
         self._update_actions()
 

@@ -730,6 +730,10 @@ def test_undo_shows_the_method_and_identity_lock_of_the_step(qtbot, photo):
     assert win.captions.identity_layers() == first["identity_layers"]
     assert win.captions.method_key() == first["method"]
     wait_idle(qtbot, win)
+    win.jump_history(0)  # the photo as opened: the panel says strength 0 (it kept the last step's), captions stay
+    wait_idle(qtbot, win)
+    assert win.captions.strength() == 0.0 and win.captions.captions() == ["grey hair"]
+    assert win.current_entry is win.history.entries[0] and win.history.index == 0
     close_window(qtbot, win)
 
 
