@@ -353,10 +353,8 @@ class MainWindow(QMainWindow):
                 self._show_preview(job._value, commit=self.scheduler.is_current(job.stamp))
             if nxt is not None:
                 self._start_preview(nxt)
-            elif getattr(self, "_deferred_export", None) is not None and not self._preview_timer.isActive():
-                opts, self._deferred_export = self._deferred_export, None
-                self._commit_current()
-                self.export_to(opts)
+            elif not self._preview_timer.isActive():
+                self._run_deferred_export()
 
     def _on_result(self, job: Job, value) -> None:
         if self._closing:
@@ -385,10 +383,21 @@ class MainWindow(QMainWindow):
             self.batch_dialog.job_failed(exc, tb)
         if job.kind == "open":
             self._resume_cut_inversion()
+        if job.kind == "invert" and not self._inverting(but=job) and self.face is not None:
+            self._back_to_current_face()  # a face switch failed
         if job.kind == "preview" and open_error_boxes():
             log.warning("preview failed again: %s", exc)  # one box at a time while dragging
             return
         show_error(self, exc, tb)
+
+    def _back_to_current_face(self) -> None:
+        """A face switch did not happen (cancelled, failed, given up): photo, face box and canvas go back to the
+        face being edited."""
+        if self.face is None or self.photo is None:
+            return
+        self.photo = self.face.photo
+        self.canvas.set_faces(self.photo.face_boxes() if self.display == "photo" else [], self.face.index)
+        self.face_combo.setCurrentIndex(self.face.index)
 
     def _resume_cut_inversion(self) -> None:
         """A photo failed to open: the previous photo, whose inversion that open stopped, gets its face back."""
@@ -396,9 +405,7 @@ class MainWindow(QMainWindow):
         if resume is not None and resume[0] is self.photo and self.face is None:
             self.pick_face(resume[1])
         elif resume is not None and resume[0] is self.photo and self.face is not None:  # a face switch was cut
-            self.photo = self.face.photo
-            self.canvas.set_faces(self.photo.face_boxes() if self.display == "photo" else [], self.face.index)
-            self.face_combo.setCurrentIndex(self.face.index)
+            self._back_to_current_face()
 
     def _inverting(self, but: Job | None = None) -> bool:
         return any(j.kind in ("invert", "open") and j is not but and not j.cancelled for j in self._jobs.values())
@@ -411,10 +418,7 @@ class MainWindow(QMainWindow):
         if job.kind == "open":  # the photo whose inversion this open stopped gets its face back
             self._resume_cut_inversion()
         elif job.kind == "invert" and not self._inverting(but=job) and self.face is not None:
-            # a face switch was cancelled: everything goes back to the face still being edited
-            self.photo = self.face.photo if self.photo is not None else self.photo
-            self.canvas.set_faces(self.photo.face_boxes() if self.display == "photo" else [], self.face.index)
-            self.face_combo.setCurrentIndex(self.face.index)
+            self._back_to_current_face()  # a face switch was cancelled
         if job.kind == "batch" and self.batch_dialog is not None and not self._closing:
             self.batch_dialog.job_cancelled(getattr(self.host.backend, "last_batch_report", None))
 
@@ -531,6 +535,8 @@ class MainWindow(QMainWindow):
 
     def _done_open(self, job: Job, photo: PhotoState) -> None:
         self._resume_invert = None
+        self._photo_has_edits = False
+        self._deferred_export = None
         self.settings.add_recent_file(str(photo.path))
         self.photo = photo
         self.face = None
@@ -562,21 +568,29 @@ class MainWindow(QMainWindow):
     def pick_face(self, index: int) -> None:
         if self.photo is None or not (0 <= index < len(self.photo.faces)):
             return
-        if (self.face is not None and index == self.face.index and not self._inverting()
-                and self.face.tier == self.settings.tier):
-            return  # already the face being edited (picking it again after a tier change inverts it again)
+        if self.face is not None and index == self.face.index:
+            if self._inverting():  # back to the face being edited while a switch runs: stop the switch
+                self.host.cancel(kind="invert")
+                self._back_to_current_face()
+                return
+            if self.face.tier == self.settings.tier:
+                return  # already the face being edited
+            self.photo = self.face.photo  # a changed tier: this face again, from the photo it was opened from
         self.canvas.set_faces(self.photo.face_boxes(), index)
         self.face_combo.setCurrentIndex(index)
         self.scheduler.invalidate()
         self.host.cancel(kind="invert")
         cur = getattr(self, "current_entry", None)
-        if (self.face is not None and index != self.face.index and cur is not None and cur is not self.source
-                and cur.composed is not None):
-            # the edit of the face being left stays in the photo: the next face is edited (and exported) on top of it
-            from dataclasses import replace
+        if self.face is not None and index != self.face.index:
+            if cur is not None and cur.composed is not None and cur.composed is not self.face.photo.image:
+                # the edit of the face being left (a preview, an applied or refined step) stays in the photo: the
+                # next face is edited (and exported) on top of it
+                from dataclasses import replace
 
-            self.photo = replace(self.photo, image=cur.composed)
-            self.statusBar().showMessage(f"Face {self.face.index + 1}'s edit is kept in the photo.", 6000)
+                self.photo = replace(self.photo, image=cur.composed)
+                self._photo_has_edits = True
+                self.statusBar().showMessage(f"Face {self.face.index + 1}'s edit is kept in the photo.", 6000)
+            self.captions.set_strength(0.0, emit=False)  # the captions stay; the slider applies them to this face
         photo, tier = self.photo, self.settings.tier
         self.submit("invert", lambda b, progress, cancel: b.prepare_face(photo, index, tier, progress, cancel))
 
@@ -593,7 +607,8 @@ class MainWindow(QMainWindow):
         self._show_entry(first)
         self.statusBar().showMessage(f"Face {face.index + 1} ready ({face.seconds:.2f} s). Add captions and move the "
                                      "strength slider.", 6000)
-        self._schedule_preview()
+        if self.captions.strength() > 0:  # after a face switch the slider is at 0: nothing to show yet
+            self._schedule_preview()
 
     # ================================================================== live preview
     def _schedule_preview(self) -> None:
@@ -606,8 +621,10 @@ class MainWindow(QMainWindow):
 
     def request_preview(self) -> None:
         if self.source is None or not self.captions.captions() or self.engine_info is None and self.engine_error:
+            self._run_deferred_export()
             return
         if self.needs_bank():
+            self._run_deferred_export()
             self.offer_bank()
             return
         req = self.scheduler.request((self.source, self.face, self.preview_params()))
@@ -847,6 +864,8 @@ class MainWindow(QMainWindow):
     def edit_generated(self, result, ask: bool = True) -> None:
         if result is None or ask and not self.confirm_discard("Edit this face"):
             return
+        self._photo_has_edits = False
+        self._deferred_export = None
         self.scheduler.invalidate()
         self.photo, self.face = None, None
         self.canvas.set_faces([])
@@ -895,10 +914,11 @@ class MainWindow(QMainWindow):
 
     def _suggest_path(self, fmt: str, entry: HistoryEntry | None = None) -> str:
         out = Path(self.settings.output_dir)
+        seed = self._face_seed(entry) if entry is not None else None
         if self.photo and (entry is None or not self._is_gallery_entry(entry)):
             stem = Path(self.photo.path).stem + "_anyface"
-        elif entry is not None and entry.params.get("seed") is not None:
-            stem = f"anyface_seed{entry.params['seed']}"
+        elif seed is not None:
+            stem = f"anyface_seed{seed}"
         else:
             stem = "anyface_face"
         i = 1
@@ -932,20 +952,36 @@ class MainWindow(QMainWindow):
         dlg.accepted.connect(lambda: self.export_to(dlg.options(), keep))
         dlg.open()
 
+    def _face_seed(self, entry: HistoryEntry) -> int | None:
+        """The seed of the generated face ``entry`` shows: its own for a gallery face, the history start's for an
+        edit of one (an edit's own "seed" is the preview's sampling seed, 0), None for photos."""
+        if self._is_gallery_entry(entry):
+            return entry.params.get("seed")
+        root = self._root()
+        return None if self.face is not None or root is None else root.params.get("seed")
+
     def _export_request(self, entry: HistoryEntry, opts: dict):
         from anyface_desktop.export import ExportRequest
 
         p = entry.params
-        source_kind = (getattr(getattr(self.source, "result", None), "extra", None) or {}).get("kind")
-        from_photo = not self._is_gallery_entry(entry) and (self.face is not None or source_kind == "edited")
+        root = self._root()
+        root_kind = (getattr(getattr(root, "result", None), "extra", None) or {}).get("kind")
+        from_photo = not self._is_gallery_entry(entry) and (self.face is not None or root_kind == "edited")
         return ExportRequest(path=opts["path"], image=self._export_image(entry), fmt=opts.get("fmt", "png"),
                              quality=int(opts.get("quality", 92)), size=opts.get("size"),
                              save_latent=bool(opts.get("save_latent", True)), ws=entry.ws,
                              captions=list(p.get("captions", [])), method=str(p.get("method", "")),
-                             strength=p.get("strength"), seed=p.get("seed"),
+                             strength=p.get("strength"), seed=self._face_seed(entry),
                              pack=self.engine_info.pack_id if self.engine_info else self.pack_id,
                              edited=from_photo, inputs=[self.photo.path] if self.photo else [],
                              unique=bool(opts.get("unique", False)))
+
+    def _run_deferred_export(self) -> None:
+        """An export asked for while a preview was on its way: now that none is, write what is shown."""
+        opts, self._deferred_export = getattr(self, "_deferred_export", None), None
+        if opts is not None and not self.scheduler.busy:
+            self._commit_current()
+            self.export_to(opts)
 
     def export_to(self, opts: dict, entry: HistoryEntry | None = None):
         """Export ``entry`` (default: what Export writes). While a preview is still being made (the slider was just
@@ -1000,10 +1036,15 @@ class MainWindow(QMainWindow):
         folder = Path(written[0].image_path).parent if written else ""
         self.statusBar().showMessage(f"Saved {len(written)} faces to {folder}", 8000)
 
+    def _root(self) -> HistoryEntry | None:
+        """The state the current history started from (the photo's face as inverted, or a generated face)."""
+        return self.history.entries[0] if self.history.entries else None
+
     def unexported_edit(self) -> bool:
-        """The face shown is an edit (not the photo or face it started from) and was not exported as it is."""
+        """What is shown holds an edit (a step after the history's start, or another face's edit kept in the photo)
+        that was not exported as it is."""
         cur = getattr(self, "current_entry", None)
-        if cur is None or cur is self.source or self.source is None:
+        if cur is None or cur is self._root() and not getattr(self, "_photo_has_edits", False):
             return False
         saved = getattr(self, "_exported_entry", None)
         return not (saved is cur or saved is not None and saved.params == cur.params and saved.source is cur.source

@@ -903,7 +903,11 @@ def test_edits_of_several_faces_add_up_in_the_photo_and_the_export(qtbot, tmp_pa
     other = 1 - first
     win.pick_face(other)
     qtbot.waitUntil(lambda: win.face is not None and win.face.index == other, timeout=5000)
-    qtbot.waitUntil(lambda: win.history.index >= 1, timeout=5000)  # the captions apply to this face too
+    wait_idle(qtbot, win)
+    assert win.captions.strength() == 0.0 and win.history.index == 0  # captions kept, applied by the slider
+    assert win.unexported_edit()  # face 1's edit lives in the photo now
+    win.captions.set_strength(1.0)
+    qtbot.waitUntil(lambda: win.history.index >= 1, timeout=5000)
     wait_idle(qtbot, win)
     composed = win.current_entry.composed
     assert np.array_equal(_region(composed, boxes[first]), edited_first)  # face 1's edit is still there
@@ -1065,3 +1069,73 @@ def test_settings_show_the_device_the_app_runs_on(qtbot):
     assert "device" not in dlg.apply() and settings.device == "auto"  # untouched: nothing reloads or is stored
     dlg.device.setCurrentIndex(dlg.device.findData("auto"))
     assert dlg.apply()["device"] == "auto"
+
+
+
+def test_several_faces_applied_edits_going_back_and_failed_switches(qtbot, tmp_path, photo):
+    """An applied (or refined) edit is kept when switching faces too; going back to the face being edited while a
+    switch runs stops the switch (it inverted the already-edited face again and applied the captions twice); a
+    failed switch gives back the face being edited."""
+    from PIL import Image
+
+    two = tmp_path / "two_people.png"
+    two.write_bytes(photo.read_bytes())
+    original = np.asarray(Image.open(two).convert("RGB"))
+    backend = FakeBackend()
+    win = make_window(qtbot, backend)
+    open_ready(qtbot, win, two)
+    boxes = win.photo.face_boxes()
+    first, other = win.face.index, 1 - win.face.index
+    win.captions.add_caption("grey hair")
+    win.captions.set_strength(1.0)
+    qtbot.waitUntil(lambda: win.history.index >= 1, timeout=5000)
+    wait_idle(qtbot, win)
+    win.apply_edit()
+    wait_idle(qtbot, win)
+    applied = _region(win.current_entry.composed, boxes[first]).copy()
+    assert not np.array_equal(applied, _region(original, boxes[first])) and win.unexported_edit()
+    # going back while the switch runs: the switch stops, nothing is inverted or edited again
+    backend.invert_seconds = 1.0
+    shown = win.current_entry
+    win.pick_face(other)
+    qtbot.waitUntil(lambda: win._inverting(), timeout=2000)
+    win.pick_face(first)
+    wait_idle(qtbot, win)
+    assert win.face.index == first and win.face_combo.currentIndex() == first and win.photo is win.face.photo
+    assert win.current_entry is shown
+    # the switch again, to the end: the applied edit is in the photo
+    backend.invert_seconds = 0.0
+    win.pick_face(other)
+    qtbot.waitUntil(lambda: win.face.index == other, timeout=5000)
+    wait_idle(qtbot, win)
+    assert np.array_equal(_region(win.current_entry.composed, boxes[first]), applied)
+    # a switch that fails (back to face 1 now): everything stays on face 2
+    def broken(*a, **k):
+        raise RuntimeError("inversion failed")
+    backend.prepare_face = broken
+    win.pick_face(first)
+    qtbot.waitUntil(lambda: bool(open_error_boxes()), timeout=5000)
+    wait_idle(qtbot, win)
+    assert win.face.index == other and win.face_combo.currentIndex() == other and win.photo is win.face.photo
+    for b in open_error_boxes():
+        b.close()
+    close_window(qtbot, win)
+
+
+def test_an_edited_generated_face_is_named_and_tagged_after_its_own_seed(qtbot, tmp_path):
+    win = make_window(qtbot)
+    win.settings.set("output_dir", str(tmp_path / "out"))
+    win.captions.add_caption("a smiling man")
+    win.generate(2, 7)
+    qtbot.waitUntil(lambda: len(win.gallery.results) == 2, timeout=5000)
+    win.edit_generated(win.gallery.results[0])
+    win.captions.add_caption("glasses")
+    win.captions.set_strength(0.8)
+    qtbot.waitUntil(lambda: win.history.index >= 1, timeout=5000)
+    wait_idle(qtbot, win)
+    win.quick_export()
+    wait_idle(qtbot, win)
+    assert Path(win.last_export.image_path).name.startswith("anyface_seed7_")  # not "seed0", the edit's own seed
+    meta = read_provenance(win.last_export.image_path)
+    assert meta["seed"] == 7 and meta["kind"] == "generated"
+    close_window(qtbot, win)
