@@ -216,8 +216,9 @@ class PhotoCanvas(QWidget):
         """Draw ``pm`` into ``r``. Scaled down, through a display-size copy made once per image and zoom (smoothly
         scaling a big photo on every paint took ~0.3 s for 24 MP); for an "after" that differs from "before" only in
         ``_region``, the copy is the scaled "before" with just that region scaled again."""
-        w, h = round(r.width()), round(r.height())
-        if self.scale >= 1.0 or w < 1 or h < 1 or pm.width() * pm.height() < 1_000_000:
+        dpr = self.devicePixelRatioF() or 1.0  # a HiDPI screen shows device pixels: scale to those
+        w, h = round(r.width() * dpr), round(r.height() * dpr)
+        if self.scale * dpr >= 1.0 or w < 1 or h < 1 or pm.width() * pm.height() < 1_000_000:
             p.drawPixmap(r, pm, QRectF(pm.rect()))
             return
         key = (pm.cacheKey(), w, h)
@@ -251,7 +252,7 @@ class PhotoCanvas(QWidget):
             else:
                 scaled = pm.scaled(w, h, Qt.AspectRatioMode.IgnoreAspectRatio, Qt.TransformationMode.SmoothTransformation)
             self._scaled[which] = hit = (key, scaled)
-        p.drawPixmap(r.topLeft(), hit[1])
+        p.drawPixmap(r, hit[1], QRectF(hit[1].rect()))  # device pixels 1:1 (r is in logical pixels)
 
     def _label(self, p: QPainter, at: QPointF, text: str, right: bool = False) -> None:
         fm = p.fontMetrics()

@@ -217,8 +217,9 @@ def cmd_models(args) -> int:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USAGE
         # a pack the user never installed (no file of it anywhere) is not a failure of `verify` over all packs
+        # (judged by the pack's own files: the CLIP it shares with another pack does not make it installed)
         installed = bool(args.models_pack or args.pack) or manifest.packs[pid].bundled or any(
-            s.state in ("present", "unverified", "corrupt") for s in statuses)
+            s.state in ("present", "unverified", "corrupt") and s.file.pack == pid for s in statuses)
         for s in statuses:
             rows.append({"pack": pid, "id": s.file.id, "file": s.file.file_name, "state": s.state,
                          "path": str(s.path) if s.path else None, "detail": s.detail, "optional": s.file.optional,

@@ -268,11 +268,11 @@ def detect_faces(img: np.ndarray, detector: str = "auto", *,
         errors = []
         for name in ("dlib", "yunet"):
             try:
-                faces = get_detector(name).detect(img, max_detect_side)
+                faces = [f for f in get_detector(name).detect(img, max_detect_side) if _plausible(f, img.shape[:2])]
             except DetectorUnavailableError as e:
                 errors.append(str(e))
                 continue
-            if faces:
+            if faces:  # junk from one detector does not stop the next from trying
                 break
         if len(errors) == 2:
             raise DetectorUnavailableError("No face detector can run here:\n" + "\n".join(errors))

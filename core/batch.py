@@ -219,8 +219,10 @@ def iter_inputs(input: str | os.PathLike, *, recursive: bool = False, shard: tup
     """Image files under ``input`` in walk order (or ``input`` itself when it is a file), as a generator.
 
     Hidden entries (``.name``) are skipped, symlinked folders are not followed, and inside ``output_dir``
-    files named like the runner's outputs are not inputs (so output folder == input folder works). A subfolder
-    that is another batch run's output folder (it holds ``.anyface-batch``) is not walked into."""
+    files named like the runner's outputs are not inputs (so output folder == input folder works); the same in
+    any subfolder where an earlier run wrote (it holds ``.anyface-batch``), so a second run with another -o inside
+    the input does not edit the first run's outputs again, while the photos beside them stay inputs. (The
+    folder given itself is taken as it is: pointing a run at an output folder edits its images.)"""
     root = Path(input)
     out_res = Path(output_dir).resolve() if output_dir is not None else None
     if root.is_file() or (root.is_symlink() and not root.is_dir()):
@@ -230,7 +232,7 @@ def iter_inputs(input: str | os.PathLike, *, recursive: bool = False, shard: tup
             yield item
         return
 
-    def walk(d: Path, rel_dir: str) -> Iterator[BatchInput]:
+    def walk(d: Path, rel_dir: str, in_earlier_out: bool = False) -> Iterator[BatchInput]:
         try:
             with os.scandir(d) as it:
                 entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
@@ -241,7 +243,10 @@ def iter_inputs(input: str | os.PathLike, *, recursive: bool = False, shard: tup
                 return
             raise
         d_res = d.resolve()
-        in_out = out_res is not None and _under(d_res, out_res)
+        # this run's output folder, or one where an earlier run wrote (in place, or as its -o): its outputs are not
+        # inputs, the photos beside them are
+        in_out = (out_res is not None and _under(d_res, out_res) or in_earlier_out
+                  or bool(rel_dir) and (d / STATE_DIR).is_dir())  # the folder given itself: as the user says
         names = [n for n, is_dir in entries if not is_dir and not n.startswith(".") and is_image_name(n)
                  and not (in_out and _OUTPUT_NAME.search(n))]
         stems = plan_stems(names)
@@ -250,11 +255,8 @@ def iter_inputs(input: str | os.PathLike, *, recursive: bool = False, shard: tup
                 continue
             rel = f"{rel_dir}/{name}" if rel_dir else name
             if is_dir:
-                # not into this run's output folder, nor into another run's (it holds the batch state folder):
-                # a second run with another -o inside the input would edit the first run's outputs again
-                if (recursive and not (out_res is not None and (d_res / name) == out_res)
-                        and not (d / name / STATE_DIR).is_dir()):
-                    yield from walk(d / name, rel)
+                if recursive and not (out_res is not None and (d_res / name) == out_res):
+                    yield from walk(d / name, rel, in_out)
                 continue
             if name not in stems:
                 continue

@@ -546,9 +546,11 @@ def _load_role(role: str, path: Path, device: torch.device, wf=None):
         if not isinstance(e, InvalidCheckpointError):  # missing dependencies, unsafe pickles, cancel: as they are
             raise
         err: Exception = e
-    except MemoryError:
+    except (MemoryError, ImportError):
         raise
     except Exception as e:  # noqa: BLE001 - any other reader failure means a bad file
+        if isinstance(e, RuntimeError) and "out of memory" in str(e).lower():
+            raise  # torch.OutOfMemoryError and friends: the device, not the file
         err = e
     where = wf.where_to_get() if wf is not None else ""
     fid = wf.id if wf is not None else f"{role} ({path.name})"

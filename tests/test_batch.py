@@ -244,6 +244,13 @@ def test_another_runs_output_folder_inside_the_input_is_not_an_input(tmp_path):
     (tmp_path / "edited" / batch.STATE_DIR).mkdir()
     rels = [i.rel for i in batch.iter_inputs(tmp_path, recursive=True, output_dir=tmp_path / "edited2")]
     assert rels == ["p.png", "sub/q.png"]
+    # an earlier run IN PLACE (outputs beside the photos) leaves its state there too: the photos stay inputs
+    for rel in ["family/a.png", "family/a_anyface.png"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    (tmp_path / "family" / batch.STATE_DIR).mkdir()
+    rels = [i.rel for i in batch.iter_inputs(tmp_path, recursive=True, output_dir=tmp_path / "edited2")]
+    assert rels == ["family/a.png", "p.png", "sub/q.png"]
     # pointed at directly, that folder's images are inputs like any others
     assert [i.rel for i in batch.iter_inputs(tmp_path / "edited", recursive=True)] == ["p_anyface.png",
                                                                                       "sub/q_anyface.png"]

@@ -501,3 +501,23 @@ def test_build_bank_where_it_cannot_be_saved_fails_before_any_work(tmp_path, mon
     with pytest.raises(OutputError, match="Cannot save the KNN bank in .*ANYFACE_DATA_DIR"):
         e.build_bank(size=32, batch=16, progress=lambda d, t: seen.append(d))
     assert seen == [] and e.methods == []  # nothing was sampled
+
+
+def test_loader_failures_that_are_not_the_file_are_not_called_corrupt(monkeypatch, tmp_path):
+    """Out of memory or a missing dependency while loading says so; it must not tell the user to delete the file."""
+    import core.engine as eng_mod
+
+    path = tmp_path / "cmd.safetensors"
+    path.write_bytes(b"x")
+    for exc in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                ImportError("No module named 'open_clip'"), MemoryError()):
+        def boom(*a, _e=exc, **k):
+            raise _e
+        monkeypatch.setattr(eng_mod.CMD, "load", boom)
+        with pytest.raises(type(exc)):
+            eng_mod._load_role("cmd", path, torch.device("cpu"))
+    monkeypatch.setattr(eng_mod.CMD, "load", lambda *a, **k: (_ for _ in ()).throw(KeyError("head.weight")))
+    from core.errors import CorruptWeightsError
+
+    with pytest.raises(CorruptWeightsError, match="KeyError"):
+        eng_mod._load_role("cmd", path, torch.device("cpu"))

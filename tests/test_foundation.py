@@ -273,13 +273,15 @@ def test_verify_over_all_packs_fails_only_for_what_is_installed(tmp_path, monkey
     monkeypatch.setenv("ANYFACE_RESOURCES", str(res))
     files = [dict(id="mine-g", file_name="g.bin", pack="mine", role="generator", sha256=None, size=1),
              dict(id="big-g", file_name="big.bin", pack="big", role="generator", sha256=None, size=None),
+             dict(id="clip", file_name="clip.bin", pack="mine", role="clip", sha256=None, size=None),
              dict(id="half-g", file_name="h.bin", pack="half", role="generator", sha256=None, size=None),
              dict(id="half-c", file_name="hc.bin", pack="half", role="clip", sha256=None, size=None)]
-    packs = {"mine": {"title": "M", "resolution": 8, "files": ["mine-g"], "bundled": True},
-             "big": {"title": "B", "resolution": 8, "files": ["big-g"]}}
-    _manifest(res, files[:2], packs)
+    packs = {"mine": {"title": "M", "resolution": 8, "files": ["mine-g", "clip"], "bundled": True},
+             "big": {"title": "B", "resolution": 8, "files": ["big-g", "clip"]}}  # the CLIP is shared
+    _manifest(res, files[:3], packs)
     (res / "weights" / "mine").mkdir()
     (res / "weights" / "mine" / "g.bin").write_bytes(b"g")
+    (res / "weights" / "mine" / "clip.bin").write_bytes(b"c")  # present for "big" too: big is still not installed
     cmd = [sys.executable, "-m", "anyface_desktop.cli", "models", "verify"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ))
     assert r.returncode == 0, r.stdout + r.stderr
