@@ -673,6 +673,10 @@ class MainWindow(QMainWindow):
         if cur is not None and cur.params == entry.params:
             return
         self.history.push(entry)
+        if self.face is not None:  # earlier steps keep only the face region, not a copy of the whole photo each
+            region = self._face_region()
+            for e in self.history.entries[:-1]:
+                e.compact(self.face.photo.image, region)
         self.settings.add_prompt(" | ".join(entry.params.get("captions", [])))
         self.captions.set_history(self.settings.prompt_history())
         self.history_panel.show_history(self.history)
@@ -1037,7 +1041,8 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"Saved {len(written)} faces to {folder}", 8000)
 
     def _root(self) -> HistoryEntry | None:
-        """The state the current history started from (the photo's face as inverted, or a generated face)."""
+        """The state the current history started from (the photo's face as inverted, or a generated face); the
+        history never drops it (``keep_first``)."""
         return self.history.entries[0] if self.history.entries else None
 
     def unexported_edit(self) -> bool:

@@ -190,10 +190,12 @@ class EditHistory(Generic[T]):
     held the oldest is dropped. ``undo``/``redo`` move the cursor and return the new current state.
     """
 
-    def __init__(self, max_len: int = 100):
-        if max_len < 1:
-            raise ValueError("max_len must be >= 1")
+    def __init__(self, max_len: int = 100, keep_first: bool = False):
+        """``keep_first``: when states are dropped, the first one (where the history started) stays."""
+        if max_len < 1 or keep_first and max_len < 2:
+            raise ValueError("max_len must be >= 1 (>= 2 with keep_first)")
         self.max_len = int(max_len)
+        self.keep_first = bool(keep_first)
         self._items: list[T] = []
         self._pos = -1
 
@@ -217,7 +219,8 @@ class EditHistory(Generic[T]):
         self._items.append(item)
         overflow = len(self._items) - self.max_len
         if overflow > 0:
-            del self._items[:overflow]
+            start = 1 if self.keep_first else 0
+            del self._items[start:start + overflow]
         self._pos = len(self._items) - 1
         return item
 

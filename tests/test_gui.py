@@ -1139,3 +1139,34 @@ def test_an_edited_generated_face_is_named_and_tagged_after_its_own_seed(qtbot, 
     meta = read_provenance(win.last_export.image_path)
     assert meta["seed"] == 7 and meta["kind"] == "generated"
     close_window(qtbot, win)
+
+
+def test_history_keeps_the_face_region_of_old_steps_and_never_drops_its_start(qtbot, photo):
+    """Every step held a whole copy of the photo (12 MB per step for a 2K photo, 200 steps allowed); and past the
+    limit the starting state was dropped, so exports lost the face's seed."""
+    from anyface_desktop.history_panel import History, HistoryEntry
+
+    win = make_window(qtbot)
+    open_ready(qtbot, win, photo)
+    win.captions.add_caption("red hair")
+    shown = {}
+    for k, st in enumerate((0.2, 0.4, 0.6, 0.8, 1.0)):
+        win.captions.set_strength(st)
+        qtbot.waitUntil(lambda: win.history.index == k + 1, timeout=5000)
+        wait_idle(qtbot, win)
+        shown[k + 1] = win.current_entry.composed.copy()
+    entries = win.history.entries
+    assert entries[-1].__dict__["_full"] is not None  # the current step stays whole
+    for i in range(1, len(entries) - 1):
+        assert entries[i].__dict__["_full"] is None and entries[i].__dict__["_patch"] is not None
+        assert np.array_equal(entries[i].composed, shown[i])  # rebuilt exactly
+    win.undo()  # an old step comes back whole, and is what Export writes
+    wait_idle(qtbot, win)
+    assert win.history.index == 4 and np.array_equal(win._export_image(win.current_entry), shown[4])
+    close_window(qtbot, win)
+    h = History(max_len=3)
+    start = HistoryEntry("start", None, np.zeros((2, 2, 3), np.uint8))
+    h.reset(start)
+    for i in range(5):
+        h.push(HistoryEntry(f"step {i}", None, np.zeros((2, 2, 3), np.uint8)))
+    assert [e.label for e in h.entries] == ["start", "step 3", "step 4"]
