@@ -292,13 +292,16 @@ class Backend:
         e = self.require_engine()
         fresh = self.synthesize(captions, n, seed, method, progress=progress, should_cancel=should_cancel)
         out = []
+        like = getattr(picked, "seed", None)
         for r in fresh:
             ws = picked.ws + (1.0 - closeness) * (r.ws - picked.ws)
             img = e.render(ws)
+            # seed + i alone does not make this face again (it is a mix with the picked face): no seed of its own
+            extra = dict(getattr(r, "extra", None) or {}, variation_of=like, variation_seed=r.seed, closeness=closeness)
             try:
-                out.append(dataclasses.replace(r, ws=ws, image=img))
+                out.append(dataclasses.replace(r, ws=ws, image=img, seed=None, extra=extra))
             except TypeError:  # a non-dataclass result type
-                r.ws, r.image = ws, img
+                r.ws, r.image, r.seed, r.extra = ws, img, None, extra
                 out.append(r)
         return out
 

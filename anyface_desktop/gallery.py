@@ -87,7 +87,13 @@ class Gallery(QWidget):
         for r in results:
             idx = len(self.results)
             self.results.append(r)
-            label = f"seed {r.seed}" if getattr(r, "seed", None) is not None else f"#{idx + 1}"
+            extra = getattr(r, "extra", None) or {}
+            if getattr(r, "seed", None) is not None:
+                label = f"seed {r.seed}"
+            elif extra.get("variation_of") is not None:
+                label = f"like seed {extra['variation_of']}"
+            else:
+                label = f"#{idx + 1}"
             item = QListWidgetItem(QIcon(to_pixmap(r.image).scaled(128, 128, Qt.AspectRatioMode.KeepAspectRatio,
                                                                    Qt.TransformationMode.SmoothTransformation)), label)
             item.setData(Qt.ItemDataRole.UserRole, idx)

@@ -826,12 +826,15 @@ class MainWindow(QMainWindow):
         self.settings.add_prompt(" | ".join(caps))
         self.captions.set_history(self.settings.prompt_history())
         self.tabs.setCurrentWidget(self.gallery)
+        seed = min(seed, self.gallery.seed.maximum() - n + 1)  # every face's seed fits the seed box (to make it again)
         self.submit("generate", lambda b, progress, cancel: b.synthesize(caps, n, seed, method, 1.0, progress, cancel))
 
     def _done_generate(self, job: Job, results: list) -> None:
         self.gallery.set_results(results)
-        if results:  # next press: new faces (the seed after the last one shown, whoever asked for these)
-            self.gallery.seed.setValue(min(max(r.seed for r in results) + 1, self.gallery.seed.maximum()))
+        seeds = [r.seed for r in results if getattr(r, "seed", None) is not None]
+        if seeds:  # next press: new faces (the seed after the last one shown, whoever asked for these)
+            nxt = max(seeds) + 1
+            self.gallery.seed.setValue(nxt if nxt <= self.gallery.seed.maximum() else 0)  # past the last: wrap
         self.statusBar().showMessage(f"{len(results)} faces in {job.seconds:.2f} s. Double-click one to edit it.", 6000)
         if self.photo is None and self.source is None and results:  # not while a face is being edited
             self.canvas.set_images(results[0].image, None, refit=True)
@@ -859,11 +862,17 @@ class MainWindow(QMainWindow):
     def more_like(self, picked) -> None:
         caps = self.captions.captions() or list(getattr(picked, "captions", []) or [])
         n, seed, method = self.gallery.count.value(), self.gallery.seed.value(), self.captions.method_key()
-        self.submit("more", lambda b, progress, cancel: b.more_like(picked, caps, n, seed, method,
-                                                                    progress=progress, should_cancel=cancel))
+        seed = min(seed, self.gallery.seed.maximum() - n + 1)
+        job = self.submit("more", lambda b, progress, cancel: b.more_like(picked, caps, n, seed, method,
+                                                                          progress=progress, should_cancel=cancel))
+        job.picked = picked
 
     def _done_more(self, job: Job, results: list) -> None:
-        self._done_generate(job, results)
+        self._done_generate(job, [job.picked] + list(results))  # the picked face stays, first
+        seeds = [r.extra.get("variation_seed") for r in results if getattr(r, "extra", None)]
+        if seeds and all(s is not None for s in seeds):  # the next "more like this" gives other variations
+            nxt = max(seeds) + 1
+            self.gallery.seed.setValue(nxt if nxt <= self.gallery.seed.maximum() else 0)
 
     def edit_generated(self, result, ask: bool = True) -> None:
         if result is None or ask and not self.confirm_discard("Edit this face"):
@@ -877,6 +886,8 @@ class MainWindow(QMainWindow):
         extra = getattr(result, "extra", None) or {}
         if extra.get("kind") == "edited":
             title = f"Edited face ({extra.get('file', 'latent')})"
+        elif result.seed is None and extra.get("variation_of") is not None:
+            title = f"Variation of seed {extra['variation_of']}"
         elif result.seed is None:
             title = f"Face ({extra.get('file', 'latent')})"
         else:

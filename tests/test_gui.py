@@ -297,9 +297,12 @@ def test_generate_gallery_more_like_this_and_edit(qtbot):
     picked = win.gallery.results[1]
     win.gallery.select(1)
     win.gallery.more_btn.click()
-    qtbot.waitUntil(lambda: not win.host.busy and win.gallery.results and win.gallery.results[0] is not picked
-                    and len(win.gallery.results) == 4 and win.gallery.results[0].seed != 7, timeout=5000)
-    win.gallery.select(0)
+    qtbot.waitUntil(lambda: not win.host.busy and len(win.gallery.results) == 5, timeout=5000)
+    # the picked face stays first; the variations carry no seed of their own (seed + i alone does not make them)
+    assert win.gallery.results[0] is picked and win.gallery.view.item(0).text() == "seed 8"
+    assert all(r.seed is None and r.extra["variation_of"] == 8 for r in win.gallery.results[1:])
+    assert win.gallery.view.item(1).text() == "like seed 8"
+    win.gallery.select(1)
     win.gallery.edit_btn.click()
     assert win.source is not None and win.face is None and win.history.index == 0
     win.captions.set_strength(0.9)
@@ -1170,3 +1173,14 @@ def test_history_keeps_the_face_region_of_old_steps_and_never_drops_its_start(qt
     for i in range(5):
         h.push(HistoryEntry(f"step {i}", None, np.zeros((2, 2, 3), np.uint8)))
     assert [e.label for e in h.entries] == ["start", "step 3", "step 4"]
+
+
+def test_seeds_at_the_top_of_the_range_fit_the_seed_box(qtbot):
+    win = make_window(qtbot)
+    win.captions.add_caption("a face")
+    top = win.gallery.seed.maximum()
+    win.generate(4, top)
+    qtbot.waitUntil(lambda: len(win.gallery.results) == 4, timeout=5000)
+    assert [r.seed for r in win.gallery.results] == [top - 3, top - 2, top - 1, top]  # each can be typed in again
+    assert win.gallery.seed.value() == 0  # the next press gives new faces (it repeated the same ones)
+    close_window(qtbot, win)
