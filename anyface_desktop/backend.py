@@ -331,7 +331,8 @@ class Backend:
         proc = self.batch_processor(job)
         try:
             report = core_batch.run(job.input_dir, job.output_dir, proc, params=getattr(proc, "params", None),
-                                    progress=progress, should_cancel=should_cancel)
+                                    recursive=bool(getattr(job, "recursive", False)), progress=progress,
+                                    should_cancel=should_cancel)
         except CancelledError as e:
             self.last_batch_report = getattr(e, "report", None)
             raise
@@ -358,3 +359,4 @@ class BatchJob:
     tier: str = "fast"
     fmt: str = "png"
     save_latent: bool = False
+    recursive: bool = False

@@ -9,7 +9,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDoubleSpinBox, QF
 
 from anyface_desktop.backend import BatchJob
 from core.batch import IMAGE_SUFFIXES
-from anyface_desktop.captions import METHOD_LABELS
+from anyface_desktop.captions import METHOD_LABELS, split_captions
 
 
 class BatchDialog(QDialog):
@@ -20,6 +20,7 @@ class BatchDialog(QDialog):
         self.window = window
         self.job = None
         self.report = None
+        self._prefilled = False
         self.setWindowTitle("Batch edit a folder")
         self.resize(620, 520)
         lay = QVBoxLayout(self)
@@ -47,6 +48,8 @@ class BatchDialog(QDialog):
         for k in ("png", "jpg", "webp"):
             self.fmt.addItem(k.upper(), k)
         form.addRow("Photos from:", self._with_browse(self.input, "Photos folder"))
+        self.recursive = QCheckBox("Include subfolders (their structure is kept in the output folder)")
+        form.addRow("", self.recursive)
         form.addRow("Captions:", self.captions)
         form.addRow("Strength:", self.strength)
         form.addRow("Identity lock:", self.identity)
@@ -100,16 +103,17 @@ class BatchDialog(QDialog):
         if captions and not self.captions.text():
             self.captions.setText(" | ".join(captions))
         info = getattr(self.window, "engine_info", None)
-        if info is not None and self.job is None:
+        if info is not None and self.job is None:  # the loaded pack's methods and layers (the pack may have changed)
+            chosen = self.method.currentData()
             self.method.clear()
             for k in info.methods:
                 self.method.addItem(METHOD_LABELS.get(k, k), k)
-        if self.job is None:
+            self.method.setCurrentIndex(max(0, self.method.findData(chosen)))
+            self.identity.setRange(0, max(0, int(info.num_ws) - 1))
+        if self.job is None and not self._prefilled:  # the first time only: later the user's own choices stay
+            self._prefilled = True
             self.strength.setValue(strength)
-            i = self.method.findData(method)
-            self.method.setCurrentIndex(max(0, i))
-            if info is not None:
-                self.identity.setRange(0, max(0, int(info.num_ws) - 1))
+            self.method.setCurrentIndex(max(0, self.method.findData(method)))
             if identity_layers is not None:
                 self.identity.setValue(int(identity_layers))
         if not self.output.text():
@@ -118,7 +122,7 @@ class BatchDialog(QDialog):
     def batch_job(self) -> BatchJob:
         s = self.window.settings
         return BatchJob(input_dir=self.input.text().strip(),
-                        captions=[c.strip() for c in self.captions.text().split("|") if c.strip()],
+                        captions=split_captions(self.captions.text()), recursive=self.recursive.isChecked(),
                         output_dir=self.output.text().strip(), strength=self.strength.value(),
                         method=self.method.currentData(), identity_layers=self.identity.value(),
                         detector=s.detector, tier=s.tier, fmt=self.fmt.currentData(),
@@ -129,8 +133,10 @@ class BatchDialog(QDialog):
         problem = None
         if not bj.input_dir or not Path(bj.input_dir).is_dir():
             problem = "Choose the folder that holds the photos."
-        elif not any(p.suffix.lower() in IMAGE_SUFFIXES for p in Path(bj.input_dir).iterdir()):
-            problem = f"No photos (PNG, JPEG, WebP, BMP, TIFF) in {bj.input_dir}."
+        elif not any(p.suffix.lower() in IMAGE_SUFFIXES
+                     for p in (Path(bj.input_dir).rglob("*") if bj.recursive else Path(bj.input_dir).iterdir())):
+            problem = (f"No photos (PNG, JPEG, WebP, BMP, TIFF) in {bj.input_dir}"
+                       + ("" if bj.recursive else " (tick “Include subfolders” to look in its subfolders)") + ".")
         elif not bj.captions:
             problem = "Type at least one caption (separate several with |)."
         elif not bj.output_dir:

@@ -12,6 +12,12 @@ METHOD_LABELS = {"cmd": "AnyFace (CMD)", "cvae": "Fast text2StyleGAN (text-free 
 SLIDER_STEPS = 100
 
 
+
+def split_captions(text: str) -> list[str]:
+    """Captions typed on one line: "|" separates them (the same rule in the caption entry, the prompt history and
+    the batch dialog); empty parts are dropped."""
+    return [c.strip() for c in str(text).split("|") if c.strip()]
+
 class CaptionEditor(QWidget):
     """Emits ``captionsChanged(list)`` when the caption list changes and ``settingsChanged()`` when the method,
     identity lock or strength change. ``strengthChanged(float)`` fires continuously while dragging."""
@@ -136,12 +142,8 @@ class CaptionEditor(QWidget):
         self.list.item(row).setText(text)
 
     def add_from_entry(self) -> None:
-        text = self.entry.text()
-        if " | " in text:  # a prompt from history: several captions
-            for part in text.split(" | "):
-                self.add_caption(part)
-        else:
-            self.add_caption(text)
+        for part in split_captions(self.entry.text()) or [self.entry.text()]:  # "a | b": several captions
+            self.add_caption(part)
         self.entry.clear()
 
     def remove_selected(self) -> None:
@@ -179,7 +181,7 @@ class CaptionEditor(QWidget):
             a.setEnabled(False)
         for p in prompts:
             a = self.history_menu.addAction(p if len(p) < 80 else p[:77] + "…")
-            a.triggered.connect(lambda _=False, p=p: self.set_captions(p.split(" | ")))
+            a.triggered.connect(lambda _=False, p=p: self.set_captions(split_captions(p)))
 
     # ------------------------------------------------------------------ method / identity / strength
     def set_methods(self, methods: list[str]) -> None:

@@ -458,6 +458,10 @@ def test_batch_with_fake_engine_report_and_cancel(qtbot, tmp_path, photo):
     dlg.output.setText(str(tmp_path / "out"))
     dlg.captions.setText("smiling | grey hair")
     assert dlg.batch_job().identity_layers == 2
+    dlg.strength.setValue(0.25)
+    dlg.close()
+    win.open_batch()  # reopened: the user's own choices stay (they were reset from the main window)
+    assert dlg.identity.value() == 2 and dlg.strength.value() == 0.25
     dlg.start()
     qtbot.waitUntil(lambda: dlg.report is not None, timeout=10000)
     rep = dlg.report
@@ -1183,4 +1187,38 @@ def test_seeds_at_the_top_of_the_range_fit_the_seed_box(qtbot):
     qtbot.waitUntil(lambda: len(win.gallery.results) == 4, timeout=5000)
     assert [r.seed for r in win.gallery.results] == [top - 3, top - 2, top - 1, top]  # each can be typed in again
     assert win.gallery.seed.value() == 0  # the next press gives new faces (it repeated the same ones)
+    close_window(qtbot, win)
+
+
+
+def test_batch_dialog_includes_subfolders_when_asked(qtbot, tmp_path, photo):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    (src / "top.png").write_bytes(photo.read_bytes())
+    (src / "sub" / "deep.png").write_bytes(photo.read_bytes())
+    win = make_window(qtbot)
+    win.open_batch()
+    dlg = win.batch_dialog
+    dlg.input.setText(str(src))
+    dlg.output.setText(str(tmp_path / "out"))
+    dlg.captions.setText("p | | q|r")
+    assert dlg.batch_job().captions == ["p", "q", "r"]
+    dlg.start()
+    qtbot.waitUntil(lambda: dlg.report is not None, timeout=10000)
+    assert dlg.report.total == 1  # the subfolder is not looked in unless asked
+    dlg.recursive.setChecked(True)
+    dlg.start()
+    qtbot.waitUntil(lambda: dlg.job is None and dlg.report is not None and dlg.report.total == 2, timeout=10000)
+    assert (tmp_path / "out" / "sub" / "deep_anyface.png").is_file()
+    close_window(qtbot, win)
+
+
+def test_captions_typed_on_one_line_split_on_bars_everywhere(qtbot):
+    from anyface_desktop.captions import split_captions
+
+    assert split_captions("p | | q") == ["p", "q"] and split_captions("c|d") == ["c", "d"]
+    win = make_window(qtbot)
+    win.captions.entry.setText("p | | q")
+    win.captions.add_from_entry()
+    assert win.captions.captions() == ["p", "q"]  # it gave "p" and "| q"
     close_window(qtbot, win)
