@@ -77,7 +77,8 @@ class BankDialog(QDialog):
         form.addRow("Bank size:", self.size)
         form.addRow("On disk:", self.estimate)
         where = QLabel(f"Saved in {save_dir}"
-                       + (f"; replaces the bank of {current:,} faces in use." if current else "."))
+                       + (f"; it replaces the bank of {current:,} faces in use, now and at later starts (delete the "
+                          "file to go back to the pack's own bank)." if current else "."))
         where.setWordWrap(True)
         where.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         form.addRow(where)

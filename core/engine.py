@@ -232,7 +232,7 @@ class Engine:
     def from_pack(cls, pack_id: str = "tiny", device: torch.device | str | None = None, *, manifest=None,
                   progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> "Engine":
         """Load every file of a pack (roles generator, clip, cmd, cvae, knn, encoder; the last four optional).
-        A KNN bank built with :meth:`build_bank` for a pack that has none is picked up from the user data dir.
+        A KNN bank built with :meth:`build_bank` (kept in the user data dir) is used in place of the pack's own.
 
         Every file's size and sha256 are checked against the manifest first (the hash once per file version; see
         ``core.weights.verify_file``). A file that fails, or that its loader cannot read, raises
@@ -247,8 +247,8 @@ class Engine:
         for i, role in enumerate(steps):
             _check(should_cancel, "Loading the models")
             wf, path = files.get(role, (None, None))
-            if role == "knn" and path is None and bank_cache_path(pack_id).is_file():
-                path = bank_cache_path(pack_id)
+            if role == "knn" and bank_cache_path(pack_id).is_file():  # one the user built: it replaces the pack's
+                wf, path = None, bank_cache_path(pack_id)
             if path is not None:
                 loaded[role] = _load_role(role, Path(path), dev, wf)
             _tick(progress, i + 1, len(steps))

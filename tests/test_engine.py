@@ -321,6 +321,10 @@ def test_from_pack(tmp_path, monkeypatch):
     assert r.pack_id == "toy" and r.extra["coarse_layers"] == 1
     from core.weights import Manifest
 
+    assert len(e.bank) == len(bank)
+    e.build_bank(size=16, batch=16, seed=3)  # the user rebuilds the bank: it is used at later starts too
+    again = Engine.from_pack("toy", device="cpu")
+    assert len(again.bank) == 16 and len(bank) != 16
     m = Manifest.load(root / "manifest.json", overlay=False)
     assert m.to_json()["packs"]["toy"]["coarse_layers"] == 1  # survives a save
     assert m.to_json()["packs"]["toy"]["default_method"] == "knn"
