@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from PySide6.QtCore import QSize, Qt, Signal
-from PySide6.QtGui import QIcon
+from PySide6.QtGui import QIcon, QKeySequence, QShortcut
 from PySide6.QtWidgets import (QHBoxLayout, QLabel, QListView, QListWidget, QListWidgetItem, QPushButton, QSpinBox,
                                QVBoxLayout, QWidget)
 
@@ -48,6 +48,9 @@ class Gallery(QWidget):
         self.view.setUniformItemSizes(True)
         self.view.setMinimumHeight(170)
         self.view.itemDoubleClicked.connect(lambda it: self.editRequested.emit(self.current()))
+        for key in (Qt.Key.Key_Return, Qt.Key.Key_Enter):  # Enter on a picked face edits it too (keyboard use)
+            sc = QShortcut(QKeySequence(key), self.view, context=Qt.ShortcutContext.WidgetShortcut)
+            sc.activated.connect(lambda: self.current() is not None and self.editRequested.emit(self.current()))
         self.view.itemSelectionChanged.connect(self._update_buttons)
         lay.addWidget(self.view, 1)
         self.placeholder = QLabel("Type captions, then Generate to see faces here.")

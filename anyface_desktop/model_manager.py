@@ -294,3 +294,7 @@ class ModelManager(QDialog):
     def closeEvent(self, e):  # noqa: N802
         self.cancel()
         super().closeEvent(e)
+
+    def reject(self) -> None:  # Escape: like closing the window, a running verify or download stops
+        self.cancel()
+        super().reject()

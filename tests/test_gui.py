@@ -1222,3 +1222,25 @@ def test_captions_typed_on_one_line_split_on_bars_everywhere(qtbot):
     win.captions.add_from_entry()
     assert win.captions.captions() == ["p", "q"]  # it gave "p" and "| q"
     close_window(qtbot, win)
+
+
+def test_enter_on_a_gallery_face_edits_it(qtbot):
+    from PySide6.QtCore import Qt
+
+    win = make_window(qtbot)
+    win.captions.add_caption("a face")
+    win.generate(2, 3)
+    qtbot.waitUntil(lambda: len(win.gallery.results) == 2, timeout=5000)
+    win.gallery.select(1)
+    win.gallery.view.setFocus()
+    qtbot.keyClick(win.gallery.view, Qt.Key.Key_Return)
+    qtbot.waitUntil(lambda: win.source is not None, timeout=2000)
+    assert win.source.params["seed"] == 4
+    win.tabs.setCurrentWidget(win.gallery)  # editing switched to the History tab
+    item = win.gallery.view.item(0)  # a double-click still edits
+    win.gallery.select(0)
+    rect = win.gallery.view.visualItemRect(item)
+    qtbot.mouseClick(win.gallery.view.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    qtbot.mouseDClick(win.gallery.view.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    qtbot.waitUntil(lambda: win.source.params["seed"] == 3, timeout=2000)
+    close_window(qtbot, win)
