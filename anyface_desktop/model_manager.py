@@ -12,8 +12,8 @@ from pathlib import Path
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (QAbstractItemView, QDialog, QFileDialog, QHBoxLayout, QHeaderView, QLabel, QListWidget,
-                               QListWidgetItem, QProgressBar, QPushButton, QSplitter, QTableWidget, QTableWidgetItem,
-                               QVBoxLayout, QWidget)
+                               QListWidgetItem, QMessageBox, QProgressBar, QPushButton, QSplitter, QTableWidget,
+                               QTableWidgetItem, QVBoxLayout, QWidget)
 
 from anyface_desktop.dialogs import show_error
 from anyface_desktop.worker import WorkerHost
@@ -113,13 +113,19 @@ class ModelManager(QDialog):
         self.bank_btn.setToolTip("Text-to-face for the pack in use without any trained model: sample the generator "
                                  "once and index the faces with CLIP")
         self.bank_btn.clicked.connect(lambda: self.bankRequested.emit(self.current_pack))
+        self.delete_btn = QPushButton("Delete import")
+        self.delete_btn.setToolTip("Remove the imported file selected in the table (its copy in your data folder and "
+                                   "its registration); the file you imported from is not touched")
+        self.delete_btn.clicked.connect(self.delete_selected)
+        self.delete_btn.setEnabled(False)
+        self.table.itemSelectionChanged.connect(self._update_delete)
         self.use_btn = QPushButton("Use this pack")
         self.use_btn.clicked.connect(self._use)
         close = QPushButton("Close")
         close.clicked.connect(self.close)
         row.addWidget(self.progress, 1)
-        for b in (self.verify_btn, self.import_btn, self.download_btn, self.cancel_btn, self.bank_btn, self.use_btn,
-                  close):
+        for b in (self.verify_btn, self.import_btn, self.download_btn, self.delete_btn, self.cancel_btn, self.bank_btn,
+                  self.use_btn, close):
             row.addWidget(b)
         lay.addLayout(row)
         self.refresh()
@@ -189,6 +195,38 @@ class ModelManager(QDialog):
         self.bank_btn.setEnabled(pid == self.current_pack)
         self.use_btn.setEnabled(info.resolution > 0 and pid in weights.usable_packs(self.manifest)
                                 and pid != self.current_pack)
+
+    def _selected_import(self):
+        """The imported file (core.packs.import_file) selected in the table, or None."""
+        rows = {i.row() for i in self.table.selectedItems()}
+        if len(rows) != 1:
+            return None
+        s = self.statuses[rows.pop()] if self.statuses else None
+        return s.file if s is not None and s.file.id.startswith("imported-") else None
+
+    def _update_delete(self) -> None:
+        self.delete_btn.setEnabled(self.job is None and self._selected_import() is not None)
+
+    def delete_selected(self) -> None:
+        wf = self._selected_import()
+        if wf is None:
+            return
+        answer = QMessageBox.question(self, "Delete import", f"Delete the imported {wf.file_name} ({wf.id}) from "
+                                      f"your data folder? The file you imported it from is not touched.",
+                                      QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                      QMessageBox.StandardButton.No)
+        if answer != QMessageBox.StandardButton.Yes:
+            return
+        from core.packs import delete_imported
+
+        try:
+            delete_imported(wf.id)
+        except Exception as e:  # noqa: BLE001 - shown, never raised into Qt
+            from anyface_desktop.dialogs import show_error
+
+            show_error(self, e)
+            return
+        self.refresh()
 
     # ------------------------------------------------------------------ jobs
     def _start(self, kind: str, fn) -> None:

@@ -1244,3 +1244,32 @@ def test_enter_on_a_gallery_face_edits_it(qtbot):
     qtbot.mouseDClick(win.gallery.view.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
     qtbot.waitUntil(lambda: win.source.params["seed"] == 3, timeout=2000)
     close_window(qtbot, win)
+
+
+def test_model_manager_deletes_an_imported_generator(qtbot, tmp_path, monkeypatch):
+    from PySide6.QtWidgets import QMessageBox
+
+    from anyface_desktop.model_manager import ModelManager
+    from core import weights
+
+    root = Path(__file__).resolve().parents[1]
+    golden = next(p for p in (root / "tests" / "data" / "golden" / "rosinality_tiny.pt",
+                              root.parent / "shared" / "golden" / "rosinality_tiny.pt") if p.is_file())
+    src = tmp_path / "my_gan.pt"
+    src.write_bytes(golden.read_bytes())
+    mm = ModelManager("tiny")
+    qtbot.addWidget(mm)
+    mm.import_paths(None, [str(src)])
+    qtbot.waitUntil(lambda: mm.job is None, timeout=20000)
+    mm.refresh()
+    mm.packs.setCurrentRow([mm.packs.item(i).data(0x0100) for i in range(mm.packs.count())].index("custom-32"))
+    row = next(r for r, s in enumerate(mm.statuses) if s.file.id.startswith("imported-"))
+    copy = mm.statuses[row].path
+    assert not mm.delete_btn.isEnabled()
+    mm.table.selectRow(row)
+    assert mm.delete_btn.isEnabled()
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
+    mm.delete_btn.click()
+    assert not copy.exists() and src.is_file()  # the import is gone, the user's own file stays
+    assert not any(f.startswith("imported-") for f in weights.Manifest.load().packs["custom-32"].files)
+    mm.shutdown()
