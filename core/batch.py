@@ -670,9 +670,20 @@ def _abort(writer: "_ReportWriter | None", manifest: "_Manifest", staging: Path)
     shutil.rmtree(staging, ignore_errors=True)
 
 
+def _src_stamp(path: Path) -> list[int] | None:
+    """What tells that an input changed between runs: its size and modification time (ns)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
 def _reusable(item: BatchInput, prev: dict | None, job: str, out: Path) -> BatchItem | None:
-    """The item as an earlier run of the same job finished it, if its outputs are still intact."""
-    if prev is not None and prev["status"] == "ok" and prev.get("job") == job and _outputs_intact(out, prev):
+    """The item as an earlier run of the same job finished it, if its outputs are still intact and the input is
+    the same file as then (a photo replaced under the same name is done again)."""
+    if prev is not None and prev["status"] == "ok" and prev.get("job") == job and _outputs_intact(out, prev) \
+            and (prev.get("src") is None or prev["src"] == _src_stamp(item.path)):
         return BatchItem(item.rel, "ok", outputs=list(prev["outputs"]), seconds=float(prev.get("seconds", 0)),
                          path=str(item.path), out_dir=str(out), reused=True)
     return None
@@ -737,6 +748,7 @@ def _run_one(item: BatchInput, out: Path, out_res: Path, staging: Path, process,
     started()
     written: list[str] = []
     sizes: dict[str, int] = {}
+    src = _src_stamp(item.path)  # before reading it: a change while it is processed shows at the next run
     try:
         precheck(item.path)
         outputs = list(process(item.path, should_cancel=should_cancel) or [])
@@ -750,7 +762,11 @@ def _run_one(item: BatchInput, out: Path, out_res: Path, staging: Path, process,
             _safe_target(final, out_res, item, owned, name, overwrite)
             tmp = staging / f"{uuid.uuid4().hex}.{o.ext}"
             try:
-                o.write(tmp)
+                try:
+                    o.write(tmp)
+                except (OSError, OutputError) as e:  # name the output, not the staging file
+                    msg = (getattr(e, "strerror", None) or str(e)).replace(str(tmp), str(final))
+                    raise OutputError(f"Could not write '{final}': {msg.rstrip('.')}.") from e
                 if not tmp.is_file():
                     raise OutputError(f"The writer for {name} produced no file.")
                 size = tmp.stat().st_size
@@ -779,7 +795,7 @@ def _run_one(item: BatchInput, out: Path, out_res: Path, staging: Path, process,
         return base
     seconds = time.perf_counter() - t0
     rec = {"rel": item.rel, "status": "ok", "outputs": written, "sizes": sizes, "job": job, "owned": owned,
-           "seconds": round(seconds, 4), "time": time.time(), "input": str(item.path)}
+           "seconds": round(seconds, 4), "time": time.time(), "input": str(item.path), "src": src}
     manifest.write(rec)
     index[item.rel] = rec
     return BatchItem(item.rel, "ok", outputs=written, seconds=seconds, path=str(item.path), out_dir=str(out))

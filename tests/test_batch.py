@@ -356,6 +356,12 @@ def test_resume_redoes_missing_partial_and_changed(tmp_path):
     assert sorted(calls) == ["p1.png", "p2.png"] and r.reused == 4 and r.ok == 6
     with Image.open(out / "p2_anyface.png") as im:
         im.load()
+    calls.clear()  # a photo replaced under the same name (same size even) is done again; it was skipped
+    old = (src / "p3.png").stat()
+    (src / "p3.png").write_bytes(_encode(astronaut(48 + 3)[::-1].copy(), "PNG"))
+    os.utime(src / "p3.png", ns=(old.st_atime_ns, old.st_mtime_ns + 10**9))
+    r = batch.run(src, out, proc, params={"caption": "smile"})
+    assert calls == ["p3.png"] and r.reused == 5 and r.ok == 6
     calls.clear()
     r = batch.run(src, out, proc, params={"caption": "frown"})  # another job: everything redone, in place
     assert len(calls) == 6 and r.reused == 0 and r.ok == 6
