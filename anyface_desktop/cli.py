@@ -572,7 +572,8 @@ def cmd_batch_merge(args) -> int:
     if args.output:
         _output_folder(args.output, create=False)
     report = batch.merge_reports(args.sources, args.output)
-    return _report_out(args, report)
+    code = _report_out(args, report)
+    return EXIT_FAILED_ITEMS if code == 130 else code  # inputs not done (a cancelled run, a shard that never ran)
 
 
 # ------------------------------------------------------------------------------------------ models import

@@ -420,6 +420,49 @@ def manifest_paths(out_dir: str | os.PathLike) -> list[Path]:
     return sorted(d.glob("manifest*.jsonl")) if d.is_dir() else []
 
 
+def read_runs(paths: Iterable[str | os.PathLike]) -> list[dict]:
+    """The ``run`` events of JSON-lines manifests (input, shard, recursive, ...), in file order."""
+    runs = []
+    for p in paths:
+        try:
+            with open(p, "r", encoding="utf-8", errors="surrogateescape") as f:
+                for line in f:
+                    if '"event": "run"' in line and line.endswith("\n"):
+                        try:
+                            rec = json.loads(line)
+                        except ValueError:
+                            continue
+                        if isinstance(rec, dict) and rec.get("event") == "run":
+                            runs.append(rec)
+        except OSError:
+            continue
+    return runs
+
+
+def _missing_shards(runs: list[dict], out_dir: Path, seen: set[str]) -> list[tuple[str, str, str]]:
+    """(rel, input path, reason) of the inputs of shards that never ran, when runs were sharded k/n and some k is
+    missing (an unsharded run covers everything). Their inputs are listed by walking the input again."""
+    if not runs or any(not r.get("shard") for r in runs):
+        return []
+    out = []
+    by_n: dict[int, tuple[set[int], dict]] = {}
+    for r in runs:
+        k, n = (int(v) for v in r["shard"])
+        by_n.setdefault(n, (set(), r))[0].add(k)
+    for n, (ks, r) in sorted(by_n.items()):
+        for k in sorted(set(range(1, n + 1)) - ks):
+            reason = f"not processed: shard {k}/{n} never ran into this folder (run it, then merge again)"
+            try:
+                for item in iter_inputs(r.get("input", ""), recursive=bool(r.get("recursive")), shard=(k, n),
+                                        output_dir=out_dir):
+                    if item.rel not in seen:
+                        out.append((item.rel, str(item.path), reason))
+            except (OSError, AnyFaceError) as e:
+                out.append((f"(shard {k}/{n})", str(r.get("input", "")), f"{reason}; its inputs could not be "
+                            f"listed: {e}"))
+    return out
+
+
 def read_manifest(paths: Iterable[str | os.PathLike], index: dict | None = None) -> dict[str, dict]:
     """rel -> its latest record (by the record's ``time``; file order breaks ties) over JSON-lines manifests,
     e.g. every shard's and the unsharded run's in one folder. A torn last line from a killed run is ignored.
@@ -617,7 +660,7 @@ def run(input: str | os.PathLike, output_dir: str | os.PathLike, process: Callab
         index = read_manifest(manifest_paths(out))
         job = _job_key(params)
         manifest.write({"event": "run", "time": time.time(), "input": str(src), "job": job, "params": params or {},
-                        "shard": list(shard) if shard else None, "pid": os.getpid()})
+                        "shard": list(shard) if shard else None, "recursive": bool(recursive), "pid": os.getpid()})
         total = count_inputs(src, recursive=recursive, shard=shard, output_dir=out)
         report.total = total
         writer = _ReportWriter(out, REPORT_STEM + _shard_tag(shard), staging)
@@ -836,6 +879,7 @@ def merge_reports(sources: Iterable[str | os.PathLike], dest: str | os.PathLike 
     if not sources:
         raise ValueError("merge_reports needs at least one output folder or manifest")
     merged: dict[str, tuple[dict, Path]] = {}
+    runs_by_dir: dict[Path, list[dict]] = {}
     for s in sources:
         if s.is_dir():
             files, out_dir = manifest_paths(s), s
@@ -850,6 +894,12 @@ def merge_reports(sources: Iterable[str | os.PathLike], dest: str | os.PathLike 
             old = merged.get(rel)
             if old is None or float(rec.get("time", 0)) >= float(old[0].get("time", 0)):
                 merged[rel] = (rec, out_dir)
+        runs_by_dir.setdefault(out_dir, []).extend(read_runs(files))
+    # shards that never ran: their inputs are listed as not run (the merge used to say "all done")
+    all_runs = [r for rs in runs_by_dir.values() for r in rs]
+    for rel, path, reason in _missing_shards(all_runs, next(iter(runs_by_dir)), set(merged)):
+        merged[rel] = ({"rel": rel, "status": "not_run", "reason": reason, "input": path, "time": 0},
+                       next(iter(runs_by_dir)))
     dest_p = Path(dest) if dest is not None else (sources[0] if sources[0].is_dir() else
                                                    sources[0].parent.parent)
     state = dest_p / STATE_DIR
@@ -871,9 +921,11 @@ def merge_reports(sources: Iterable[str | os.PathLike], dest: str | os.PathLike 
                                    seconds=float(rec.get("seconds", 0)), out_dir=str(out_dir),
                                    path=rec.get("input", ""))
                     report.failed += 1
-                elif rec["status"] == "not_run":  # a cancelled run did not reach it
-                    bi = BatchItem(rel, "not_run", code="cancelled", reason="not processed: its run was cancelled "
-                                   "first; re-run its shard.", out_dir=str(out_dir), path=rec.get("input", ""))
+                elif rec["status"] == "not_run":  # a cancelled run did not reach it, or its shard never ran
+                    bi = BatchItem(rel, "not_run", code="cancelled" if "never ran" not in rec.get("reason", "")
+                                   else "shard_missing", reason=rec.get("reason") or "not processed: its run was "
+                                   "cancelled first; re-run its shard.", out_dir=str(out_dir),
+                                   path=rec.get("input", ""))
                     report.cancelled = True
                 else:
                     bi = BatchItem(rel, "failed", code="error", reason="Not finished (the run was stopped before "

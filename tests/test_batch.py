@@ -705,3 +705,21 @@ def test_face_all_skips_faces_too_small_to_edit(tmp_path, monkeypatch):
     assert calls == ["all", [], [0]]
     r = batch.run_batch(_FakeEngine(), src, ["smiling"], output_dir=tmp_path / "out1", face=1)
     assert [(it.status, it.code) for it in r.items] == [("failed", "face_too_small")]
+
+
+def test_merge_lists_the_inputs_of_a_shard_that_never_ran(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(9):
+        (src / f"p{i}.png").write_bytes(_encode(astronaut(40 + i), "PNG"))
+    for k in (1, 2):  # shard 3/3 is never run
+        batch.run(src, out, fake_process, shard=(k, 3))
+    missing = {i.rel for i in batch.iter_inputs(src, shard=(3, 3))}
+    assert missing
+    r = batch.merge_reports([out])
+    assert r.total == 9 and r.ok == 9 - len(missing) and r.cancelled and r.exit_code == 1
+    rows = {it.rel: it for it in r.items}
+    assert all(rows[m].status == "not_run" and "shard 3/3 never ran" in rows[m].reason for m in missing)
+    batch.run(src, out, fake_process, shard=(3, 3))
+    r = batch.merge_reports([out])
+    assert r.total == 9 and r.ok == 9 and not r.cancelled and r.exit_code == 0
