@@ -388,6 +388,14 @@ def _output_folder(path, create: bool = True) -> "Path":
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
         raise _UsageError(f"cannot create the output folder '{out}': '{parent}' is a file")
+    try:  # writable? (a read-only folder or disk is found out before any model loads, not after the work)
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".anyface-write-test-"):
+            pass
+    except OSError as e:
+        where = "write into" if parent == out else "create the output folder in"
+        raise _UsageError(f"cannot {where} '{parent}': {e.strerror or e}") from e
     if not create:
         return out
     try:

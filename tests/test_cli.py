@@ -390,3 +390,23 @@ def test_convert_names_refuses_and_reports_like_a_user_expects(tmp_path):
         ro.chmod(0o500)
         r = anyface("convert", golden, "-o", ro, check_rc=1)
         assert "Could not write" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    """`generate -o <read-only folder>` loaded the models and made every face before failing (root ignores chmod,
+    so a read-only filesystem is stood in for by the write test failing)."""
+    import errno
+    import tempfile
+
+    from anyface_desktop import cli
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "NamedTemporaryFile", read_only)
+        with pytest.raises(cli._UsageError, match="cannot write into .*Read-only file system"):
+            cli._output_folder(tmp_path, create=False)
+        with pytest.raises(cli._UsageError, match="cannot create the output folder in .*Read-only"):
+            cli._output_folder(tmp_path / "new" / "deeper", create=False)
+    assert cli._output_folder(tmp_path / "new", create=True).is_dir()
