@@ -82,6 +82,8 @@ def clean_captions(captions: str | Iterable[str]) -> tuple[str, ...]:
     Raises ``CaptionError`` when nothing is left."""
     if isinstance(captions, str):
         captions = [captions]
+    elif isinstance(captions, (bytes, bytearray)):  # iterating bytes would give captions "97", "98", ...
+        raise CaptionError("Captions must be text (str), not bytes: decode them first, e.g. data.decode('utf-8').")
     out: list[str] = []
     seen: set[str] = set()
     for c in captions or ():
@@ -383,6 +385,8 @@ class Engine:
         ws = ws.reshape(-1, self.num_ws, self.w_dim) if ws.shape[-2:] == (self.num_ws, self.w_dim) else None
         if ws is None:
             raise ValueError(f"ws must be [num_ws={self.num_ws}, w_dim={self.w_dim}] or [N, num_ws, w_dim]")
+        if not bool(torch.isfinite(ws).all()):
+            raise ValueError("ws holds NaN or infinite values: it is not a face code")
         out = []
         for i in range(0, ws.shape[0], batch_size):
             _check(should_cancel, "Rendering")
@@ -405,9 +409,14 @@ class Engine:
         t0 = time.perf_counter()
         caps = clean_captions(captions)
         method = self._method(method)
+        if isinstance(n, bool) or int(n) != n or n < 1:
+            raise ValueError(f"n must be a whole number >= 1, got {n!r}")
         n = int(n)
-        if n < 1:
-            raise ValueError("n must be >= 1")
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        batch_size = int(batch_size)
+        if truncation_psi is not None and not math.isfinite(float(truncation_psi)):
+            raise ValueError(f"truncation_psi must be a finite number, got {truncation_psi!r}")
         batches = math.ceil(n / batch_size)
         total = 1 + batches
         _tick(progress, 0, total)
@@ -451,6 +460,8 @@ class Engine:
         if src.shape != (self.num_ws, self.w_dim):
             raise ValueError(f"source_ws must be [{self.num_ws}, {self.w_dim}], got {tuple(src.shape)}")
         src = src.to("cpu", torch.float32)
+        if not bool(torch.isfinite(src).all()):
+            raise ValueError("source_ws holds NaN or infinite values: it is not a face code")
         strength = float(strength)
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
@@ -507,6 +518,8 @@ class Engine:
         t0 = time.perf_counter()
         caps = clean_captions(captions)
         src = torch.as_tensor(ws).detach().float().reshape(self.num_ws, self.w_dim)
+        if not bool(torch.isfinite(src).all()):
+            raise ValueError("ws holds NaN or infinite values: it is not a face code")
         text = self.text_embedding(caps)
         L = self.coarse_layers if first_layer is None else int(first_layer)
         with torch.enable_grad():

@@ -525,3 +525,22 @@ def test_loader_failures_that_are_not_the_file_are_not_called_corrupt(monkeypatc
 
     with pytest.raises(CorruptWeightsError, match="KeyError"):
         eng_mod._load_role("cmd", path, torch.device("cpu"))
+
+
+def test_bad_arguments_from_an_integrator_are_refused(engine, source):
+    """They used to give NaN images, a ZeroDivisionError, or the captions '97', '98', '99' for b'abc'."""
+    bad = source.clone()
+    bad[0, 0] = float("nan")
+    for call in (lambda: engine.edit(bad, ["a face"], 0.5), lambda: engine.render(bad),
+                 lambda: engine.refine(bad, ["a face"], steps=1)):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            call()
+    with pytest.raises(ValueError, match="batch_size"):
+        engine.synthesize(["a face"], n=2, batch_size=0)
+    with pytest.raises(ValueError, match="whole number"):
+        engine.synthesize(["a face"], n=2.5)
+    with pytest.raises(ValueError, match="truncation_psi"):
+        engine.synthesize(["a face"], n=1, truncation_psi=float("nan"))
+    with pytest.raises(CaptionError, match="bytes"):
+        engine.synthesize(b"abc", n=1)
+    assert engine.synthesize(["a face"], n=np.int64(2))[1].seed == 1  # numpy whole numbers are fine
