@@ -157,7 +157,7 @@ class BatchDialog(QDialog):
         if self.job is not None:
             self.window.host.cancel(self.job)
             self.cancel_btn.setEnabled(False)
-            self.log.appendPlainText("Cancelling after the current photo…")
+            self.log.appendPlainText("Cancelling… (the photo in progress is dropped; Start again resumes)")
 
     def _on_progress(self, job, done: int, total: int) -> None:
         if job is self.job and total:

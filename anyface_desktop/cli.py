@@ -29,7 +29,8 @@ exit codes: 0 all ok, 1 some items failed, 2 usage error, 130 interrupted (re-ru
 EDIT_EPILOG = """A folder run is resumable: re-run the same command and finished photos are skipped, missing or
 partial outputs redone. Inputs are never modified (the output folder may be the input folder). Each
 run writes anyface-report.csv/.json (every input with its status and the reason of each failure) next to
-the outputs. Hidden files and symlinked folders are skipped. Ctrl-C stops after the current photo.
+the outputs. Hidden files and symlinked folders are skipped. Ctrl-C stops within a second: the photo in
+progress is not written, and running the command again resumes.
 
 examples:
   anyface edit photo.jpg --caption "grey hair" -o edited/
@@ -315,7 +316,8 @@ class _CancelOnSignal:
             raise KeyboardInterrupt
         self.flag = True
         if not self.quiet:
-            print("\nstopping after the current item (Ctrl-C again to abort)...", file=sys.stderr)
+            print("\nstopping (the item in progress is dropped; run the command again to resume; Ctrl-C again to "
+                  "abort at once)...", file=sys.stderr)
 
     def __enter__(self):
         import signal
