@@ -1026,7 +1026,8 @@ class EditProcessor:
             prepared = prepare_photo(path, resolution=res, detector=self.detector, face=big)
         meta = provenance_tag("edited", captions=self.captions, strength=self.strength, method=self.method,
                               pack=str(getattr(self.engine, "pack_id", "")), source=name, tier=self.tier,
-                              seed=self.seed)
+                              seed=self.seed, identity_layers=self.identity_layers,
+                              detector=prepared.detector or self.detector)
         outputs: list[Output] = []
         edited: dict[int, object] = {}
         for i, crop in zip(prepared.selected, prepared.aligned):
