@@ -1027,7 +1027,7 @@ class EditProcessor:
         meta = provenance_tag("edited", captions=self.captions, strength=self.strength, method=self.method,
                               pack=str(getattr(self.engine, "pack_id", "")), source=name, tier=self.tier,
                               seed=self.seed, identity_layers=self.identity_layers,
-                              detector=prepared.detector or self.detector)
+                              detector=getattr(prepared, "detector", None) or self.detector)
         outputs: list[Output] = []
         edited: dict[int, object] = {}
         for i, crop in zip(prepared.selected, prepared.aligned):
