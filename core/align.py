@@ -260,26 +260,58 @@ def detect_faces(img: np.ndarray, detector: str = "auto", *,
 
     Detection runs on a copy downscaled to ``max_detect_side``; boxes and landmarks are returned in
     full-resolution coordinates (dlib's 68 points are predicted on the full-resolution image).
-    Returns an empty list when there is no face (``prepare_photo`` turns that into NoFaceFoundError).
+    Returns an empty list when there is no face (``prepare_photo`` turns that into NoFaceFoundError). When a
+    detector finds nothing upright, the photo is tried turned by 90, 270 and 180 degrees (a sideways or upside-down
+    photo): landmarks come back in the photo's own coordinates, so alignment turns the face upright and
+    paste-back puts it back turned.
     """
     img = as_rgb_uint8(img)
-    if detector == "auto":
-        faces: list[Face] = []
-        errors = []
-        for name in ("dlib", "yunet"):
-            try:
-                faces = [f for f in get_detector(name).detect(img, max_detect_side) if _plausible(f, img.shape[:2])]
-            except DetectorUnavailableError as e:
-                errors.append(str(e))
-                continue
-            if faces:  # junk from one detector does not stop the next from trying
+    names = ("dlib", "yunet") if detector == "auto" else (detector,)
+    faces: list[Face] = []
+    errors = []
+    for name in names:
+        try:
+            det = get_detector(name)
+        except DetectorUnavailableError as e:
+            errors.append(str(e))
+            continue
+        # upright first; a photo turned on its side or upside down (scans, EXIF lost) is tried turned back
+        for k in (0, 1, 3, 2):
+            faces = _detect_turned(det, img, k, max_detect_side)
+            if faces:
                 break
-        if len(errors) == 2:
-            raise DetectorUnavailableError("No face detector can run here:\n" + "\n".join(errors))
-    else:
-        faces = get_detector(detector).detect(img, max_detect_side)
-    faces = [f for f in faces if _plausible(f, img.shape[:2])]
+        if faces:  # junk from one detector does not stop the next from trying
+            break
+    if len(errors) == len(names):
+        if detector != "auto":
+            raise DetectorUnavailableError(errors[0])
+        raise DetectorUnavailableError("No face detector can run here:\n" + "\n".join(errors))
     return sorted(faces, key=lambda f: (f.box[0] + f.box[2]) / 2)
+
+
+def _detect_turned(det, img: np.ndarray, k: int, max_side: int) -> list[Face]:
+    """Faces found in ``img`` turned by k x 90 degrees counterclockwise (``np.rot90``), in ``img``'s coordinates
+    (landmarks keep their meaning, so alignment turns the face upright), without detector junk."""
+    H, W = img.shape[:2]
+    turned = img if k == 0 else np.ascontiguousarray(np.rot90(img, k))
+    found = [f for f in det.detect(turned, max_side) if _plausible(f, turned.shape[:2])]
+    if k == 0:
+        return found
+
+    def back(p: np.ndarray) -> np.ndarray:  # turned (x', y') -> original (x, y)
+        x, y = p[..., 0], p[..., 1]
+        if k == 1:
+            return np.stack([W - 1 - y, x], -1)
+        if k == 2:
+            return np.stack([W - 1 - x, H - 1 - y], -1)
+        return np.stack([y, H - 1 - x], -1)
+
+    out = []
+    for f in found:
+        corners = back(np.array([[f.box[0], f.box[1]], [f.box[2], f.box[3]]], float))
+        box = np.array([corners[:, 0].min(), corners[:, 1].min(), corners[:, 0].max(), corners[:, 1].max()])
+        out.append(Face(box, back(np.asarray(f.landmarks, float)), f.score, f.detector))
+    return out
 
 
 def _plausible(face: Face, shape: tuple[int, int]) -> bool:

@@ -310,3 +310,21 @@ def test_degenerate_detections_are_dropped_and_never_crash_alignment(monkeypatch
     for bad in (junk, far):
         with pytest.raises(NoFaceFoundError):
             align_face(img, bad, 64)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_a_photo_turned_on_its_side_or_upside_down_is_aligned_upright(astronaut, k):
+    """dlib finds nothing in a turned photo and YuNet returned upright-shaped junk (the mouth taken for the eyes at
+    180 degrees): the edit was pasted over the wrong place and reported ok."""
+    upright = detect_faces(astronaut, "auto")
+    ref, _ = align_face(astronaut, upright[0], 64)
+    turned = np.ascontiguousarray(np.rot90(astronaut, k))
+    faces = detect_faces(turned, "auto")
+    assert len(faces) == 1 and faces[0].detector == "dlib"
+    aligned, tr = align_face(turned, faces[0], 64)
+    assert np.abs(aligned.astype(int) - ref.astype(int)).mean() < 12  # the same upright face
+    out = paste_back(turned, 255 - aligned, tr)  # and it goes back where the face is, turned
+    changed = np.argwhere((out != turned).any(2))
+    cy, cx = changed.mean(0)
+    ex, ey = faces[0].landmarks[36:48].mean(0)  # dlib eye points, in the turned photo
+    assert abs(cx - ex) < 60 and abs(cy - ey) < 60
