@@ -490,19 +490,33 @@ def read_manifest(paths: Iterable[str | os.PathLike], index: dict | None = None)
 
 
 class _Manifest:
-    """Append-only JSON-lines writer with an exclusive lock (one run per shard per output folder)."""
+    """Append-only JSON-lines writer with an exclusive lock (one run per shard per output folder), plus a lock on
+    the whole folder: shared by sharded runs (the shards of one job run side by side), exclusive for an unsharded
+    run (it covers every input, so it would collide with any shard)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, shared: bool = False):
         self.path = path
+        self.folder_lock = open(path.parent / "lock", "a+b")
         self.f = open(path, "a+b")
         try:
             import fcntl
 
+            try:
+                fcntl.flock(self.folder_lock.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except OSError as e:
+                what = "an unsharded batch" if shared else "another batch (or shards of one)"
+                raise OutputError(f"{what[0].upper() + what[1:]} is already running into {path.parent.parent}. Wait "
+                                  "for it, or give this run another output folder.") from e
             fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:  # Windows: no advisory lock
             pass
+        except OutputError:
+            self.f.close()
+            self.folder_lock.close()
+            raise
         except OSError as e:
             self.f.close()
+            self.folder_lock.close()
             raise OutputError(f"Another batch is already running into {path.parent.parent} (the lock on {path.name} "
                               f"is held). Wait for it, or give this run another output folder or shard.") from e
         self.f.seek(0, os.SEEK_END)
@@ -526,6 +540,7 @@ class _Manifest:
         except OSError:
             pass
         self.f.close()
+        self.folder_lock.close()
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -644,7 +659,7 @@ def run(input: str | os.PathLike, output_dir: str | os.PathLike, process: Callab
         state.mkdir(exist_ok=True)
         staging = state / f"tmp{_shard_tag(shard) or '.all'}"
         manifest_path = state / f"manifest{_shard_tag(shard)}.jsonl"
-        manifest = _Manifest(manifest_path)
+        manifest = _Manifest(manifest_path, shared=shard is not None)
     except OutputError:
         raise
     except OSError as e:

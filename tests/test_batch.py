@@ -723,3 +723,25 @@ def test_merge_lists_the_inputs_of_a_shard_that_never_ran(tmp_path):
     batch.run(src, out, fake_process, shard=(3, 3))
     r = batch.merge_reports([out])
     assert r.total == 9 and r.ok == 9 and not r.cancelled and r.exit_code == 0
+
+
+def test_shards_run_side_by_side_but_not_beside_an_unsharded_run(tmp_path):
+    """An unsharded run and a shard run into one folder used to go ahead together (different manifest locks), and
+    the unsharded one then failed photos the shard had just written ("not written by this batch")."""
+    from core.errors import OutputError
+
+    state = tmp_path / batch.STATE_DIR
+    state.mkdir()
+    s1 = batch._Manifest(state / "manifest.shard1of2.jsonl", shared=True)
+    s2 = batch._Manifest(state / "manifest.shard2of2.jsonl", shared=True)  # shards of one job: side by side
+    with pytest.raises(OutputError, match=r"Another batch \(or shards of one\)"):
+        batch._Manifest(state / "manifest.jsonl")
+    with pytest.raises(OutputError, match="already running"):  # the same shard twice
+        batch._Manifest(state / "manifest.shard1of2.jsonl", shared=True)
+    s1.close()
+    s2.close()
+    whole = batch._Manifest(state / "manifest.jsonl")
+    with pytest.raises(OutputError, match="An unsharded batch is already running"):
+        batch._Manifest(state / "manifest.shard1of3.jsonl", shared=True)
+    whole.close()
+    batch._Manifest(state / "manifest.shard1of3.jsonl", shared=True).close()
