@@ -1,7 +1,8 @@
 """Safe image reading and writing.
 
 Reading accepts whatever a user drops on the app: EXIF-rotated phone pictures, palette/alpha/greyscale
-PNGs, CMYK JPEGs, 16-bit and float TIFF/PNG, animated GIF/WebP (first frame), unicode paths. It refuses
+PNGs, CMYK JPEGs, 16-bit TIFF/PNG, float greyscale TIFF (Pillow has no float RGB TIFF reader: those are refused
+as unreadable), animated GIF/WebP (first frame), unicode paths. It refuses
 decompression bombs before decoding and turns every unreadable file into ``InvalidImageError``.
 
 Writing is atomic (temp file in the same folder + ``os.replace``), never overwrites a protected input,
