@@ -13,6 +13,9 @@ SLIDER_STEPS = 100
 
 
 
+#: about what 64 word-piece tokens hold (the MiniLM text tower's limit; CLIP's is 77)
+LONG_CAPTION_WORDS = 40
+
 def split_captions(text: str) -> list[str]:
     """Captions typed on one line: "|" separates them (the same rule in the caption entry, the prompt history and
     the batch dialog); empty parts are dropped."""
@@ -43,6 +46,12 @@ class CaptionEditor(QWidget):
         self.list.itemChanged.connect(self._item_changed)
         self.list.setToolTip("Double-click a caption to edit it; Delete removes the selected ones")
         lay.addWidget(self.list)
+        self.long_hint = QLabel(f"A caption is long: the text encoder reads about the first {LONG_CAPTION_WORDS} "
+                                "words of each. Split it into several short captions.")
+        self.long_hint.setWordWrap(True)
+        self.long_hint.setStyleSheet("QLabel { color: #b36b00; }")
+        self.long_hint.hide()
+        lay.addWidget(self.long_hint)
 
         row = QHBoxLayout()
         self.entry = QLineEdit()
@@ -171,6 +180,8 @@ class CaptionEditor(QWidget):
 
     def _update_buttons(self) -> None:
         self.remove_btn.setEnabled(self.list.count() > 0)
+        # the encoders read 64 (MiniLM) / 77 (CLIP) tokens; longer captions are cut, so say so where it is typed
+        self.long_hint.setVisible(any(len(c.split()) > LONG_CAPTION_WORDS for c in self.captions()))
 
     # ------------------------------------------------------------------ history
     def set_history(self, prompts: list[str]) -> None:

@@ -1273,3 +1273,13 @@ def test_model_manager_deletes_an_imported_generator(qtbot, tmp_path, monkeypatc
     assert not copy.exists() and src.is_file()  # the import is gone, the user's own file stays
     assert not any(f.startswith("imported-") for f in weights.Manifest.load().packs["custom-32"].files)
     mm.shutdown()
+
+
+def test_a_caption_longer_than_the_encoder_reads_is_pointed_out(qtbot):
+    win = make_window(qtbot)
+    assert win.captions.long_hint.isHidden()
+    win.captions.add_caption("a woman " + "with very long flowing hair " * 10)
+    assert not win.captions.long_hint.isHidden()
+    win.captions.set_captions(["a smiling man", "grey hair"])
+    assert win.captions.long_hint.isHidden()
+    close_window(qtbot, win)
