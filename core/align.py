@@ -260,33 +260,51 @@ def detect_faces(img: np.ndarray, detector: str = "auto", *,
 
     Detection runs on a copy downscaled to ``max_detect_side``; boxes and landmarks are returned in
     full-resolution coordinates (dlib's 68 points are predicted on the full-resolution image).
-    Returns an empty list when there is no face (``prepare_photo`` turns that into NoFaceFoundError). When a
-    detector finds nothing upright, the photo is tried turned by 90, 270 and 180 degrees (a sideways or upside-down
-    photo): landmarks come back in the photo's own coordinates, so alignment turns the face upright and
-    paste-back puts it back turned.
+    Returns an empty list when there is no face (``prepare_photo`` turns that into NoFaceFoundError). When no
+    detector is sure of an upright face, the photo is tried turned by 90, 270 and 180 degrees (a sideways or upside-down
+    photo), with dlib: landmarks come back in the photo's own coordinates, so alignment turns the face upright and
+    paste-back puts it back turned. (With YuNet alone a turned face is not found reliably.)
     """
     img = as_rgb_uint8(img)
     names = ("dlib", "yunet") if detector == "auto" else (detector,)
     faces: list[Face] = []
     errors = []
+    dets = []
     for name in names:
         try:
-            det = get_detector(name)
+            dets.append((name, get_detector(name)))
         except DetectorUnavailableError as e:
             errors.append(str(e))
-            continue
-        # upright first; a photo turned on its side or upside down (scans, EXIF lost) is tried turned back
-        for k in (0, 1, 3, 2):
-            faces = _detect_turned(det, img, k, max_detect_side)
-            if faces:
-                break
-        if faces:  # junk from one detector does not stop the next from trying
-            break
-    if len(errors) == len(names):
+    if not dets:
         if detector != "auto":
             raise DetectorUnavailableError(errors[0])
         raise DetectorUnavailableError("No face detector can run here:\n" + "\n".join(errors))
-    return sorted(faces, key=lambda f: (f.box[0] + f.box[2]) / 2)
+    # Upright first, dlib then YuNet. A YuNet answer it is not sure of (score < YUNET_SURE; a turned face gets ~0.85,
+    # an upright one ~0.93) waits: a photo on its side or upside down (a scan, EXIF lost) is first tried turned back,
+    # by dlib only (its 68-point predictor checks the face, where YuNet answers a turned or faceless photo with
+    # upright-shaped guesses); YuNet's unsure answer is the last resort (a small or blurred upright face).
+    def ordered(found: list[Face]) -> list[Face]:
+        return sorted(found, key=lambda f: (f.box[0] + f.box[2]) / 2)
+
+    unsure: list[Face] = []
+    for name, det in dets:
+        faces = _detect_turned(det, img, 0, max_detect_side)
+        if name == "yunet" and faces and max(f.score for f in faces) < YUNET_SURE and "dlib" in dict(dets):
+            unsure = faces
+            continue
+        if faces:
+            return ordered(faces)
+    for name, det in dets:
+        if name == "dlib":
+            for k in (1, 3, 2):
+                faces = _detect_turned(det, img, k, max_detect_side)
+                if faces:
+                    return ordered(faces)
+    return ordered(unsure)
+
+
+#: a YuNet score it reaches on upright faces (astronaut 0.93) and not on turned ones (0.84-0.85)
+YUNET_SURE = 0.9
 
 
 def _detect_turned(det, img: np.ndarray, k: int, max_side: int) -> list[Face]:

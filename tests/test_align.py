@@ -328,3 +328,9 @@ def test_a_photo_turned_on_its_side_or_upside_down_is_aligned_upright(astronaut,
     cy, cx = changed.mean(0)
     ex, ey = faces[0].landmarks[36:48].mean(0)  # dlib eye points, in the turned photo
     assert abs(cx - ex) < 60 and abs(cy - ey) < 60
+
+
+def test_a_photo_without_a_face_stays_without_one_when_tried_turned():
+    """YuNet, tried on turned copies, found the cat of skimage's chelsea (a face-less photo got edited, 'ok')."""
+    assert detect_faces(skdata.chelsea(), "auto") == []
+    assert detect_faces(skdata.coffee(), "auto") == []
