@@ -582,12 +582,13 @@ class MainWindow(QMainWindow):
         self.host.cancel(kind="invert")
         cur = getattr(self, "current_entry", None)
         if self.face is not None and index != self.face.index:
-            if cur is not None and cur.composed is not None and cur.composed is not self.face.photo.image:
+            composed = cur.composed if cur is not None else None  # read once: an old step rebuilds it on access
+            if composed is not None and composed is not self.face.photo.image:
                 # the edit of the face being left (a preview, an applied or refined step) stays in the photo: the
                 # next face is edited (and exported) on top of it
                 from dataclasses import replace
 
-                self.photo = replace(self.photo, image=cur.composed)
+                self.photo = replace(self.photo, image=composed)
                 self._photo_has_edits = True
                 self.statusBar().showMessage(f"Face {self.face.index + 1}'s edit is kept in the photo.", 6000)
             self.captions.set_strength(0.0, emit=False)  # the captions stay; the slider applies them to this face
@@ -672,15 +673,19 @@ class MainWindow(QMainWindow):
             return
         if cur is not None and cur.params == entry.params:
             return
-        self.history.push(entry)
-        if self.face is not None:  # earlier steps keep only the face region, not a copy of the whole photo each
-            region = self._face_region()
-            for e in self.history.entries[:-1]:
-                e.compact(self.face.photo.image, region)
+        self._push(entry)
         self.settings.add_prompt(" | ".join(entry.params.get("captions", [])))
         self.captions.set_history(self.settings.prompt_history())
         self.history_panel.show_history(self.history)
         self._update_actions()
+
+    def _push(self, entry: HistoryEntry) -> None:
+        """A new history step; the earlier ones keep only the face region, not a copy of the whole photo each."""
+        self.history.push(entry)
+        if self.face is not None:
+            region = self._face_region()
+            for e in self.history.entries[:-1]:
+                e.compact(self.face.photo.image, region)
 
     def _show_entry(self, entry: HistoryEntry) -> None:
         self.current_entry = entry
@@ -688,7 +693,8 @@ class MainWindow(QMainWindow):
             if self.display == "crop":
                 self.canvas.set_images(self.face.aligned, entry.face_image)
             else:
-                self.canvas.set_images(self.face.photo.image, entry.composed if entry.composed is not None
+                composed = entry.composed  # read once: an old step rebuilds it on access
+                self.canvas.set_images(self.face.photo.image, composed if composed is not None
                                        else self.face.photo.image, region=self._face_region())
         else:
             before = self.source.face_image if self.source is not None else entry.face_image
@@ -752,7 +758,7 @@ class MainWindow(QMainWindow):
         after = out.result.extra.get("clip_similarity_after", 0.0)
         entry = HistoryEntry(f"Refined with CLIP ({p['refine_steps']} steps)", out.result.ws, out.result.image,
                              out.composed, out.result, p)
-        self.history.push(entry)
+        self._push(entry)
         self.source = entry  # the next edits start from the refined face
         self._live_entry = entry
         self._show_entry(entry)
@@ -772,7 +778,7 @@ class MainWindow(QMainWindow):
         applied = HistoryEntry(f"Applied “{caps[:40]}”", entry.ws, entry.face_image, entry.composed, entry.result,
                                params={"captions": [], "strength": 0.0, "applied": True,
                                        "applied_captions": entry.params.get("captions", [])})
-        self.history.push(applied)
+        self._push(applied)
         self.source = applied
         self._live_entry = applied
         self._show_entry(applied)

@@ -195,6 +195,8 @@ class ModelManager(QDialog):
         self.bank_btn.setEnabled(pid == self.current_pack)
         self.use_btn.setEnabled(info.resolution > 0 and pid in weights.usable_packs(self.manifest)
                                 and pid != self.current_pack)
+        if hasattr(self, "delete_btn"):
+            self._update_delete()
 
     def _selected_import(self):
         """The imported file (core.packs.import_file) selected in the table, or None."""
@@ -234,7 +236,7 @@ class ModelManager(QDialog):
         self.progress.setRange(0, 0)
         self.progress.show()
         self.cancel_btn.setEnabled(True)
-        for b in (self.verify_btn, self.import_btn, self.download_btn):
+        for b in (self.verify_btn, self.import_btn, self.download_btn, self.delete_btn):
             b.setEnabled(False)
 
     def verify(self) -> None:
@@ -318,6 +320,7 @@ class ModelManager(QDialog):
             self.cancel_btn.setEnabled(False)
             self.import_btn.setEnabled(True)
             self._show_pack(self.statuses)
+            self._update_delete()
 
     def _use(self) -> None:
         pid = self.pack_id()
