@@ -250,7 +250,11 @@ class Engine:
             _check(should_cancel, "Loading the models")
             wf, path = files.get(role, (None, None))
             if role == "knn" and bank_cache_path(pack_id).is_file():  # one the user built: it replaces the pack's
-                wf, path = None, bank_cache_path(pack_id)
+                user_bank = _load_user_bank(bank_cache_path(pack_id), loaded)
+                if user_bank is not None:
+                    loaded[role] = user_bank
+                    _tick(progress, i + 1, len(steps))
+                    continue
             if path is not None:
                 loaded[role] = _load_role(role, Path(path), dev, wf)
             _tick(progress, i + 1, len(steps))
@@ -569,6 +573,29 @@ def _load_role(role: str, path: Path, device: torch.device, wf=None):
     fid = wf.id if wf is not None else f"{role} ({path.name})"
     raise CorruptWeightsError(fid, path, f"the {role} file could not be read ({_short_reason(err)}); "
                               f"`anyface models verify` checks every file", where) from err
+
+
+def _load_user_bank(path: Path, loaded: dict):
+    """A KNN bank the user built (``Engine.build_bank``), or None when it cannot be read or does not fit the pack's
+    generator and CLIP (a broken or outdated file must not stop the pack from loading: its own bank is used)."""
+    import logging
+
+    log = logging.getLogger("anyface.engine")
+    try:
+        bank = LatentBank.load(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file
+        log.warning("ignoring the KNN bank built earlier at %s (%s); using the pack's own. Build it again from Models.",
+                    path, _short_reason(e))
+        return None
+    G, clip = loaded.get("generator"), loaded.get("clip")
+    want = (getattr(G, "num_ws", bank.num_ws), getattr(G, "w_dim", bank.w_dim),
+            getattr(clip, "embed_dim", bank.embed_dim))
+    if (bank.num_ws, bank.w_dim, bank.embed_dim) != tuple(int(v) for v in want):
+        log.warning("ignoring the KNN bank built earlier at %s: it was made for another generator or CLIP "
+                    "(%s vs %s); using the pack's own. Build it again from Models.", path,
+                    (bank.num_ws, bank.w_dim, bank.embed_dim), want)
+        return None
+    return bank
 
 
 def _short_reason(e: BaseException) -> str:

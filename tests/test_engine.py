@@ -325,6 +325,14 @@ def test_from_pack(tmp_path, monkeypatch):
     e.build_bank(size=16, batch=16, seed=3)  # the user rebuilds the bank: it is used at later starts too
     again = Engine.from_pack("toy", device="cpu")
     assert len(again.bank) == 16 and len(bank) != 16
+    from core.engine import bank_cache_path
+
+    data = bank_cache_path("toy").read_bytes()
+    bank_cache_path("toy").write_bytes(data[: len(data) // 2])  # broken: the pack's own bank, not a failed load
+    assert len(Engine.from_pack("toy", device="cpu").bank) == len(bank)
+    LatentBank.build(FakeGenerator(num_ws=NUM_WS + 1, w_dim=W_DIM, img_resolution=16), clip, size=8,
+                     batch=8).save(bank_cache_path("toy"))  # made for another generator: ignored too
+    assert len(Engine.from_pack("toy", device="cpu").bank) == len(bank)
     m = Manifest.load(root / "manifest.json", overlay=False)
     assert m.to_json()["packs"]["toy"]["coarse_layers"] == 1  # survives a save
     assert m.to_json()["packs"]["toy"]["default_method"] == "knn"
