@@ -439,27 +439,36 @@ def read_runs(paths: Iterable[str | os.PathLike]) -> list[dict]:
     return runs
 
 
-def _missing_shards(runs: list[dict], out_dir: Path, seen: set[str]) -> list[tuple[str, str, str]]:
-    """(rel, input path, reason) of the inputs of shards that never ran, when runs were sharded k/n and some k is
-    missing (an unsharded run covers everything). Their inputs are listed by walking the input again."""
-    if not runs or any(not r.get("shard") for r in runs):
+def _unreached(runs: list[dict], merged: dict[str, tuple[dict, Path]], out_dir: Path) -> list[tuple[str, str, str]]:
+    """(rel, input path, reason) of the inputs the latest job did not finish: its input is walked again, and
+    every input with no record (a shard that never ran, a run killed before reaching it), or with a record of an
+    earlier job only (other captions or settings), is listed."""
+    if not runs:
         return []
+    last = max(runs, key=lambda r: float(r.get("time", 0)))
+    job, src = last.get("job"), last.get("input", "")
+    group = [r for r in runs if r.get("job") == job and r.get("input") == src]
+    recursive = any(bool(r.get("recursive")) for r in group)
+    shards = [tuple(int(v) for v in r["shard"]) for r in group if r.get("shard")]
+    whole = any(not r.get("shard") for r in group)
     out = []
-    by_n: dict[int, tuple[set[int], dict]] = {}
-    for r in runs:
-        k, n = (int(v) for v in r["shard"])
-        by_n.setdefault(n, (set(), r))[0].add(k)
-    for n, (ks, r) in sorted(by_n.items()):
-        for k in sorted(set(range(1, n + 1)) - ks):
-            reason = f"not processed: shard {k}/{n} never ran into this folder (run it, then merge again)"
-            try:
-                for item in iter_inputs(r.get("input", ""), recursive=bool(r.get("recursive")), shard=(k, n),
-                                        output_dir=out_dir):
-                    if item.rel not in seen:
-                        out.append((item.rel, str(item.path), reason))
-            except (OSError, AnyFaceError) as e:
-                out.append((f"(shard {k}/{n})", str(r.get("input", "")), f"{reason}; its inputs could not be "
-                            f"listed: {e}"))
+    try:
+        items = list(iter_inputs(src, recursive=recursive, output_dir=out_dir))
+    except (OSError, AnyFaceError) as e:
+        return [("(inputs)", str(src), f"not checked: the inputs of the last run could not be listed ({e})")]
+    for item in items:
+        rec = merged.get(item.rel, (None,))[0]
+        if rec is not None and (rec.get("job") in (job, None) or rec.get("status") == "not_run"):
+            continue
+        covered = whole or any(shard_of(item.rel, n) == k for k, n in shards)
+        if rec is not None:
+            reason = "done by an earlier run with other settings; the last job's run did not reach it"
+        elif covered:
+            reason = "not processed: its run stopped before reaching it (run the command again to resume)"
+        else:
+            missing = sorted({f"{shard_of(item.rel, n)}/{n}" for _, n in shards})
+            reason = f"not processed: shard {' or '.join(missing)} never ran into this folder (run it, then merge again)"
+        out.append((item.rel, str(item.path), reason))
     return out
 
 
@@ -910,11 +919,12 @@ def merge_reports(sources: Iterable[str | os.PathLike], dest: str | os.PathLike 
             if old is None or float(rec.get("time", 0)) >= float(old[0].get("time", 0)):
                 merged[rel] = (rec, out_dir)
         runs_by_dir.setdefault(out_dir, []).extend(read_runs(files))
-    # shards that never ran: their inputs are listed as not run (the merge used to say "all done")
+    # inputs the last job did not finish (a shard that never ran or was killed, an earlier job's results): listed as
+    # not run (the merge used to say "all done")
     all_runs = [r for rs in runs_by_dir.values() for r in rs]
-    for rel, path, reason in _missing_shards(all_runs, next(iter(runs_by_dir)), set(merged)):
-        merged[rel] = ({"rel": rel, "status": "not_run", "reason": reason, "input": path, "time": 0},
-                       next(iter(runs_by_dir)))
+    first_dir = next(iter(runs_by_dir))
+    for rel, path, reason in _unreached(all_runs, merged, first_dir):
+        merged[rel] = ({"rel": rel, "status": "not_run", "reason": reason, "input": path, "time": 0}, first_dir)
     dest_p = Path(dest) if dest is not None else (sources[0] if sources[0].is_dir() else
                                                    sources[0].parent.parent)
     state = dest_p / STATE_DIR
@@ -937,8 +947,9 @@ def merge_reports(sources: Iterable[str | os.PathLike], dest: str | os.PathLike 
                                    path=rec.get("input", ""))
                     report.failed += 1
                 elif rec["status"] == "not_run":  # a cancelled run did not reach it, or its shard never ran
-                    bi = BatchItem(rel, "not_run", code="cancelled" if "never ran" not in rec.get("reason", "")
-                                   else "shard_missing", reason=rec.get("reason") or "not processed: its run was "
+                    bi = BatchItem(rel, "not_run", code="shard_missing" if "never ran" in rec.get("reason", "")
+                                   else "stale" if "earlier run with other" in rec.get("reason", "") else "cancelled",
+                                   reason=rec.get("reason") or "not processed: its run was "
                                    "cancelled first; re-run its shard.", out_dir=str(out_dir),
                                    path=rec.get("input", ""))
                     report.cancelled = True

@@ -732,12 +732,12 @@ def test_shards_run_side_by_side_but_not_beside_an_unsharded_run(tmp_path):
 
     state = tmp_path / batch.STATE_DIR
     state.mkdir()
-    s1 = batch._Manifest(state / "manifest.shard1of2.jsonl", shared=True)
-    s2 = batch._Manifest(state / "manifest.shard2of2.jsonl", shared=True)  # shards of one job: side by side
+    s1 = batch._Manifest(state / "manifest.shard-1-of-2.jsonl", shared=True)
+    s2 = batch._Manifest(state / "manifest.shard-2-of-2.jsonl", shared=True)  # shards of one job: side by side
     with pytest.raises(OutputError, match=r"Another batch \(or shards of one\)"):
         batch._Manifest(state / "manifest.jsonl")
     with pytest.raises(OutputError, match="already running"):  # the same shard twice
-        batch._Manifest(state / "manifest.shard1of2.jsonl", shared=True)
+        batch._Manifest(state / "manifest.shard-1-of-2.jsonl", shared=True)
     s1.close()
     s2.close()
     whole = batch._Manifest(state / "manifest.jsonl")
@@ -745,3 +745,32 @@ def test_shards_run_side_by_side_but_not_beside_an_unsharded_run(tmp_path):
         batch._Manifest(state / "manifest.shard1of3.jsonl", shared=True)
     whole.close()
     batch._Manifest(state / "manifest.shard1of3.jsonl", shared=True).close()
+
+
+def test_merge_lists_what_a_killed_shard_or_an_earlier_job_left(tmp_path):
+    """A shard killed (kill -9) after it started, and a folder where the last job ran only some shards over an
+    earlier job's results: the merge said 'all done', exit 0."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(8):
+        (src / f"p{i}.png").write_bytes(_encode(astronaut(40 + i), "PNG"))
+    batch.run(src, out, fake_process, shard=(1, 2), params={"caption": "a"})
+    state = out / batch.STATE_DIR
+    # shard 2/2 started and was killed at once: only its run event is on disk
+    first = (state / "manifest.shard-1-of-2.jsonl").read_text().splitlines()[0]
+    run_event = json.loads(first)
+    run_event.update(shard=[2, 2], time=run_event["time"] + 0.001)
+    (state / "manifest.shard-2-of-2.jsonl").write_text(json.dumps(run_event) + "\n")
+    two = {i.rel for i in batch.iter_inputs(src, shard=(2, 2))}
+    r = batch.merge_reports([out])
+    rows = {it.rel: it for it in r.items}
+    assert r.total == 8 and r.exit_code == 1
+    assert all(rows[m].status == "not_run" and "stopped before reaching it" in rows[m].reason for m in two)
+    # finish job "a", then job "b" runs shard 1/2 only: shard 2/2's results are job a's
+    batch.run(src, out, fake_process, shard=(2, 2), params={"caption": "a"})
+    assert batch.merge_reports([out]).exit_code == 0
+    batch.run(src, out, fake_process, shard=(1, 2), params={"caption": "b"})
+    r = batch.merge_reports([out])
+    rows = {it.rel: it for it in r.items}
+    assert r.exit_code == 1 and all(rows[m].code == "stale" and rows[m].status == "not_run" for m in two)
+    assert all(rows[m].status == "ok" for m in rows if m not in two)
