@@ -506,7 +506,11 @@ class _Manifest:
     def __init__(self, path: Path, shared: bool = False):
         self.path = path
         self.folder_lock = open(path.parent / "lock", "a+b")
-        self.f = open(path, "a+b")
+        try:
+            self.f = open(path, "a+b")
+        except OSError:
+            self.folder_lock.close()
+            raise
         try:
             import fcntl
 
