@@ -446,25 +446,29 @@ def _unreached(runs: list[dict], merged: dict[str, tuple[dict, Path]], out_dir: 
     if not runs:
         return []
     last = max(runs, key=lambda r: float(r.get("time", 0)))
-    job, src = last.get("job"), last.get("input", "")
-    group = [r for r in runs if r.get("job") == job and r.get("input") == src]
+    job, src = last.get("job"), last.get("input_abs") or last.get("input", "")
+    if not src or not Path(src).is_absolute():  # a relative path of an older manifest: its base is unknown
+        return []
+    out_dir = Path(last.get("_out_dir") or out_dir)  # that run's own output folder: its outputs are no inputs
+    group = [r for r in runs if r.get("job") == job and (r.get("input_abs") or r.get("input")) == src]
     recursive = any(bool(r.get("recursive")) for r in group)
     shards = [tuple(int(v) for v in r["shard"]) for r in group if r.get("shard")]
     whole = any(not r.get("shard") for r in group)
     out = []
     try:
         items = list(iter_inputs(src, recursive=recursive, output_dir=out_dir))
-    except (OSError, AnyFaceError) as e:
-        return [("(inputs)", str(src), f"not checked: the inputs of the last run could not be listed ({e})")]
+    except (OSError, AnyFaceError):  # moved, or merged on another machine: the report is the manifests' alone
+        return []
     for item in items:
         rec = merged.get(item.rel, (None,))[0]
         if rec is not None and (rec.get("job") in (job, None) or rec.get("status") == "not_run"):
             continue
         covered = whole or any(shard_of(item.rel, n) == k for k, n in shards)
         if rec is not None:
-            reason = "done by an earlier run with other settings; the last job's run did not reach it"
+            reason = "handled by an earlier run with other settings; the last job's run did not reach it"
         elif covered:
-            reason = "not processed: its run stopped before reaching it (run the command again to resume)"
+            reason = ("not processed by the last job's run (it stopped before reaching it, or the photo was added "
+                      "later): run the command again to resume")
         else:
             missing = sorted({f"{shard_of(item.rel, n)}/{n}" for _, n in shards})
             reason = f"not processed: shard {' or '.join(missing)} never ran into this folder (run it, then merge again)"
@@ -687,7 +691,8 @@ def run(input: str | os.PathLike, output_dir: str | os.PathLike, process: Callab
         staging.mkdir(exist_ok=True)
         index = read_manifest(manifest_paths(out))
         job = _job_key(params)
-        manifest.write({"event": "run", "time": time.time(), "input": str(src), "job": job, "params": params or {},
+        manifest.write({"event": "run", "time": time.time(), "input": str(src), "input_abs": str(src.resolve()),
+                        "job": job, "params": params or {},
                         "shard": list(shard) if shard else None, "recursive": bool(recursive), "pid": os.getpid()})
         total = count_inputs(src, recursive=recursive, shard=shard, output_dir=out)
         report.total = total
@@ -922,7 +927,7 @@ def merge_reports(sources: Iterable[str | os.PathLike], dest: str | os.PathLike 
             old = merged.get(rel)
             if old is None or float(rec.get("time", 0)) >= float(old[0].get("time", 0)):
                 merged[rel] = (rec, out_dir)
-        runs_by_dir.setdefault(out_dir, []).extend(read_runs(files))
+        runs_by_dir.setdefault(out_dir, []).extend(dict(r, _out_dir=str(out_dir)) for r in read_runs(files))
     # inputs the last job did not finish (a shard that never ran or was killed, an earlier job's results): listed as
     # not run (the merge used to say "all done")
     all_runs = [r for rs in runs_by_dir.values() for r in rs]

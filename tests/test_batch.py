@@ -774,3 +774,20 @@ def test_merge_lists_what_a_killed_shard_or_an_earlier_job_left(tmp_path):
     rows = {it.rel: it for it in r.items}
     assert r.exit_code == 1 and all(rows[m].code == "stale" and rows[m].status == "not_run" for m in two)
     assert all(rows[m].status == "ok" for m in rows if m not in two)
+
+
+def test_merge_of_finished_runs_stays_clean_when_inputs_moved_or_outputs_sit_beside_them(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(6):
+        (src / f"p{i}.png").write_bytes(_encode(astronaut(40 + i), "PNG"))
+    batch.run(src, out, fake_process)
+    src.rename(tmp_path / "moved")  # merged elsewhere, or the photos were moved: the manifests alone decide
+    r = batch.merge_reports([out])
+    assert (r.total, r.ok, r.exit_code) == (6, 6, 0)
+    (tmp_path / "moved").rename(src)
+    o1 = tmp_path / "o1"
+    batch.run(src, o1, fake_process, shard=(1, 2), params={"caption": "x"})
+    batch.run(src, src, fake_process, shard=(2, 2), params={"caption": "x"})  # this shard wrote in place
+    r = batch.merge_reports([o1, src])
+    assert (r.total, r.ok, r.exit_code) == (6, 6, 0), [(it.rel, it.status) for it in r.items]
