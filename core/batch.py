@@ -507,8 +507,9 @@ class _Manifest:
     the whole folder: shared by sharded runs (the shards of one job run side by side), exclusive for an unsharded
     run (it covers every input, so it would collide with any shard)."""
 
-    def __init__(self, path: Path, shared: bool = False):
+    def __init__(self, path: Path, shared: bool = False, n: int | None = None):
         self.path = path
+        self.n_lock = None
         self.folder_lock = open(path.parent / "lock", "a+b")
         try:
             self.f = open(path, "a+b")
@@ -524,16 +525,27 @@ class _Manifest:
                 what = "an unsharded batch" if shared else "another batch (or shards of one)"
                 raise OutputError(f"{what[0].upper() + what[1:]} is already running into {path.parent.parent}. Wait "
                                   "for it, or give this run another output folder.") from e
+            if shared and n is not None:  # shards of one n side by side; a run sharded another way is refused
+                self.n_lock = open(path.parent / f"lock.n{int(n)}", "a+b")
+                fcntl.flock(self.n_lock.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                for other in path.parent.glob("lock.n*"):
+                    if other.name == f"lock.n{int(n)}":
+                        continue
+                    with open(other, "a+b") as o:
+                        try:
+                            fcntl.flock(o.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        except OSError as e:
+                            raise OutputError(f"Shards of another split ({other.name[6:]} parts) are running into "
+                                              f"{path.parent.parent}; this run is split in {n}. Wait for them, or use "
+                                              "the same --shard N/M split.") from e
             fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:  # Windows: no advisory lock
             pass
         except OutputError:
-            self.f.close()
-            self.folder_lock.close()
+            self._close_locks()
             raise
         except OSError as e:
-            self.f.close()
-            self.folder_lock.close()
+            self._close_locks()
             raise OutputError(f"Another batch is already running into {path.parent.parent} (the lock on {path.name} "
                               f"is held). Wait for it, or give this run another output folder or shard.") from e
         self.f.seek(0, os.SEEK_END)
@@ -550,14 +562,18 @@ class _Manifest:
         if sync:  # survives a power cut, not only a killed process
             os.fsync(self.f.fileno())
 
+    def _close_locks(self) -> None:
+        for f in (self.f, self.n_lock, self.folder_lock):
+            if f is not None:
+                f.close()
+
     def close(self) -> None:
         try:
             self.f.flush()
             os.fsync(self.f.fileno())
         except OSError:
             pass
-        self.f.close()
-        self.folder_lock.close()
+        self._close_locks()
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -676,7 +692,7 @@ def run(input: str | os.PathLike, output_dir: str | os.PathLike, process: Callab
         state.mkdir(exist_ok=True)
         staging = state / f"tmp{_shard_tag(shard) or '.all'}"
         manifest_path = state / f"manifest{_shard_tag(shard)}.jsonl"
-        manifest = _Manifest(manifest_path, shared=shard is not None)
+        manifest = _Manifest(manifest_path, shared=shard is not None, n=shard[1] if shard else None)
     except OutputError:
         raise
     except OSError as e:

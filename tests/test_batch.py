@@ -732,19 +732,21 @@ def test_shards_run_side_by_side_but_not_beside_an_unsharded_run(tmp_path):
 
     state = tmp_path / batch.STATE_DIR
     state.mkdir()
-    s1 = batch._Manifest(state / "manifest.shard-1-of-2.jsonl", shared=True)
-    s2 = batch._Manifest(state / "manifest.shard-2-of-2.jsonl", shared=True)  # shards of one job: side by side
+    s1 = batch._Manifest(state / "manifest.shard-1-of-2.jsonl", shared=True, n=2)
+    s2 = batch._Manifest(state / "manifest.shard-2-of-2.jsonl", shared=True, n=2)  # shards of one job: side by side
+    with pytest.raises(OutputError, match="Shards of another split"):  # 1/3 overlaps 1/2's inputs
+        batch._Manifest(state / "manifest.shard-1-of-3.jsonl", shared=True, n=3)
     with pytest.raises(OutputError, match=r"Another batch \(or shards of one\)"):
         batch._Manifest(state / "manifest.jsonl")
     with pytest.raises(OutputError, match="already running"):  # the same shard twice
-        batch._Manifest(state / "manifest.shard-1-of-2.jsonl", shared=True)
+        batch._Manifest(state / "manifest.shard-1-of-2.jsonl", shared=True, n=2)
     s1.close()
     s2.close()
     whole = batch._Manifest(state / "manifest.jsonl")
     with pytest.raises(OutputError, match="An unsharded batch is already running"):
-        batch._Manifest(state / "manifest.shard1of3.jsonl", shared=True)
+        batch._Manifest(state / "manifest.shard-1-of-3.jsonl", shared=True, n=3)
     whole.close()
-    batch._Manifest(state / "manifest.shard1of3.jsonl", shared=True).close()
+    batch._Manifest(state / "manifest.shard-1-of-3.jsonl", shared=True, n=3).close()  # the 1/2 split ended
 
 
 def test_merge_lists_what_a_killed_shard_or_an_earlier_job_left(tmp_path):
