@@ -444,18 +444,26 @@ class MainWindow(QMainWindow):
             self.offer_bank()
 
     def _set_methods(self, info) -> None:
-        """The pack's methods, plus KNN always: without a bank, picking it offers to build one."""
-        self.captions.set_methods(list(info.methods) + ([] if "knn" in info.methods else ["knn"]))
+        """The pack's methods, plus KNN always, and a loaded CVAE that reads text through the bank: without a bank,
+        picking either offers to build one."""
+        waiting = [m for m in getattr(info, "needs_bank", []) if m not in info.methods]
+        self.captions.set_methods(list(info.methods) + ([] if "knn" in info.methods else ["knn"]) + waiting)
         if "knn" not in info.methods:
             i = self.captions.method.findData("knn")
             self.captions.method.setItemText(i, "KNN latent bank (built on first use)")
+        for m in waiting:
+            i = self.captions.method.findData(m)
+            self.captions.method.setItemText(i, self.captions.method.itemText(i) + " (needs the KNN bank: built on "
+                                             "first use)")
 
     # ================================================================== KNN bank
     def needs_bank(self) -> bool:
         """The KNN method is picked (or is the only way to text) and the pack has no bank yet."""
         info = self.engine_info
-        return info is not None and "knn" not in info.methods and (self.captions.method_key() == "knn"
-                                                                   or not info.methods)
+        if info is None or "knn" in info.methods:
+            return False
+        return (self.captions.method_key() == "knn" or not info.methods
+                or self.captions.method_key() in getattr(info, "needs_bank", []))
 
     def _method_changed(self) -> None:
         if self.needs_bank():

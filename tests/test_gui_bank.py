@@ -197,3 +197,21 @@ def test_refine_adds_a_history_entry_that_edits_start_from(qtbot, full_win):
         w.cancel_long_job()
     qtbot.waitUntil(lambda: w.idle, timeout=30000)
     assert job.cancelled and w.history.current is entry
+
+
+def test_a_cvae_that_reads_text_through_the_bank_is_offered_and_builds_it(qtbot, qapp, engine, tmp_path,
+                                                                          monkeypatch):
+    """Without a bank the bundled CVAE (condition_bank_k 16) silently vanished from the method list."""
+    engine.bank = None
+    w = _window(qapp, engine, tmp_path, monkeypatch)
+    try:
+        assert w.engine_info.needs_bank == ["cvae"]
+        i = w.captions.method.findData("cvae")
+        assert i >= 0 and "needs the KNN bank" in w.captions.method.itemText(i)
+        if w.bank_question is not None:
+            w.bank_question.close()
+        w.captions.method.setCurrentIndex(i)
+        assert w.needs_bank()  # picking it offers to build the bank
+        qtbot.waitUntil(lambda: w.bank_question is not None and w.bank_question.isVisible(), timeout=5000)
+    finally:
+        _close(w)
