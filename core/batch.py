@@ -68,6 +68,7 @@ REPORT_STEM = "anyface-report"
 MANIFEST_VERSION = 1
 #: Output names the runner makes; such files inside the output folder are never taken as inputs.
 _OUTPUT_NAME = re.compile(re.escape(OUTPUT_TAG) + r"(_[A-Za-z0-9]+)?\.[A-Za-z0-9]+$")
+_OUTPUT_SPLIT = re.compile(r"(.*)" + re.escape(OUTPUT_TAG) + r"(_[A-Za-z0-9]+)?\.[A-Za-z0-9]+$", re.S)
 
 _MAX_STEM_BYTES = 200
 
@@ -247,8 +248,17 @@ def iter_inputs(input: str | os.PathLike, *, recursive: bool = False, shard: tup
         # inputs, the photos beside them are
         in_out = (out_res is not None and _under(d_res, out_res) or in_earlier_out
                   or bool(rel_dir) and (d / STATE_DIR).is_dir())  # the folder given itself: as the user says
-        names = [n for n, is_dir in entries if not is_dir and not n.startswith(".") and is_image_name(n)
-                 and not (in_out and _OUTPUT_NAME.search(n))]
+        images = [n for n, is_dir in entries if not is_dir and not n.startswith(".") and is_image_name(n)]
+        names = [n for n in images if not (in_out and _OUTPUT_NAME.search(n))]
+        if in_out and out_res is not None and d_res == out_res:
+            # in place (outputs beside the photos): a name like an output is one only when its photo is here too;
+            # the user's own "me_anyface.jpg" with no "me.*" beside it is a photo like any other
+            def photo_here(n: str, stems: set[str]) -> bool:
+                m = _OUTPUT_SPLIT.match(n)  # the last "_anyface[_tag].ext": "me_anyface_anyface.png" -> me_anyface
+                return bool(m) and m.group(1) not in stems
+            first = [n for n in images if photo_here(n, set(plan_stems(names).values()))]
+            stems_here = set(plan_stems(names + first).values())  # "me_anyface_anyface.png" is me_anyface's output
+            names = sorted(names + [n for n in first if photo_here(n, stems_here)])
         stems = plan_stems(names)
         for name, is_dir in entries:
             if name.startswith("."):

@@ -793,3 +793,13 @@ def test_merge_of_finished_runs_stays_clean_when_inputs_moved_or_outputs_sit_bes
     batch.run(src, src, fake_process, shard=(2, 2), params={"caption": "x"})  # this shard wrote in place
     r = batch.merge_reports([o1, src])
     assert (r.total, r.ok, r.exit_code) == (6, 6, 0), [(it.rel, it.status) for it in r.items]
+
+
+def test_in_place_a_users_own_photo_named_like_an_output_is_an_input(tmp_path):
+    """With -o the input folder, 'me_anyface.png' (no 'me.*' beside it) was skipped and left out of the report."""
+    for n in ("p.png", "p_anyface.png", "q.jpg", "q_anyface_face0.png", "me_anyface.png", "me_anyface_anyface.png"):
+        (tmp_path / n).write_bytes(b"x")
+    rels = [i.rel for i in batch.iter_inputs(tmp_path, output_dir=tmp_path)]
+    assert rels == ["me_anyface.png", "p.png", "q.jpg"]
+    other = tmp_path / "other_out"  # not in place: the input folder is taken as it is
+    assert len([i.rel for i in batch.iter_inputs(tmp_path, output_dir=other)]) == 6
