@@ -23,7 +23,8 @@ EPILOG = """examples:
   anyface generate "a bearded man" --method knn --refine 20 -o faces/   # + CLIP-guided refinement
   anyface convert stylegan2-ffhq-config-f.pt -o ffhq1024.safetensors
 
-exit codes: 0 all ok, 1 some items failed, 2 usage error, 130 interrupted (re-run to resume).
+exit codes: 0 all ok, 1 some items failed (or a model pack/file problem), 2 usage error, 130 interrupted (re-run to
+resume).
 """
 
 EDIT_EPILOG = """A folder run is resumable: re-run the same command and finished photos are skipped, missing or
@@ -169,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     mb = msub.add_parser("build-bank", parents=[common], formatter_class=fmt,
                          help="build the KNN latent bank of a pack (enables --method knn without training)",
                          description="Sample SIZE faces from the pack's generator, embed them with its CLIP and save "
-                                     "the bank in the user data dir, where the pack picks it up (a pack's own bundled "
-                                     "bank still wins).",
+                                     "the bank in the user data dir, where the pack picks it up: it replaces a "
+                                     "pack's own bundled bank until you delete it.",
                          epilog="example:\n  anyface models build-bank --pack ffhq-256 --size 20000")
     mb.add_argument("--pack", dest="models_pack", default=None, help="pack id (default: --pack or tiny)")
     mb.add_argument("--size", type=_nonneg_int, default=20000, metavar="N", help="faces in the bank (default 20000)")
@@ -523,7 +524,7 @@ def cmd_edit(args) -> int:
             report = getattr(e, "report", None)
         finally:
             bar.close()
-    if report is not None and report.total == 0 and not report.cancelled:
+    if report is not None and report.total == 0 and not report.cancelled:  # said even with --quiet
         where = f"shard {shard[0]}/{shard[1]} of '{src}'" if shard else f"'{src}'"
         print(f"note: no photos in {where} ({', '.join(sorted(s.lstrip('.') for s in batch.IMAGE_SUFFIXES))}"
               f"{'' if args.recursive else '; --recursive includes subfolders'})", file=sys.stderr)
@@ -657,7 +658,8 @@ def cmd_models_build_bank(args) -> int:
     path = bank_cache_path(engine.pack_id)
     info = {"pack": engine.pack_id, "size": len(bank), "path": str(path), "bytes": path.stat().st_size,
             "pack_has_own_bank": own is not None}
-    note = (f"\nnote: pack '{engine.pack_id}' ships its own bank ({own}), which it keeps using" if own else "")
+    note = (f"\nnote: pack '{engine.pack_id}' ships its own bank ({own}); this one is used instead until you delete "
+            f"{path}" if own else "")
     _print(args, info, f"KNN bank of {len(bank)} faces for pack '{engine.pack_id}' saved to {path} "
                        f"({info['bytes'] / 1e6:.1f} MB){note}")
     return EXIT_OK
