@@ -392,10 +392,9 @@ def _output_folder(path, create: bool = True) -> "Path":
     if parent.exists() and not parent.is_dir():
         raise _UsageError(f"cannot create the output folder '{out}': '{parent}' is a file")
     try:  # writable? (a read-only folder or disk is found out before any model loads, not after the work)
-        import tempfile
+        from core.atomic import probe_writable
 
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".anyface-write-test-"):
-            pass
+        probe_writable(parent)
     except OSError as e:
         where = "write into" if parent == out else "create the output folder in"
         raise _UsageError(f"cannot {where} '{parent}': {e.strerror or e}") from e

@@ -845,10 +845,8 @@ class MainWindow(QMainWindow):
 
     def _done_generate(self, job: Job, results: list) -> None:
         self.gallery.set_results(results)
-        seeds = [r.seed for r in results if getattr(r, "seed", None) is not None]
-        if seeds:  # next press: new faces (the seed after the last one shown, whoever asked for these)
-            nxt = max(seeds) + 1
-            self.gallery.seed.setValue(nxt if nxt <= self.gallery.seed.maximum() else 0)  # past the last: wrap
+        # next press: new faces (the seed after the last one shown, whoever asked for these)
+        self._seed_after([r.seed for r in results if getattr(r, "seed", None) is not None])
         self.statusBar().showMessage(f"{len(results)} faces in {job.seconds:.2f} s. Double-click one to edit it.", 6000)
         if self.photo is None and self.source is None and results:  # not while a face is being edited
             self.canvas.set_images(results[0].image, None, refit=True)
@@ -884,7 +882,12 @@ class MainWindow(QMainWindow):
     def _done_more(self, job: Job, results: list) -> None:
         self._done_generate(job, [job.picked] + list(results))  # the picked face stays, first
         seeds = [r.extra.get("variation_seed") for r in results if getattr(r, "extra", None)]
-        if seeds and all(s is not None for s in seeds):  # the next "more like this" gives other variations
+        if all(s is not None for s in seeds):  # the next "more like this" gives other variations
+            self._seed_after(seeds)
+
+    def _seed_after(self, seeds: list[int]) -> None:
+        """The seed box moves past the last of ``seeds`` (wrapping to 0 past the box's maximum)."""
+        if seeds:
             nxt = max(seeds) + 1
             self.gallery.seed.setValue(nxt if nxt <= self.gallery.seed.maximum() else 0)
 
@@ -897,18 +900,8 @@ class MainWindow(QMainWindow):
         self.photo, self.face = None, None
         self.canvas.set_faces([])
         self.face_combo_action.setVisible(False)
-        extra = getattr(result, "extra", None) or {}
-        if extra.get("kind") == "edited":
-            title = f"Edited face ({extra.get('file', 'latent')})"
-        elif result.seed is None and extra.get("variation_of") is not None:
-            title = f"Variation of seed {extra['variation_of']}"
-        elif result.seed is None:
-            title = f"Face ({extra.get('file', 'latent')})"
-        else:
-            title = f"Generated face (seed {result.seed})"
-        first = HistoryEntry(title, result.ws, result.image, None, result,
-                             params={"captions": list(getattr(result, "captions", []) or []), "strength": 0.0,
-                                     "seed": result.seed, "method": getattr(result, "method", "")})
+        first = self._face_entry(result, strength=0.0)
+        title = first.label
         self.source = first
         self.history.reset(first)
         self.history_panel.show_history(self.history)
@@ -925,11 +918,25 @@ class MainWindow(QMainWindow):
             return entry.composed
         return entry.face_image
 
+    @staticmethod
+    def _face_entry(result, strength: float | None) -> HistoryEntry:
+        """A face made without a photo (generated, a variation, a reopened latent) as a history state."""
+        extra = getattr(result, "extra", None) or {}
+        if extra.get("kind") == "edited":
+            title = f"Edited face ({extra.get('file', 'latent')})"
+        elif result.seed is None and extra.get("variation_of") is not None:
+            title = f"Variation of seed {extra['variation_of']}"
+        elif result.seed is None:
+            title = f"Face ({extra.get('file', 'latent')})"
+        else:
+            title = f"Generated face (seed {result.seed})"
+        return HistoryEntry(title, result.ws, result.image, None, result,
+                            params={"captions": list(getattr(result, "captions", []) or []), "strength": strength,
+                                    "seed": result.seed, "method": getattr(result, "method", "")})
+
     def _gallery_entry(self, result) -> HistoryEntry:
         """A generated face from the gallery as something to export (not made the face being edited)."""
-        return HistoryEntry(f"Generated face (seed {result.seed})", result.ws, result.image, None, result,
-                            params={"captions": list(getattr(result, "captions", []) or []), "strength": None,
-                                    "seed": result.seed, "method": getattr(result, "method", "")})
+        return self._face_entry(result, strength=None)
 
     def _is_gallery_entry(self, entry: HistoryEntry) -> bool:
         return entry is not getattr(self, "current_entry", None) and all(entry is not e for e in self.history.entries)
@@ -1039,7 +1046,8 @@ class MainWindow(QMainWindow):
                 return None
         fmt = str(self.settings.get("export/format"))
         opts = dict(fmt=fmt, size=int(self.settings.get("export/size")) or None,
-                    quality=int(self.settings.get("export/quality")), save_latent=bool(self.settings.get("export/latent")))
+                    quality=int(self.settings.get("export/quality")), save_latent=bool(self.settings.get("export/latent")),
+                    unique=True)  # export_image takes the free name on the worker
         reqs = []
         for i, r in enumerate(results):
             name = f"anyface_seed{r.seed}.{fmt}" if getattr(r, "seed", None) is not None else f"anyface_face_{i + 1:03d}.{fmt}"
@@ -1047,13 +1055,11 @@ class MainWindow(QMainWindow):
 
         def save_all(b, progress, cancel):
             from core.errors import CancelledError
-            from core.io import unique_path
 
             written = []
             for k, req in enumerate(reqs):
                 if cancel():
                     raise CancelledError(f"Saving cancelled after {k} of {len(reqs)} faces.")
-                req.path = str(unique_path(req.path))
                 written.append(b.export(req))
                 progress(k + 1, len(reqs))
             return written

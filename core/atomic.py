@@ -59,3 +59,10 @@ def mkstemp_beside(path: str | os.PathLike, suffix: str = ".tmp", prefix_len: in
     fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name[:prefix_len]}.", suffix=suffix)
     set_file_mode(tmp, like=path)
     return fd, tmp
+
+
+def probe_writable(folder: str | os.PathLike) -> None:
+    """Create a file in ``folder`` and remove it again: raises ``OSError`` where nothing can be written (a read-only
+    folder or disk), so callers find out before the work, not after it."""
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".anyface-write-test-"):
+        pass

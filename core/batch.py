@@ -430,25 +430,6 @@ def manifest_paths(out_dir: str | os.PathLike) -> list[Path]:
     return sorted(d.glob("manifest*.jsonl")) if d.is_dir() else []
 
 
-def read_runs(paths: Iterable[str | os.PathLike]) -> list[dict]:
-    """The ``run`` events of JSON-lines manifests (input, shard, recursive, ...), in file order."""
-    runs = []
-    for p in paths:
-        try:
-            with open(p, "r", encoding="utf-8", errors="surrogateescape") as f:
-                for line in f:
-                    if '"event": "run"' in line and line.endswith("\n"):
-                        try:
-                            rec = json.loads(line)
-                        except ValueError:
-                            continue
-                        if isinstance(rec, dict) and rec.get("event") == "run":
-                            runs.append(rec)
-        except OSError:
-            continue
-    return runs
-
-
 def _unreached(runs: list[dict], merged: dict[str, tuple[dict, Path]], out_dir: Path) -> list[tuple[str, str, str]]:
     """(rel, input path, reason) of the inputs the latest job did not finish: its input is walked again, and
     every input with no record (a shard that never ran, a run killed before reaching it), or with a record of an
@@ -486,10 +467,12 @@ def _unreached(runs: list[dict], merged: dict[str, tuple[dict, Path]], out_dir: 
     return out
 
 
-def read_manifest(paths: Iterable[str | os.PathLike], index: dict | None = None) -> dict[str, dict]:
+def read_manifest(paths: Iterable[str | os.PathLike], index: dict | None = None,
+                  runs: list[dict] | None = None) -> dict[str, dict]:
     """rel -> its latest record (by the record's ``time``; file order breaks ties) over JSON-lines manifests,
     e.g. every shard's and the unsharded run's in one folder. A torn last line from a killed run is ignored.
-    The latest record is the input's state: ``started`` without a later ``ok``/``failed`` means not done."""
+    The latest record is the input's state: ``started`` without a later ``ok``/``failed`` means not done.
+    ``runs``, when given, also receives the ``run`` events (input, shard, job, recursive...), in file order."""
     index = {} if index is None else index
     for p in paths:
         try:
@@ -504,6 +487,8 @@ def read_manifest(paths: Iterable[str | os.PathLike], index: dict | None = None)
                     rec = json.loads(line)
                 except ValueError:
                     continue
+                if runs is not None and isinstance(rec, dict) and rec.get("event") == "run":
+                    runs.append(rec)
                 if isinstance(rec, dict) and "rel" in rec and rec.get("status") in ("started", "ok", "failed",
                                                                                    "not_run"):
                     old = index.get(rec["rel"])
@@ -949,11 +934,12 @@ def merge_reports(sources: Iterable[str | os.PathLike], dest: str | os.PathLike 
             raise OutputError(f"'{s}' is neither a batch output folder nor a manifest file.")
         if not files:
             raise OutputError(f"No batch manifest in '{s}' (expected {STATE_DIR}/manifest*.jsonl).")
-        for rel, rec in read_manifest(files).items():
+        runs: list[dict] = []
+        for rel, rec in read_manifest(files, runs=runs).items():
             old = merged.get(rel)
             if old is None or float(rec.get("time", 0)) >= float(old[0].get("time", 0)):
                 merged[rel] = (rec, out_dir)
-        runs_by_dir.setdefault(out_dir, []).extend(dict(r, _out_dir=str(out_dir)) for r in read_runs(files))
+        runs_by_dir.setdefault(out_dir, []).extend(dict(r, _out_dir=str(out_dir)) for r in runs)
     # inputs the last job did not finish (a shard that never ran or was killed, an earlier job's results): listed as
     # not run (the merge used to say "all done")
     all_runs = [r for rs in runs_by_dir.values() for r in rs]

@@ -143,14 +143,12 @@ def _check(should_cancel: CancelFn | None, what: str) -> None:
 
 def _check_writable(folder: Path, what: str) -> None:
     """Create ``folder`` and a file in it (removed again), or raise ``OutputError`` saying where and why."""
-    import tempfile
-
+    from core.atomic import probe_writable
     from core.errors import OutputError
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
+        probe_writable(folder)
     except OSError as e:
         raise OutputError(f"Cannot save {what} in {folder}: {e.strerror or e}. Make that folder writable, or set "
                           "ANYFACE_DATA_DIR to a writable folder.") from e

@@ -193,6 +193,14 @@ def wait_idle(qtbot, win, timeout=10000):
     qtbot.waitUntil(lambda: win.idle, timeout=timeout)
 
 
+def generate_faces(qtbot, win, n, seed, caption="a face"):
+    """Captions (unless some are there) and Generate; returns when the gallery shows the n faces."""
+    if not win.captions.captions():
+        win.captions.add_caption(caption)
+    win.generate(n, seed)
+    qtbot.waitUntil(lambda: len(win.gallery.results) == n, timeout=5000)
+
+
 def open_ready(qtbot, win, path):
     win.open_photo(str(path))
     qtbot.waitUntil(lambda: win.face is not None, timeout=10000)
@@ -286,9 +294,7 @@ def test_stale_result_after_new_photo_is_not_shown(qtbot, photo, tmp_path):
 
 def test_generate_gallery_more_like_this_and_edit(qtbot):
     win = make_window(qtbot)
-    win.captions.add_caption("an old man with a beard")
-    win.generate(4, 7)
-    qtbot.waitUntil(lambda: len(win.gallery.results) == 4, timeout=5000)
+    generate_faces(qtbot, win, 4, 7, "an old man with a beard")
     assert [r.seed for r in win.gallery.results] == [7, 8, 9, 10]
     assert win.gallery.view.item(0).text() == "seed 7"
     # reproducible by seed
@@ -752,9 +758,7 @@ def test_export_a_gallery_face_without_editing_it(qtbot, tmp_path, photo, monkey
     win = make_window(qtbot)
     win.settings.set("output_dir", str(tmp_path / "out"))
     assert not win.act_save.isEnabled()  # nothing to export yet
-    win.captions.add_caption("a woman with red hair")
-    win.generate(3, 40)
-    qtbot.waitUntil(lambda: len(win.gallery.results) == 3, timeout=5000)
+    generate_faces(qtbot, win, 3, 40, "a woman with red hair")
     win.gallery.select(1)
     assert win.act_save.isEnabled() and win.gallery.export_btn.isEnabled() and win.source is None
     win.act_save.trigger()
@@ -1132,9 +1136,7 @@ def test_several_faces_applied_edits_going_back_and_failed_switches(qtbot, tmp_p
 def test_an_edited_generated_face_is_named_and_tagged_after_its_own_seed(qtbot, tmp_path):
     win = make_window(qtbot)
     win.settings.set("output_dir", str(tmp_path / "out"))
-    win.captions.add_caption("a smiling man")
-    win.generate(2, 7)
-    qtbot.waitUntil(lambda: len(win.gallery.results) == 2, timeout=5000)
+    generate_faces(qtbot, win, 2, 7, "a smiling man")
     win.edit_generated(win.gallery.results[0])
     win.captions.add_caption("glasses")
     win.captions.set_strength(0.8)
@@ -1181,10 +1183,8 @@ def test_history_keeps_the_face_region_of_old_steps_and_never_drops_its_start(qt
 
 def test_seeds_at_the_top_of_the_range_fit_the_seed_box(qtbot):
     win = make_window(qtbot)
-    win.captions.add_caption("a face")
     top = win.gallery.seed.maximum()
-    win.generate(4, top)
-    qtbot.waitUntil(lambda: len(win.gallery.results) == 4, timeout=5000)
+    generate_faces(qtbot, win, 4, top)
     assert [r.seed for r in win.gallery.results] == [top - 3, top - 2, top - 1, top]  # each can be typed in again
     assert win.gallery.seed.value() == 0  # the next press gives new faces (it repeated the same ones)
     close_window(qtbot, win)
@@ -1228,9 +1228,7 @@ def test_enter_on_a_gallery_face_edits_it(qtbot):
     from PySide6.QtCore import Qt
 
     win = make_window(qtbot)
-    win.captions.add_caption("a face")
-    win.generate(2, 3)
-    qtbot.waitUntil(lambda: len(win.gallery.results) == 2, timeout=5000)
+    generate_faces(qtbot, win, 2, 3)
     win.gallery.select(1)
     win.gallery.view.setFocus()
     qtbot.keyClick(win.gallery.view, Qt.Key.Key_Return)
