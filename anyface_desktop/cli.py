@@ -304,8 +304,10 @@ class _CancelOnSignal:
     """First Ctrl-C (or SIGTERM from a job scheduler) asks the running job to stop cleanly; a second Ctrl-C
     interrupts at once."""
 
-    def __init__(self, quiet: bool = False):
-        self.flag, self.quiet, self._old = False, quiet, {}
+    RESUME = "the item in progress is dropped; run the command again to resume"
+
+    def __init__(self, quiet: bool = False, what: str = RESUME):
+        self.flag, self.quiet, self.what, self._old = False, quiet, what, {}
 
     def __call__(self) -> bool:
         return self.flag
@@ -317,8 +319,7 @@ class _CancelOnSignal:
             raise KeyboardInterrupt
         self.flag = True
         if not self.quiet:
-            print("\nstopping (the item in progress is dropped; run the command again to resume; Ctrl-C again to "
-                  "abort at once)...", file=sys.stderr)
+            print(f"\nstopping ({self.what}; Ctrl-C again to abort at once)...", file=sys.stderr)
 
     def __enter__(self):
         import signal
@@ -419,11 +420,8 @@ def _slug(captions, limit: int = 40) -> str:
 # ------------------------------------------------------------------------------------------ generate
 
 def cmd_generate(args) -> int:
-    from pathlib import Path
-
-    from core.io import provenance_tag, unique_path, write_image
-
     from core.engine import clean_captions
+    from core.errors import CancelledError
 
     if args.n < 1:
         raise _UsageError("-n must be at least 1")
@@ -431,53 +429,87 @@ def cmd_generate(args) -> int:
     _output_folder(args.output, create=False)  # checked now, created once the models are loaded
     engine = _load_engine(args)
     out = _output_folder(args.output)
-    bar = _Progress(args, "generating", "step")
-    with _CancelOnSignal(args.quiet or args.json) as cancel:
+    rows: list[dict] = []
+    # Faces are made and written a few at a time (face i is seed + i however many are asked for, so the chunks
+    # change nothing): a long run keeps what it made when stopped, and memory does not grow with -n.
+    chunk = _GENERATE_CHUNK
+    bar = _Progress(args, "generating", "face")
+    with _CancelOnSignal(args.quiet or args.json, "the faces written so far are kept") as cancel:
         try:
-            results = engine.synthesize(args.captions, n=args.n, seed=args.seed, method=args.method,
-                                        diversity=args.diversity, progress=bar, should_cancel=cancel)
+            for start in range(0, args.n, chunk):
+                k = min(chunk, args.n - start)
+                if cancel():
+                    raise CancelledError(f"Generating faces was cancelled after {len(rows)} of {args.n} faces")
+                results = engine.synthesize(args.captions, n=k, seed=args.seed + start, method=args.method,
+                                            diversity=args.diversity, should_cancel=cancel,
+                                            progress=lambda d, t, s=start, k=k: bar(s + k * d // max(t, 1), args.n))
+                if args.refine:
+                    results = _refine_all(args, engine, results, cancel)
+                for r in results:
+                    if cancel():  # the faces of this chunk not yet written are dropped
+                        raise CancelledError(f"Generating faces was cancelled after {len(rows)} of {args.n} faces")
+                    rows.append(_write_generated(args, out, r))
+        except CancelledError as e:
+            bar.close()
+            if args.json:
+                print(json.dumps({"error": str(e), "kind": type(e).__name__, "exit_code": 130,
+                                  "pack": engine.pack_id, "outputs": rows}, indent=2, default=str))
+            elif rows:
+                print(_generated_text(rows))
+            print(f"interrupted: {e}" + (f"; the {len(rows)} written are kept" if rows else ""), file=sys.stderr)
+            return 130
         finally:
             bar.close()
-    if args.refine:
-        results = _refine_all(args, engine, results)
-    fmt = {"jpeg": "jpg"}.get(args.format, args.format)
-    slug, rows = _slug(args.captions), []
-    for r in results:
-        meta = provenance_tag("generated", captions=list(r.captions), seed=r.seed, method=r.method, pack=r.pack_id,
-                              diversity=r.diversity)
-        if "refine_steps" in r.extra:
-            meta["refine_steps"] = r.extra["refine_steps"]
-        path = write_image(unique_path(out / f"{slug}_s{r.seed}.{fmt}"), r.image, fmt, quality=args.quality,
-                           metadata=meta, overwrite=False, description="AI-generated with AnyFace Desktop")
-        row = {"image": str(path), "seed": r.seed, "method": r.method, "captions": list(r.captions)}
-        if "refine_steps" in r.extra:
-            row.update(refine_steps=r.extra["refine_steps"], clip_similarity_before=r.extra["clip_similarity_before"],
-                       clip_similarity_after=r.extra["clip_similarity_after"])
-        if args.save_latent:
-            row["latent"] = str(r.save_latent(unique_path(path.with_suffix(".npz")), kind="generated"))
-        rows.append(row)
-    _print(args, {"pack": engine.pack_id, "outputs": rows},
-           "\n".join(r["image"] + (f"  (+ {Path(r['latent']).name})" if "latent" in r else "") for r in rows))
+    _print(args, {"pack": engine.pack_id, "outputs": rows}, _generated_text(rows))
     return EXIT_OK
 
 
-def _refine_all(args, engine, results: list) -> list:
+_GENERATE_CHUNK = 8
+
+
+def _write_generated(args, out, r) -> dict:
+    """Write one generated face (never over an existing file) and its latent; the row the output lists."""
+    from core.io import provenance_tag, unique_path, write_image
+
+    fmt = {"jpeg": "jpg"}.get(args.format, args.format)
+    meta = provenance_tag("generated", captions=list(r.captions), seed=r.seed, method=r.method, pack=r.pack_id,
+                          diversity=r.diversity)
+    if "refine_steps" in r.extra:
+        meta["refine_steps"] = r.extra["refine_steps"]
+    path = write_image(unique_path(out / f"{_slug(args.captions)}_s{r.seed}.{fmt}"), r.image, fmt,
+                       quality=args.quality, metadata=meta, overwrite=False,
+                       description="AI-generated with AnyFace Desktop")
+    row = {"image": str(path), "seed": r.seed, "method": r.method, "captions": list(r.captions)}
+    if "refine_steps" in r.extra:
+        row.update(refine_steps=r.extra["refine_steps"], clip_similarity_before=r.extra["clip_similarity_before"],
+                   clip_similarity_after=r.extra["clip_similarity_after"])
+    if args.save_latent:
+        row["latent"] = str(r.save_latent(unique_path(path.with_suffix(".npz")), kind="generated"))
+    return row
+
+
+def _generated_text(rows: list[dict]) -> str:
+    from pathlib import Path
+
+    return "\n".join(r["image"] + (f"  (+ {Path(r['latent']).name})" if "latent" in r else "") for r in rows)
+
+
+def _refine_all(args, engine, results: list, cancel) -> list:
     """CLIP-guided refinement of each generated face (``--refine STEPS``); seeds and captions are kept."""
     import dataclasses
 
     out = []
     bar = _Progress(args, "refining", "step")
-    with _CancelOnSignal(args.quiet or args.json) as cancel:
-        try:
-            for i, r in enumerate(results):
-                ref = engine.refine(r.ws, r.captions, steps=args.refine, should_cancel=cancel,
-                                    progress=lambda d, n, i=i: bar(i * n + d, n * len(results)))
-                extra = dict(r.extra, refine_steps=args.refine, **{k: ref.extra[k] for k in
-                             ("clip_similarity_before", "clip_similarity_after")})
-                out.append(dataclasses.replace(r, image=ref.image, ws=ref.ws, method=f"{r.method}+refine",
-                                               extra=extra))
-        finally:
-            bar.close()
+    try:
+        for i, r in enumerate(results):
+            ref = engine.refine(r.ws, r.captions, steps=args.refine, should_cancel=cancel,
+                                progress=lambda d, n, i=i: bar(i * n + d, n * len(results)))
+            extra = dict(r.extra, refine_steps=args.refine, **{k: ref.extra[k] for k in
+                         ("clip_similarity_before", "clip_similarity_after")})
+            out.append(dataclasses.replace(r, image=ref.image, ws=ref.ws, method=f"{r.method}+refine",
+                                           extra=extra))
+    finally:
+        bar.close()
     return out
 
 
@@ -645,7 +677,7 @@ def cmd_models_build_bank(args) -> int:
     engine = _load_engine(args)
     own = locate_pack(engine.pack_id).get("knn")
     bar = _Progress(args, "building KNN bank", "face")
-    with _CancelOnSignal(args.quiet or args.json) as cancel:
+    with _CancelOnSignal(args.quiet or args.json, "no bank is saved") as cancel:
         try:
             bank = engine.build_bank(size=args.size, batch=args.batch, seed=args.seed, progress=bar,
                                      should_cancel=cancel)

@@ -57,7 +57,12 @@ def mkstemp_beside(path: str | os.PathLike, suffix: str = ".tmp", prefix_len: in
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name[:prefix_len]}.", suffix=suffix)
-    set_file_mode(tmp, like=path)
+    try:
+        set_file_mode(tmp, like=path)
+    except BaseException:  # Ctrl-C here would leave the file behind: the caller never got its name
+        os.close(fd)
+        os.unlink(tmp)
+        raise
     return fd, tmp
 
 

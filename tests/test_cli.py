@@ -354,8 +354,14 @@ def test_generate_interrupted_by_sigint_exits_130_and_json_says_why(tmp_path, we
     p.send_signal(signal.SIGINT)
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 130, stderr[-3000:]
-    assert json.loads(stdout)["exit_code"] == 130 and "interrupted" in stderr
-    assert not list(out.glob("*.tmp"))
+    js = json.loads(stdout)
+    assert js["exit_code"] == 130 and "interrupted" in stderr
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))  # no staging file left, whenever Ctrl-C came
+    # what was made before Ctrl-C is kept and listed (faces are written as they are made, not all at the end)
+    written = sorted(out.glob("*.png"))
+    assert written and sorted(Path(o["image"]) for o in js["outputs"]) == written
+    assert [o["seed"] for o in js["outputs"]] == list(range(len(written)))
+    assert len(written) < 3000
     r = anyface("--json", "--pack", "no-such-pack", "generate", "x", env_extra=weights_env)
     assert r.returncode in (1, 2) and r.stderr.strip()
     assert json.loads(r.stdout)["exit_code"] == r.returncode and "no-such-pack" in json.loads(r.stdout)["error"]
