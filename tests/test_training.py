@@ -223,3 +223,35 @@ def test_generator_autoencoder_phase_resumes_and_refits(tmp_path):
     train_generator(work, steps=2, ae_steps=2, refit_prior=True, **kw)
     assert (work / "prior.json").exists()  # fitted again, no training step taken
     assert torch.load(work / "gen_ckpt.pt", weights_only=True)["step"] == 4
+
+
+def test_wordnet_vocabulary_reads_wordnet_files_and_keeps_the_held_out_wordings_out(tmp_path, monkeypatch):
+    """training/wordnet_vocab.py (the session-8 try, not shipped) on a fixture in WordNet 3.1's file format: a seed
+    sense's hyponyms become phrases, and a word of the held-out wordings ("crimson" in PARAPHRASES_VAL) or a
+    phrase already written by hand ("scarlet hair") is left out."""
+    from training import wordnet_vocab as V
+
+    d = tmp_path / "dict"
+    d.mkdir()
+    (d / "data.noun").write_text(
+        "  1 This software and database is being provided to you\n"
+        "04969961 07 n 02 red 0 redness 0 003 @ 04966849 n 0000 ~ 04970288 n 0000 ~ 04970378 n 0000 | red color or "
+        "pigment; the chromatic color resembling the hue of blood\n"
+        "04970288 07 n 01 vermilion 0 001 @ 04969961 n 0000 | a red the color of cinnabar\n"
+        "04970378 07 n 02 crimson 0 scarlet 0 001 @ 04969961 n 0000 | a deep red\n"
+        "09428827 15 n 01 red 0 000 | a communist\n", encoding="latin-1")
+    (d / "index.noun").write_text("red n 2 2 @ ~ 2 1 09428827 04969961  \nvermilion n 1 1 @ 1 0 04970288  \n")
+    (d / "data.adj").write_text("00382159 00 s 02 red 1 reddish 0 000 | of a color at the end of the spectrum\n")
+    (d / "index.adj").write_text("red a 1 0 1 1 00382159  \n")
+    wn = V.WordNet(d)
+    assert wn.synset("red", "n", "pigment") == "04969961"  # not the communist
+    assert sorted(wn.expand("04969961", "n", 1)) == ["crimson", "red", "redness", "scarlet", "vermilion"]
+    assert wn.expand("00382159", "a", 0) == ["red", "reddish"]
+    monkeypatch.setattr(V, "SEEDS", {("hair", "red"): [("red", "n", "pigment", 1), ("red", "a", "spectrum", 0)]})
+    vocab = V.build(d)
+    # "scarlet hair" and "reddish hair" are written by hand already
+    assert vocab == {"hair": {"red": ["vermilion hair", "hair of vermilion", "hair of scarlet"]}}
+    held = V.held_out_words()
+    assert {"crimson", "onyx", "ebony"} <= held and "hair" not in held
+    assert V.clashes_with_held_out("milk", held)  # a stem of "milky" (PARAPHRASES)
+    assert V.clashes_with_held_out("charcoal-leaden", held) and not V.clashes_with_held_out("vermilion", held)

@@ -134,6 +134,7 @@ _MORE_PHRASES: dict[str, dict[str, list[str]]] = {
     },
 }
 PHRASES = {a: {v: ps + _MORE_PHRASES[a].get(v, []) for v, ps in vals.items()} for a, vals in PHRASES.items()}
+HAND_PHRASES = PHRASES  # written by hand (training/wordnet_vocab.py adds WordNet's wordings to these)
 
 # one plain prompt per value (zero-shot "plain" evaluation; these wordings also occur in training)
 PLAIN: dict[str, dict[str, str]] = {
