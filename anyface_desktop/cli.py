@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", choices=("cmd", "cvae", "knn"), default=None,
                    help="text-to-latent method (default: the pack's default method, knn on the tiny pack)")
     g.add_argument("--diversity", type=_nonneg_float, default=1.0,
-                   help="how varied the faces are, >= 0 (default 1.0; 0: the least varied)")
+                   help="how varied the faces are, >= 0 (default 1.0; 0: the most typical face, the same for every seed)")
     g.add_argument("-o", "--output", default=".", help="output folder (default: current folder)")
     g.add_argument("--format", choices=("png", "jpg", "webp"), default="png")
     g.add_argument("--quality", type=_quality, default=95, help="JPEG/WebP quality, 1-100 (default 95)")
@@ -427,6 +427,9 @@ def cmd_generate(args) -> int:
         raise _UsageError("-n must be at least 1")
     clean_captions(args.captions)  # an empty caption is a usage error before any model loads
     _output_folder(args.output, create=False)  # checked now, created once the models are loaded
+    if args.diversity == 0 and args.n > 1:  # said even with --quiet, like the note about a folder without photos
+        print(f"note: --diversity 0 gives the most typical face, the same for every seed: {args.n} identical faces",
+              file=sys.stderr)
     engine = _load_engine(args)
     out = _output_folder(args.output)
     rows: list[dict] = []

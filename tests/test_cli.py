@@ -194,6 +194,20 @@ def test_generate(tmp_path, weights_env):
     assert "AI-generated" in tag.get("description", "")
 
 
+def test_generate_at_diversity_0_says_the_faces_are_the_same(tmp_path, weights_env):
+    """--diversity 0 is the most typical face for every seed: the user is told, rather than finding n copies."""
+    r = anyface("--quiet", "generate", "red hair", "-n", "2", "--diversity", "0", "-o", tmp_path, env_extra=weights_env,
+                check_rc=0)
+    assert "same for every seed: 2 identical faces" in r.stderr
+    a, b = (np.asarray(Image.open(p)) for p in r.stdout.split())
+    assert np.array_equal(a, b)
+    r = anyface("--quiet", "generate", "red hair", "-n", "2", "--diversity", "0.5", "-o", tmp_path / "v",
+                env_extra=weights_env, check_rc=0)
+    assert "identical" not in r.stderr
+    a, b = (np.asarray(Image.open(p)) for p in r.stdout.split())
+    assert not np.array_equal(a, b)
+
+
 def test_edit_single_photo(tmp_path, weights_env):
     src = tmp_path / "me.jpg"
     Image.fromarray(photo(256)).save(src, quality=92)
