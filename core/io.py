@@ -1,8 +1,8 @@
 """Safe image reading and writing.
 
 Reading accepts whatever a user drops on the app: EXIF-rotated phone pictures, palette/alpha/greyscale
-PNGs, CMYK JPEGs, 16-bit TIFF/PNG, float greyscale TIFF (Pillow has no float RGB TIFF reader: those are refused
-as unreadable), animated GIF/WebP (first frame), unicode paths. It refuses
+PNGs, CMYK JPEGs, 16-bit TIFF/PNG, float TIFF (greyscale by Pillow; RGB, which Pillow cannot read, by tifffile),
+animated GIF/WebP (first frame), unicode paths. It refuses
 decompression bombs before decoding and turns every unreadable file into ``InvalidImageError``.
 
 Writing is atomic (temp file in the same folder + ``os.replace``), never overwrites a protected input,
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import threading
 import warnings
@@ -180,6 +181,70 @@ def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _tell(f) -> int | None:
+    try:
+        return f.tell()
+    except (AttributeError, OSError, ValueError):  # a pipe or socket: no second read
+        return None
+
+
+def _read_tiff(src, max_pixels: int, name: str) -> tuple[np.ndarray, np.ndarray | None, str] | None:
+    """A TIFF Pillow cannot decode (float or 32-bit RGB, as HDR and scientific cameras write) read by tifffile:
+    ``(rgb, alpha, mode)``, or None when ``src`` is no TIFF or tifffile is not installed. The first page; float
+    data scaled like a float greyscale TIFF (kept in [0, 1] or [0, 255], else its own min..max)."""
+    try:
+        if isinstance(src, (str, os.PathLike)):
+            with open(src, "rb") as f:
+                head = f.read(4)
+        else:
+            pos = src.tell()
+            head = src.read(4)
+            src.seek(pos)
+    except OSError:
+        return None
+    if head not in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+        return None
+    try:
+        import tifffile
+    except ImportError:
+        return None
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # damaged files are reported by the error below
+    try:
+        with tifffile.TiffFile(src) as tf:
+            page = tf.pages[0]
+            w, h = int(page.imagewidth), int(page.imagelength)
+            if w * h > max_pixels:
+                raise ImageTooLargeError(
+                    f"{name} is {w}x{h} = {_mp(w * h)} megapixels, more than the limit of {_mp(max_pixels)} "
+                    f"megapixels (decompression-bomb guard). Downscale the image, or raise the limit with the "
+                    f"environment variable {MAX_PIXELS_ENV} (pixels).")
+            a = np.asarray(page.asarray())
+            axes = page.axes
+    except InvalidImageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tifffile raises many types for damaged files
+        raise InvalidImageError(f"{name} is a TIFF that cannot be decoded ({e}). Re-export it as PNG or JPEG.") from e
+    if axes.startswith("S") and a.ndim == 3:  # planar: one plane per channel
+        a = np.moveaxis(a, 0, -1)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 2, 3, 4) or a.shape[:2] != (h, w):
+        raise InvalidImageError(f"{name} is a TIFF of shape {a.shape} ({axes}), not a picture this app reads "
+                                f"(greyscale, RGB or RGBA). Re-export it as PNG or JPEG.")
+    mode = f"{'LA' if a.shape[2] == 2 else 'L' if a.shape[2] == 1 else 'RGB' if a.shape[2] == 3 else 'RGBA'};{a.dtype}"
+    u8 = _to_uint8(a, "F" if np.issubdtype(a.dtype, np.floating) else "I")
+    colour, alpha = (u8, None) if a.shape[2] in (1, 3) else (u8[:, :, :-1], u8[:, :, -1])
+    if colour.shape[2] == 1:
+        colour = np.repeat(colour, 3, axis=2)
+    if alpha is not None:
+        if alpha.min() == 255:
+            alpha = None
+        else:
+            al = alpha.astype(np.float32)[:, :, None] / 255.0
+            colour = np.round(colour.astype(np.float32) * al + 255.0 * (1.0 - al)).astype(np.uint8)
+    return np.ascontiguousarray(colour), alpha, mode
+
+
 def _decode(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     """Loaded Pillow image (any mode) -> (rgb [H,W,3] uint8, alpha [H,W] uint8 | None)."""
     mode = img.mode
@@ -222,7 +287,20 @@ def load_image(source: PathLike | bytes | io.IOBase, *, max_pixels: int | None =
     else:
         src = source
     name = _describe(path)
-    img = _open(src, max_pixels, name)
+    start = None if path is not None else _tell(src)
+    try:
+        img = _open(src, max_pixels, name)
+    except InvalidImageError as e:
+        tiff = None
+        if isinstance(e.__cause__, UnidentifiedImageError) and (path is not None or start is not None):
+            if start is not None:
+                src.seek(start)
+            tiff = _read_tiff(src, max_pixels, name)
+        if tiff is None:
+            raise
+        rgb, alpha, mode = tiff
+        return LoadedImage(rgb=rgb, alpha=alpha, path=path, format="TIFF", mode=mode, n_frames=1,
+                           exif_transposed=False)
     try:
         fmt = img.format
         n_frames = int(getattr(img, "n_frames", 1) or 1)

@@ -74,6 +74,45 @@ def test_modes_become_rgb_uint8(tmp_path, mode):
         assert np.abs(li.rgb[:, :, 0].astype(int) - grey).max() <= 1
 
 
+@pytest.mark.parametrize("kind", ["float32 0-1", "float16 0-1", "float32 0-255", "float32 planar", "int32",
+                                  "float32 rgba"])
+def test_tiffs_pillow_cannot_read_are_read_by_tifffile(tmp_path, kind):
+    """Float / 32-bit RGB TIFFs (HDR tools, scientific cameras): Pillow has no reader for them; they used to be
+    refused as "not an image"."""
+    import tifffile
+    rgb = _gradient()
+    p = tmp_path / "f.tif"
+    if kind == "float32 planar":
+        tifffile.imwrite(p, np.moveaxis(rgb.astype(np.float32) / 255, 2, 0), planarconfig="separate",
+                         photometric="rgb")
+    elif kind == "float32 rgba":
+        a = np.dstack([rgb / 255.0, np.ones(rgb.shape[:2])]).astype(np.float32)
+        a[:, :30, 3] = 0.0  # left half transparent
+        tifffile.imwrite(p, a, photometric="rgb", extrasamples=["unassalpha"])
+    else:
+        dtype, scale = {"float32 0-1": (np.float32, 1 / 255), "float16 0-1": (np.float16, 1 / 255),
+                        "float32 0-255": (np.float32, 1.0), "int32": (np.int32, 257)}[kind]
+        tifffile.imwrite(p, (rgb.astype(np.float64) * scale).astype(dtype), photometric="rgb")
+    with pytest.raises(Exception):
+        Image.open(p).load()  # still true of Pillow? then this fallback is what reads them
+    before = p.read_bytes()
+    li = load_image(p)
+    assert li.format == "TIFF" and li.rgb.dtype == np.uint8 and li.rgb.shape == rgb.shape
+    if kind == "float32 rgba":
+        assert li.alpha is not None and (li.rgb[:, :30] == 255).all()
+        assert np.abs(li.rgb[:, 30:].astype(int) - rgb[:, 30:]).max() <= 1
+    else:
+        assert np.abs(li.rgb.astype(int) - rgb).max() <= 1
+    assert np.array_equal(read_image(before), li.rgb)  # from bytes too
+    assert p.read_bytes() == before
+    with pytest.raises(ImageTooLargeError):
+        load_image(p, max_pixels=100)
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(before[: len(before) // 3])
+    with pytest.raises(InvalidImageError, match="cut.tif"):
+        load_image(cut)
+
+
 def test_alpha_is_separated_and_composited_on_white(tmp_path):
     rgba = np.zeros((20, 20, 4), np.uint8)
     rgba[..., 0] = 200
