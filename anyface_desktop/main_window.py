@@ -521,7 +521,7 @@ class MainWindow(QMainWindow):
     def open_dialog(self) -> None:
         start = (self.settings.recent_files() or [str(Path.home())])[0]
         path, _ = QFileDialog.getOpenFileName(self, "Open photo", str(Path(start).parent if Path(start).is_file() else start),
-                                              "Images (*.png *.jpg *.jpeg *.webp *.bmp *.tif *.tiff)")
+                                              _image_filter())
         if path:
             self.open_photo(path)
 
@@ -1176,6 +1176,16 @@ class MainWindow(QMainWindow):
         except Exception:  # noqa: BLE001
             pass
         super().closeEvent(e)
+
+
+def _image_filter() -> str:
+    """The Open dialog's filters: every photo type the app reads (either case: Qt matches names as written on some
+    platforms), then all files (the reader goes by content, so a photo with a wrong extension opens too)."""
+    from core.batch import IMAGE_SUFFIXES
+
+    pats = sorted({f"*{s}" for s in IMAGE_SUFFIXES} | {f"*{s.upper()}" for s in IMAGE_SUFFIXES},
+                  key=lambda p: (p.lower(), p.isupper()))
+    return f"Images ({' '.join(pats)});;All files (*)"
 
 
 def torch_equal(a, b) -> bool:

@@ -587,6 +587,17 @@ def test_drag_and_drop_recent_files_and_shortcuts(qtbot, photo):
     win.canvas.dropEvent(ev)
     qtbot.waitUntil(lambda: win.face is not None, timeout=5000)
     wait_idle(qtbot, win)
+    # every photo type the app reads is taken by a drop and offered by Open, in either case; other files are not
+    from anyface_desktop.canvas import PhotoCanvas
+    from anyface_desktop.main_window import _image_filter
+
+    def dropped(name):
+        m = QMimeData()
+        m.setUrls([QUrl.fromLocalFile(str(photo.parent / name))])
+        return PhotoCanvas._dropped_path(m)
+
+    assert dropped("a.GIF") and dropped("b.jpe") and dropped("c.TIFF") and not dropped("notes.txt")
+    assert "*.gif" in _image_filter() and "*.JPG" in _image_filter() and _image_filter().endswith("All files (*)")
     win._fill_recent()
     assert [a.text() for a in win.recent_menu.actions()] == [photo.name]
     assert win.act_open.shortcut().toString() == "Ctrl+O"
