@@ -34,7 +34,9 @@ class CaptionEditor(QWidget):
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         title = QLabel("<b>Captions</b> — describe the face, one idea per caption")
-        title.setWordWrap(True)
+        # no word wrap: a wrapping label makes the panel's height depend on its width, which box layouts honour
+        # over the window's minimum size (the gallery tab was clipped in a small window)
+        title.setToolTip("Describe the face, one idea per caption")
         lay.addWidget(title)
 
         self.list = QListWidget()
@@ -46,9 +48,9 @@ class CaptionEditor(QWidget):
         self.list.itemChanged.connect(self._item_changed)
         self.list.setToolTip("Double-click a caption to edit it; Delete removes the selected ones")
         lay.addWidget(self.list)
-        self.long_hint = QLabel(f"A caption is long: the text encoder reads about the first {LONG_CAPTION_WORDS} "
-                                "words of each. Split it into several short captions.")
-        self.long_hint.setWordWrap(True)
+        # lines broken by hand, not word-wrapped (see the title)
+        self.long_hint = QLabel(f"A caption is long: the text encoder reads\nabout the first {LONG_CAPTION_WORDS} "
+                                "words of each. Split it\ninto several short captions.")
         self.long_hint.setStyleSheet("QLabel { color: #b36b00; }")
         self.long_hint.hide()
         lay.addWidget(self.long_hint)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PySide6.QtCore import QSize, Qt, Signal
 from PySide6.QtGui import QIcon, QKeySequence, QShortcut
-from PySide6.QtWidgets import (QHBoxLayout, QLabel, QListView, QListWidget, QListWidgetItem, QPushButton, QSpinBox,
+from PySide6.QtWidgets import (QGridLayout, QHBoxLayout, QLabel, QListView, QListWidget, QListWidgetItem, QPushButton, QSpinBox,
                                QVBoxLayout, QWidget)
 
 from anyface_desktop.canvas import to_pixmap
@@ -57,7 +57,7 @@ class Gallery(QWidget):
         self.placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.placeholder.setEnabled(False)
         lay.addWidget(self.placeholder)
-        brow = QHBoxLayout()
+        brow = QGridLayout()
         self.more_btn = QPushButton("More like this")
         self.more_btn.clicked.connect(lambda: self.current() is not None and self.moreLikeRequested.emit(self.current()))
         self.edit_btn = QPushButton("Edit this face")
@@ -66,14 +66,12 @@ class Gallery(QWidget):
         self.export_btn.setToolTip("Save this face as an image (and its latent), without editing it first")
         self.export_btn.clicked.connect(
             lambda: self.current() is not None and self.exportRequested.emit(self.current()))
-        brow.addWidget(self.more_btn)
-        brow.addWidget(self.edit_btn)
         self.save_all_btn = QPushButton("Save all…")
         self.save_all_btn.setToolTip("Save every face shown here into a folder, named after its seed")
         self.save_all_btn.clicked.connect(lambda: self.results and self.saveAllRequested.emit())
-        brow.addWidget(self.export_btn)
-        brow.addWidget(self.save_all_btn)
-        brow.addStretch(1)
+        # two rows of two: one row of four is wider than the side panel of a small window
+        for i, b in enumerate((self.more_btn, self.edit_btn, self.export_btn, self.save_all_btn)):
+            brow.addWidget(b, i // 2, i % 2)
         lay.addLayout(brow)
         self._update_buttons()
 

@@ -105,7 +105,10 @@ class MainWindow(QMainWindow):
         sl.setContentsMargins(6, 6, 6, 6)
         sl.addWidget(self.captions, 0)
         sl.addWidget(self.tabs, 1)
-        side.setMinimumWidth(340)
+        # never smaller than its rows need (a fixed 340 px squeezed the gallery buttons over each other; the box
+        # layout also gave the caption list its preferred height and the gallery tab less than its minimum)
+        self.tabs.setMinimumHeight(self.tabs.minimumSizeHint().height())
+        side.setMinimumWidth(max(340, side.minimumSizeHint().width()))
         self.splitter = QSplitter()
         self.splitter.addWidget(self.canvas)
         self.splitter.addWidget(side)

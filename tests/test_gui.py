@@ -1289,6 +1289,30 @@ def test_a_caption_longer_than_the_encoder_reads_is_pointed_out(qtbot):
     assert win.captions.long_hint.isHidden()
     win.captions.add_caption("a woman " + "with very long flowing hair " * 10)
     assert not win.captions.long_hint.isHidden()
+    # shown in the smallest window, it still leaves the gallery tab its room
+    win.resize(win.minimumSizeHint())
+    qtbot.wait(50)
+    side = win.tabs.parentWidget()
+    assert win.tabs.geometry().bottom() <= side.contentsRect().bottom()
+    assert win.captions.long_hint.width() >= win.captions.long_hint.sizeHint().width()
     win.captions.set_captions(["a smiling man", "grey hair"])
     assert win.captions.long_hint.isHidden()
+    close_window(qtbot, win)
+
+
+def test_at_its_smallest_the_window_squeezes_no_gallery_button(qtbot):
+    """The side panel had a fixed minimum width of 340 px, below what a row of four gallery buttons needs: at the
+    smallest window size the buttons were squeezed over each other and over the list of faces."""
+    win = make_window(qtbot)
+    win.resize(win.minimumSizeHint())
+    qtbot.wait(50)
+    g = win.gallery
+    buttons = (g.more_btn, g.edit_btn, g.export_btn, g.save_all_btn)
+    rects = [b.geometry().translated(b.parentWidget().mapTo(g, b.pos()) - b.pos()) for b in buttons]
+    for b, r in zip(buttons, rects):
+        assert r.width() >= b.minimumSizeHint().width(), b.text()
+        assert not r.intersects(g.view.geometry()), b.text()
+    assert not any(r.intersects(q) for i, r in enumerate(rects) for q in rects[i + 1:])
+    side = win.tabs.parentWidget()  # the gallery tab is not cut off at the bottom either
+    assert win.tabs.geometry().bottom() <= side.contentsRect().bottom()
     close_window(qtbot, win)
