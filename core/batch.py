@@ -874,6 +874,8 @@ def _run_one(item: BatchInput, out: Path, out_res: Path, staging: Path, process,
         raise
     except Exception as e:  # noqa: BLE001 - one bad file never stops a batch
         code, reason = classify(e)
+        # the report's row gives the path: the reason names the file as the others do, by its name
+        reason = reason.replace(f"'{item.path}'", f"'{item.path.name}'")
         base.code, base.reason, base.seconds = code, reason, time.perf_counter() - t0
         rec = {"rel": item.rel, "status": "failed", "code": code, "reason": reason, "job": job, "owned": owned,
                "seconds": round(base.seconds, 4), "time": time.time(), "input": str(item.path)}

@@ -293,6 +293,10 @@ def test_corpus_every_input_accounted_for(tmp_path):
         else:
             assert (it.status, it.code) == ("failed", code), (rel, it.code, it.reason)
             assert it.reason and not it.outputs
+            # the row gives the path; every reason names the file the same way, by its name
+            assert str(src) not in it.reason, it.reason
+            if code in ("invalid_image", "no_face"):
+                assert Path(rel).name in it.reason, it.reason
     # subfolders mirrored, duplicate names kept apart, same-stem files kept apart
     assert (out / "sub1/photo_anyface.png").is_file() and (out / "sub2/photo_anyface.png").is_file()
     assert (out / "sub2/deeper/photo_anyface.png").is_file()
