@@ -252,13 +252,15 @@ class SynthesisLayer(nn.Module):
         # demodulation 1 / ||w_oik * s_i||_2, times the leaky-ReLU gain (lrelu(a) * g == lrelu(a * g), g > 0)
         dcoefs = (styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8).rsqrt() * SQRT2  # [N, O]
         bias = (self.bias * SQRT2).to(dtype)
-        inplace = not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
         if x.shape[0] == 1:  # modulate/demodulate the weight itself: no extra passes over x
             wmod = (weight * styles[0][None, :, None, None] * dcoefs[0][:, None, None, None]).to(dtype)
             x = self._conv(x, wmod, bias)
         else:  # shared weight: scale the input, then the output
             x = self._conv(x * styles.to(dtype)[:, :, None, None], weight.to(dtype), None)
             x = torch.addcmul(bias[None, :, None, None], x, dcoefs.to(dtype)[:, :, None, None])
+        # in place only where no gradient flows: through x, the weights, the styles (w) or the bias (leaky_relu_'s
+        # backward needs its output, which clamp_ would then change)
+        inplace = not (torch.is_grad_enabled() and x.requires_grad)
 
         strength = self.noise_strength * SQRT2
         if noise is not None:

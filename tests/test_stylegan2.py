@@ -81,6 +81,24 @@ def test_nvlabs_golden(nv):
         torch.testing.assert_close(sd[name], t, rtol=0, atol=0)
 
 
+def test_gradients_to_w_through_a_frozen_nvlabs_generator(nv):
+    """Inversion and CMD/CVAE/encoder training differentiate the image w.r.t. w with the generator frozen. NVlabs
+    files clamp their conv outputs (conv_clamp 256): the layers worked in place whenever x and the weights needed
+    no gradient, and clamp_ then changed leaky_relu_'s saved output ("modified by an inplace operation")."""
+    G, io = nv
+    G.requires_grad_(False)
+    assert any(layer.conv_clamp is not None for layer in G.modules() if hasattr(layer, "conv_clamp"))
+    ws = io["ws_c"].clone().requires_grad_(True)
+    img = G.synthesis(ws, noise_mode="const")
+    close(img.detach(), io["img_c"])  # the same image as the in-place path gives
+    img.square().mean().backward()
+    assert ws.grad is not None and torch.isfinite(ws.grad).all() and ws.grad.abs().sum() > 0
+    # and the batch-of-one path (modulated weight)
+    ws1 = io["ws_c"][:1].clone().requires_grad_(True)
+    G.synthesis(ws1, noise_mode="const").sum().backward()
+    assert torch.isfinite(ws1.grad).all()
+
+
 @torch.no_grad()
 def test_noise_modes_and_explicit_noise_agree(nv):
     G, io = nv
