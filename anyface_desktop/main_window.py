@@ -37,8 +37,9 @@ class MainWindow(QMainWindow):
         self.resize(1280, 820)
         self.setAcceptDrops(True)
         self.settings = settings or Settings()
-        self.pack_id = pack or str(self.settings.get("pack") or "tiny")
-        self.device_pref = device or self.settings.device
+        self._startup_notes: list[str] = []  # stored choices that cannot be used here (said once models load)
+        self.pack_id = pack or self._stored_pack()
+        self.device_pref = device or self._stored_device()
         self.engine_info = None
         self.engine_error: BaseException | None = None
         self.photo: PhotoState | None = None
@@ -282,7 +283,14 @@ class MainWindow(QMainWindow):
             self.restoreGeometry(g)
 
     def _update_canvas_empty_text(self) -> None:
-        if self.engine_info is None and (self.engine_error is not None or self.pack_id not in weights.usable_packs()):
+        from core.errors import MissingWeightsError
+
+        err = self.engine_error
+        if self.engine_info is None and err is not None and not isinstance(err, MissingWeightsError) \
+                and self.pack_id in weights.usable_packs():  # the files are there: something else failed
+            self.canvas.empty_text = (f"The models could not be loaded:\n{str(err).splitlines()[0][:300]}\n\n"
+                                      "Check Settings (device) and Models, then restart.")
+        elif self.engine_info is None and (err is not None or self.pack_id not in weights.usable_packs()):
             self.canvas.empty_text = (
                 f"The model pack '{self.pack_id}' is not usable yet (files missing).\n\n"
                 "Open Models to see which files are missing and where to put them, build the bundled pack with "
@@ -428,6 +436,34 @@ class MainWindow(QMainWindow):
     # ================================================================== engine
     batch_dialog = None
 
+    def _stored_pack(self) -> str:
+        """The pack stored in the settings, or the bundled one when this install does not know it (a pack removed,
+        or settings from another computer)."""
+        stored = str(self.settings.get("pack") or "tiny")
+        try:
+            known = stored in weights.Manifest.load().packs
+        except Exception:  # noqa: BLE001 - a broken manifest is reported when the pack loads
+            known = True
+        if not known:
+            self._startup_notes.append(f"The model pack '{stored}' of the last session is not installed here: "
+                                       "using the bundled tiny pack (Models > Models… lists the packs).")
+            return "tiny"
+        return stored
+
+    def _stored_device(self) -> str:
+        """The device stored in the settings, or automatic when it does not exist here (another computer's GPU, a
+        hand-edited value)."""
+        stored = self.settings.device
+        try:
+            from core.device import pick_device
+
+            pick_device(stored)
+        except (ValueError, RuntimeError) as e:
+            self._startup_notes.append(f"The device of the last session cannot be used ({e}): using the automatic "
+                                       "choice (Settings to pick one).")
+            return "auto"
+        return stored
+
     def load_engine(self) -> None:
         pack, device, detector, tier = self.pack_id, self.device_pref, self.settings.detector, self.settings.tier
         self.engine_info = None
@@ -442,7 +478,11 @@ class MainWindow(QMainWindow):
         self.captions.set_num_ws(info.num_ws, info.coarse_layers)
         self._update_canvas_empty_text()
         self._update_actions()
-        self.statusBar().showMessage(f"Models loaded in {info.seconds:.1f} s", 4000)
+        if self._startup_notes:
+            self.statusBar().showMessage(" ".join(self._startup_notes), 20000)
+            self._startup_notes = []
+        else:
+            self.statusBar().showMessage(f"Models loaded in {info.seconds:.1f} s", 4000)
         if not info.methods:  # e.g. an imported official pack: no CMD/CVAE trained, no bank built yet
             self.offer_bank()
 
@@ -971,11 +1011,9 @@ class MainWindow(QMainWindow):
         entry = self._export_entry()
         if entry is None:
             return
-        fmt = str(self.settings.get("export/format"))
-        self.export_to(dict(path=self._suggest_path(fmt, entry), fmt=fmt,
-                            size=int(self.settings.get("export/size")) or None,
-                            quality=int(self.settings.get("export/quality")),
-                            save_latent=bool(self.settings.get("export/latent")), unique=True),
+        o = self.settings.export_options()
+        self.export_to(dict(path=self._suggest_path(o["fmt"], entry), fmt=o["fmt"], size=o["size"] or None,
+                            quality=o["quality"], save_latent=o["save_latent"], unique=True),
                        entry if self._is_gallery_entry(entry) else None)
 
     def export_as(self, entry: HistoryEntry | None = None) -> None:
@@ -984,7 +1022,7 @@ class MainWindow(QMainWindow):
         if entry is None:
             return
         img = self._export_image(entry)
-        dlg = ExportDialog(self.settings, self._suggest_path(str(self.settings.get("export/format")), entry),
+        dlg = ExportDialog(self.settings, self._suggest_path(self.settings.export_options()["fmt"], entry),
                            max(img.shape[:2]), self)
         self._export_dialog = dlg
         keep = entry if self._is_gallery_entry(entry) else None  # else: what is shown when the dialog is accepted
@@ -1047,9 +1085,9 @@ class MainWindow(QMainWindow):
             folder = QFileDialog.getExistingDirectory(self, "Save all faces to", self.settings.output_dir)
             if not folder:
                 return None
-        fmt = str(self.settings.get("export/format"))
-        opts = dict(fmt=fmt, size=int(self.settings.get("export/size")) or None,
-                    quality=int(self.settings.get("export/quality")), save_latent=bool(self.settings.get("export/latent")),
+        o = self.settings.export_options()
+        fmt = o["fmt"]
+        opts = dict(fmt=fmt, size=o["size"] or None, quality=o["quality"], save_latent=o["save_latent"],
                     unique=True)  # export_image takes the free name on the worker
         reqs = []
         for i, r in enumerate(results):

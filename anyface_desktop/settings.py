@@ -14,6 +14,8 @@ DETECTORS = [("auto", "Automatic (best available)"), ("dlib", "dlib HOG + 68 lan
              ("yunet", "YuNet (OpenCV)"), ("fan", "face-alignment FAN (optional weights)")]
 TIERS = [("fast", "Fast (encoder only)"), ("balanced", "Balanced (encoder + a few steps)"),
          ("best", "Best (encoder + optimisation)")]
+EXPORT_FORMATS = ("png", "jpg", "webp")
+MAX_EXPORT_SIDE = 8192
 MAX_RECENT = 10
 MAX_PROMPTS = 30
 
@@ -61,11 +63,25 @@ class Settings:
 
     @property
     def detector(self) -> str:
-        return str(self.get("detector"))
+        v = str(self.get("detector"))  # a value from another version or a hand-edited file: the default
+        return v if v in dict(DETECTORS) else self.DEFAULTS["detector"]
 
     @property
     def tier(self) -> str:
-        return str(self.get("tier"))
+        v = str(self.get("tier"))
+        return v if v in dict(TIERS) else self.DEFAULTS["tier"]
+
+    def export_options(self) -> dict:
+        """The stored export choices, each within what the Export dialog allows (a hand-edited or older settings
+        file could hold a negative size, a quality of 500 or a format this app does not write)."""
+        fmt = str(self.get("export/format")).lower().lstrip(".")
+        fmt = {"jpeg": "jpg"}.get(fmt, fmt)
+        quality = int(self.get("export/quality"))
+        size = int(self.get("export/size"))
+        return {"fmt": fmt if fmt in EXPORT_FORMATS else self.DEFAULTS["export/format"],
+                "size": size if 0 <= size <= MAX_EXPORT_SIDE else 0,
+                "quality": quality if 1 <= quality <= 100 else self.DEFAULTS["export/quality"],
+                "save_latent": bool(self.get("export/latent"))}
 
     @property
     def output_dir(self) -> str:
@@ -109,6 +125,8 @@ class SettingsDialog(QDialog):
             self.device.addItem("Automatic (GPU if available)" if d == "auto" else d, d)
         self._select(self.device, current_device or settings.device)
         self._shown_device = self.device.currentData()
+        # a stored device this computer does not have is shown as automatic; OK then stores what is shown
+        self._stored_usable = self.device.findData(settings.device) >= 0
         self.detector = QComboBox()
         try:
             from core.align import detector_status
@@ -181,11 +199,13 @@ class SettingsDialog(QDialog):
         new = {"device": self.device.currentData(), "detector": self.detector.currentData(),
                "tier": self.tier.currentData(), "output_dir": self.output_path(),
                "ask_before_discard": self.ask_discard.isChecked()}
-        changed = {k: v for k, v in new.items() if k != "device" and str(self.settings.get(k, "")) != str(v)}
-        if new["device"] == self._shown_device:  # untouched: keep the stored choice (the command line may differ)
-            del new["device"]
-        else:  # a device other than the one the app runs on now
+        now = {"detector": self.settings.detector, "tier": self.settings.tier}  # what the app runs with
+        changed = {k: v for k, v in new.items() if k != "device" and str(now.get(k, self.settings.get(k, ""))) != str(v)}
+        if new["device"] != self._shown_device:  # a device other than the one the app runs on now
             changed["device"] = new["device"]
+        elif self._stored_usable:  # untouched: keep the stored choice (the command line may differ)
+            del new["device"]
+        # else: the stored device does not exist here; the one shown (and in use) replaces it
         for k, v in new.items():
             self.settings.set(k, v)
         self.settings.sync()

@@ -31,8 +31,11 @@ def pick_device(preference: str | None = None) -> torch.device:
     pref = pref.strip().lower()
     if pref == "auto":
         return torch.device(available_devices()[0])
-    dev = torch.device(pref)
     ok = available_devices()
+    try:
+        dev = torch.device(pref)
+    except RuntimeError:  # torch's own message lists every device type it was built with
+        raise ValueError(f"'{pref}' is not a device name. Available here: {', '.join(ok)} (or auto)") from None
     if dev.type == "cpu" or str(dev) in ok or (dev.type == "cuda" and dev.index is None and "cuda" in ok):
         return dev
     raise ValueError(f"Device '{pref}' is not available here. Available: {', '.join(ok)}")

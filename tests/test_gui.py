@@ -1316,3 +1316,44 @@ def test_at_its_smallest_the_window_squeezes_no_gallery_button(qtbot):
     side = win.tabs.parentWidget()  # the gallery tab is not cut off at the bottom either
     assert win.tabs.geometry().bottom() <= side.contentsRect().bottom()
     close_window(qtbot, win)
+
+
+def test_junk_in_the_settings_file_falls_back_to_defaults(qtbot, photo, tmp_path):
+    """Values from another computer, an older version or a hand edit: an unknown pack or device is replaced (and
+    said), a junk detector/tier is the default, and export values are kept within what the Export dialog allows
+    (a stored size of -100 wrote a 1x1 image on Ctrl+S; quality 500 or format gif failed every time)."""
+    from PIL import Image
+
+    from anyface_desktop.settings import SettingsDialog
+
+    s = Settings()
+    for k, v in {"pack": "no_such_pack", "device": "quantum", "detector": "bogus", "tier": "ultra",
+                 "export/size": -100, "export/quality": 500, "export/format": "gif",
+                 "output_dir": str(tmp_path / "out")}.items():
+        s.set(k, v)
+    s.sync()
+    from anyface_desktop.main_window import MainWindow
+
+    win = MainWindow(backend=FakeBackend())  # no --pack / --device: the stored ones count
+    qtbot.addWidget(win)
+    win.show()
+    qtbot.waitUntil(lambda: win.engine_info is not None, timeout=5000)
+    assert (win.pack_id, win.device_pref) == ("tiny", "auto")
+    assert (win.settings.detector, win.settings.tier) == ("auto", "fast")
+    msg = win.statusBar().currentMessage()
+    assert "no_such_pack" in msg and "quantum" in msg
+    open_ready(qtbot, win, photo)
+    win.captions.add_caption("smile")
+    wait_idle(qtbot, win)
+    win.quick_export()
+    wait_idle(qtbot, win)
+    assert not open_error_boxes()
+    out = Path(win.last_export.image_path)
+    assert out.suffix == ".png"
+    with Image.open(out) as im, Image.open(photo) as src:
+        assert im.size == src.size
+    # Settings shows the device in use (automatic); OK stores it in place of the one this computer lacks
+    dlg = SettingsDialog(win.settings, ["cpu"], win, current_device=win.device_pref)
+    assert dlg.device.currentData() == "auto"
+    assert "device" not in dlg.apply() and win.settings.device == "auto"
+    close_window(qtbot, win)
