@@ -98,6 +98,9 @@ class BankDialog(QDialog):
         return int(self.size.value())
 
 
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".avif")
+
+
 class ExportDialog(QDialog):
     """Export As: file, format, size, quality, latent alongside."""
 
@@ -108,6 +111,7 @@ class ExportDialog(QDialog):
         self.settings = settings
         form = QFormLayout(self)
         self.path = QLineEdit(suggested_path)
+        self.path.editingFinished.connect(self._typed)
         browse = QPushButton("Browse…")
         browse.clicked.connect(self._browse)
         row = QHBoxLayout()
@@ -141,14 +145,27 @@ class ExportDialog(QDialog):
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         form.addRow(buttons)
+        self._typed()  # a suggested name with its own type (a failed export's, offered again) keeps it
         self._fmt_changed()
 
     def _fmt_changed(self) -> None:
         key = self.fmt.currentData()
         self.quality.setEnabled(key != "png")
-        p = Path(self.path.text())
+        text = self.path.text()
+        if not text.strip():
+            return
+        p = Path(text)
         if p.suffix.lower().lstrip(".") not in (key, "jpeg" if key == "jpg" else key):
-            self.path.setText(str(p.with_suffix("." + key)))
+            # an image suffix is replaced; anything else ("John.Smith v1.2") is part of the name
+            self.path.setText(str(p.with_suffix("." + key) if p.suffix.lower() in _IMAGE_SUFFIXES
+                                  else p.with_name(p.name + "." + key)))
+
+    def _typed(self) -> None:
+        """A typed name's suffix picks the format ("face.JPG" is a JPEG), as Browse… does."""
+        suf = Path(self.path.text().strip()).suffix.lower().lstrip(".")
+        i = self.fmt.findData("jpg" if suf == "jpeg" else suf)
+        if i >= 0 and i != self.fmt.currentIndex():
+            self.fmt.setCurrentIndex(i)
 
     def _browse(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Export", self.path.text(),
@@ -168,9 +185,20 @@ class ExportDialog(QDialog):
         if not text or not Path(text).name:
             QMessageBox.warning(self, "Export", "Choose a file name to export to.")
             return
+        self._typed()
+        suf = Path(text).suffix.lower()
+        if suf in _IMAGE_SUFFIXES and suf.lstrip(".") not in ("png", "jpg", "jpeg", "webp"):
+            QMessageBox.warning(self, "Export", f"This app exports PNG, JPEG or WebP, not {suf.lstrip('.').upper()}. "
+                                "Change the name's ending, or pick a format.")
+            return
         path = self._target()
         if path.is_dir():
             QMessageBox.warning(self, "Export", f"{path} is a folder. Add a file name, e.g. {path / 'face.png'}.")
+            return
+        under = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if under is not None:
+            QMessageBox.warning(self, "Export", f"{path} lies under {under}, which is a file, not a folder. "
+                                "Choose another folder.")
             return
         if path.exists() and str(path) != getattr(self, "_confirmed", None):
             answer = QMessageBox.question(self, "Replace file?", f"{path.name} already exists in {path.parent}.\n"

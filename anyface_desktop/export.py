@@ -101,7 +101,11 @@ def export_image(req: ExportRequest) -> ExportResult:
         for src in req.inputs:
             if src and _same_file(Path(latent_path), Path(src)):
                 raise OutputError(f"Refusing to write the latent over the input {src}.")
-        save_latent_file(latent_path, req)
+        try:
+            save_latent_file(latent_path, req)
+        except OSError as e:  # e.g. the disk filled up between the two files: say what is on disk
+            raise OutputError(f"The image was saved as {written}, but its latent could not be written to "
+                              f"{latent_path}: {e.strerror or e}.") from e
     return ExportResult(str(written), latent_path)
 
 

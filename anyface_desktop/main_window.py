@@ -392,6 +392,9 @@ class MainWindow(QMainWindow):
                 return
         if job.kind == "batch" and self.batch_dialog is not None:
             self.batch_dialog.job_failed(exc, tb)
+        if job.kind == "export":
+            self._retry_export_path = getattr(job, "typed_path", None)
+            self.statusBar().clearMessage()  # not the previous "Exported …"
         if job.kind == "open":
             self._resume_cut_inversion()
         if job.kind == "invert" and not self._inverting(but=job) and self.face is not None:
@@ -1022,7 +1025,8 @@ class MainWindow(QMainWindow):
         if entry is None:
             return
         img = self._export_image(entry)
-        dlg = ExportDialog(self.settings, self._suggest_path(self.settings.export_options()["fmt"], entry),
+        retry, self._retry_export_path = getattr(self, "_retry_export_path", None), None
+        dlg = ExportDialog(self.settings, retry or self._suggest_path(self.settings.export_options()["fmt"], entry),
                            max(img.shape[:2]), self)
         self._export_dialog = dlg
         keep = entry if self._is_gallery_entry(entry) else None  # else: what is shown when the dialog is accepted
@@ -1073,6 +1077,7 @@ class MainWindow(QMainWindow):
         req = self._export_request(entry, opts)
         job = self.submit("export", lambda b, progress, cancel: b.export(req))
         job.entry = entry
+        job.typed_path = None if opts.get("unique") else opts.get("path")  # offered again if the write fails
         return job
 
     def export_gallery(self, folder: str | None = None):

@@ -481,6 +481,9 @@ def write_image(path: PathLike, img: np.ndarray, fmt: str | None = None, quality
             kwargs.update(optimize=True, subsampling=0 if quality >= 90 else 2)
         else:
             kwargs.update(method=4)
+    under = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if under is not None:
+        raise OutputError(f"Could not write '{path}': '{under}' is a file, not a folder. Choose another folder.")
     try:
         fd, tmp = mkstemp_beside(path, prefix_len=40)  # creates the folder
     except OSError as e:

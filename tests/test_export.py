@@ -61,3 +61,26 @@ def test_export_latent_never_replaces_an_unrelated_npz_and_write_errors_are_clea
     blocker.write_text("x")
     with pytest.raises(OutputError, match="Could not write"):
         export_image(ExportRequest(path=str(blocker / "sub" / "face.png"), **req))
+
+
+def test_a_latent_that_cannot_be_written_says_the_image_was_saved(tmp_path, monkeypatch):
+    """The disk filled up between the image and its latent: the message was a bare "[Errno 28] No space left on
+    device"; it now names both files and says the image is on disk."""
+    import errno
+
+    import pytest
+    import torch
+
+    from anyface_desktop import export
+    from core.errors import OutputError
+
+    def full(path, req):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(export, "save_latent_file", full)
+    with pytest.raises(OutputError) as e:
+        export_image(ExportRequest(path=str(tmp_path / "x.jpg"), image=np.zeros((16, 16, 3), np.uint8), fmt="jpg",
+                                   save_latent=True, ws=torch.zeros(4, 8), captions=["x"]))
+    msg = str(e.value)
+    assert f"saved as {tmp_path / 'x.jpg'}" in msg and "x.npz" in msg and "No space left" in msg
+    assert (tmp_path / "x.jpg").is_file()

@@ -854,6 +854,53 @@ def test_export_dialog_asks_before_replacing_a_typed_existing_file(qtbot, tmp_pa
     assert existing.read_bytes() == b"precious"
 
 
+def test_export_dialog_follows_the_typed_extension_and_keeps_a_failed_name(qtbot, tmp_path, photo, monkeypatch):
+    """A typed "typed.JPG" wrote a PNG named typed.png (only the format box counted); a name under a file was
+    accepted and failed with "File exists (folder ...)"; after a failed export the dialog forgot the typed name."""
+    from PySide6.QtWidgets import QMessageBox
+
+    from anyface_desktop.dialogs import ExportDialog
+
+    warned = []
+    monkeypatch.setattr(QMessageBox, "warning", lambda *a, **k: warned.append(a[2]))
+    settings = Settings()
+    settings.set("output_dir", str(tmp_path))
+    dlg = ExportDialog(settings, str(tmp_path / "anyface_face_001.png"), 64)
+    qtbot.addWidget(dlg)
+    dlg.open()
+    dlg.path.setText(str(tmp_path / "typed.JPG"))
+    dlg.accept()
+    assert not dlg.isVisible() and dlg.options()["fmt"] == "jpg" and dlg.options()["path"].endswith("typed.JPG")
+    dlg.open()
+    dlg.path.setText(str(tmp_path / "John.Smith v1.2"))  # a dot in a name is no file type
+    dlg.fmt.setCurrentIndex(dlg.fmt.findData("webp"))
+    assert dlg.path.text().endswith("John.Smith v1.2.webp")
+    dlg.path.setText(str(tmp_path / "face.gif"))
+    dlg.accept()
+    assert dlg.isVisible() and "not GIF" in warned[-1]
+    (tmp_path / "afile").write_bytes(b"x")
+    dlg.path.setText(str(tmp_path / "afile" / "face.png"))
+    dlg.accept()
+    assert dlg.isVisible() and "is a file, not a folder" in warned[-1]
+    dlg.reject()
+    # a failed export (here: the folder turned into a file after the dialog) offers the typed name again
+    win = make_window(qtbot)
+    open_ready(qtbot, win, photo)
+    win.captions.add_caption("smile")
+    wait_idle(qtbot, win)
+    target = tmp_path / "gone" / "mine.png"
+    (tmp_path / "gone").write_bytes(b"now a file")
+    win.export_to({"path": str(target), "fmt": "png"})
+    qtbot.waitUntil(lambda: bool(open_error_boxes()), timeout=5000)
+    assert "is a file, not a folder" in open_error_boxes()[-1].text()
+    for b in open_error_boxes():
+        b.close()
+    win.export_as()
+    assert win._export_dialog.path.text() == str(target)
+    win._export_dialog.reject()
+    close_window(qtbot, win)
+
+
 def test_two_quick_exports_in_a_row_never_share_a_name(qtbot, tmp_path, photo):
     """Ctrl+S twice before the first export has run: both names were picked on the GUI thread before either file
     existed, so the second replaced the first."""
