@@ -165,11 +165,17 @@ def load_latent(path: str | os.PathLike) -> LatentFile:
             meta = json.loads(str(meta_arr.reshape(-1)[0]))
     except InvalidCheckpointError:
         raise
-    except FileNotFoundError:
-        raise
+    except FileNotFoundError as e:
+        raise InvalidCheckpointError(f"The latent file {path} does not exist.") from e
+    except IsADirectoryError as e:
+        raise InvalidCheckpointError(f"{path} is a folder, not a latent file.") from e
+    except PermissionError as e:
+        raise InvalidCheckpointError(f"Cannot read the latent file {path}: permission denied.") from e
     except Exception as e:
-        raise InvalidCheckpointError(f"Cannot read latent file {path}: {e}. It is damaged or not an AnyFace "
-                                     f"latent (.npz saved by Export).") from e
+        # numpy's own text for a file that is no .npz at all suggests allow_pickle=True: wrong here, and unsafe
+        why = "not a .npz file" if "pickle" in str(e) or isinstance(e, (EOFError, OSError)) else str(e)
+        raise InvalidCheckpointError(f"Cannot read the latent file {path}: {why}. It is damaged or not an AnyFace "
+                                     f"latent (.npz saved by Export or --save-latent).") from e
     if meta.get("format") != LATENT_FORMAT:
         raise InvalidCheckpointError(f"{path} is not an AnyFace latent file (format {meta.get('format')!r}).")
     if ws.ndim != 2:

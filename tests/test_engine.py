@@ -369,8 +369,11 @@ def test_latent_npz_roundtrip(tmp_path, engine, source):
     assert not list(tmp_path.glob(".*.tmp"))
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"garbage")
-    with pytest.raises(InvalidCheckpointError):
+    with pytest.raises(InvalidCheckpointError, match="not a .npz file") as e:
         load_latent(bad)
+    assert "pickle" not in str(e.value)  # numpy's advice to allow pickles is wrong here, and unsafe
+    with pytest.raises(InvalidCheckpointError, match="does not exist"):
+        load_latent(tmp_path / "missing.npz")
     with pytest.raises(ValueError):
         save_latent(tmp_path / "nan.npz", torch.full((2, 3), float("nan")), captions=[], seed=0, method="cmd",
                     pack_id="x")
