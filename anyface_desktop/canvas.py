@@ -34,6 +34,7 @@ class PhotoCanvas(QWidget):
 
     fileDropped = Signal(str)
     facePicked = Signal(int)
+    pick_single = False  # a click on a photo's only face picks it too (its inversion was cancelled)
     zoomChanged = Signal(float)
 
     def __init__(self, parent: QWidget | None = None):
@@ -289,7 +290,7 @@ class PhotoCanvas(QWidget):
             if self._near_divider(pos):
                 self._drag = "wipe"
             else:
-                if len(self.face_boxes) > 1:
+                if len(self.face_boxes) > 1 or self.pick_single:
                     i = self.face_at(pos)
                     if i >= 0:
                         self.facePicked.emit(i)

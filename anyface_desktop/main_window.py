@@ -399,6 +399,8 @@ class MainWindow(QMainWindow):
             self._resume_cut_inversion()
         if job.kind == "invert" and not self._inverting(but=job) and self.face is not None:
             self._back_to_current_face()  # a face switch failed
+        elif job.kind == "invert" and not self._inverting(but=job) and self.photo is not None and self.photo.faces:
+            self._face_not_inverted("The face could not be inverted")
         if job.kind == "preview" and open_error_boxes():
             log.warning("preview failed again: %s", exc)  # one box at a time while dragging
             return
@@ -433,6 +435,8 @@ class MainWindow(QMainWindow):
             self._resume_cut_inversion()
         elif job.kind == "invert" and not self._inverting(but=job) and self.face is not None:
             self._back_to_current_face()  # a face switch was cancelled
+        elif job.kind == "invert" and not self._inverting(but=job) and self.photo is not None and self.photo.faces:
+            self._face_not_inverted("Inversion cancelled")
         if job.kind == "batch" and self.batch_dialog is not None and not self._closing:
             self.batch_dialog.job_cancelled(getattr(self.host.backend, "last_batch_report", None))
 
@@ -589,6 +593,7 @@ class MainWindow(QMainWindow):
 
     def _done_open(self, job: Job, photo: PhotoState) -> None:
         self._resume_invert = None
+        self.canvas.pick_single = False
         self._photo_has_edits = False
         self._deferred_export = None
         self.settings.add_recent_file(str(photo.path))
@@ -649,9 +654,16 @@ class MainWindow(QMainWindow):
         photo, tier = self.photo, self.settings.tier
         self.submit("invert", lambda b, progress, cancel: b.prepare_face(photo, index, tier, progress, cancel))
 
+    def _face_not_inverted(self, why: str) -> None:
+        """The photo is open but no face of it is being edited (its first inversion was cancelled or failed): a
+        click on a face box starts it again."""
+        self.canvas.pick_single = True
+        self.statusBar().showMessage(f"{why}: click the face to invert it again.", 15000)
+
     def _done_invert(self, job: Job, face: FaceState) -> None:
         if self.photo is None or face.photo is not self.photo:
             return  # a newer photo was opened meanwhile
+        self.canvas.pick_single = False
         self.face = face
         first = HistoryEntry("Photo (inverted)", face.ws, face.reconstruction, face.photo.image,
                              params={"captions": [], "strength": 0.0})

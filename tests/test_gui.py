@@ -1404,3 +1404,30 @@ def test_junk_in_the_settings_file_falls_back_to_defaults(qtbot, photo, tmp_path
     assert dlg.device.currentData() == "auto"
     assert "device" not in dlg.apply() and win.settings.device == "auto"
     close_window(qtbot, win)
+
+
+def test_a_cancelled_first_inversion_can_be_started_again_by_clicking_the_face(qtbot, photo):
+    """Cancel during the inversion of a photo's only face left the photo without a way back (clicks picked faces
+    only when there were two or more): the user had to open the file again."""
+    from PySide6.QtCore import QPointF, Qt
+    from PySide6.QtGui import QMouseEvent
+
+    backend = FakeBackend()
+    backend.invert_seconds = 2.0
+    win = make_window(qtbot, backend)
+    win.open_photo(str(photo))
+    qtbot.waitUntil(lambda: win.photo is not None and win.cancel_btn.isVisible(), timeout=5000)
+    win.cancel_btn.click()
+    wait_idle(qtbot, win)
+    assert win.face is None and len(win.photo.faces) == 1
+    assert "click the face" in win.statusBar().currentMessage()
+    backend.invert_seconds = 0.0
+    x0, y0, x1, y1 = win.photo.face_boxes()[0]
+    pos = QPointF((x0 + x1) / 2, (y0 + y1) / 2) * win.canvas.scale + win.canvas.offset
+    ev = QMouseEvent(QMouseEvent.Type.MouseButtonPress, pos, pos, Qt.MouseButton.LeftButton,
+                     Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier)
+    win.canvas.mousePressEvent(ev)
+    qtbot.waitUntil(lambda: win.face is not None, timeout=5000)
+    wait_idle(qtbot, win)
+    assert win.face.index == 0 and not win.canvas.pick_single
+    close_window(qtbot, win)
