@@ -3,12 +3,16 @@ encoder, evaluation) on a tiny random generator + CLIP, in one process; and the 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from training import dist
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TOY = ["--generator", "toy", "--clip", "toy", "--threads", "1", "--manifest-id", "", "--log-every", "1"]
 
@@ -122,12 +126,48 @@ def test_checkpoint_of_other_models_is_not_resumed(tmp_path):
     g.write_bytes(b"generator")
     ck = tmp_path / "x.ckpt"
     torch.save({"step": 3, "pair": pair_key(str(g), "toy")}, ck)
-    args = argparse.Namespace(resume=True, generator=str(g), clip="toy")
+    args = argparse.Namespace(resume=True, generator=str(g), clip="toy", other_models_ok=True)
     assert resume_state(args, ck)["step"] == 3
     g.write_bytes(b"another generator")
-    assert resume_state(args, ck) is None
+    assert resume_state(args, ck) is None  # build_pack: its generator was retrained, the stage starts afresh
+    # a user's --resume with other models is refused, and the checkpoint stays (it was silently replaced)
+    from training.stage_utils import StageError
+
+    args.other_models_ok = False
+    with pytest.raises(StageError, match="other generator/CLIP"):
+        resume_state(args, ck)
+    assert torch.load(ck, weights_only=True)["step"] == 3
     args.resume = False
     assert resume_state(args, ck) is None
+    ck.write_bytes(b"truncated")
+    args.resume = True
+    with pytest.raises(StageError, match="cannot be read"):
+        resume_state(args, ck)
+
+
+def test_training_commands_check_their_output_first_and_say_mistakes_in_one_line(tmp_path):
+    """A run for another generator that forgot --out replaced the bundled pack's file; an unwritable or folder
+    --out failed only after training, with a traceback; a missing generator printed a traceback."""
+    import subprocess
+    import sys
+
+    golden = next(p for p in (ROOT / "tests" / "data" / "golden" / "rosinality_tiny.pt",
+                              ROOT.parent / "shared" / "golden" / "rosinality_tiny.pt") if p.is_file())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, "-m", "training.train_cvae", "--pairs", "", "--steps", "2", "--batch", "4", "--hidden",
+            "16", "--z-dim", "4", "--image-batch", "2", "--threads", "1", "--ckpt", str(tmp_path / "c.pt")]
+    bundled = ROOT / "resources" / "weights" / "tiny" / "cvae.safetensors"
+    before = bundled.read_bytes()
+    (tmp_path / "afile").write_bytes(b"x")
+    for extra, rc, says in [
+            (["--generator", str(golden)], 2, "not the tiny pack's own files"),
+            (["--generator", str(golden), "--out", str(tmp_path)], 2, "is a folder"),
+            (["--generator", str(golden), "--out", str(tmp_path / "afile" / "c.safetensors")], 2, "is a file"),
+            (["--generator", str(tmp_path / "nope.pkl"), "--out", str(tmp_path / "c.safetensors")], 1,
+             "does not exist")]:
+        r = subprocess.run(base + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == rc and says in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr[-1500:])
+    assert bundled.read_bytes() == before
 
 
 def test_cmd_stop_after_is_exact_and_rerun_adds_no_step(tmp_path, run):

@@ -80,11 +80,9 @@ def build(args: argparse.Namespace) -> LatentBank | None:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    try:
-        build(args)
-    finally:
-        dist.shutdown()
+    from training.stage_utils import run_stage
+
+    run_stage(build, parse_args, argv)  # --out checked before any sampling; one-line errors
 
 
 if __name__ == "__main__":

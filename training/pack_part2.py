@@ -92,7 +92,7 @@ def stage_cvae(out: Path, work: Path, sizes: dict, log=print) -> dict:
     args = [*_pair(out), "--pairs", str(pairs) if pairs.is_file() else "", "--steps", str(s["cvae_steps"]),
             "--batch", str(s["cvae_batch"]), "--time-limit", str(s["cvae_minutes"]),
             "--sample-temperature", str(s["cvae_temperature"]), "--condition-bank-k", str(s["cvae_bank_k"]), "--out",
-            str(out / "cvae.safetensors"), "--ckpt", str(work / "cvae.ckpt.pt"), "--resume", "--manifest-id", ""]
+            str(out / "cvae.safetensors"), "--ckpt", str(work / "cvae.ckpt.pt"), "--resume", "--other-models-ok", "--manifest-id", ""]
     _call(train_cvae.main, args + (SMOKE_MODEL_ARGS["cvae"] if _smoke(sizes) else []), log)
     return {"steps": s["cvae_steps"]}
 
@@ -106,7 +106,7 @@ def stage_cmd(out: Path, work: Path, sizes: dict, log=print) -> dict:
     common = [*_pair(out), "--samples", str(s["cmd_samples"]), "--samples-file", str(work / "cmd_samples.pt"),
               "--steps", str(s["cmd_steps"]), "--batch", str(s["cmd_batch"]), "--lr", str(s["cmd_lr"]),
               "--image-every", "4",
-              "--resume", "--manifest-id", "", "--coarse-layers", str(s["coarse_layers"])]
+              "--resume", "--other-models-ok", "--manifest-id", "", "--coarse-layers", str(s["coarse_layers"])]
     if s["cmd_labels_from"] and (work / s["cmd_labels_from"]).is_file():
         common += ["--labels-from", str(work / s["cmd_labels_from"])]
     if _smoke(sizes):
@@ -133,7 +133,7 @@ def stage_encoder(out: Path, work: Path, sizes: dict, log=print) -> dict:
     args = [*_pair(out), "--steps", str(s["enc_steps"]), "--batch", str(s["enc_batch"]),
             "--pixel-every", str(s["enc_pixel_every"]), "--time-limit",
             str(s["enc_minutes"]), "--out", str(out / "encoder.safetensors"), "--ckpt", str(work / "encoder.ckpt.pt"),
-            "--resume", "--manifest-id", ""]
+            "--resume", "--other-models-ok", "--manifest-id", ""]
     _call(train_encoder.main, args + (SMOKE_MODEL_ARGS["encoder"] if _smoke(sizes) else []), log)
     return {"steps": s["enc_steps"]}
 

@@ -143,6 +143,9 @@ def common_args(p: argparse.ArgumentParser, *, out_name: str, manifest_id: str, 
                    help="stop at this global step (schedule of --steps kept; continue later with --resume)")
     p.add_argument("--time-limit", type=float, default=0.0,
                    help="stop after this many minutes (0: none); the weights are still written")
+    # build_pack's own runs: its generator or CLIP may have been retrained since a checkpoint (start afresh then),
+    # and it writes the bundled pack from the pack it is building
+    p.add_argument("--other-models-ok", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -222,12 +225,68 @@ def finish_stage(tag: str, model, args: argparse.Namespace, steps: int, metrics:
     return {"steps": steps, "metrics": metrics, "world_size": dist.info().world_size}
 
 
+class StageError(Exception):
+    """A run refused before (or instead of) training: a user's mistake, said in one line (exit 2)."""
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve() or (Path(a).is_file() and Path(b).is_file()
+                                                          and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """Before any work: ``--out`` is a writable file path, and the bundled pack's files are only written from the
+    bundled pack's own generator + CLIP (the defaults of ``--out`` point there; a run for another pair that forgot
+    ``--out`` used to replace the bundled file and its manifest entry)."""
+    out = Path(args.out).expanduser().resolve()
+    tiny = TINY_DIR.resolve()
+    if out.parent == tiny and not getattr(args, "other_models_ok", False):
+        gen, clip = default_model_paths()
+        if not (_same_file(args.generator, gen) and _same_file(args.clip, clip)):
+            raise StageError(f"--out is the bundled tiny pack's file ({out}), but --generator/--clip are not the tiny "
+                             f"pack's own files: pass --out (and --manifest-id '') for other models")
+    if out.is_dir():
+        raise StageError(f"--out {out} is a folder: give a file name, e.g. {out / Path(args.out).name}.safetensors")
+    under = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if under is not None:
+        raise StageError(f"--out {out} lies under {under}, which is a file, not a folder")
+    from core.atomic import probe_writable
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe_writable(out.parent)
+    except OSError as e:
+        raise StageError(f"--out {out}: its folder cannot be written ({e.strerror or e})") from e
+
+
 def run_stage(train: Callable[[argparse.Namespace], Any], parse_args: Callable[[Any], argparse.Namespace],
               argv=None) -> None:
-    """A stage's ``main``: parse the arguments, train, and leave the process group whatever happens."""
+    """A stage's ``main``: parse the arguments, check the output, train, and leave the process group whatever
+    happens. A user's mistake (a missing or unreadable model file, an unwritable ``--out``, a checkpoint of other
+    models) ends in one line on stderr, not a traceback; Ctrl-C says where to resume from."""
+    import sys
+
+    from core.errors import AnyFaceError
+
     args = parse_args(argv)
     try:
+        if getattr(args, "out", None):
+            check_output(args)
         train(args)
+    except (StageError, AnyFaceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(e, StageError) else 1) from None
+    except KeyboardInterrupt:
+        if hasattr(args, "resume"):
+            ck = f" ({args.ckpt})" if getattr(args, "ckpt", None) else ""
+            print(f"\ninterrupted: {args.out} was not written; the last checkpoint{ck} is kept: run the same command "
+                  "with --resume to continue from it", file=sys.stderr)
+        else:
+            print(f"\ninterrupted: {args.out} was not written", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         dist.shutdown()
 
@@ -246,8 +305,16 @@ def resume_state(args: argparse.Namespace, path: Path) -> dict | None:
     """The checkpoint to resume from, or None (no --resume, no file, or written for other models)."""
     if not (args.resume and path.is_file()):
         return None
-    st = dist.load_checkpoint(path)
-    if st.get("pair", pair_key(args.generator, args.clip)) != pair_key(args.generator, args.clip):
+    try:
+        st = dist.load_checkpoint(path)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: torch's message names no fix
+        raise StageError(f"--resume: the checkpoint {path} cannot be read ({str(e).splitlines()[0][:200]}); "
+                         "delete it to start afresh") from e
+    now = pair_key(args.generator, args.clip)
+    if st.get("pair", now) != now:
+        if not getattr(args, "other_models_ok", False):  # a user's --resume: never throw their checkpoint away
+            raise StageError(f"--resume: {path} was trained for other generator/CLIP files ({st['pair']}, now {now}); "
+                             "give another --ckpt, or delete that file to start afresh")
         dist.log(f"[resume] {path} was trained for other generator/CLIP files: starting afresh")
         return None
     return st
