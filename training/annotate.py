@@ -287,16 +287,19 @@ def cached_dataset(path, n: int, seed: int, chunk: int = 500, log=print) -> dict
 
     import torch
 
+    from training.dist import atomic_torch_save, load_cache
+
     if os.path.exists(path):
-        return torch.load(path, weights_only=True)
+        return load_cache(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # before the first (slow) chunk, not after
     parts = []
     for i, start in enumerate(range(0, n, chunk)):
         part_path = f"{path}.part{i:04d}"
         if os.path.exists(part_path):
-            parts.append(torch.load(part_path, weights_only=True))
+            parts.append(load_cache(part_path))
             continue
         part = build_dataset(min(chunk, n - start), seed * 100003 + i)
-        torch.save(part, part_path)
+        atomic_torch_save(part, part_path)
         parts.append(part)
         log(f"annotated {start + len(part['labels'])}/{n}")
     data = {
@@ -307,7 +310,7 @@ def cached_dataset(path, n: int, seed: int, chunk: int = 500, log=print) -> dict
         "measures": torch.cat([p["measures"] for p in parts]),
         "detected": torch.cat([p["detected"] for p in parts]),
     }
-    torch.save(data, path)
+    atomic_torch_save(data, path)
     for i in range(len(parts)):
         os.remove(f"{path}.part{i:04d}")
     return data

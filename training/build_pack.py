@@ -166,12 +166,14 @@ def main(argv=None) -> int:
     ap.add_argument("--stage", action="append", choices=STAGES,
                     help="stage(s) to build (repeatable); default: all, in order")
     ap.add_argument("--out", default=str(TINY_DIR))
-    ap.add_argument("--work", default=None, help="resumable work dir (default runs/tiny, or OUT/_work with --smoke)")
+    ap.add_argument("--work", default=None, help="resumable work dir (default runs/, or OUT/_work with --smoke)")
     ap.add_argument("--smoke", action="store_true", help="toy sizes, for CI; never writes into resources/")
     ap.add_argument("--no-manifest", action="store_true", help="do not update resources/weights/manifest.json")
     ap.add_argument("--minutes", type=float, default=None,
-                    help="train at most this long per stage, then export what is there (0: export only)")
+                    help="train at most this many minutes per stage (> 0), then export what is there")
     a = ap.parse_args(argv)
+    if a.minutes is not None and not a.minutes > 0:
+        ap.error("--minutes must be > 0 (a stage exports what it has when its time is up)")
     out = Path(a.out).resolve()
     if a.smoke and (REPO / "resources") in [out, *out.parents]:
         ap.error("--smoke never writes into resources/; pass a temporary --out")

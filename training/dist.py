@@ -306,6 +306,30 @@ def grad_scaler(dtype: torch.dtype | None):
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through a temporary file beside ``path`` (its folder created): a run stopped mid-write
+    leaves the old file or none, never a truncated one that blocks every later run."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = mkstemp_beside(path)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_cache(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)`` of a work-dir cache; a damaged one names itself and the fix."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch names neither the file nor what to do
+        raise RuntimeError(f"the cache file {path} cannot be read ({str(e).splitlines()[0][:200]}); delete it and "
+                           "run again (it is rebuilt)") from e
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Rank 0 writes ``state`` atomically (torch.save of tensors, dicts, lists and numbers: loads with
     ``weights_only=True``); other ranks just wait. Store UNWRAPPED model states and the global step, never

@@ -39,8 +39,10 @@ def embed_texts(texts: list[str], cache_path: Path | None, batch: int = 256, log
     from core.clip import MiniLMText
 
     cache: dict[str, torch.Tensor] = {}
+    from training.dist import atomic_torch_save, load_cache
+
     if cache_path is not None and cache_path.exists():
-        cache = torch.load(cache_path, weights_only=True)
+        cache = load_cache(cache_path)
     todo = sorted({t for t in texts if t not in cache})
     if todo:
         tower = MiniLMText()
@@ -50,10 +52,10 @@ def embed_texts(texts: list[str], cache_path: Path | None, batch: int = 256, log
             emb = tower(chunk)
             cache.update({t: e.clone() for t, e in zip(chunk, emb)})
             if cache_path is not None and (i // batch) % 8 == 7:
-                torch.save(cache, cache_path)
+                atomic_torch_save(cache, cache_path)
             log(f"embedded {min(i + batch, len(todo))}/{len(todo)} captions ({time.time() - t0:.0f}s)")
         if cache_path is not None:
-            torch.save(cache, cache_path)
+            atomic_torch_save(cache, cache_path)
     return cache
 
 
