@@ -71,3 +71,40 @@ def probe_writable(folder: str | os.PathLike) -> None:
     folder or disk), so callers find out before the work, not after it."""
     with tempfile.NamedTemporaryFile(dir=folder, prefix=".anyface-write-test-"):
         pass
+
+
+_ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+              "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whose bytes depend on its content only: tensors and metadata keys in sorted order.
+    (safetensors' own writer orders the metadata as a hash map does, differently in each process, so re-exporting
+    the same weights gave a new sha256: the manifest churned and build_pack's resume saw "other models".)
+    Loads with any safetensors reader."""
+    import json
+    import struct
+
+    import torch
+
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(metadata[k]) for k in sorted(metadata)}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        dt = str(t.dtype).replace("torch.", "")
+        if dt not in _ST_DTYPES:
+            raise ValueError(f"{name}: dtype {t.dtype} cannot be stored in safetensors")
+        raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # numpy has no bfloat16
+        b = raw.numpy().tobytes()
+        header[name] = {"dtype": _ST_DTYPES[dt], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    h = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    h += b" " * (-len(h) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)

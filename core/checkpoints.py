@@ -65,7 +65,7 @@ FIXED_FILTER_KEYS = re.compile(r"(\.blur\.kernel|\.upsample\.kernel|resample_fil
 
 def save_generator(G: Generator, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``G`` as safetensors with its config in the metadata (atomic: temp file + rename)."""
-    from safetensors.torch import save_file
+    from core.atomic import write_safetensors as save_file  # deterministic bytes
 
     path = Path(path)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in G.state_dict().items()}

@@ -239,7 +239,7 @@ class TinyClip(nn.Module):
     # -- files ----------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:
         """Image tower + projections as safetensors (config in the metadata), atomic write."""
-        from safetensors.torch import save_file
+        from core.atomic import write_safetensors as save_file  # deterministic bytes
 
         tensors = {}
         for k, v in self.state_dict().items():

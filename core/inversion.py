@@ -125,7 +125,7 @@ class Encoder(nn.Module):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Atomic safetensors write with the config (JSON) in the metadata."""
-        from safetensors.torch import save_file
+        from core.atomic import write_safetensors as save_file  # deterministic bytes
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

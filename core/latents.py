@@ -40,7 +40,7 @@ def _atomic_target(path: Path) -> tuple[int, str]:
 
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict, kind: str) -> None:
     """Write ``tensors`` + ``config`` (JSON in metadata key ``"config"``; ``"format"`` = ``kind``) atomically."""
-    from safetensors.torch import save_file
+    from core.atomic import write_safetensors as save_file  # deterministic bytes
 
     path = Path(path)
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}

@@ -212,6 +212,19 @@ def test_safetensors_round_trip(tmp_path, nv):
     with torch.no_grad():
         close(G2(io["z"]), io["img_a"])
     assert not list(tmp_path.glob(".*tmp"))
+    # the same weights give the same bytes in another process: safetensors' own writer ordered the metadata
+    # differently in each process, so a re-export changed the sha256 (manifest churn; build_pack's resume then
+    # took its checkpoints for "other models" and trained again)
+    import subprocess
+    import sys
+
+    code = ("import sys; from core.checkpoints import load_generator, save_generator; "
+            "save_generator(load_generator(sys.argv[1]), sys.argv[2])")
+    for name in ("a.safetensors", "b.safetensors"):
+        subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / name)], check=True,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes() \
+        == path.read_bytes()
 
 
 def test_convert_rosinality(tmp_path, ros):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from core.atomic import write_safetensors as save_file  # deterministic bytes
 
 from core.atomic import set_file_mode
 
