@@ -260,3 +260,26 @@ def test_compact_halves_part2_files_and_refuses_others(tmp_path):
     back = CVAE.load(path)
     assert back.sample_temperature == 0.4
     assert all(torch.allclose(back.state_dict()[k], v.half().float()) for k, v in m.state_dict().items())
+
+
+def test_cvae_refuses_a_bank_of_another_generator_of_the_same_shapes():
+    """A KNN bank of the NVlabs golden generator has the rosinality one's shapes (8 x 64): the CVAE trained on it
+    without a word. Its codes are now rendered again and must match the stored image embeddings."""
+    import torch.nn.functional as F
+
+    from core.checkpoints import load_generator
+    from training.stage_utils import StageError, ToyClip
+    from training.train_cvae import _check_pairs_match
+
+    golden = next(p for p in (ROOT / "tests" / "data" / "golden", ROOT.parent / "shared" / "golden")
+                  if (p / "nvlabs_tiny.pkl").is_file())
+    nv, ros = load_generator(golden / "nvlabs_tiny.pkl"), load_generator(golden / "rosinality_tiny.pt")
+    assert (nv.num_ws, nv.w_dim) == (ros.num_ws, ros.w_dim)
+    clip = ToyClip(embed_dim=32)
+    with torch.no_grad():
+        w = nv.mapping(torch.randn(6, nv.z_dim, generator=torch.Generator().manual_seed(0)))[:, 0]
+        e = F.normalize(clip.encode_image(nv.synthesis(w[:, None].expand(-1, nv.num_ws, -1), noise_mode="const")),
+                        dim=-1)
+    _check_pairs_match(nv, clip, (w, e.half()), "nv bank", torch.device("cpu"))  # its own generator: fine
+    with pytest.raises(StageError, match="not built with this generator"):
+        _check_pairs_match(ros, clip, (w, e.half()), "nv bank", torch.device("cpu"))

@@ -88,6 +88,22 @@ def _fresh_pairs(G, clip, z: torch.Tensor, truncation: float) -> tuple[torch.Ten
     return w[:, 0].float(), F.normalize(e.float(), dim=-1)
 
 
+@torch.no_grad()
+def _check_pairs_match(G, clip, pairs, name: str, dev, n: int = 4) -> None:
+    """A bank built with another generator (or CLIP) of the same shapes would train the CVAE on wrong pairs: a few
+    of its codes are rendered again and must give (nearly) the stored image embeddings."""
+    idx = torch.linspace(0, pairs[0].shape[0] - 1, min(n, pairs[0].shape[0])).long()
+    w = pairs[0][idx].to(dev)
+    e = F.normalize(clip.encode_image(G.synthesis(w[:, None].expand(-1, G.num_ws, -1), noise_mode="const")).float(),
+                    dim=-1)
+    cos = (e.cpu() * F.normalize(pairs[1][idx].float(), dim=-1)).sum(-1)
+    if float(cos.min()) < 0.95:
+        from training.stage_utils import StageError
+
+        raise StageError(f"{name} was not built with this generator + CLIP (its codes render to other faces: "
+                         f"cosine {float(cos.min()):.2f} < 0.95); build a bank for them, or pass --pairs ''")
+
+
 def train(args: argparse.Namespace) -> dict:
     info = setup(args)
     dev = info.device
@@ -106,6 +122,7 @@ def train(args: argparse.Namespace) -> dict:
         if (bank.num_ws, bank.w_dim, bank.embed_dim) != (G.num_ws, G.w_dim, clip.embed_dim):
             raise SystemExit(f"{args.pairs} does not belong to this generator + CLIP; pass --pairs ''")
         pairs = (bank.ws if bank.ws.ndim == 2 else bank.ws[:, 0], bank.embeds.float())
+        _check_pairs_match(G, clip, pairs, args.pairs, dev)
         dist.log(f"[cvae] training on {len(bank)} pairs from {args.pairs}")
     else:
         dist.log("[cvae] generating (w, image embedding) pairs on the fly")
