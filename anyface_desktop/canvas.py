@@ -32,7 +32,7 @@ class PhotoCanvas(QWidget):
     view_mode: "after" | "before" | "wipe" (the divider shows before on the left, after on the right).
     """
 
-    fileDropped = Signal(str)
+    filesDropped = Signal(list)  # photos, latents and folders dropped on the canvas (see _dropped_paths)
     facePicked = Signal(int)
     pick_single = False  # a click on a photo's only face picks it too (its inversion was cancelled)
     zoomChanged = Signal(float)
@@ -326,20 +326,33 @@ class PhotoCanvas(QWidget):
             self.zoom_by(1.15 ** (d / 120), e.position())
 
     def dragEnterEvent(self, e):  # noqa: N802
-        if self._dropped_path(e.mimeData()):
+        if self._dropped_paths(e.mimeData()):
             e.acceptProposedAction()
 
     def dropEvent(self, e):  # noqa: N802
-        path = self._dropped_path(e.mimeData())
-        if path:
+        paths = self._dropped_paths(e.mimeData())
+        if paths:
             e.acceptProposedAction()
-            self.fileDropped.emit(path)
+            self.filesDropped.emit(paths)
+
+    @staticmethod
+    def _dropped_paths(mime) -> list[str]:
+        """The local photos (an image suffix, or none: the reader goes by content), latents (.npz) and folders
+        among dropped URLs, in their order."""
+        if not mime.hasUrls():
+            return []
+        out = []
+        for url in mime.urls():
+            if not url.isLocalFile():
+                continue
+            p = Path(url.toLocalFile())
+            if p.suffix.lower() in IMAGE_SUFFIXES or p.suffix.lower() == ".npz" or p.is_dir() \
+                    or (not p.suffix and p.is_file()):
+                out.append(str(p))
+        return out
 
     @staticmethod
     def _dropped_path(mime) -> str | None:
-        if not mime.hasUrls():
-            return None
-        for url in mime.urls():
-            if url.isLocalFile() and Path(url.toLocalFile()).suffix.lower() in IMAGE_SUFFIXES:
-                return url.toLocalFile()
-        return None
+        """The first dropped photo (see ``_dropped_paths``)."""
+        return next((p for p in PhotoCanvas._dropped_paths(mime) if Path(p).suffix.lower() != ".npz"
+                     and not Path(p).is_dir()), None)

@@ -80,7 +80,7 @@ class MainWindow(QMainWindow):
     # ================================================================== UI
     def _build_ui(self) -> None:
         self.canvas = PhotoCanvas()
-        self.canvas.fileDropped.connect(self.open_photo)
+        self.canvas.filesDropped.connect(self._on_dropped)
         self.canvas.facePicked.connect(self.pick_face)
         self.captions = CaptionEditor()
         self.captions.captionsChanged.connect(lambda *_: self._schedule_preview())
@@ -672,8 +672,9 @@ class MainWindow(QMainWindow):
         self.history_panel.show_history(self.history)
         self._update_actions()
         self._show_entry(first)
+        note, self._drop_note = getattr(self, "_drop_note", ""), ""
         self.statusBar().showMessage(f"Face {face.index + 1} ready ({face.seconds:.2f} s). Add captions and move the "
-                                     "strength slider.", 6000)
+                                     "strength slider." + (f" {note}" if note else ""), 10000 if note else 6000)
         if self.captions.strength() > 0:  # after a face switch the slider is at 0: nothing to show yet
             self._schedule_preview()
 
@@ -1161,6 +1162,33 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(msg, 8000)
 
     # ================================================================== batch / models / settings
+    def _on_dropped(self, paths: list[str]) -> None:
+        """A drop: the first photo is opened (or else the first latent); a folder opens Batch on it. Anything
+        left out is said in the status bar."""
+        from core.batch import IMAGE_SUFFIXES
+
+        photos = [p for p in paths if Path(p).suffix.lower() in IMAGE_SUFFIXES or not Path(p).suffix
+                  and Path(p).is_file()]
+        latents = [p for p in paths if Path(p).suffix.lower() == ".npz"]
+        folders = [p for p in paths if Path(p).is_dir()]
+        if photos:
+            opened = photos[0]
+            self.open_photo(opened)
+        elif latents:
+            opened = latents[0]
+            self.open_latent(opened)
+        elif folders:
+            opened = folders[0]
+            self.open_batch()
+            self.batch_dialog.input.setText(opened)
+        else:
+            return
+        self._drop_note = ""
+        if len(paths) > 1:
+            self._drop_note = (f"{len(paths)} items dropped: opened {Path(opened).name}; one photo is edited at a "
+                               "time" + (" (Batch edits a whole folder)." if len(photos) > 1 or folders else "."))
+            self.statusBar().showMessage(self._drop_note, 10000)  # and again once the face is ready
+
     def open_batch(self) -> None:
         from anyface_desktop.batch_dialog import BatchDialog
 

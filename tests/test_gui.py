@@ -597,9 +597,23 @@ def test_drag_and_drop_recent_files_and_shortcuts(qtbot, photo):
         return PhotoCanvas._dropped_path(m)
 
     assert dropped("a.GIF") and dropped("b.jpe") and dropped("c.TIFF") and not dropped("notes.txt")
+    # several items: the first photo opens and the status bar says what was left; a photo without a suffix is a
+    # photo (the reader goes by content); a folder opens Batch on it
+    second = photo.parent / "second"  # no suffix
+    second.write_bytes(photo.read_bytes())
+    win._on_dropped([str(second), str(photo)])
+    qtbot.waitUntil(lambda: win.photo is not None and Path(win.photo.path) == second, timeout=5000)
+    wait_idle(qtbot, win)
+    assert "2 items dropped: opened second" in win.statusBar().currentMessage()
+    m = QMimeData()
+    m.setUrls([QUrl.fromLocalFile(str(photo.parent))])
+    assert PhotoCanvas._dropped_paths(m) == [str(photo.parent)]
+    win._on_dropped([str(photo.parent)])
+    assert win.batch_dialog is not None and win.batch_dialog.input.text() == str(photo.parent)
+    win.batch_dialog.close()
     assert "*.gif" in _image_filter() and "*.JPG" in _image_filter() and _image_filter().endswith("All files (*)")
     win._fill_recent()
-    assert [a.text() for a in win.recent_menu.actions()] == [photo.name]
+    assert [a.text() for a in win.recent_menu.actions()] == ["second", photo.name]
     assert win.act_open.shortcut().toString() == "Ctrl+O"
     assert win.act_undo.shortcut().toString() == "Ctrl+Z"
     assert win.act_redo.shortcut().toString() == "Ctrl+Shift+Z"
