@@ -617,9 +617,12 @@ class MainWindow(QMainWindow):
         if not boxes:
             from core.errors import NoFaceFoundError
 
+            h, w = photo.image.shape[:2]
+            small = (f"\nThe photo is small ({w}x{h} px): a face needs to be at least ~80 pixels wide."
+                     if min(h, w) < 160 else "")
             show_error(self, NoFaceFoundError(
-                f"No face was found in {Path(photo.path).name}.\nTry another photo or another face detector in "
-                "Settings. You can still generate faces from text."))
+                f"No face was found in {Path(photo.path).name}.{small}\nTry another photo or another face detector "
+                "in Settings. You can still generate faces from text."))
             return
         areas = [(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes]
         self.pick_face(int(max(range(len(areas)), key=areas.__getitem__)))  # the main subject first

@@ -126,7 +126,8 @@ def _open(source, max_pixels: int, name: str) -> Image.Image:
             "Use a PNG, JPEG, WebP, TIFF, BMP or GIF file."
         ) from e
     except (OSError, ValueError, SyntaxError) as e:
-        raise InvalidImageError(f"{name} could not be opened: {e}.") from e
+        raise InvalidImageError(f"{name} could not be opened ({e}): it is damaged or cut short. Re-export or "
+                                "re-download it.") from e
     w, h = img.size
     if w <= 0 or h <= 0:
         img.close()
