@@ -454,11 +454,9 @@ def embed_texts(texts: list[str], clip, batch: int = 256) -> torch.Tensor:
             dist.log(f"[samples] MiniLM: {min(i + batch, len(todo))}/{len(todo)} new captions "
                      f"({time.time() - t0:.0f} s)")
         if todo and not dist.info().distributed:
-            ours = {t: cache[t] for t in cache}
-            tmp = MINILM_CACHES[1].with_suffix(".tmp")
-            MINILM_CACHES[1].parent.mkdir(parents=True, exist_ok=True)
-            torch.save(ours, tmp)
-            os.replace(tmp, MINILM_CACHES[1])
+            # a cache of frozen sentence embeddings keyed by the text, shared by every run of this checkout (the
+            # same text gives the same embedding); its own temporary name, so two runs never share one
+            dist.atomic_torch_save({t: cache[t] for t in cache}, MINILM_CACHES[1])
         dev = clip.device
         for i in range(0, len(mine), 1024):
             sent = torch.stack([cache[t] for t in mine[i:i + 1024]]).to(dev)
