@@ -53,8 +53,13 @@ class Settings:
     def set(self, key: str, value) -> None:
         self.q.setValue(key, value)
 
-    def sync(self) -> None:
+    def sync(self) -> bool:
+        """Write the settings to disk; False (and ``save_error``) when the file cannot be written."""
         self.q.sync()
+        ok = self.q.status() == QSettings.Status.NoError
+        self.save_error = "" if ok else (f"The settings could not be saved to {self.q.fileName()} "
+                                         f"({'it cannot be written' if self.q.status() == QSettings.Status.AccessError else 'its format is damaged'}).")
+        return ok
 
     # named accessors
     @property
@@ -208,5 +213,6 @@ class SettingsDialog(QDialog):
         # else: the stored device does not exist here; the one shown (and in use) replaces it
         for k, v in new.items():
             self.settings.set(k, v)
-        self.settings.sync()
+        if not self.settings.sync():  # they apply to this session still
+            QMessageBox.warning(self, "Settings", self.settings.save_error + " They apply until the app is closed.")
         return changed

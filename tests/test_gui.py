@@ -1448,3 +1448,35 @@ def test_a_cancelled_first_inversion_can_be_started_again_by_clicking_the_face(q
     wait_idle(qtbot, win)
     assert win.face.index == 0 and not win.canvas.pick_single
     close_window(qtbot, win)
+
+
+def test_settings_that_cannot_be_saved_are_said(qtbot, tmp_path, monkeypatch):
+    """A read-only settings file was silently not written: the choices were gone at the next start."""
+    import os
+
+    from PySide6.QtCore import QSettings
+    from PySide6.QtWidgets import QMessageBox
+
+    from anyface_desktop.settings import SettingsDialog
+
+    warned = []
+    monkeypatch.setattr(QMessageBox, "warning", lambda *a, **k: warned.append(a[2]))
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    ini = folder / "settings.ini"
+    ini.write_text("[General]\ntier=fast\n")
+    settings = Settings(QSettings(str(ini), QSettings.Format.IniFormat))
+    dlg = SettingsDialog(settings, ["cpu"])
+    qtbot.addWidget(dlg)
+    dlg.tier.setCurrentIndex(dlg.tier.findData("best"))
+    os.chmod(ini, 0o444)
+    os.chmod(folder, 0o555)
+    try:
+        if os.access(ini, os.W_OK):  # root writes anyway: a file system that refuses is simulated
+            monkeypatch.setattr(QSettings, "status", lambda self: QSettings.Status.AccessError)
+        dlg.apply()
+    finally:
+        os.chmod(folder, 0o755)
+        os.chmod(ini, 0o644)
+    assert warned and "could not be saved" in warned[-1] and str(ini) in warned[-1]
+    assert settings.tier == "best"  # still in effect for this session
