@@ -144,6 +144,7 @@ class BatchDialog(QDialog):
         elif Path(bj.output_dir).resolve() == Path(bj.input_dir).resolve():
             problem = "The output folder must differ from the input folder (inputs are never overwritten)."
         if problem:
+            self.log.setPlainText(f"Not started: {problem}")  # not the last run's report, as if this one had run
             QMessageBox.warning(self, "Batch", problem)
             return
         self.report = None

@@ -1285,6 +1285,16 @@ def test_batch_dialog_includes_subfolders_when_asked(qtbot, tmp_path, photo):
     dlg.start()
     qtbot.waitUntil(lambda: dlg.job is None and dlg.report is not None and dlg.report.total == 2, timeout=10000)
     assert (tmp_path / "out" / "sub" / "deep_anyface.png").is_file()
+    # a start refused for a mistake shows why in the log, not the last run's report as if this one had run
+    from PySide6.QtWidgets import QMessageBox
+
+    orig, QMessageBox.warning = QMessageBox.warning, staticmethod(lambda *a, **k: None)
+    try:
+        dlg.captions.setText("  ")
+        dlg.start()
+    finally:
+        QMessageBox.warning = orig
+    assert dlg.log.toPlainText().startswith("Not started: Type at least one caption")
     close_window(qtbot, win)
 
 
