@@ -195,7 +195,10 @@ class ExportDialog(QDialog):
         if path.is_dir():
             QMessageBox.warning(self, "Export", f"{path} is a folder. Add a file name, e.g. {path / 'face.png'}.")
             return
-        under = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        try:
+            under = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        except OSError:  # a folder above cannot be entered: the export says so
+            under = None
         if under is not None:
             QMessageBox.warning(self, "Export", f"{path} lies under {under}, which is a file, not a folder. "
                                 "Choose another folder.")

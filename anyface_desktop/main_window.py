@@ -593,6 +593,8 @@ class MainWindow(QMainWindow):
 
     def _done_open(self, job: Job, photo: PhotoState) -> None:
         self._resume_invert = None
+        if getattr(self, "_drop_note", None) and self._drop_note[0] != str(photo.path):
+            self._drop_note = None  # about a drop whose photo did not open
         self.canvas.pick_single = False
         self._photo_has_edits = False
         self._deferred_export = None
@@ -675,7 +677,8 @@ class MainWindow(QMainWindow):
         self.history_panel.show_history(self.history)
         self._update_actions()
         self._show_entry(first)
-        note, self._drop_note = getattr(self, "_drop_note", ""), ""
+        dropped, self._drop_note = getattr(self, "_drop_note", None), None  # said once, for the photo it is about
+        note = dropped[1] if dropped and self.photo is not None and str(self.photo.path) == dropped[0] else ""
         self.statusBar().showMessage(f"Face {face.index + 1} ready ({face.seconds:.2f} s). Add captions and move the "
                                      "strength slider." + (f" {note}" if note else ""), 10000 if note else 6000)
         if self.captions.strength() > 0:  # after a face switch the slider is at 0: nothing to show yet
@@ -1186,11 +1189,12 @@ class MainWindow(QMainWindow):
             self.batch_dialog.input.setText(opened)
         else:
             return
-        self._drop_note = ""
+        self._drop_note = None
         if len(paths) > 1:
-            self._drop_note = (f"{len(paths)} items dropped: opened {Path(opened).name}; one photo is edited at a "
-                               "time" + (" (Batch edits a whole folder)." if len(photos) > 1 or folders else "."))
-            self.statusBar().showMessage(self._drop_note, 10000)  # and again once the face is ready
+            text = (f"{len(paths)} items dropped: opened {Path(opened).name}; one photo is edited at a time"
+                    + (" (Batch edits a whole folder)." if len(photos) > 1 or folders else "."))
+            self._drop_note = (str(opened), text)  # said again once that photo's face is ready
+            self.statusBar().showMessage(text, 10000)
 
     def open_batch(self) -> None:
         from anyface_desktop.batch_dialog import BatchDialog

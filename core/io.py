@@ -189,9 +189,9 @@ def _tell(f) -> int | None:
         return None
 
 
-def _read_tiff(src, max_pixels: int, name: str) -> tuple[np.ndarray, np.ndarray | None, str] | None:
+def _read_tiff(src, max_pixels: int, name: str) -> tuple[np.ndarray, np.ndarray | None, str, bool] | None:
     """A TIFF Pillow cannot decode (float or 32-bit RGB, as HDR and scientific cameras write) read by tifffile:
-    ``(rgb, alpha, mode)``, or None when ``src`` is no TIFF or tifffile is not installed. The first page; float
+    ``(rgb, alpha, mode, turned upright)``, or None when ``src`` is no TIFF or tifffile is not installed. The first page; float
     data scaled like a float greyscale TIFF (kept in [0, 1] or [0, 255], else its own min..max)."""
     try:
         if isinstance(src, (str, os.PathLike)):
@@ -221,6 +221,7 @@ def _read_tiff(src, max_pixels: int, name: str) -> tuple[np.ndarray, np.ndarray 
                     f"environment variable {MAX_PIXELS_ENV} (pixels).")
             a = np.asarray(page.asarray())
             axes = page.axes
+            orientation = int(page.tags["Orientation"].value) if "Orientation" in page.tags else 1
     except InvalidImageError:
         raise
     except Exception as e:  # noqa: BLE001 - tifffile raises many types for damaged files
@@ -233,8 +234,18 @@ def _read_tiff(src, max_pixels: int, name: str) -> tuple[np.ndarray, np.ndarray 
         raise InvalidImageError(f"{name} is a TIFF of shape {a.shape} ({axes}), not a picture this app reads "
                                 f"(greyscale, RGB or RGBA). Re-export it as PNG or JPEG.")
     mode = f"{'LA' if a.shape[2] == 2 else 'L' if a.shape[2] == 1 else 'RGB' if a.shape[2] == 3 else 'RGBA'};{a.dtype}"
-    u8 = _to_uint8(a, "F" if np.issubdtype(a.dtype, np.floating) else "I")
-    colour, alpha = (u8, None) if a.shape[2] in (1, 3) else (u8[:, :, :-1], u8[:, :, -1])
+    kind = "F" if np.issubdtype(a.dtype, np.floating) else "I"
+    # colour and alpha each on their own scale: 0..255 or HDR colour with an alpha of 1.0 is opaque, not see-through
+    colour = _to_uint8(a if a.shape[2] in (1, 3) else a[:, :, :-1], kind)
+    alpha = None
+    if a.shape[2] in (2, 4):
+        al = a[:, :, -1].astype(np.float64)
+        top = 1.0 if kind == "F" and np.nanmax(al) <= 1.0 else 255.0 if np.nanmax(al) <= 255 else \
+            65535.0 if np.nanmax(al) <= 65535 else float(np.nanmax(al))
+        alpha = np.round(np.clip(np.nan_to_num(al) / top, 0.0, 1.0) * 255.0).astype(np.uint8)
+    transposed = orientation in (2, 3, 4, 5, 6, 7, 8)
+    if transposed:  # as EXIF orientation is applied to photos Pillow reads
+        colour, alpha = (_orient(colour, orientation), None if alpha is None else _orient(alpha, orientation))
     if colour.shape[2] == 1:
         colour = np.repeat(colour, 3, axis=2)
     if alpha is not None:
@@ -243,7 +254,15 @@ def _read_tiff(src, max_pixels: int, name: str) -> tuple[np.ndarray, np.ndarray 
         else:
             al = alpha.astype(np.float32)[:, :, None] / 255.0
             colour = np.round(colour.astype(np.float32) * al + 255.0 * (1.0 - al)).astype(np.uint8)
-    return np.ascontiguousarray(colour), alpha, mode
+    return np.ascontiguousarray(colour), alpha, mode, transposed
+
+
+def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
+    """TIFF/EXIF orientation 2..8 -> the upright image."""
+    if orientation in (5, 6, 7, 8):
+        a = np.swapaxes(a, 0, 1)  # transpose first, then flip: 5 = transpose, 6 = rotate 90 CW, ...
+        return {5: a, 6: a[:, ::-1], 7: a[::-1, ::-1], 8: a[::-1]}[orientation]
+    return {2: a[:, ::-1], 3: a[::-1, ::-1], 4: a[::-1]}[orientation]
 
 
 def _decode(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
@@ -299,9 +318,9 @@ def load_image(source: PathLike | bytes | io.IOBase, *, max_pixels: int | None =
             tiff = _read_tiff(src, max_pixels, name)
         if tiff is None:
             raise
-        rgb, alpha, mode = tiff
-        return LoadedImage(rgb=rgb, alpha=alpha, path=path, format="TIFF", mode=mode, n_frames=1,
-                           exif_transposed=False)
+        rgb, alpha, mode, transposed = tiff
+        return LoadedImage(rgb=np.ascontiguousarray(rgb), alpha=None if alpha is None else np.ascontiguousarray(alpha),
+                           path=path, format="TIFF", mode=mode, n_frames=1, exif_transposed=transposed)
     try:
         fmt = img.format
         n_frames = int(getattr(img, "n_frames", 1) or 1)
@@ -310,6 +329,7 @@ def load_image(source: PathLike | bytes | io.IOBase, *, max_pixels: int | None =
         orig_mode = img.mode
         try:
             img.load()
+            orientation = img.getexif().get(0x0112, 1)
             transposed = ImageOps.exif_transpose(img)
         except Image.DecompressionBombError as e:  # pragma: no cover - caught at open already
             raise ImageTooLargeError(f"{name} is too large to decode safely: {e}") from e
@@ -317,7 +337,8 @@ def load_image(source: PathLike | bytes | io.IOBase, *, max_pixels: int | None =
             raise InvalidImageError(
                 f"{name} is damaged or truncated and cannot be decoded ({e}). Re-export or re-download it."
             ) from e
-        did_transpose = transposed is not None and transposed is not img
+        # Pillow returns a copy even for orientation 1 ("as stored"): that is no turn
+        did_transpose = transposed is not None and transposed is not img and orientation in (2, 3, 4, 5, 6, 7, 8)
         work = transposed if transposed is not None else img
         rgb, alpha = _decode(work)
     finally:
@@ -482,7 +503,10 @@ def write_image(path: PathLike, img: np.ndarray, fmt: str | None = None, quality
             kwargs.update(optimize=True, subsampling=0 if quality >= 90 else 2)
         else:
             kwargs.update(method=4)
-    under = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    try:
+        under = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    except OSError:  # a folder above cannot be entered: mkstemp below says so
+        under = None
     if under is not None:
         raise OutputError(f"Could not write '{path}': '{under}' is a file, not a folder. Choose another folder.")
     try:

@@ -258,9 +258,6 @@ class SynthesisLayer(nn.Module):
         else:  # shared weight: scale the input, then the output
             x = self._conv(x * styles.to(dtype)[:, :, None, None], weight.to(dtype), None)
             x = torch.addcmul(bias[None, :, None, None], x, dcoefs.to(dtype)[:, :, None, None])
-        # in place only where no gradient flows: through x, the weights, the styles (w) or the bias (leaky_relu_'s
-        # backward needs its output, which clamp_ would then change)
-        inplace = not (torch.is_grad_enabled() and x.requires_grad)
 
         strength = self.noise_strength * SQRT2
         if noise is not None:
@@ -274,6 +271,10 @@ class SynthesisLayer(nn.Module):
             n = None
         else:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        # in place only where no gradient flows: through x, the weights, the styles (w), the bias, the noise or its
+        # strength (leaky_relu_'s backward needs its output, which clamp_ would then change)
+        inplace = not (torch.is_grad_enabled() and (x.requires_grad or n is not None and (n.requires_grad
+                                                                                           or strength.requires_grad)))
         if inplace:
             if n is not None:
                 x.addcmul_(n, strength.to(dtype))

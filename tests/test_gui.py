@@ -605,6 +605,16 @@ def test_drag_and_drop_recent_files_and_shortcuts(qtbot, photo):
     qtbot.waitUntil(lambda: win.photo is not None and Path(win.photo.path) == second, timeout=5000)
     wait_idle(qtbot, win)
     assert "2 items dropped: opened second" in win.statusBar().currentMessage()
+    # the note is said for that photo only: a drop whose first photo has no face leaves nothing for a later one
+    noface = photo.parent / "noface_x.png"
+    noface.write_bytes(photo.read_bytes())
+    win._on_dropped([str(noface), str(photo)])
+    qtbot.waitUntil(lambda: bool(open_error_boxes()), timeout=5000)
+    for b in open_error_boxes():
+        b.close()
+    wait_idle(qtbot, win)
+    open_ready(qtbot, win, photo)
+    assert "dropped" not in win.statusBar().currentMessage()
     m = QMimeData()
     m.setUrls([QUrl.fromLocalFile(str(photo.parent))])
     assert PhotoCanvas._dropped_paths(m) == [str(photo.parent)]
@@ -613,7 +623,7 @@ def test_drag_and_drop_recent_files_and_shortcuts(qtbot, photo):
     win.batch_dialog.close()
     assert "*.gif" in _image_filter() and "*.JPG" in _image_filter() and _image_filter().endswith("All files (*)")
     win._fill_recent()
-    assert [a.text() for a in win.recent_menu.actions()] == ["second", photo.name]
+    assert [a.text() for a in win.recent_menu.actions()] == [photo.name, "noface_x.png", "second"]
     assert win.act_open.shortcut().toString() == "Ctrl+O"
     assert win.act_undo.shortcut().toString() == "Ctrl+Z"
     assert win.act_redo.shortcut().toString() == "Ctrl+Shift+Z"

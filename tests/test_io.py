@@ -113,6 +113,39 @@ def test_tiffs_pillow_cannot_read_are_read_by_tifffile(tmp_path, kind):
         load_image(cut)
 
 
+def test_tiff_fallback_alpha_compression_and_orientation_as_a_photo_editor_writes_them(tmp_path):
+    """From a review of the tifffile fallback: colour and alpha were scaled together (0..255 colour with alpha 1.0
+    came out white); LZW with the floating-point predictor (Photoshop, GDAL) needed imagecodecs; the Orientation
+    tag was ignored while Pillow's TIFFs are turned upright."""
+    import tifffile
+
+    rgb = _gradient()
+    p = tmp_path / "a.tif"
+    for scale in (1.0, 4.0 / 255):  # 0..255 floats, and HDR 0..4
+        a = np.dstack([rgb * scale, np.ones(rgb.shape[:2])]).astype(np.float32)
+        tifffile.imwrite(p, a, photometric="rgb", extrasamples=["unassalpha"])
+        li = load_image(p)
+        assert li.alpha is None and li.rgb.mean() < 200  # opaque, not blended onto white
+        if scale == 1.0:
+            assert np.abs(li.rgb.astype(int) - rgb).max() <= 1
+    tifffile.imwrite(p, rgb.astype(np.float32) / 255, photometric="rgb", compression="lzw", predictor=True)
+    assert np.abs(load_image(p).rgb.astype(int) - rgb).max() <= 1
+    tifffile.imwrite(p, rgb.astype(np.float32) / 255, photometric="rgb", compression="zlib")
+    assert np.abs(load_image(p).rgb.astype(int) - rgb).max() <= 1
+    for o in range(1, 9):
+        tifffile.imwrite(p, rgb.astype(np.float32) / 255, photometric="rgb", extratags=[(274, "H", 1, o, True)])
+        Image.fromarray(rgb).save(tmp_path / "ref.png", exif=_exif_orientation(o))  # Pillow turns this one
+        ref, got = load_image(tmp_path / "ref.png"), load_image(p)
+        assert got.rgb.shape == ref.rgb.shape and np.abs(got.rgb.astype(int) - ref.rgb).max() <= 1, o
+        assert got.exif_transposed == ref.exif_transposed == (o != 1)
+
+
+def _exif_orientation(o: int) -> bytes:
+    ex = Image.Exif()
+    ex[0x0112] = o
+    return ex.tobytes()
+
+
 def test_alpha_is_separated_and_composited_on_white(tmp_path):
     rgba = np.zeros((20, 20, 4), np.uint8)
     rgba[..., 0] = 200

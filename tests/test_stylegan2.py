@@ -97,6 +97,18 @@ def test_gradients_to_w_through_a_frozen_nvlabs_generator(nv):
     ws1 = io["ws_c"][:1].clone().requires_grad_(True)
     G.synthesis(ws1, noise_mode="const").sum().backward()
     assert torch.isfinite(ws1.grad).all()
+    # gradients that enter through the noise only (projector-style noise optimisation, or a trainable strength)
+    layer = next(m for m in G.modules() if hasattr(m, "noise_strength") and m.conv_clamp is not None)
+    x = torch.randn(1, layer.weight.shape[1], layer.noise_const.shape[0] // 2 if layer.up else layer.noise_const.shape[0],
+                    layer.noise_const.shape[1] // 2 if layer.up else layer.noise_const.shape[1])
+    noise = torch.randn(1, 1, *layer.noise_const.shape).requires_grad_(True)
+    w1 = io["ws_c"][:1, 0]
+    layer(x, w1, noise=noise).sum().backward()
+    assert noise.grad is not None and torch.isfinite(noise.grad).all()
+    layer.noise_strength.requires_grad_(True)
+    layer(x, w1, noise_mode="const").sum().backward()
+    assert layer.noise_strength.grad is not None
+    layer.noise_strength.requires_grad_(False)
 
 
 @torch.no_grad()

@@ -248,9 +248,13 @@ def check_output(args: argparse.Namespace) -> None:
         if not (_same_file(args.generator, gen) and _same_file(args.clip, clip)):
             raise StageError(f"--out is the bundled tiny pack's file ({out}), but --generator/--clip are not the tiny "
                              f"pack's own files: pass --out (and --manifest-id '') for other models")
-    if out.is_dir():
+    try:
+        is_dir = out.is_dir()
+        under = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    except OSError as e:  # a folder above cannot be entered
+        raise StageError(f"--out {out}: {e.strerror or e}") from e
+    if is_dir:
         raise StageError(f"--out {out} is a folder: give a file name, e.g. {out / Path(args.out).name}.safetensors")
-    under = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if under is not None:
         raise StageError(f"--out {out} lies under {under}, which is a file, not a folder")
     from core.atomic import probe_writable
