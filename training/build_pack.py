@@ -182,16 +182,34 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     torch.manual_seed(0)
+    from core.atomic import probe_writable
+    from core.errors import AnyFaceError
+
+    for folder in (out, work):  # before the first stage, not after it has trained
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe_writable(folder)
+        except OSError as e:
+            ap.error(f"{folder} cannot be written: {e.strerror or e}")
     results = {}
-    for stage in a.stage or STAGES:
-        t0 = time.time()
-        print(f"== stage {stage} -> {out}", flush=True)
-        results[stage] = STAGE_FUNCS[stage](out, work, sizes, log=lambda s: print(s, flush=True))
-        file_id, name = MANIFEST_IDS.get(stage, (None, None))  # evaluate writes no weight file
-        if file_id and not a.smoke and not a.no_manifest and out == TINY_DIR.resolve():
-            entry = update_manifest(stage, out / name)
-            print(f"manifest: {file_id} sha256={entry['sha256'][:12]}... size={entry['size']}")
-        print(f"== stage {stage} done in {time.time() - t0:.0f}s", flush=True)
+    stage = None
+    try:
+        for stage in a.stage or STAGES:
+            t0 = time.time()
+            print(f"== stage {stage} -> {out}", flush=True)
+            results[stage] = STAGE_FUNCS[stage](out, work, sizes, log=lambda s: print(s, flush=True))
+            file_id, name = MANIFEST_IDS.get(stage, (None, None))  # evaluate writes no weight file
+            if file_id and not a.smoke and not a.no_manifest and out == TINY_DIR.resolve():
+                entry = update_manifest(stage, out / name)
+                print(f"manifest: {file_id} sha256={entry['sha256'][:12]}... size={entry['size']}")
+            print(f"== stage {stage} done in {time.time() - t0:.0f}s", flush=True)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted in stage {stage}: the finished stages' files are kept; run the same command again to "
+              f"continue (each stage resumes from its checkpoint in {work})", file=sys.stderr)
+        return 130
+    except AnyFaceError as e:
+        print(f"error in stage {stage}: {e}", file=sys.stderr)
+        return 1
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if not isinstance(vv, dict) or kk.startswith("zero")}
                       for k, v in results.items()}, indent=1, default=str))
     return 0
