@@ -283,3 +283,17 @@ def test_cvae_refuses_a_bank_of_another_generator_of_the_same_shapes():
     _check_pairs_match(nv, clip, (w, e.half()), "nv bank", torch.device("cpu"))  # its own generator: fine
     with pytest.raises(StageError, match="not built with this generator"):
         _check_pairs_match(ros, clip, (w, e.half()), "nv bank", torch.device("cpu"))
+
+
+def test_resume_with_other_model_options_says_which_differ(tmp_path, capsys):
+    """A checkpoint resumed with another --hidden printed pages of "size mismatch for ..."."""
+    from training import train_cvae
+
+    common = ["--generator", "toy", "--clip", "toy", "--pairs", "", "--steps", "2", "--batch", "4", "--z-dim", "4",
+              "--image-batch", "2", "--threads", "1", "--manifest-id", "", "--ckpt", str(tmp_path / "c.pt"),
+              "--out", str(tmp_path / "c.safetensors")]
+    train_cvae.main(common + ["--hidden", "16"])
+    with pytest.raises(SystemExit) as e:
+        train_cvae.main(common + ["--hidden", "32", "--resume", "--steps", "4"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "other model options" in err and "hidden" in err and "size mismatch" not in err

@@ -324,6 +324,24 @@ def resume_state(args: argparse.Namespace, path: Path) -> dict | None:
     return st
 
 
+def load_resumed(model, opt, st: dict, path: Path) -> None:
+    """Load a checkpoint's model and optimiser state; a checkpoint of another model size (e.g. another --d-model
+    or --hidden) says which options differ instead of pages of "size mismatch"."""
+    old, now = st.get("config"), getattr(model, "config", None)
+    if isinstance(old, dict) and isinstance(now, dict):
+        diff = {k: (old.get(k), now.get(k)) for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)}
+        if diff:
+            raise StageError(f"--resume: {path} was trained with other model options ("
+                             + ", ".join(f"{k} {a!r}, now {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
+                             + "): use the same options, or another --ckpt")
+    try:
+        model.load_state_dict(st["model"])
+    except RuntimeError as e:
+        raise StageError(f"--resume: {path} does not fit this model ({str(e).splitlines()[0][:200]}): use the same "
+                         "options, or another --ckpt") from e
+    opt.load_state_dict(st["opt"])
+
+
 def end_step(steps: int, stop_after: int = 0) -> int:
     """The step a run trains up to: ``steps``, or ``stop_after`` when that comes first (the schedule still spans
     ``steps``). A resumed run that is already there trains no step more."""

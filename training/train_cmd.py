@@ -33,7 +33,7 @@ from core.cmd import CMD, clip_loss, cmt_kl_loss, diverse_triplet_loss, pairwise
 from core.engine import coarse_layers_for
 from training import dist
 from training.stage_utils import (StopClock, ckpt_path, common_args, end_step, finish_stage, load_or_build_samples,
-                                  load_pair, pair_key, pick_captions, resume_state, run_stage, setup)
+                                  load_pair, pair_key, pick_captions, load_resumed, resume_state, run_stage, setup)
 
 STAGE = "cmd"
 
@@ -141,8 +141,7 @@ def train(args: argparse.Namespace) -> dict:
     ck = ckpt_path(args, STAGE + ("_pairwise" if args.loss == "pairwise" else ""))
     st = resume_state(args, ck)
     if st is not None:
-        cmd.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
+        load_resumed(cmd, opt, st, ck)
         dist.optimizer_to(opt, dev)
         start = int(st["step"])
         if int(st["batch"]) != B:

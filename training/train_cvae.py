@@ -24,7 +24,7 @@ from torch import nn
 from core.cvae import CVAE, cvae_loss
 from training import dist
 from training.stage_utils import (TINY_DIR, StopClock, ckpt_path, common_args, end_step, finish_stage, load_pair,
-                                  pair_key, resume_state, run_stage, setup)
+                                  pair_key, load_resumed, resume_state, run_stage, setup)
 
 STAGE = "cvae"
 
@@ -145,8 +145,7 @@ def train(args: argparse.Namespace) -> dict:
     ck = ckpt_path(args, STAGE)
     st = resume_state(args, ck)
     if st is not None:
-        cvae.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
+        load_resumed(cvae, opt, st, ck)
         dist.optimizer_to(opt, dev)
         start = int(st["step"])
         dist.log(f"[cvae] resumed {ck} at step {start} (written by {st.get('world_size')} process(es), now "

@@ -24,7 +24,7 @@ from torch import nn
 from core.inversion import Encoder
 from training import dist
 from training.stage_utils import (StopClock, ckpt_path, common_args, end_step, finish_stage, load_pair, pair_key,
-                                  resume_state, run_stage, setup)
+                                  load_resumed, resume_state, run_stage, setup)
 
 STAGE = "encoder"
 
@@ -153,8 +153,7 @@ def train(args: argparse.Namespace) -> dict:
     ck = ckpt_path(args, STAGE)
     st = resume_state(args, ck)
     if st is not None:
-        enc.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
+        load_resumed(enc, opt, st, ck)
         dist.optimizer_to(opt, dev)
         start = int(st["step"])
         dist.log(f"[encoder] resumed {ck} at step {start} (written by {st.get('world_size')} process(es))")
@@ -190,7 +189,7 @@ def train(args: argparse.Namespace) -> dict:
         stop = clock.expired() or (args.stop_after > 0 and step + 1 >= args.stop_after)
         if (step + 1) % args.ckpt_every == 0 or done or stop:
             dist.save_checkpoint(ck, {"model": dist.cpu_state(enc), "opt": opt.state_dict(), "step": step + 1,
-                                      "batch": B, "world_size": info.world_size, "pair": pair})
+                                      "batch": B, "world_size": info.world_size, "pair": pair, "config": enc.config})
         if stop:
             dist.log(f"[encoder] stopped at step {step + 1} (resume with --resume)")
             break
