@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("sources", nargs="+", metavar="OUT", help="output folders (or manifest .jsonl files)")
     bm.add_argument("-o", "--output", default=None, help="where to write the merged report (default: the first OUT)")
 
-    m = sub.add_parser("models", help="list, verify or import model files")
+    m = sub.add_parser("models", help="list, verify, import, download or delete model files; build a KNN bank")
     msub = m.add_subparsers(dest="models_command", metavar="ACTION")
     ml = msub.add_parser("list", help="packs and the state of their files", parents=[common])
     ml.add_argument("--pack", dest="models_pack", default=None)
@@ -177,8 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--size", type=_nonneg_int, default=20000, metavar="N", help="faces in the bank (default 20000)")
     mb.add_argument("--batch", type=_nonneg_int, default=32, metavar="B", help="faces per step (default 32)")
     mb.add_argument("--seed", type=int, default=0, help="seed of the sampled faces (default 0)")
-    mx = msub.add_parser("delete", parents=[common], help="delete an imported or downloaded file")
-    mx.add_argument("file_id", metavar="ID")
+    mx = msub.add_parser("delete", parents=[common], help="delete an imported or downloaded file, or a built bank",
+                         epilog="examples:\n  anyface models delete imported-ffhq\n"
+                                "  anyface models delete --bank tiny   # a bank built here; the pack's own is used again",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    mx.add_argument("file_id", metavar="ID", nargs="?", help="a file id (anyface models list)")
+    mx.add_argument("--bank", metavar="PACK", default=None,
+                    help="delete the KNN bank built on this machine for PACK (models build-bank / the app)")
     msub.add_parser("du", parents=[common], help="disk use of the user's model folders")
 
     cv = sub.add_parser("convert", parents=[common], help="convert an official StyleGAN2 checkpoint to AnyFace safetensors")
@@ -634,6 +639,18 @@ def cmd_models_manage(args) -> int:
         _print(args, use, "\n".join(f"{k:12s} {v / 1e6:10.1f} MB" for k, v in sorted(use.items())) or "nothing stored")
         return EXIT_OK
     if args.models_command == "delete":
+        if (args.file_id is None) == (args.bank is None):
+            raise _UsageError("give a file ID or --bank PACK")
+        if args.bank is not None:
+            from core.engine import bank_cache_path
+
+            path = bank_cache_path(args.bank)
+            if not path.is_file():
+                print(f"error: no KNN bank was built here for '{args.bank}' ({path})", file=sys.stderr)
+                return EXIT_USAGE
+            path.unlink()
+            _print(args, {"deleted": str(path)}, f"deleted {path} (the pack's own bank, if any, is used again)")
+            return EXIT_OK
         wf = manifest.get(args.file_id)
         if wf.id.startswith("imported-"):
             packs.delete_imported(wf.id)

@@ -178,11 +178,15 @@ def delete_imported(file_id: str) -> None:
 
 
 def disk_usage() -> dict[str, int]:
-    """Bytes used per pack folder in the user data dir."""
+    """Bytes used per pack folder in the user data dir, and by each KNN bank built here ("<pack> bank")."""
     root = user_data_dir() / "weights"
     out: dict[str, int] = {}
     if root.is_dir():
         for d in root.iterdir():
             if d.is_dir():
                 out[d.name] = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+    banks = user_data_dir() / "banks"
+    if banks.is_dir():
+        for f in banks.glob("*.safetensors"):
+            out[f"{f.stem} bank"] = f.stat().st_size
     return out

@@ -30,6 +30,13 @@ def test_build_bank_small_with_progress_on_stderr(weights_env):  # noqa: F811
     assert info["size"] == 32 and info["pack"] == "tiny" and info["bytes"] == _bank_path().stat().st_size
     assert r.stderr.strip() == "" or "building" not in r.stderr  # --json: no progress bar
     assert len(LatentBank.load(_bank_path())) == 32
+    # a bank built here is listed by `models du` and removed by `models delete --bank` (neither saw it)
+    r = anyface("models", "du", "--json", env_extra=weights_env, check_rc=0)
+    assert json.loads(r.stdout)["tiny bank"] == _bank_path().stat().st_size
+    r = anyface("models", "delete", "--bank", "tiny", env_extra=weights_env, check_rc=0)
+    assert not _bank_path().exists() and "is used again" in r.stdout
+    anyface("models", "delete", "--bank", "tiny", env_extra=weights_env, check_rc=2)
+    assert "file ID or --bank" in anyface("models", "delete", env_extra=weights_env, check_rc=2).stderr
 
 
 def test_build_bank_usage_errors(weights_env):  # noqa: F811

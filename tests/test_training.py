@@ -255,3 +255,30 @@ def test_wordnet_vocabulary_reads_wordnet_files_and_keeps_the_held_out_wordings_
     assert {"crimson", "onyx", "ebony"} <= held and "hair" not in held
     assert V.clashes_with_held_out("milk", held)  # a stem of "milky" (PARAPHRASES)
     assert V.clashes_with_held_out("charcoal-leaden", held) and not V.clashes_with_held_out("vermilion", held)
+
+
+def test_train_clip_extra_phrases_join_the_training_wordings(tmp_path, capsys):
+    """--extra-phrases (how the WordNet try is rerun): its phrases are added to captions.PHRASES for the run; an
+    unknown attribute value is refused before any work."""
+    import json
+
+    from training import captions as C
+    from training import train_clip
+
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps({"phrases": {"hair": {"red": ["vermilion hair"]}}}))
+    before = C.PHRASES
+    try:
+        with pytest.raises(SystemExit):
+            bad = tmp_path / "bad.json"
+            bad.write_text(json.dumps({"phrases": {"hair": {"purple": ["x"]}}}))
+            train_clip.main(["--init", str(ROOT / "resources" / "weights" / "tiny" / "clip.safetensors"),
+                             "--extra-phrases", str(bad), "--work", str(tmp_path / "w"), "--data", str(tmp_path / "d")])
+        assert "hair/purple" in capsys.readouterr().err
+        train_clip.main(["--init", str(ROOT / "resources" / "weights" / "tiny" / "clip.safetensors"),
+                         "--extra-phrases", str(extra), "--text-steps", "2", "--n-train", "16", "--n-val", "16",
+                         "--work", str(tmp_path / "w"), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
+        assert "vermilion hair" in C.PHRASES["hair"]["red"] and "red hair" in C.PHRASES["hair"]["red"]
+        assert (tmp_path / "o" / "clip.safetensors").is_file() and "1 extra phrases" in capsys.readouterr().out
+    finally:
+        C.PHRASES = before

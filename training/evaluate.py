@@ -68,7 +68,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1000, help="held-out seeds start here")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=0)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    # the bundled pack's report and model card hold the full evaluation of its own files: a partial or quick run,
+    # or one of other models, goes elsewhere (it silently replaced them)
+    tiny = TINY_DIR.resolve()
+    own = all(Path(getattr(a, k)).resolve() == (tiny / f).resolve() for k, f in (
+        ("generator", "generator.safetensors"), ("clip", "clip.safetensors"), ("cmd", "cmd.safetensors"),
+        ("cvae", "cvae.safetensors"), ("knn", "knn_bank.safetensors"), ("encoder", "encoder.safetensors")))
+    full = set(a.parts.split(",")) >= {"text", "ablation", "edit", "inversion"} and not a.quick
+    writes_tiny = Path(a.out_dir).resolve() == tiny or (a.model_card and Path(a.model_card).resolve().parent == tiny)
+    if writes_tiny and not (own and full):
+        p.error("this run would replace the bundled pack's evaluation.md / model card with a "
+                + ("partial or --quick run" if own else "run of other models")
+                + ": pass --out-dir DIR and --model-card '' (or the model card of those models)")
+    return a
 
 
 # ---------------------------------------------------------------------------------------------- prompts

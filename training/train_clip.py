@@ -460,9 +460,23 @@ def main(argv=None) -> None:
     ap.add_argument("--init", default=None,
                     help="a trained tiny CLIP file: skip the joint training and only retrain its text projection "
                          "(--text-steps, default 1500); its image embeddings stay exactly as they were")
+    ap.add_argument("--extra-phrases", default=None,
+                    help="a JSON file of more training phrases per attribute value ({'phrases': {attr: {value: "
+                         "[...]}}}, e.g. training.wordnet_vocab's), added to captions.PHRASES for this run")
     a = ap.parse_args(argv)
     if a.text_steps is None:
         a.text_steps = 1500 if a.init else 0
+    if a.extra_phrases:
+        import json
+
+        extra = json.loads(Path(a.extra_phrases).read_text(encoding="utf-8")).get("phrases", {})
+        unknown = [f"{k}/{v}" for k, vals in extra.items() for v in vals if v not in C.HAND_PHRASES.get(k, {})]
+        if unknown:
+            ap.error(f"{a.extra_phrases}: no such attribute value(s): {', '.join(unknown[:5])}")
+        C.PHRASES = {k: {v: ps + list(extra.get(k, {}).get(v, [])) for v, ps in vals.items()}
+                     for k, vals in C.HAND_PHRASES.items()}
+        print(f"[clip] {sum(len(ps) for vals in extra.values() for ps in vals.values())} extra phrases from "
+              f"{a.extra_phrases}", flush=True)
     info = dist.init(a.device)
     try:
         work = Path(a.work)
