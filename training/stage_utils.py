@@ -225,6 +225,19 @@ def finish_stage(tag: str, model, args: argparse.Namespace, steps: int, metrics:
     return {"steps": steps, "metrics": metrics, "world_size": dist.info().world_size}
 
 
+def check_out_folder(ap, folder) -> None:
+    """``--out`` (a folder) can be written: said before any work, as argparse's one-line error."""
+    if not folder:
+        return
+    from core.atomic import probe_writable
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe_writable(folder)
+    except OSError as e:
+        ap.error(f"--out {folder} cannot be written: {e.strerror or e}")
+
+
 class StageError(Exception):
     """A run refused before (or instead of) training: a user's mistake, said in one line (exit 2)."""
 

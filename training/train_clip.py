@@ -464,6 +464,9 @@ def main(argv=None) -> None:
                     help="a JSON file of more training phrases per attribute value ({'phrases': {attr: {value: "
                          "[...]}}}, e.g. training.wordnet_vocab's), added to captions.PHRASES for this run")
     a = ap.parse_args(argv)
+    from training.stage_utils import check_out_folder
+
+    check_out_folder(ap, a.out)
     if a.text_steps is None:
         a.text_steps = 1500 if a.init else 0
     if a.extra_phrases:

@@ -579,6 +579,9 @@ def main(argv=None) -> None:
     ap.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
                     help="mixed precision on CUDA (ignored on CPU)")
     a = ap.parse_args(argv)
+    from training.stage_utils import check_out_folder
+
+    check_out_folder(ap, a.out)
     config = None
     if a.config:
         config = json.loads(Path(a.config).read_text() if a.config.endswith(".json") else a.config)
