@@ -455,6 +455,14 @@ class MainWindow(QMainWindow):
             self._startup_notes.append(f"The model pack '{stored}' of the last session is not installed here: "
                                        "using the bundled tiny pack (Models > Models… lists the packs).")
             return "tiny"
+        try:
+            usable = stored == "tiny" or stored in weights.usable_packs()
+        except Exception:  # noqa: BLE001
+            usable = True
+        if not usable:  # e.g. one of its files was deleted
+            self._startup_notes.append(f"The model pack '{stored}' of the last session is missing files: using the "
+                                       "bundled tiny pack (Models > Models… shows what is missing).")
+            return "tiny"
         return stored
 
     def _stored_device(self) -> str:
@@ -474,6 +482,7 @@ class MainWindow(QMainWindow):
     def load_engine(self) -> None:
         pack, device, detector, tier = self.pack_id, self.device_pref, self.settings.detector, self.settings.tier
         self.engine_info = None
+        self._update_actions()  # nothing to generate with until the models are loaded
         self.submit("load", lambda b, progress, cancel: b.load(pack, device, progress, cancel, detector, tier))
 
     def _done_load(self, job: Job, info) -> None:
@@ -490,6 +499,9 @@ class MainWindow(QMainWindow):
             self._startup_notes = []
         else:
             self.statusBar().showMessage(f"Models loaded in {info.seconds:.1f} s", 4000)
+        reopen, self._reopen_after_load = getattr(self, "_reopen_after_load", None), None
+        if reopen:  # the photo that was open, with this pack's encoder
+            self.open_photo(reopen)
         if not info.methods:  # e.g. an imported official pack: no CMD/CVAE trained, no bank built yet
             self.offer_bank()
 
@@ -639,6 +651,8 @@ class MainWindow(QMainWindow):
                 return
             if self.face.tier == self.settings.tier:
                 return  # already the face being edited
+            if not self.confirm_discard("Invert the face again with the new inversion setting"):
+                return
             self.photo = self.face.photo  # a changed tier: this face again, from the photo it was opened from
         self.canvas.set_faces(self.photo.face_boxes(), index)
         self.face_combo.setCurrentIndex(index)
@@ -834,6 +848,7 @@ class MainWindow(QMainWindow):
         self._push(entry)
         self.source = entry  # the next edits start from the refined face
         self._live_entry = entry
+        self.captions.set_strength(0.0, emit=False)  # the slider shows the edit on top of it: none yet
         self._show_entry(entry)
         self.history_panel.show_history(self.history)
         self._update_actions()
@@ -967,6 +982,7 @@ class MainWindow(QMainWindow):
         self.face_combo_action.setVisible(False)
         first = self._face_entry(result, strength=0.0)
         title = first.label
+        self.captions.set_strength(0.0, emit=False)  # what the canvas shows: the face as generated
         self.source = first
         self.history.reset(first)
         self.history_panel.show_history(self.history)
@@ -1225,10 +1241,36 @@ class MainWindow(QMainWindow):
         self.model_manager.raise_()
 
     def use_pack(self, pack: str) -> None:
+        """Load another model pack. Faces, edits and generated faces live in one pack's W space: they are closed
+        (after asking about an unexported edit), and an open photo is opened again with the new pack."""
+        if pack != self.pack_id and not self.confirm_discard("Switch the model pack"):
+            return
+        reopen = str(self.photo.path) if self.photo is not None and pack != self.pack_id else None
+        if pack != self.pack_id:
+            self._clear_work()
         self.pack_id = pack
         self.settings.set("pack", pack)
         self.pack_label.setText(f"Pack: {pack}")
+        self._reopen_after_load = reopen
         self.load_engine()
+
+    def _clear_work(self) -> None:
+        """Close the photo, its face and history, and the gallery (codes of another pack mean nothing here)."""
+        self.scheduler.invalidate()
+        self.host.cancel(kind="invert")
+        self.host.cancel(kind="preview")
+        self.photo = self.face = self.source = None
+        self.current_entry = self._live_entry = None
+        self._photo_has_edits = False
+        self._deferred_export = None
+        self.history.reset()
+        self.history_panel.show_history(self.history)
+        self.gallery.set_results([])
+        self.canvas.clear()
+        self.face_combo.clear()
+        self.face_combo_action.setVisible(False)
+        self.setWindowTitle("AnyFace Desktop")
+        self._update_actions()
 
     def open_settings(self) -> None:
         from core.device import available_devices
@@ -1242,6 +1284,10 @@ class MainWindow(QMainWindow):
             elif "tier" in changed or "detector" in changed:
                 det, tier = self.settings.detector, self.settings.tier
                 self.submit("warm-up", lambda b, progress, cancel: (b.warm_up(det), b.warm_up_engine(tier)))
+                if self.face is not None:
+                    self.statusBar().showMessage(
+                        "The open face keeps its detection and inversion: the new settings apply to the next photo "
+                        + ("(or click the face to invert it again)." if "tier" in changed else "opened."), 12000)
 
     # ================================================================== window
     def dragEnterEvent(self, e):  # noqa: N802

@@ -207,7 +207,12 @@ class ModelManager(QDialog):
         return s.file if s is not None and s.file.id.startswith("imported-") else None
 
     def _update_delete(self) -> None:
-        self.delete_btn.setEnabled(self.job is None and self._selected_import() is not None)
+        wf = self._selected_import()
+        in_use = wf is not None and wf.pack == self.current_pack
+        self.delete_btn.setEnabled(self.job is None and wf is not None and not in_use)
+        self.delete_btn.setToolTip("A file of the pack in use cannot be deleted: use another pack first" if in_use
+                                   else "Remove the imported file selected in the table (its copy in your data folder "
+                                        "and its manifest entry); the file you imported it from is not touched")
 
     def delete_selected(self) -> None:
         wf = self._selected_import()
@@ -229,6 +234,8 @@ class ModelManager(QDialog):
             show_error(self, e)
             return
         self.refresh()
+        self.table.clearSelection()  # the next row is not picked for a second delete
+        self._update_delete()
 
     # ------------------------------------------------------------------ jobs
     def _start(self, kind: str, fn) -> None:

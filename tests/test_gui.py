@@ -1361,10 +1361,16 @@ def test_model_manager_deletes_an_imported_generator(qtbot, tmp_path, monkeypatc
     assert not mm.delete_btn.isEnabled()
     mm.table.selectRow(row)
     assert mm.delete_btn.isEnabled()
+    mm.current_pack = "custom-32"  # a file of the pack in use is not deleted (the app then failed at every start)
+    mm._update_delete()
+    assert not mm.delete_btn.isEnabled() and "pack in use" in mm.delete_btn.toolTip()
+    mm.current_pack = "tiny"
+    mm._update_delete()
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
     mm.delete_btn.click()
     assert not copy.exists() and src.is_file()  # the import is gone, the user's own file stays
     assert not any(f.startswith("imported-") for f in weights.Manifest.load().packs["custom-32"].files)
+    assert not mm.delete_btn.isEnabled()  # no other row is left picked for a second delete
     mm.shutdown()
 
 
@@ -1500,3 +1506,25 @@ def test_settings_that_cannot_be_saved_are_said(qtbot, tmp_path, monkeypatch):
         os.chmod(ini, 0o644)
     assert warned and "could not be saved" in warned[-1] and str(ini) in warned[-1]
     assert settings.tier == "best"  # still in effect for this session
+
+
+def test_switching_packs_closes_the_old_packs_work_and_reopens_the_photo(qtbot, photo):
+    """Faces and edits live in one pack's W space: after a switch the old face and history stayed, and Refine or
+    the slider failed with shape errors while exports named the new pack. Generate stayed enabled while loading."""
+    win = make_window(qtbot)
+    open_ready(qtbot, win, photo)
+    win.captions.add_caption("smile")
+    wait_idle(qtbot, win)
+    generate_faces(qtbot, win, 2, 0)
+    old_face = win.face
+    win.use_pack("other")
+    assert win.engine_info is None and not win.act_generate.isEnabled() and not win.gallery.generate_btn.isEnabled()
+    assert win.gallery.results == [] and win.current_entry is None
+    qtbot.waitUntil(lambda: win.face is not None and win.face is not old_face, timeout=5000)
+    wait_idle(qtbot, win)
+    assert win.pack_id == "other" and Path(win.photo.path) == photo and win.act_generate.isEnabled()
+    # an edited generated face starts with the slider at 0 (it said 0.60 over the unedited face), as after Refine
+    generate_faces(qtbot, win, 2, 5)
+    win.edit_generated(win.gallery.results[0], ask=False)
+    assert win.captions.strength() == 0.0
+    close_window(qtbot, win)
