@@ -33,6 +33,9 @@ class ExportRequest:
     edited: bool = True
     inputs: Sequence[str] = field(default_factory=tuple)  # never written over
     unique: bool = False  # the name is the app's choice: never replace a file (take "-1", "-2"... when taken)
+    identity_layers: int | None = None  # the identity lock of the edit
+    steps: Sequence[str] = ()  # how the face was made: the history's labels, from its start to this state
+    variation_of: int | None = None  # the seed of the face a "More like this" variation was made from
 
 
 @dataclass
@@ -44,9 +47,11 @@ class ExportResult:
 def provenance(req: ExportRequest) -> dict:
     from core.io import provenance_tag
 
+    extra = {k: v for k, v in (("identity_layers", req.identity_layers), ("steps", list(req.steps) or None),
+                                ("variation_of", req.variation_of)) if v is not None}
     return provenance_tag("edited" if req.edited else "generated", prompt=" | ".join(req.captions),
                           captions=list(req.captions), pack=req.pack, method=req.method, strength=req.strength,
-                          seed=req.seed)
+                          seed=req.seed, **extra)
 
 
 def _same_file(a: Path, b: Path) -> bool:

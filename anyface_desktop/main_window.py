@@ -1090,7 +1090,21 @@ class MainWindow(QMainWindow):
                              strength=p.get("strength"), seed=self._face_seed(entry),
                              pack=self.engine_info.pack_id if self.engine_info else self.pack_id,
                              edited=from_photo, inputs=[self.photo.path] if self.photo else [],
-                             unique=bool(opts.get("unique", False)))
+                             unique=bool(opts.get("unique", False)), identity_layers=p.get("identity_layers"),
+                             steps=self._steps_to(entry), variation_of=self._variation_of(entry))
+
+    def _steps_to(self, entry: HistoryEntry) -> list[str]:
+        """The history's labels from its start to ``entry`` (a refine or an applied edit on the way shows there)."""
+        entries = list(self.history.entries)
+        if self._is_gallery_entry(entry) or not any(e is entry for e in entries):
+            return [entry.label]
+        return [e.label for e in entries[:next(i for i, e in enumerate(entries) if e is entry) + 1]]
+
+    def _variation_of(self, entry: HistoryEntry) -> int | None:
+        """The seed a "More like this" variation was made from (its own seed is None: it cannot be remade alone)."""
+        start = entry if self._is_gallery_entry(entry) else self._root()
+        extra = getattr(getattr(start, "result", None), "extra", None) or {}
+        return extra.get("variation_of")
 
     def _run_deferred_export(self) -> None:
         """An export asked for while a preview was on its way: now that none is, write what is shown."""

@@ -292,7 +292,7 @@ def test_stale_result_after_new_photo_is_not_shown(qtbot, photo, tmp_path):
     close_window(qtbot, win)
 
 
-def test_generate_gallery_more_like_this_and_edit(qtbot):
+def test_generate_gallery_more_like_this_and_edit(qtbot, tmp_path):
     win = make_window(qtbot)
     generate_faces(qtbot, win, 4, 7, "an old man with a beard")
     assert [r.seed for r in win.gallery.results] == [7, 8, 9, 10]
@@ -314,6 +314,14 @@ def test_generate_gallery_more_like_this_and_edit(qtbot):
     win.captions.set_strength(0.9)
     wait_idle(qtbot, win)
     assert win.history.index == 1
+    # the export says how the face was made: the seed it is a variation of, the steps, the identity lock (it had
+    # seed None and nothing else, so it could not be traced or remade)
+    out = tmp_path / "variation_edit.png"
+    win.export_to({"path": str(out), "fmt": "png", "save_latent": False})
+    wait_idle(qtbot, win)
+    tag = read_provenance(win.last_export.image_path)
+    assert tag["variation_of"] == 8 and tag["identity_layers"] == win.captions.identity_layers()
+    assert tag["steps"][0] == "Variation of seed 8" and len(tag["steps"]) == 2
     close_window(qtbot, win)
 
 
