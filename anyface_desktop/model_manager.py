@@ -312,13 +312,30 @@ class ModelManager(QDialog):
         else:
             self.refresh()
             if job.kind == "import":
-                self.banner.setText("Imported: " + "; ".join(Path(v).name if "/" in v else v for v in value))
+                text = "Imported: " + "; ".join(Path(v).name if "/" in v else v for v in value)
+                import re
+
+                from core.weights import pack_status
+
+                for pid in sorted({m.group(1) for v in value for m in [re.search(r" -> (\S+) \(", v)] if m}
+                                  | ({self.pack_id()} if self.pack_id() else set())):
+                    try:
+                        missing = [st.file.file_name for st in pack_status(pid) if st.state == "missing"
+                                   and not st.file.optional]
+                    except Exception:  # noqa: BLE001 - the note is a courtesy
+                        missing = []
+                    if missing:  # e.g. a generator imported without its CLIP: the pack cannot be used yet
+                        text += (f". The pack <b>{pid}</b> still needs: {', '.join(missing)} (import it too, or "
+                                 "Download missing with internet)")
+                self.banner.setText(text)
 
     def _on_failed(self, job, exc, tb) -> None:
+        self.banner.setText(f"{job.kind.capitalize()} failed (see the message).")  # not the last job's news
         show_error(self, exc, tb)
 
     def _on_cancelled(self, job) -> None:
         self.progress.setFormat(f"{job.kind} cancelled")
+        self.banner.setText(f"{job.kind.capitalize()} cancelled.")  # the progress bar hides at once
 
     def _on_finished(self, job) -> None:
         if job is self.job:

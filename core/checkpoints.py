@@ -188,7 +188,8 @@ def read_rosinality(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
             f"{path} is not a plain-tensor checkpoint: torch.load(weights_only=True) refused it ({e}). "
             "It may contain code; it was not loaded.") from e
     except Exception as e:
-        raise InvalidCheckpointError(f"{path} could not be read as a PyTorch checkpoint ({e}).") from e
+        raise InvalidCheckpointError(f"{path} could not be read as a PyTorch checkpoint ({e}): it is damaged or "
+                                     "incomplete (e.g. cut short by a download); download it again.") from e
     if not isinstance(ckpt, Mapping):
         raise InvalidCheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}.")
     if "g_ema" in ckpt:
@@ -361,7 +362,12 @@ def nvlabs_to_ours(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def read_nvlabs_pickle(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config, our state_dict) of ``G_ema`` in an NVlabs network pickle, without executing any code."""
     with open(path, "rb") as f:
-        data = restricted_load(f)
+        try:
+            data = restricted_load(f)
+        except InvalidCheckpointError as e:
+            cut = isinstance(e.__cause__, EOFError) or "truncated" in str(e)
+            raise InvalidCheckpointError(
+                f"{path} is damaged or incomplete (cut short): download it again." if cut else f"{path}: {e}") from e
     if isinstance(data, tuple):
         raise InvalidCheckpointError(f"{path} is a TensorFlow-era StyleGAN2 pickle; convert it to a PyTorch "
                                      "network pickle with stylegan2-ada-pytorch's legacy.py first.")

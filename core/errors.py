@@ -65,7 +65,8 @@ class CorruptWeightsError(AnyFaceError):
     def __init__(self, id: str, path: Path | str, reason: str, source: str = ""):
         self.id, self.path, self.reason, self.source = id, Path(path), reason, source
         msg = f"Model file '{id}' at {path} is corrupt: {reason}."
-        msg += f" Delete it and get it again from {source}." if source else " Delete it and re-import it."
+        msg += f" Replace it with a good copy (where to get one: {source})." if source else \
+            " Replace it with a good copy (import it again)."
         super().__init__(msg)
 
 

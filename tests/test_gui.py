@@ -1362,6 +1362,8 @@ def test_model_manager_deletes_an_imported_generator(qtbot, tmp_path, monkeypatc
     qtbot.addWidget(mm)
     mm.import_paths(None, [str(src)])
     qtbot.waitUntil(lambda: mm.job is None, timeout=20000)
+    # the banner says what the imported generator's pack still needs (it cannot be used without a CLIP)
+    assert "Imported:" in mm.banner.text() and "still needs" in mm.banner.text()
     mm.refresh()
     mm.packs.setCurrentRow([mm.packs.item(i).data(0x0100) for i in range(mm.packs.count())].index("custom-32"))
     row = next(r for r, s in enumerate(mm.statuses) if s.file.id.startswith("imported-"))
