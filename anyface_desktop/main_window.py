@@ -1250,6 +1250,7 @@ class MainWindow(QMainWindow):
             self.model_manager = ModelManager(self.pack_id, self)
             self.model_manager.packChosen.connect(self.use_pack)
             self.model_manager.bankRequested.connect(lambda *_: self.build_bank_dialog())
+            self.model_manager.bankDeleted.connect(lambda pid: pid == self.pack_id and self.load_engine())
         self.model_manager.refresh()
         self.model_manager.show()
         self.model_manager.raise_()

@@ -51,6 +51,7 @@ def import_weight_file(wf: weights.WeightFile, src: str, progress=None, should_c
 class ModelManager(QDialog):
     packChosen = Signal(str)
     bankRequested = Signal(str)  # pack id; the main window's worker (which owns the engine) builds it
+    bankDeleted = Signal(str)  # pack id whose built bank was deleted (the engine reloads its own)
 
     def __init__(self, current_pack: str = "tiny", parent: QWidget | None = None):
         super().__init__(parent)
@@ -93,6 +94,16 @@ class ModelManager(QDialog):
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setWordWrap(False)
         rl.addWidget(self.table, 1)
+        brow = QHBoxLayout()  # a KNN bank built on this machine replaces the pack's own: said, and removable
+        self.bank_note = QLabel()
+        self.bank_note.setWordWrap(True)
+        self.bank_delete_btn = QPushButton("Delete built bank")
+        self.bank_delete_btn.setToolTip("Remove the KNN bank built on this machine for this pack; the pack's own "
+                                        "bank (if it has one) is used again")
+        self.bank_delete_btn.clicked.connect(self.delete_built_bank)
+        brow.addWidget(self.bank_note, 1)
+        brow.addWidget(self.bank_delete_btn)
+        rl.addLayout(brow)
         split.addWidget(right)
         split.setStretchFactor(1, 1)
         split.setSizes([330, 710])
@@ -197,6 +208,39 @@ class ModelManager(QDialog):
                                 and pid != self.current_pack)
         if hasattr(self, "delete_btn"):
             self._update_delete()
+        self._show_built_bank(pid)
+
+    def _show_built_bank(self, pid: str) -> None:
+        from core.engine import bank_cache_path
+
+        path = bank_cache_path(pid)
+        built = path.is_file()
+        self.bank_note.setText(f"A KNN bank built on this machine ({path.stat().st_size / 2**20:.1f} MiB, {path}) is "
+                               "used in place of the pack's own." if built else "")
+        self.bank_note.setVisible(built)
+        self.bank_delete_btn.setVisible(built)
+        self.bank_delete_btn.setEnabled(built and self.job is None)
+
+    def delete_built_bank(self) -> None:
+        from core.engine import bank_cache_path
+
+        pid = self.pack_id()
+        path = bank_cache_path(pid) if pid else None
+        if path is None or not path.is_file():
+            return
+        answer = QMessageBox.question(self, "Delete built bank", f"Delete the KNN bank built on this machine for "
+                                      f"{pid} ({path})? The pack's own bank, if it has one, is used again.",
+                                      QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                      QMessageBox.StandardButton.No)
+        if answer != QMessageBox.StandardButton.Yes:
+            return
+        try:
+            path.unlink()
+        except OSError as e:
+            show_error(self, e)
+            return
+        self.bankDeleted.emit(pid)
+        self.refresh()
 
     def _selected_import(self):
         """The imported file (core.packs.import_file) selected in the table, or None."""

@@ -1538,3 +1538,26 @@ def test_switching_packs_closes_the_old_packs_work_and_reopens_the_photo(qtbot, 
     win.edit_generated(win.gallery.results[0], ask=False)
     assert win.captions.strength() == 0.0
     close_window(qtbot, win)
+
+
+def test_models_shows_and_deletes_a_bank_built_here(qtbot, monkeypatch):
+    """A bank built in the app replaced the pack's own (also the tiny pack's 20,000 faces) with no sign of it in
+    Models and no way back but deleting the file by hand."""
+    from PySide6.QtWidgets import QMessageBox
+
+    from anyface_desktop.model_manager import ModelManager
+    from core.engine import bank_cache_path
+
+    path = bank_cache_path("tiny")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * 4096)
+    mm = ModelManager("tiny")
+    qtbot.addWidget(mm)
+    mm.refresh()
+    assert not mm.bank_note.isHidden() and "built on this machine" in mm.bank_note.text()
+    assert mm.bank_delete_btn.isEnabled()
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
+    with qtbot.waitSignal(mm.bankDeleted, timeout=2000) as sig:
+        mm.bank_delete_btn.click()
+    assert sig.args == ["tiny"] and not path.exists() and mm.bank_note.isHidden()
+    mm.shutdown()
