@@ -265,11 +265,23 @@ def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
     return {2: a[:, ::-1], 3: a[::-1, ::-1], 4: a[::-1]}[orientation]
 
 
-def _decode(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+def _tiff_unsigned32(img: Image.Image) -> bool:
+    """A 32-bit unsigned greyscale TIFF, which Pillow opens as signed mode "I" (large values wrap negative)."""
+    if img.format != "TIFF" or img.mode != "I":
+        return False
+    tags = getattr(img, "tag_v2", {})
+    bits, fmt = tags.get(258), tags.get(339, 1)  # BitsPerSample, SampleFormat (1 = unsigned, the default)
+    bits = bits[0] if isinstance(bits, tuple) else bits
+    fmt = fmt[0] if isinstance(fmt, tuple) else fmt
+    return bits == 32 and fmt == 1
+
+
+def _decode(img: Image.Image, unsigned32: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Loaded Pillow image (any mode) -> (rgb [H,W,3] uint8, alpha [H,W] uint8 | None)."""
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        g = _to_uint8(np.asarray(img), mode)
+        a = np.asarray(img)
+        g = _to_uint8(a.view(np.uint32) if unsigned32 and a.dtype == np.int32 else a, mode)
         return np.repeat(g[:, :, None], 3, axis=2), None
     if mode == "CMYK":
         return np.asarray(_cmyk_to_rgb(img)), None
@@ -340,7 +352,7 @@ def load_image(source: PathLike | bytes | io.IOBase, *, max_pixels: int | None =
         # Pillow returns a copy even for orientation 1 ("as stored"): that is no turn
         did_transpose = transposed is not None and transposed is not img and orientation in (2, 3, 4, 5, 6, 7, 8)
         work = transposed if transposed is not None else img
-        rgb, alpha = _decode(work)
+        rgb, alpha = _decode(work, unsigned32=_tiff_unsigned32(img))
     finally:
         img.close()
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)

@@ -140,6 +140,19 @@ def test_tiff_fallback_alpha_compression_and_orientation_as_a_photo_editor_write
         assert got.exif_transposed == ref.exif_transposed == (o != 1)
 
 
+def test_unsigned_32_bit_grey_tiff_keeps_its_range(tmp_path):
+    """Pillow opens it as signed 32-bit: values above 2**31 wrapped negative and the picture came out flat grey."""
+    import tifffile
+
+    a = np.linspace(0, 2**32 - 1, 40 * 60).reshape(40, 60).astype(np.uint32)
+    tifffile.imwrite(tmp_path / "u32.tif", a)
+    g = load_image(tmp_path / "u32.tif").rgb[:, :, 0].astype(int)
+    assert g[0, 0] == 0 and g[-1, -1] == 255 and np.all(np.diff(g.ravel()) >= 0)
+    tifffile.imwrite(tmp_path / "i32.tif", (a.astype(np.int64) - 2**31).astype(np.int32))  # signed: kept as is
+    g = load_image(tmp_path / "i32.tif").rgb[:, :, 0].astype(int)
+    assert g[0, 0] == 0 and g[-1, -1] == 255
+
+
 def _exif_orientation(o: int) -> bytes:
     ex = Image.Exif()
     ex[0x0112] = o
