@@ -298,9 +298,17 @@ def run_stage(train: Callable[[argparse.Namespace], Any], parse_args: Callable[[
         raise SystemExit(2 if isinstance(e, StageError) else 1) from None
     except KeyboardInterrupt:
         if hasattr(args, "resume"):
-            ck = f" ({args.ckpt})" if getattr(args, "ckpt", None) else ""
-            print(f"\ninterrupted: {args.out} was not written; the last checkpoint{ck} is kept: run the same command "
-                  "with --resume to continue from it", file=sys.stderr)
+            import inspect
+
+            stage = getattr(inspect.getmodule(train), "STAGE", None)
+            if stage == "cmd" and getattr(args, "loss", "") == "pairwise":
+                stage = "cmd_pairwise"
+            ck = Path(args.ckpt) if getattr(args, "ckpt", None) else (ckpt_path(args, stage) if stage else None)
+            if ck is not None and ck.is_file():
+                print(f"\ninterrupted: {args.out} was not written; the last checkpoint ({ck}) is kept: run the same "
+                      "command with --resume to continue from it", file=sys.stderr)
+            else:
+                print(f"\ninterrupted before the first checkpoint: {args.out} was not written", file=sys.stderr)
         else:
             print(f"\ninterrupted: {args.out} was not written", file=sys.stderr)
         raise SystemExit(130) from None
