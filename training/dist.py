@@ -335,16 +335,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     ``weights_only=True``); other ranks just wait. Store UNWRAPPED model states and the global step, never
     per-rank data, so the checkpoint resumes under any world size."""
     if info().is_main:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = mkstemp_beside(path)
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_torch_save(state, path)
     barrier()
 
 
