@@ -298,6 +298,8 @@ class _Progress:
         if total != self.bar.total:
             self.bar.total = total
         self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.refresh()  # tqdm throttles redraws: show the finished count even when the last step came fast
 
     def close(self) -> None:
         if self.bar is not None:
