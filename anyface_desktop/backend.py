@@ -75,6 +75,7 @@ class EngineInfo:
     bank_bytes_per_entry: int = 0  # disk size of one bank entry for this generator + CLIP (estimates)
     needs_bank: list = field(default_factory=list)  # methods loaded but waiting for a KNN bank (a CVAE reading text
     #                                                through it)
+    word_map: Any = None  # core.wordmap.WordMap of the pack (read-only; the caption editor shows what it reads)
 
 
 class Backend:
@@ -169,7 +170,8 @@ class Backend:
                           bank_bytes_per_entry=_bank_entry_bytes(e),
                           needs_bank=["cvae"] if (getattr(e, "cvae", None) is not None
                                                   and getattr(e.cvae, "condition_bank_k", 0)
-                                                  and getattr(e, "bank", None) is None) else [])
+                                                  and getattr(e, "bank", None) is None) else [],
+                          word_map=getattr(e, "word_map", None))
 
     def require_engine(self):
         if self.engine is None:

@@ -54,6 +54,12 @@ class CaptionEditor(QWidget):
         self.long_hint.setStyleSheet("QLabel { color: #b36b00; }")
         self.long_hint.hide()
         lay.addWidget(self.long_hint)
+        # what the pack's dictionary makes of words its text model never saw (core/wordmap.py)
+        self._word_map = None
+        self.reading_hint = QLabel()
+        self.reading_hint.setStyleSheet("QLabel { color: #2d6a8f; }")
+        self.reading_hint.hide()
+        lay.addWidget(self.reading_hint)
 
         row = QHBoxLayout()
         self.entry = QLineEdit()
@@ -184,6 +190,46 @@ class CaptionEditor(QWidget):
         self.remove_btn.setEnabled(self.list.count() > 0)
         # the encoders read 64 (MiniLM) / 77 (CLIP) tokens; longer captions are cut, so say so where it is typed
         self.long_hint.setVisible(any(len(c.split()) > LONG_CAPTION_WORDS for c in self.captions()))
+        self._update_reading_hint()
+
+    # ------------------------------------------------------------------ dictionary
+    def set_word_map(self, word_map) -> None:
+        """The loaded pack's word map (None: captions are read as typed, no hint)."""
+        self._word_map = word_map
+        self._update_reading_hint()
+
+    def readings(self) -> list[tuple[str, tuple[str, ...]]]:
+        """(word, known words it is read as) for the words of the captions the pack's text model never saw."""
+        if self._word_map is None:
+            return []
+        seen: dict[str, tuple[str, ...]] = {}
+        for c in self.captions():
+            for r in self._word_map.readings(c):
+                seen.setdefault(r.word, r.read_as)
+        return list(seen.items())
+
+    def _update_reading_hint(self) -> None:
+        found = self.readings()
+        if not found:
+            self.reading_hint.hide()
+            return
+        read = [f"{w} → {' '.join(r)}" for w, r in found if r]
+        unknown = [w for w, r in found if not r]
+        # lines broken by hand, three words a line, at most two lines of each kind (see the title about word wrap)
+        lines = []
+        if read:
+            lines.append("Read as: " + ", ".join(read[:3]))
+            if len(read) > 3:
+                lines.append("  " + ", ".join(read[3:6]) + (", …" if len(read) > 6 else ""))
+        if unknown:
+            lines.append("Not known: " + ", ".join(unknown[:3]) + (", …" if len(unknown) > 3 else ""))
+        self.reading_hint.setText("\n".join(lines))
+        self.reading_hint.setToolTip(
+            "The pack's text model was trained on a few hundred words. For other words it looks up a word it knows in "
+            "its dictionary (WordNet) and reads the caption with it added.\n\n"
+            + "\n".join(f"{w} → {' '.join(r) if r else '(no word it knows)'}" for w, r in found)
+            + "\n\nIf a reading is wrong, say it with a plainer word.")
+        self.reading_hint.show()
 
     # ------------------------------------------------------------------ history
     def set_history(self, prompts: list[str]) -> None:

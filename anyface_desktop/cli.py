@@ -438,6 +438,7 @@ def cmd_generate(args) -> int:
         print(f"note: --diversity 0 gives the most typical face, the same for every seed: {args.n} identical faces",
               file=sys.stderr)
     engine = _load_engine(args)
+    read_as = _say_readings(args, engine, args.captions)
     out = _output_folder(args.output)
     rows: list[dict] = []
     # Faces are made and written a few at a time (face i is seed + i however many are asked for, so the chunks
@@ -463,18 +464,34 @@ def cmd_generate(args) -> int:
             bar.close()
             if args.json:
                 print(json.dumps({"error": str(e), "kind": type(e).__name__, "exit_code": 130,
-                                  "pack": engine.pack_id, "outputs": rows}, indent=2, default=str))
+                                  "pack": engine.pack_id, "outputs": rows, **read_as}, indent=2, default=str))
             elif rows:
                 print(_generated_text(rows))
             print(f"interrupted: {e}" + (f"; the {len(rows)} written are kept" if rows else ""), file=sys.stderr)
             return 130
         finally:
             bar.close()
-    _print(args, {"pack": engine.pack_id, "outputs": rows}, _generated_text(rows))
+    _print(args, {"pack": engine.pack_id, "outputs": rows, **read_as}, _generated_text(rows))
     return EXIT_OK
 
 
 _GENERATE_CHUNK = 8
+
+
+def _say_readings(args, engine, captions) -> dict:
+    """Words of the captions the pack's text model never saw, and what its dictionary reads them as
+    (core/wordmap.py): one line on stderr (not with --quiet / --json); ``{"read_as": {word: [known words]}}`` for
+    the JSON output ({} when there are none)."""
+    found = engine.readings(captions) if hasattr(engine, "readings") else []
+    if not found:
+        return {}
+    if not (args.quiet or args.json):
+        read = [f"'{w}' as '{' '.join(r)}'" for w, r in found if r]
+        unknown = [f"'{w}'" for w, r in found if not r]
+        parts = (["reading " + ", ".join(read)] if read else []) + (["not known: " + ", ".join(unknown)] if unknown
+                                                                     else [])
+        print(f"note: {'; '.join(parts)} (the pack's dictionary; a plainer word says it directly)", file=sys.stderr)
+    return {"read_as": {w: list(r) for w, r in found}}
 
 
 def _write_generated(args, out, r) -> dict:
@@ -549,6 +566,7 @@ def cmd_edit(args) -> int:
     _output_folder(args.output, create=False)  # the batch runner creates it
     _check_detector(args.detector)
     engine = _load_engine(args)
+    _say_readings(args, engine, args.caption)
     try:
         proc = batch.EditProcessor(engine, args.caption, strength=args.strength, method=args.method,
                                    identity_layers=args.identity_layers, face=face, tier=args.tier, fmt=args.format,

@@ -482,6 +482,7 @@ class MainWindow(QMainWindow):
     def load_engine(self) -> None:
         pack, device, detector, tier = self.pack_id, self.device_pref, self.settings.detector, self.settings.tier
         self.engine_info = None
+        self.captions.set_word_map(None)  # the next pack's dictionary (if it has one) comes with its models
         self._update_actions()  # nothing to generate with until the models are loaded
         self.submit("load", lambda b, progress, cancel: b.load(pack, device, progress, cancel, detector, tier))
 
@@ -492,6 +493,7 @@ class MainWindow(QMainWindow):
         self.pack_label.setText(f"Pack: {info.pack_id} ({info.resolution} px)")
         self._set_methods(info)
         self.captions.set_num_ws(info.num_ws, info.coarse_layers)
+        self.captions.set_word_map(getattr(info, "word_map", None))
         self._update_canvas_empty_text()
         self._update_actions()
         if self._startup_notes:

@@ -37,6 +37,7 @@ from core.cvae import CVAE
 from core.device import pick_device
 from core.errors import AnyFaceError, CancelledError, CaptionError, InvalidCheckpointError
 from core.latent_bank import LatentBank
+from core.wordmap import WordMap
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
@@ -177,7 +178,7 @@ class Engine:
     def __init__(self, generator, clip, cmd: CMD | None = None, cvae: CVAE | None = None,
                  bank: LatentBank | None = None, encoder=None, pack_id: str = "custom",
                  device: torch.device | str | None = None, *, cache_size: int = 64,
-                 coarse_layers: int | None = None, default_method: str | None = None):
+                 coarse_layers: int | None = None, default_method: str | None = None, word_map=None):
         self.device = device if isinstance(device, torch.device) else pick_device(device)
         self.pack_id = pack_id
         self.generator = generator.to(self.device).eval()
@@ -186,6 +187,7 @@ class Engine:
         self.cvae = cvae.to(self.device).eval() if cvae is not None else None
         self.bank = bank
         self.encoder = self._to_device(encoder) if encoder is not None else None
+        self.word_map = word_map  # core.wordmap.WordMap of the CLIP's vocabulary, or None (captions read as typed)
         self.z_dim = int(generator.z_dim)
         self.num_ws = int(generator.num_ws)
         self.w_dim = int(generator.w_dim)
@@ -231,7 +233,8 @@ class Engine:
     @classmethod
     def from_pack(cls, pack_id: str = "tiny", device: torch.device | str | None = None, *, manifest=None,
                   progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> "Engine":
-        """Load every file of a pack (roles generator, clip, cmd, cvae, knn, encoder; the last four optional).
+        """Load every file of a pack (roles generator, clip, cmd, cvae, knn, encoder, wordmap; the last five
+        optional).
         A KNN bank built with :meth:`build_bank` (kept in the user data dir) is used in place of the pack's own.
 
         Every file's size and sha256 are checked against the manifest first (the hash once per file version; see
@@ -242,7 +245,7 @@ class Engine:
         dev = device if isinstance(device, torch.device) else pick_device(device)
         manifest = manifest if manifest is not None else Manifest.load()
         files = locate_pack_files(pack_id, manifest=manifest, verify=True, should_cancel=should_cancel)
-        steps = ["generator", "clip", "cmd", "cvae", "knn", "encoder"]
+        steps = ["generator", "clip", "cmd", "cvae", "knn", "encoder", "wordmap"]
         loaded: dict[str, Any] = {}
         for i, role in enumerate(steps):
             _check(should_cancel, "Loading the models")
@@ -266,7 +269,8 @@ class Engine:
                                       f"'{pack_id}' is {pack.resolution} px", wf.where_to_get())
         return cls(gen, loaded["clip"], cmd=loaded.get("cmd"), cvae=loaded.get("cvae"),
                    bank=loaded.get("knn"), encoder=loaded.get("encoder"), pack_id=pack_id, device=dev,
-                   coarse_layers=pack.coarse_layers, default_method=pack.default_method)
+                   coarse_layers=pack.coarse_layers, default_method=pack.default_method,
+                   word_map=loaded.get("wordmap"))
 
     @property
     def methods(self) -> list[str]:
@@ -311,6 +315,22 @@ class Engine:
             self._emb_cache.clear()
             self._code_cache.clear()
 
+    def read_as(self, caption: str) -> str:
+        """The caption as the CLIP reads it: with the pack's word map, words the CLIP never saw get a known word
+        appended ("a crimson mane" -> "a crimson mane, cherry hair"); without one, as typed."""
+        return self.word_map.expand(caption) if self.word_map is not None else caption
+
+    def readings(self, captions: str | Iterable[str]) -> list[tuple[str, tuple[str, ...]]]:
+        """(word, known words it is read as) for each word of the cleaned captions that the CLIP never saw, in
+        order, each word once; an empty tuple: the dictionary knows no word for it. Empty without a word map."""
+        if self.word_map is None:
+            return []
+        seen: dict[str, tuple[str, ...]] = {}
+        for c in clean_captions(captions):
+            for r in self.word_map.readings(c):
+                seen.setdefault(r.word, r.read_as)
+        return list(seen.items())
+
     @torch.inference_mode()
     def text_embedding(self, captions: str | Iterable[str]) -> torch.Tensor:
         """CLIP text embeddings [k, D] of the cleaned captions, in sorted order (so a set has one embedding
@@ -322,7 +342,7 @@ class Engine:
             if hit is not None:
                 self._emb_cache.move_to_end(key)
                 return hit
-        emb = self.clip.encode_text(sorted(caps))
+        emb = self.clip.encode_text([self.read_as(c) for c in sorted(caps)])
         emb = torch.as_tensor(emb).to(self.device, torch.float32)
         if emb.ndim != 2 or emb.shape[0] != len(caps):
             raise RuntimeError(f"CLIP encode_text returned {tuple(emb.shape)} for {len(caps)} captions")
@@ -554,7 +574,8 @@ def _load_role(role: str, path: Path, device: torch.device, wf=None):
 
     loaders = {"generator": lambda: load_generator(path, device=device), "clip": lambda: load_clip(path, device=device),
                "cmd": lambda: CMD.load(path, device), "cvae": lambda: CVAE.load(path, device),
-               "knn": lambda: LatentBank.load(path), "encoder": lambda: _load_encoder(path, device)}
+               "knn": lambda: LatentBank.load(path), "encoder": lambda: _load_encoder(path, device),
+               "wordmap": lambda: WordMap.load(path)}
     try:
         return loaders[role]()
     except AnyFaceError as e:

@@ -208,6 +208,25 @@ def test_generate_at_diversity_0_says_the_faces_are_the_same(tmp_path, weights_e
     assert not np.array_equal(a, b)
 
 
+def test_generate_says_what_the_dictionary_reads_unknown_words_as(tmp_path, weights_env):
+    """The tiny pack's word map: words its CLIP never saw are read with a known word added, and the user is told
+    which (stderr; "read_as" in --json). Captions of known words get no note."""
+    r = anyface("generate", "someone with a crimson mane", "a zxqv person", "-n", "1", "-o", tmp_path / "a",
+                env_extra=weights_env, check_rc=0)
+    note = next(line for line in r.stderr.splitlines() if line.startswith("note: reading"))
+    assert "'mane' as 'hair'" in note and "'crimson' as '" in note and "not known: 'zxqv'" in note
+    r = anyface("generate", "someone with a crimson mane", "-n", "1", "-o", tmp_path / "b", "--json",
+                env_extra=weights_env, check_rc=0)
+    js = json.loads(r.stdout)
+    assert js["read_as"]["mane"] == ["hair"] and set(js["read_as"]) == {"crimson", "mane"}
+    r = anyface("generate", "a person with red hair", "-n", "1", "-o", tmp_path / "c", "--json",
+                env_extra=weights_env, check_rc=0)
+    assert "read_as" not in json.loads(r.stdout)
+    r = anyface("--quiet", "generate", "someone with a crimson mane", "-n", "1", "-o", tmp_path / "d",
+                env_extra=weights_env, check_rc=0)
+    assert "reading" not in r.stderr
+
+
 def test_edit_single_photo(tmp_path, weights_env):
     src = tmp_path / "me.jpg"
     Image.fromarray(photo(256)).save(src, quality=92)

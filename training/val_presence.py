@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cmd", default="")
     p.add_argument("--cvae", default="")
     p.add_argument("--knn", default="")
+    p.add_argument("--wordmap", default="none",
+                   help="word map (core/wordmap.py) the engine reads captions through; 'auto': the tiny pack's, for "
+                        "the tiny pack's CLIP; 'none' (default): as typed")
     p.add_argument("--method", choices=("cmd", "cvae", "knn"), required=True)
     p.add_argument("--diversity", default="1", help="comma-separated values of the engine's diversity")
     p.add_argument("--coarse-layers", type=int, default=-1, help="W+ layers from random z (-1: the engine's default)")
@@ -107,7 +110,9 @@ def main(argv=None) -> list[dict]:
             kw["bank"] = LatentBank.load(a.knn)
     else:
         kw["bank"] = LatentBank.load(path)
-    engine = Engine(G, clip, pack_id="val", device=dev, **kw)
+    from training.evaluate import load_word_map
+
+    engine = Engine(G, clip, pack_id="val", device=dev, word_map=load_word_map(a.wordmap, a.clip), **kw)
     if a.coarse_layers >= 0:
         engine.coarse_layers = a.coarse_layers
     if a.knn_k:

@@ -129,13 +129,15 @@ def clashes_with_held_out(word: str, held: set[str]) -> bool:
 class WordNet:
     """The few parts of the WordNet database files this module needs (lemmas, pointers, glosses)."""
 
-    def __init__(self, folder: Path):
+    FILES = {"n": "noun", "v": "verb", "a": "adj", "r": "adv"}
+
+    def __init__(self, folder: Path, parts_of_speech: tuple[str, ...] = ("n", "a")):
         self.folder = Path(folder)
-        self.data = {pos: self._data(pos) for pos in ("n", "a")}
-        self.index = {pos: self._index(pos) for pos in ("n", "a")}
+        self.data = {pos: self._data(pos) for pos in parts_of_speech}
+        self.index = {pos: self._index(pos) for pos in parts_of_speech}
 
     def _data(self, pos: str) -> dict:
-        name = {"n": "data.noun", "a": "data.adj"}[pos]
+        name = f"data.{self.FILES[pos]}"
         out = {}
         with open(self.folder / name, encoding="latin-1") as f:
             for line in f:
@@ -154,7 +156,7 @@ class WordNet:
         return out
 
     def _index(self, pos: str) -> dict:
-        name = {"n": "index.noun", "a": "index.adj"}[pos]
+        name = f"index.{self.FILES[pos]}"
         out = {}
         with open(self.folder / name, encoding="latin-1") as f:
             for line in f:

@@ -1,0 +1,153 @@
+"""The word map (core/wordmap.py): built from WordNet files (a fixture in WordNet 3.1's format), read by the engine,
+and the bundled map of the tiny pack."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.wordmap import WordMap
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED = REPO / "resources" / "weights" / "tiny" / "wordmap.json.gz"
+
+
+def _wordnet(tmp_path: Path) -> Path:
+    """A few synsets: crimson (adj, similar to red), mane (noun, its gloss says hair), swivel (verb, hypernym turn),
+    tight-lipped (adj, similar to closed)."""
+    d = tmp_path / "dict"
+    d.mkdir()
+    (d / "data.adj").write_text(
+        "  1 This software and database is being provided to you\n"
+        "00381097 00 a 01 red 0 001 & 00382159 a 0000 | having any of numerous bright or strong colors\n"
+        "00382159 00 s 02 crimson 0 ruby 0 001 & 00381097 a 0000 | of a color at the end of the spectrum\n"
+        "00500001 00 a 01 closed 0 000 | not open\n"
+        "00500002 00 s 01 tight-lipped 0 001 & 00500001 a 0000 | closemouthed\n", encoding="latin-1")
+    (d / "index.adj").write_text("crimson a 1 1 & 1 0 00382159  \nred a 1 1 & 1 0 00381097  \n"
+                                 "tight-lipped a 1 1 & 1 0 00500002  \nclosed a 1 0 1 0 00500001  \n")
+    (d / "data.noun").write_text(
+        "02000001 05 n 01 mane 0 000 | long coarse hair growing from the crest of the animal's neck\n")
+    (d / "index.noun").write_text("mane n 1 0 1 0 02000001  \n")
+    (d / "data.verb").write_text(
+        "01000001 38 v 01 turn 0 000 | change orientation or direction\n"
+        "01000002 38 v 01 swivel 0 001 @ 01000001 v 0000 | turn on a pin\n")
+    (d / "index.verb").write_text("swivel v 1 1 @ 1 0 01000002  \nturn v 1 0 1 0 01000001  \n")
+    (d / "data.adv").write_text("")
+    (d / "index.adv").write_text("")
+    return d
+
+
+VOCAB = {"red", "hair", "closed", "turn", "left", "smiling"}
+
+
+def test_built_map_appends_known_words_for_unknown_ones_and_leaves_known_captions(tmp_path):
+    from training import build_wordmap
+
+    wm = build_wordmap.build(_wordnet(tmp_path), vocab=VOCAB)
+    assert wm.expand("someone with a crimson mane") == "someone with a crimson mane, red hair"
+    assert wm.expand("a person with red hair") == "a person with red hair"  # every word known: as typed
+    assert wm.expand("") == ""
+    # WordNet's morphology: plural nouns, -ing with a doubled consonant
+    assert wm.expand("crimson manes") == "crimson manes, red hair"
+    assert wm.expand("someone swivelling to their left") == "someone swivelling to their left, turn"
+    # a hyphenated word is looked up whole (WordNet writes it with the hyphen) before its parts
+    assert wm.expand("a tight-lipped person") == "a tight-lipped person, closed"
+    # a word WordNet does not know is listed with nothing to read it as
+    assert [(r.word, r.read_as) for r in wm.readings("a zorbly crimson mane")] == [
+        ("zorbly", ()), ("crimson", ("red",)), ("mane", ("hair",))]
+    # the weakest links are dropped: hair is only in mane's gloss (0.5), so min_weight 0.6 leaves mane unread
+    wm.min_weight = 0.6
+    assert wm.expand("a crimson mane") == "a crimson mane, red"
+
+
+def test_word_map_file_is_deterministic_and_damaged_files_name_themselves(tmp_path):
+    from training import build_wordmap
+
+    wm = build_wordmap.build(_wordnet(tmp_path), vocab=VOCAB)
+    a, b = tmp_path / "a.json.gz", tmp_path / "b.json.gz"
+    wm.save(a)
+    (tmp_path / "again").mkdir()
+    build_wordmap.build(_wordnet(tmp_path / "again"), vocab=VOCAB).save(b)
+    assert a.read_bytes() == b.read_bytes()  # no gzip time stamp, sorted keys: same map, same sha256
+    back = WordMap.load(a)
+    assert back.expand("a crimson mane") == wm.expand("a crimson mane") and back.vocabulary == wm.vocabulary
+    assert not list(tmp_path.glob("*.part"))
+    junk = tmp_path / "junk.json.gz"
+    junk.write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match="junk.json.gz is not a word map"):
+        WordMap.load(junk)
+    other = tmp_path / "other.json.gz"
+    other.write_bytes(gzip.compress(json.dumps({"format": "something-else"}).encode()))
+    with pytest.raises(ValueError, match="other.json.gz is not a word map of format"):
+        WordMap.load(other)
+    broken = tmp_path / "broken.json.gz"
+    broken.write_bytes(gzip.compress(json.dumps({"format": "anyface-wordmap-1", "maps": {}}).encode()))
+    with pytest.raises(ValueError, match="broken.json.gz is a damaged word map"):
+        WordMap.load(broken)
+
+
+def test_build_pack_wordmap_stage(tmp_path):
+    out = tmp_path / "pack"
+    r = subprocess.run([sys.executable, "-m", "training.build_pack", "--stage", "wordmap", "--out", str(out),
+                        "--wordnet", str(_wordnet(tmp_path)), "--no-manifest"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wm = WordMap.load(out / "wordmap.json.gz")
+    assert wm.expand("a crimson mane").startswith("a crimson mane, ")  # the real training vocabulary knows "red"
+    r = subprocess.run([sys.executable, "-m", "training.build_pack", "--stage", "wordmap", "--out", str(out),
+                        "--wordnet", str(tmp_path / "nowhere")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "not a WordNet 'dict' folder" in r.stderr
+
+
+def test_bundled_map_matches_the_clip_vocabulary_and_leaves_training_captions_alone():
+    """The tiny pack's map must be rebuilt when the training vocabulary changes; a caption made of training words
+    (every training caption, every plain evaluation caption) is read exactly as typed, so the CMD sees at inference
+    what it saw in training."""
+    import random
+
+    from training import build_wordmap
+    from training import captions as C
+
+    wm = WordMap.load(BUNDLED)
+    assert wm.vocabulary == build_wordmap.vocabulary()
+    for vals in C.PLAIN.values():
+        for text in vals.values():
+            assert wm.expand(text) == text
+    rng = random.Random(0)
+    for _ in range(200):
+        labels = {a: rng.choice(list(v)) for a, v in C.PHRASES.items()}
+        for text in C.captions_for(labels, rng):
+            assert wm.expand(text) == text, text
+    # held-out wordings do get read (the dictionary's purpose); what they are read as is the file's business
+    assert any(wm.expand(t) != t for vals in C.PARAPHRASES_VAL.values() for t in vals.values())
+
+
+def test_engine_reads_captions_through_the_pack_word_map():
+    from core.engine import Engine
+
+    engine = Engine.from_pack("tiny", device="cpu")
+    assert engine.word_map is not None
+    known = "a person with red hair"
+    assert engine.read_as(known) == known and engine.readings([known]) == []
+    unknown = "someone with a crimson mane"
+    assert engine.read_as(unknown).startswith(unknown + ", ")
+    words = dict(engine.readings([unknown, "a towheaded person"]))
+    assert set(words) == {"crimson", "mane", "towheaded"} and all(words.values())
+    with_map = engine.text_embedding([unknown])
+    engine.word_map, saved = None, engine.word_map
+    engine.clear_cache()
+    as_typed = engine.text_embedding([unknown])
+    assert not torch.allclose(with_map, as_typed)
+    assert torch.allclose(engine.text_embedding([known]), _with(engine, saved).text_embedding([known]))
+
+
+def _with(engine, word_map):
+    engine.word_map = word_map
+    engine.clear_cache()
+    return engine
