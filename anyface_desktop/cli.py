@@ -566,7 +566,7 @@ def cmd_edit(args) -> int:
     _output_folder(args.output, create=False)  # the batch runner creates it
     _check_detector(args.detector)
     engine = _load_engine(args)
-    _say_readings(args, engine, args.caption)
+    read_as = _say_readings(args, engine, args.caption)
     try:
         proc = batch.EditProcessor(engine, args.caption, strength=args.strength, method=args.method,
                                    identity_layers=args.identity_layers, face=face, tier=args.tier, fmt=args.format,
@@ -587,7 +587,7 @@ def cmd_edit(args) -> int:
         where = f"shard {shard[0]}/{shard[1]} of '{src}'" if shard else f"'{src}'"
         print(f"note: no photos in {where} ({', '.join(sorted(s.lstrip('.') for s in batch.IMAGE_SUFFIXES))}"
               f"{'' if args.recursive else '; --recursive includes subfolders'})", file=sys.stderr)
-    return _report_out(args, report)
+    return _report_out(args, report, read_as)
 
 
 def _check_detector(name: str) -> None:
@@ -605,12 +605,13 @@ def _check_detector(name: str) -> None:
                           f"{' or '.join(['auto'] + ok) if ok else 'auto'}")
 
 
-def _report_out(args, report) -> int:
+def _report_out(args, report, extra: dict | None = None) -> int:
     if report is None:
         print("cancelled", file=sys.stderr)
         return 130
     if args.json:
-        print(json.dumps({"summary": report.to_json(), "items": [it.to_json() for it in report.items]}, indent=2))
+        print(json.dumps({"summary": report.to_json(), "items": [it.to_json() for it in report.items], **(extra or {})},
+                         indent=2))
     else:
         failed = report.failed_items  # --quiet hides progress only: the reason of each failure is always printed
         for it in failed[:50]:

@@ -203,6 +203,11 @@ class TinyClip(nn.Module):
         """[k, 384] MiniLM sentence embeddings -> [k, D] L2-normalised (training uses cached embeddings)."""
         return F.normalize(self.text_proj(sentence_emb) + self.text_skip(sentence_emb), dim=-1)
 
+    def fits_text(self, text: str) -> bool:
+        """Whether ``text`` fits in the text tower's tokens (longer text is truncated)."""
+        tower = self.text_tower
+        return len(tower.tokenizer(text, add_special_tokens=True)["input_ids"]) <= tower.max_tokens
+
     def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
         """captions -> [k, D] L2-normalised; an empty caption maps to the embedding of an empty sentence."""
         captions = _check_captions(captions)

@@ -187,7 +187,7 @@ class Engine:
         self.cvae = cvae.to(self.device).eval() if cvae is not None else None
         self.bank = bank
         self.encoder = self._to_device(encoder) if encoder is not None else None
-        self.word_map = word_map  # core.wordmap.WordMap of the CLIP's vocabulary, or None (captions read as typed)
+        self._word_map = word_map  # core.wordmap.WordMap of the CLIP's vocabulary, or None (captions read as typed)
         self.z_dim = int(generator.z_dim)
         self.num_ws = int(generator.num_ws)
         self.w_dim = int(generator.w_dim)
@@ -315,19 +315,36 @@ class Engine:
             self._emb_cache.clear()
             self._code_cache.clear()
 
+    @property
+    def word_map(self):
+        return self._word_map
+
+    @word_map.setter
+    def word_map(self, value) -> None:
+        """Another word map reads captions differently: the cached embeddings and codes go."""
+        self._word_map = value
+        self.clear_cache()
+
     def read_as(self, caption: str) -> str:
         """The caption as the CLIP reads it: with the pack's word map, words the CLIP never saw get a known word
-        appended ("a crimson mane" -> "a crimson mane, cherry hair"); without one, as typed."""
-        return self.word_map.expand(caption) if self.word_map is not None else caption
+        appended ("a crimson mane" -> "a crimson mane, cherry hair"); without one, as typed. Appended words that
+        would not fit in the text tower's tokens are left off (the caption's own words come first)."""
+        if self._word_map is None:
+            return caption
+        extra = self._word_map.additions(caption)
+        fits = getattr(self.clip, "fits_text", None)
+        while extra and fits is not None and not fits(f"{caption}, {' '.join(extra)}"):
+            extra.pop()
+        return f"{caption}, {' '.join(extra)}" if extra else caption
 
     def readings(self, captions: str | Iterable[str]) -> list[tuple[str, tuple[str, ...]]]:
         """(word, known words it is read as) for each word of the cleaned captions that the CLIP never saw, in
         order, each word once; an empty tuple: the dictionary knows no word for it. Empty without a word map."""
-        if self.word_map is None:
+        if self._word_map is None:
             return []
         seen: dict[str, tuple[str, ...]] = {}
         for c in clean_captions(captions):
-            for r in self.word_map.readings(c):
+            for r in self._word_map.readings(c):
                 seen.setdefault(r.word, r.read_as)
         return list(seen.items())
 

@@ -5,7 +5,7 @@ hundred attribute phrases. Free wording the projection never saw ("someone with 
 its meaning. A word map, built from WordNet by ``training/build_wordmap.py`` for the words of the CLIP's training
 captions, gives each such word the closest word the projection knows (its synonyms, "similar to" adjectives,
 hypernyms and the first words of its gloss, by WordNet's sense order), and the caption is read with that word
-appended: "someone with a crimson mane, red hair". A caption made only of known words is read as typed.
+appended: "someone with a crimson mane, cherry hair". A caption made only of known words is read as typed.
 
 A word map belongs to one CLIP (its vocabulary is that CLIP's training vocabulary); a pack lists it with role
 ``wordmap``. It is data, never code: a gzip-compressed JSON file.
@@ -17,6 +17,7 @@ import gzip
 import json
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,40 @@ RULES: dict[str, tuple[tuple[str, str], ...]] = {
     "a": (("er", ""), ("est", ""), ("er", "e"), ("est", "e")),
     "r": (),
 }
-_WORD = re.compile(r"[a-z]+(?:-[a-z]+)*")
+_WORD = re.compile(r"[a-z]+(?:['-][a-z]+)*")
+
+
+def words(caption: str) -> list[str]:
+    """Lower-case words of a caption as they are looked up: accents dropped ("café" -> "cafe"), hyphenated words
+    kept whole, clitics cut ("someone's" -> "someone", "doesn't" -> "does")."""
+    text = unicodedata.normalize("NFKD", caption.replace("’", "'")).lower()
+    text = "".join(ch for ch in text if not unicodedata.combining(ch))
+    out = []
+    for w in _WORD.findall(text):
+        if "'" in w:
+            w = w[:-3] if w.endswith("n't") else w.split("'")[0]
+        if w:
+            out.append(w)
+    return out
+
+
+# inflections a known word may carry and still be read by the text model as itself ("looks", "smiled", "women");
+# not WordNet's "es" -> "" (it would take "manes" to "man")
+_INFLECTIONS = (("s", ""), ("ies", "y"), ("ches", "ch"), ("shes", "sh"), ("xes", "x"), ("men", "man"), ("ed", ""),
+                ("ed", "e"), ("ied", "y"), ("ing", ""), ("ing", "e"), ("er", ""), ("er", "e"), ("est", ""),
+                ("est", "e"), ("ier", "y"), ("iest", "y"))
+
+
+def _base_forms(word: str) -> list[str]:
+    """The forms ``word`` may be an inflection of ("looks" -> "look", "smiling" -> "smile")."""
+    out = []
+    for suffix, rep in _INFLECTIONS:
+        if word.endswith(suffix) and len(word) > len(suffix) + 1:
+            base = word[: len(word) - len(suffix)] + rep
+            out.append(base)
+            if rep == "" and len(base) > 2 and base[-1] == base[-2]:  # "grinning" -> "grinn" -> "grin"
+                out.append(base[:-1])
+    return out
 
 
 @dataclass(frozen=True)
@@ -95,8 +129,11 @@ class WordMap:
 
     # ------------------------------------------------------------------------------------------------------
     def is_known(self, word: str) -> bool:
-        """A word (or every part of a hyphenated one) the text model saw, or a stopword."""
-        return all(p in self.vocabulary or p in self.stopwords for p in re.findall(r"[a-z]+", word.lower()))
+        """A word (or every part of a hyphenated one) the text model saw, in that form or another ("looks" for
+        "look"), a stopword, or a word of one or two letters (never looked up)."""
+        return len(word) <= 2 or all(p in self.vocabulary or p in self.stopwords or len(p) <= 2
+                                     or any(b in self.vocabulary for b in _base_forms(p))
+                                     for p in re.findall(r"[a-z]+", word.lower()))
 
     def lemmas(self, word: str, pos: str) -> list[str]:
         """WordNet base forms of ``word`` as part of speech ``pos`` that the map holds ("swivelling" -> "swivel")."""
@@ -129,17 +166,27 @@ class WordMap:
     def readings(self, caption: str) -> list[Reading]:
         """Each word of ``caption`` the text model does not know, with the known words it is read as."""
         out = []
-        for w in _WORD.findall(caption.lower()):
+        for w in words(caption):
             if self.is_known(w):
                 continue
             out.append(Reading(w, tuple(n for n, wt in self.neighbours(w)[: self.k] if wt >= self.min_weight)))
         return out
 
+    def additions(self, caption: str) -> list[str]:
+        """The known words appended to ``caption``, in order, each once, none the caption already has."""
+        have = set(words(caption))
+        out: list[str] = []
+        for r in self.readings(caption):
+            for w in r.read_as:
+                if w not in have and w not in out:
+                    out.append(w)
+        return out
+
     def expand(self, caption: str) -> str:
         """The caption as the text model reads it: unchanged when every word is known, else with the known words
-        found for the unknown ones appended ("someone with a crimson mane" -> "someone with a crimson mane, red
-        hair")."""
-        extra = [w for r in self.readings(caption) for w in r.read_as]
+        found for the unknown ones appended ("someone with a crimson mane" -> "someone with a crimson mane, cherry
+        hair" with the tiny pack's map)."""
+        extra = self.additions(caption)
         return f"{caption}, {' '.join(extra)}" if extra else caption
 
     def __repr__(self) -> str:

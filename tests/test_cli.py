@@ -225,6 +225,11 @@ def test_generate_says_what_the_dictionary_reads_unknown_words_as(tmp_path, weig
     r = anyface("--quiet", "generate", "someone with a crimson mane", "-n", "1", "-o", tmp_path / "d",
                 env_extra=weights_env, check_rc=0)
     assert "reading" not in r.stderr
+    # edit says it too, and its --json report carries it (a folder without photos: no inversion needed)
+    (tmp_path / "empty").mkdir()
+    r = anyface("edit", tmp_path / "empty", "--caption", "a crimson mane", "-o", tmp_path / "e", "--json",
+                env_extra=weights_env)
+    assert json.loads(r.stdout)["read_as"]["mane"] == ["hair"], (r.returncode, r.stdout[-1000:], r.stderr[-1000:])
 
 
 def test_edit_single_photo(tmp_path, weights_env):

