@@ -611,7 +611,7 @@ class MainWindow(QMainWindow):
             self._drop_note = None  # about a drop whose photo did not open
         self.canvas.pick_single = False
         self._photo_has_edits = False
-        self._deferred_export = None
+        self._deferred_export = self._deferred_action = None
         self.settings.add_recent_file(str(photo.path))
         self.photo = photo
         self.face = None
@@ -753,7 +753,9 @@ class MainWindow(QMainWindow):
 
     def _commit_current(self) -> None:
         entry = getattr(self, "_live_entry", None)
-        if entry is not None and not self.scheduler.busy:
+        # while a preview is still to be made (the slider was released right after a move), the shown step is an
+        # older value: the coming preview commits itself
+        if entry is not None and not self.scheduler.busy and not self._preview_timer.isActive():
             self._commit(entry)
 
     def _commit(self, entry: HistoryEntry) -> None:
@@ -818,6 +820,8 @@ class MainWindow(QMainWindow):
     def refine_current(self, steps: int | None = None) -> Job | None:
         """CLIP-guided refinement of the face shown (or the one picked in the gallery) toward the captions; the
         result becomes a new history entry that the next edits start from."""
+        if self._defer_until_preview(lambda: self.refine_current(steps), "Refining"):
+            return None
         entry = getattr(self, "current_entry", None)
         if entry is None and self.gallery.current() is not None:
             self.edit_generated(self.gallery.current())
@@ -860,6 +864,8 @@ class MainWindow(QMainWindow):
     # ================================================================== undo / redo
     def apply_edit(self) -> None:
         """Make the current edit the starting point of the next ones (edits stack)."""
+        if self._defer_until_preview(self.apply_edit, "Applying the edit"):
+            return
         entry = getattr(self, "current_entry", None)
         if entry is None or entry.source is None:
             return
@@ -867,7 +873,8 @@ class MainWindow(QMainWindow):
         caps = " | ".join(entry.params.get("captions", []))
         applied = HistoryEntry(f"Applied “{caps[:40]}”", entry.ws, entry.face_image, entry.composed, entry.result,
                                params={"captions": [], "strength": 0.0, "applied": True,
-                                       "applied_captions": entry.params.get("captions", [])})
+                                       "applied_captions": entry.params.get("captions", []),
+                                       "applied_params": dict(entry.params)})
         self._push(applied)
         self.source = applied
         self._live_entry = applied
@@ -977,7 +984,7 @@ class MainWindow(QMainWindow):
         if result is None or ask and not self.confirm_discard("Edit this face"):
             return
         self._photo_has_edits = False
-        self._deferred_export = None
+        self._deferred_export = self._deferred_action = None
         self.scheduler.invalidate()
         self.photo, self.face = None, None
         self.canvas.set_faces([])
@@ -1041,9 +1048,9 @@ class MainWindow(QMainWindow):
         else:
             stem = "anyface_face"
         i = 1
-        while True:
+        while True:  # free in every format and for the latent: an image and its .npz share their name
             p = out / f"{stem}_{i:03d}.{fmt}"
-            if not p.exists():
+            if not any(p.with_suffix(f".{ext}").exists() for ext in ("png", "jpg", "jpeg", "webp", "npz", fmt)):
                 return str(p)
             i += 1
 
@@ -1082,6 +1089,8 @@ class MainWindow(QMainWindow):
         from anyface_desktop.export import ExportRequest
 
         p = entry.params
+        if p.get("applied"):  # an applied step shows the edit it applied: export that edit's captions and settings
+            p = dict(p.get("applied_params") or {"captions": p.get("applied_captions", [])})
         root = self._root()
         root_kind = (getattr(getattr(root, "result", None), "extra", None) or {}).get("kind")
         from_photo = not self._is_gallery_entry(entry) and (self.face is not None or root_kind == "edited")
@@ -1109,11 +1118,27 @@ class MainWindow(QMainWindow):
         return extra.get("variation_of")
 
     def _run_deferred_export(self) -> None:
-        """An export asked for while a preview was on its way: now that none is, write what is shown."""
+        """An export (or Apply, Refine) asked for while a preview was on its way: now that none is, do it on what is
+        shown."""
         opts, self._deferred_export = getattr(self, "_deferred_export", None), None
-        if opts is not None and not self.scheduler.busy:
+        action, self._deferred_action = getattr(self, "_deferred_action", None), None
+        if self.scheduler.busy:
+            return
+        if opts is not None or action is not None:
             self._commit_current()
+        if opts is not None:
             self.export_to(opts)
+        if action is not None:
+            action()
+
+    def _defer_until_preview(self, action, what: str) -> bool:
+        """True (and ``action`` is run once the preview is shown) while the slider's last move is still being
+        previewed: Apply or Refine pressed right after a move act on the value the slider shows, not the one before."""
+        if self._preview_timer.isActive() or self.scheduler.busy:
+            self._deferred_action = action
+            self.statusBar().showMessage(f"{what} as soon as the preview is ready…", 4000)
+            return True
+        return False
 
     def export_to(self, opts: dict, entry: HistoryEntry | None = None):
         """Export ``entry`` (default: what Export writes). While a preview is still being made (the slider was just
@@ -1279,7 +1304,7 @@ class MainWindow(QMainWindow):
         self.photo = self.face = self.source = None
         self.current_entry = self._live_entry = None
         self._photo_has_edits = False
-        self._deferred_export = None
+        self._deferred_export = self._deferred_action = None
         self.history.reset()
         self.history_panel.show_history(self.history)
         self.gallery.set_results([])
@@ -1302,6 +1327,8 @@ class MainWindow(QMainWindow):
                 det, tier = self.settings.detector, self.settings.tier
                 self.submit("warm-up", lambda b, progress, cancel: (b.warm_up(det), b.warm_up_engine(tier)))
                 if self.face is not None:
+                    if "tier" in changed:
+                        self.canvas.pick_single = True  # so the advice below works on a photo with one face
                     self.statusBar().showMessage(
                         "The open face keeps its detection and inversion: the new settings apply to the next photo "
                         + ("(or click the face to invert it again)." if "tier" in changed else "opened."), 12000)

@@ -95,6 +95,12 @@ class InvalidCheckpointError(AnyFaceError):
     title = "Unsupported model file"
 
 
+class InvalidLatentError(InvalidCheckpointError):
+    """A file given as an AnyFace latent (.npz) is not one (or cannot be read)."""
+
+    title = "Not an AnyFace latent"
+
+
 class InvalidImageError(AnyFaceError):
     """A file is not a readable image (corrupt, truncated, empty, not an image)."""
 

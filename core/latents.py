@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from core.atomic import mkstemp_beside, set_file_mode
-from core.errors import InvalidCheckpointError
+from core.errors import InvalidCheckpointError, InvalidLatentError
 from core.io import PROVENANCE
 
 LATENT_FORMAT = "anyface-latent"
@@ -153,33 +153,33 @@ def save_latent(path: str | os.PathLike, ws, *, captions, seed: int | None, meth
 
 
 def load_latent(path: str | os.PathLike) -> LatentFile:
-    """Load a latent written by :func:`save_latent` (never unpickles). Raises ``InvalidCheckpointError`` for
-    files that are not AnyFace latents."""
+    """Load a latent written by :func:`save_latent` (never unpickles). Raises ``InvalidLatentError`` (an
+    ``InvalidCheckpointError``) for files that are not AnyFace latents."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             if "ws" not in data.files or "meta" not in data.files:
-                raise InvalidCheckpointError(f"{path} is not an AnyFace latent file (needs 'ws' and 'meta').")
+                raise InvalidLatentError(f"{path} is not an AnyFace latent file (needs 'ws' and 'meta').")
             ws = np.array(data["ws"], dtype=np.float32)
             meta_arr = data["meta"]
             meta = json.loads(str(meta_arr.reshape(-1)[0]))
-    except InvalidCheckpointError:
+    except InvalidLatentError:
         raise
     except FileNotFoundError as e:
-        raise InvalidCheckpointError(f"The latent file {path} does not exist.") from e
+        raise InvalidLatentError(f"The latent file {path} does not exist.") from e
     except IsADirectoryError as e:
-        raise InvalidCheckpointError(f"{path} is a folder, not a latent file.") from e
+        raise InvalidLatentError(f"{path} is a folder, not a latent file.") from e
     except PermissionError as e:
-        raise InvalidCheckpointError(f"Cannot read the latent file {path}: permission denied.") from e
+        raise InvalidLatentError(f"Cannot read the latent file {path}: permission denied.") from e
     except Exception as e:
         # numpy's own text for a file that is no .npz at all suggests allow_pickle=True: wrong here, and unsafe
         why = "not a .npz file" if "pickle" in str(e) or isinstance(e, (EOFError, OSError)) else str(e)
-        raise InvalidCheckpointError(f"Cannot read the latent file {path}: {why}. It is damaged or not an AnyFace "
+        raise InvalidLatentError(f"Cannot read the latent file {path}: {why}. It is damaged or not an AnyFace "
                                      f"latent (.npz saved by Export or --save-latent).") from e
     if meta.get("format") != LATENT_FORMAT:
-        raise InvalidCheckpointError(f"{path} is not an AnyFace latent file (format {meta.get('format')!r}).")
+        raise InvalidLatentError(f"{path} is not an AnyFace latent file (format {meta.get('format')!r}).")
     if ws.ndim != 2:
-        raise InvalidCheckpointError(f"{path}: ws has shape {ws.shape}, expected [num_ws, w_dim].")
+        raise InvalidLatentError(f"{path}: ws has shape {ws.shape}, expected [num_ws, w_dim].")
     return LatentFile(ws=torch.from_numpy(ws), captions=list(meta.get("captions") or []), seed=meta.get("seed"),
                       method=meta.get("method"), pack_id=meta.get("pack_id"), extra=dict(meta.get("extra") or {}),
                       created=meta.get("created"), version=int(meta.get("version", LATENT_VERSION)))

@@ -70,7 +70,7 @@ def _base_forms(word: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Reading:
-    word: str  # as typed (lower case)
+    word: str  # as looked up: lower case, accents dropped, clitics cut
     read_as: tuple[str, ...]  # the known words added for it (empty: no dictionary word it knows)
 
 

@@ -372,6 +372,7 @@ def test_latent_npz_roundtrip(tmp_path, engine, source):
     with pytest.raises(InvalidCheckpointError, match="not a .npz file") as e:
         load_latent(bad)
     assert "pickle" not in str(e.value)  # numpy's advice to allow pickles is wrong here, and unsafe
+    assert e.value.title == "Not an AnyFace latent"  # the error box's title (it said "Unsupported model file")
     with pytest.raises(InvalidCheckpointError, match="does not exist"):
         load_latent(tmp_path / "missing.npz")
     with pytest.raises(ValueError):

@@ -696,6 +696,60 @@ def test_apply_edit_stacks_and_undo_restores_source(qtbot, photo):
     close_window(qtbot, win)
 
 
+def test_apply_and_export_right_after_a_slider_move_use_the_value_the_slider_shows(qtbot, photo, tmp_path):
+    """A review found Ctrl+Enter right after a slider move applied the value before it (and a fast drag-and-release
+    committed a step at a value the user only passed through); an export of an applied step had no captions."""
+    win = make_window(qtbot)
+    open_ready(qtbot, win, photo)
+    win.captions.add_caption("smile")
+    win.captions.set_strength(0.5)
+    wait_idle(qtbot, win)
+    assert win.current_entry.params["strength"] == 0.5
+    win.captions.set_strength(0.9)  # the preview of 0.9 is not made yet
+    win.act_apply.trigger()
+    wait_idle(qtbot, win)
+    applied = win.source
+    assert applied.params.get("applied") and applied.params["applied_params"]["strength"] == 0.9
+    assert "Applied" in win.history.current.label
+    # the export of the applied step says what it applied
+    win.settings.set("output_dir", str(tmp_path / "out"))
+    win.export_to({"path": str(tmp_path / "out" / "applied.png"), "fmt": "png"})
+    wait_idle(qtbot, win)
+    tag = read_provenance(str(tmp_path / "out" / "applied.png"))
+    assert tag["captions"] == ["smile"] and tag["strength"] == 0.9, tag
+    # a drag that ends with a quick last move commits the last value only
+    win.captions.add_caption("grey hair")
+    wait_idle(qtbot, win)
+    steps = len(win.history.entries)
+    slider = win.captions.slider
+    slider.setSliderDown(True)
+    slider.setValue(90)
+    wait_idle(qtbot, win)
+    slider.setValue(30)
+    slider.setSliderDown(False)  # released before the 0.30 preview was made
+    wait_idle(qtbot, win)
+    added = [e.params.get("strength") for e in win.history.entries[steps:]]
+    assert added == [0.3], added
+    # Export As suggests a name no image or latent of another format has taken
+    (tmp_path / "out" / "portrait_anyface_001.npz").write_bytes(b"a latent of an earlier export")
+    assert Path(win._suggest_path("webp")).name == "portrait_anyface_002.webp"
+    close_window(qtbot, win)
+
+
+def test_after_a_tier_change_a_click_on_the_only_face_inverts_it_again(qtbot, photo, monkeypatch):
+    from anyface_desktop.main_window import SettingsDialog
+
+    win = make_window(qtbot)
+    open_ready(qtbot, win, photo)
+    assert not win.canvas.pick_single
+    monkeypatch.setattr(SettingsDialog, "exec", lambda self: True)
+    monkeypatch.setattr(SettingsDialog, "apply", lambda self: (win.settings.set("tier", "best"), {"tier": "best"})[1])
+    win.open_settings()
+    wait_idle(qtbot, win)
+    assert win.canvas.pick_single and "click the face" in win.statusBar().currentMessage()
+    close_window(qtbot, win)
+
+
 def test_method_box_starts_with_the_packs_best_and_keeps_the_users_pick(qtbot):
     from anyface_desktop.captions import CaptionEditor
 
