@@ -8,7 +8,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDoubleSpinBox, QF
                                QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from anyface_desktop.backend import BatchJob
-from core.batch import IMAGE_SUFFIXES
+from core.batch import IMAGE_SUFFIXES, iter_inputs
 from anyface_desktop.captions import METHOD_LABELS, split_captions
 
 
@@ -133,16 +133,16 @@ class BatchDialog(QDialog):
         problem = None
         if not bj.input_dir or not Path(bj.input_dir).is_dir():
             problem = "Choose the folder that holds the photos."
-        elif not any(p.suffix.lower() in IMAGE_SUFFIXES
-                     for p in (Path(bj.input_dir).rglob("*") if bj.recursive else Path(bj.input_dir).iterdir())):
-            problem = (f"No photos (PNG, JPEG, WebP, BMP, TIFF) in {bj.input_dir}"
+        elif not bj.output_dir:
+            problem = "Choose an output folder."
+        elif Path(bj.output_dir).exists() and not Path(bj.output_dir).is_dir():
+            problem = f"The output “{bj.output_dir}” is a file, not a folder. Choose a folder."
+        elif not _has_inputs(bj):
+            kinds = ", ".join(sorted(s.lstrip(".").upper() for s in IMAGE_SUFFIXES if s not in (".jpe", ".tif")))
+            problem = (f"No photos ({kinds}) in {bj.input_dir}"
                        + ("" if bj.recursive else " (tick “Include subfolders” to look in its subfolders)") + ".")
         elif not bj.captions:
             problem = "Type at least one caption (separate several with |)."
-        elif not bj.output_dir:
-            problem = "Choose an output folder."
-        elif Path(bj.output_dir).resolve() == Path(bj.input_dir).resolve():
-            problem = "The output folder must differ from the input folder (inputs are never overwritten)."
         if problem:
             self.log.setPlainText(f"Not started: {problem}")  # not the last run's report, as if this one had run
             QMessageBox.warning(self, "Batch", problem)
@@ -158,7 +158,7 @@ class BatchDialog(QDialog):
         if self.job is not None:
             self.window.host.cancel(self.job)
             self.cancel_btn.setEnabled(False)
-            self.log.appendPlainText("Cancelling… (the photo in progress is dropped; Start again resumes)")
+            self.log.appendPlainText("Cancelling… (Start again resumes where it stopped)")
 
     def _on_progress(self, job, done: int, total: int) -> None:
         if job is self.job and total:
@@ -167,6 +167,9 @@ class BatchDialog(QDialog):
             self.progress.setFormat(f"%v / %m photos")
 
     def _finish(self) -> None:
+        if self.progress.maximum() == 0:  # still the busy indicator of a start (a failure before any photo)
+            self.progress.setRange(0, 1)
+            self.progress.setValue(0)
         self.job = None
         self.start_btn.setEnabled(True)
         self.cancel_btn.setEnabled(False)
@@ -175,7 +178,9 @@ class BatchDialog(QDialog):
         self.report = report
         self.progress.setRange(0, max(1, report.total))
         self.progress.setValue(report.ok + report.failed)
-        self.log.setPlainText(report.summary())
+        self.log.setPlainText(report.summary() if report.total else
+                              f"No photos to edit in {self.input.text().strip()}: the images there are outputs of an earlier "
+                              "run or hidden files.")
         self._finish()
 
     def job_failed(self, exc, tb) -> None:
@@ -183,6 +188,9 @@ class BatchDialog(QDialog):
         self._finish()
 
     def job_cancelled(self, partial=None) -> None:
+        if partial is not None and not partial.cancelled:  # every photo was done before the cancel was seen
+            self.job_done(partial)
+            return
         self.report = partial
         if partial is not None:
             self.log.setPlainText("Batch cancelled.\n" + partial.summary())
@@ -192,3 +200,12 @@ class BatchDialog(QDialog):
 
     def closeEvent(self, e):  # noqa: N802
         super().closeEvent(e)  # a running batch keeps running; the window's close cancels it
+
+
+def _has_inputs(bj) -> bool:
+    """Whether the runner would find at least one photo (or a folder it reports) there: the same walk as the batch
+    (hidden files and earlier outputs skipped), stopped at the first."""
+    try:
+        return next(iter_inputs(bj.input_dir, recursive=bj.recursive, output_dir=bj.output_dir), None) is not None
+    except Exception:  # noqa: BLE001 - an unreadable folder: the runner says why
+        return True

@@ -311,7 +311,7 @@ class _CancelOnSignal:
     """First Ctrl-C (or SIGTERM from a job scheduler) asks the running job to stop cleanly; a second Ctrl-C
     interrupts at once."""
 
-    RESUME = "the item in progress is dropped; run the command again to resume"
+    RESUME = "the photo in progress is finished or dropped; run the command again to resume"
 
     def __init__(self, quiet: bool = False, what: str = RESUME):
         self.flag, self.quiet, self.what, self._old = False, quiet, what, {}

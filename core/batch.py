@@ -222,8 +222,10 @@ def iter_inputs(input: str | os.PathLike, *, recursive: bool = False, shard: tup
     Hidden entries (``.name``) are skipped, symlinked folders are not followed, and inside ``output_dir``
     files named like the runner's outputs are not inputs (so output folder == input folder works); the same in
     any subfolder where an earlier run wrote (it holds ``.anyface-batch``), so a second run with another -o inside
-    the input does not edit the first run's outputs again, while the photos beside them stay inputs. (The
-    folder given itself is taken as it is: pointing a run at an output folder edits its images.)"""
+    the input does not edit the first run's outputs again, while the photos beside them stay inputs. The folder
+    given itself is taken as it is (pointing a run at an output folder edits its images), unless an earlier run
+    wrote there in place: then an output-named file beside its photo is that run's output, and so are the
+    output-named files of its subfolders."""
     root = Path(input)
     out_res = Path(output_dir).resolve() if output_dir is not None else None
     if root.is_file() or (root.is_symlink() and not root.is_dir()):
@@ -248,9 +250,11 @@ def iter_inputs(input: str | os.PathLike, *, recursive: bool = False, shard: tup
         # inputs, the photos beside them are
         in_out = (out_res is not None and _under(d_res, out_res) or in_earlier_out
                   or bool(rel_dir) and (d / STATE_DIR).is_dir())  # the folder given itself: as the user says
+        # ... unless an earlier run wrote there in place: its outputs sit beside their photos (another -o this time)
+        root_earlier = not rel_dir and not in_out and (d / STATE_DIR).is_dir()
         images = [n for n, is_dir in entries if not is_dir and not n.startswith(".") and is_image_name(n)]
-        names = [n for n in images if not (in_out and _OUTPUT_NAME.search(n))]
-        if in_out and out_res is not None and d_res == out_res:
+        names = [n for n in images if not ((in_out or root_earlier) and _OUTPUT_NAME.search(n))]
+        if in_out and out_res is not None and d_res == out_res or root_earlier:
             # in place (outputs beside the photos): a name like an output is one only when its photo is here too;
             # the user's own "me_anyface.jpg" with no "me.*" beside it is a photo like any other
             def photo_here(n: str, stems: set[str]) -> bool:
@@ -259,6 +263,8 @@ def iter_inputs(input: str | os.PathLike, *, recursive: bool = False, shard: tup
             first = [n for n in images if photo_here(n, set(plan_stems(names).values()))]
             stems_here = set(plan_stems(names + first).values())  # "me_anyface_anyface.png" is me_anyface's output
             names = sorted(names + [n for n in first if photo_here(n, stems_here)])
+            if root_earlier and len(names) < len(images):  # it was in place: its subfolders hold its outputs too
+                in_out = True
         stems = plan_stems(names)
         for name, is_dir in entries:
             if name.startswith("."):
@@ -853,7 +859,9 @@ def _run_one(item: BatchInput, out: Path, out_res: Path, staging: Path, process,
                     o.write(tmp)
                 except (OSError, OutputError) as e:  # name the output, not the staging file
                     msg = (getattr(e, "strerror", None) or str(e)).replace(str(tmp), str(final))
-                    raise OutputError(f"Could not write '{final}': {msg.rstrip('.')}.") from e
+                    prefix = f"Could not write '{final}': "
+                    msg = msg[len(prefix):] if msg.startswith(prefix) else msg  # a writer's error names it already
+                    raise OutputError(f"{prefix}{msg.rstrip('.')}.") from e
                 if not tmp.is_file():
                     raise OutputError(f"The writer for {name} produced no file.")
                 size = tmp.stat().st_size

@@ -807,3 +807,35 @@ def test_in_place_a_users_own_photo_named_like_an_output_is_an_input(tmp_path):
     assert rels == ["me_anyface.png", "p.png", "q.jpg"]
     other = tmp_path / "other_out"  # not in place: the input folder is taken as it is
     assert len([i.rel for i in batch.iter_inputs(tmp_path, output_dir=other)]) == 6
+    # ... unless an earlier run wrote there in place (it left its state): then `-o other` does not edit that run's
+    # outputs again (a review found astronaut_anyface_anyface.png and sub/s1_anyface_anyface.png), in subfolders
+    # too, while the user's own me_anyface.png stays a photo
+    (tmp_path / batch.STATE_DIR).mkdir()
+    (tmp_path / "sub").mkdir()
+    for n in ("s1.png", "s1_anyface.png"):
+        (tmp_path / "sub" / n).write_bytes(b"x")
+    rels = [i.rel for i in batch.iter_inputs(tmp_path, recursive=True, output_dir=other)]
+    assert rels == ["me_anyface.png", "p.png", "q.jpg", "sub/s1.png"], rels
+
+
+def test_a_write_error_that_names_its_file_is_not_said_twice(tmp_path):
+    """A full disk read "Could not write 'x.png': Could not write 'x.png': [Errno 28] No space left on device." (the
+    image writer's error already names the file); the run keeps going."""
+    from core.io import write_image
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for n in ("a.png", "b.png"):
+        (src / n).write_bytes(b"x")
+
+    def full_disk(path, should_cancel=None):
+        def write(p):
+            if Path(path).stem == "a":
+                raise OutputError(f"Could not write '{p}': [Errno 28] No space left on device")
+            write_image(p, np.zeros((4, 4, 3), np.uint8), "png")
+        return [batch.Output("png", write)]
+
+    r = batch.run(src, tmp_path / "out", full_disk)
+    (bad,) = r.failed_items
+    assert bad.reason.count("Could not write") == 1 and "No space left on device" in bad.reason, bad.reason
+    assert str(tmp_path / "out" / "a_anyface.png") in bad.reason and r.ok == 1

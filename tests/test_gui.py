@@ -1370,6 +1370,41 @@ def test_batch_dialog_includes_subfolders_when_asked(qtbot, tmp_path, photo):
     close_window(qtbot, win)
 
 
+def test_batch_dialog_checks_like_the_runner_and_resets_its_bar(qtbot, tmp_path, photo, monkeypatch):
+    """A review: the dialog counted hidden files as photos (a run of 0 photos started), refused an in-place run the
+    CLI does, called an output that is a file "Cannot write ... File exists", and left the busy bar spinning after
+    a failed start."""
+    from PySide6.QtWidgets import QMessageBox
+
+    monkeypatch.setattr(QMessageBox, "warning", staticmethod(lambda *a, **k: None))
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / ".hidden.png").write_bytes(photo.read_bytes())
+    win = make_window(qtbot)
+    win.open_batch()
+    dlg = win.batch_dialog
+    dlg.input.setText(str(src))
+    dlg.captions.setText("smile")
+    dlg.output.setText(str(src))  # in place: allowed, as in the CLI
+    dlg.start()
+    assert dlg.job is None and dlg.log.toPlainText().startswith("Not started: No photos (") and "GIF" in \
+        dlg.log.toPlainText()
+    (src / "me.png").write_bytes(photo.read_bytes())
+    (tmp_path / "afile").write_bytes(b"x")
+    dlg.output.setText(str(tmp_path / "afile"))
+    dlg.start()
+    assert "is a file, not a folder" in dlg.log.toPlainText()
+    dlg.output.setText(str(src))
+    dlg.start()
+    qtbot.waitUntil(lambda: dlg.job is None and dlg.report is not None, timeout=10000)
+    assert dlg.report.ok == 1 and (src / "me_anyface.png").is_file()
+    # a failure before any photo: the bar does not keep spinning
+    dlg.progress.setRange(0, 0)
+    dlg.job_failed(RuntimeError("boom"), "")
+    assert dlg.progress.maximum() == 1 and "Batch failed: boom" in dlg.log.toPlainText()
+    close_window(qtbot, win)
+
+
 def test_captions_typed_on_one_line_split_on_bars_everywhere(qtbot):
     from anyface_desktop.captions import split_captions
 
