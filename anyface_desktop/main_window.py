@@ -46,6 +46,8 @@ class MainWindow(QMainWindow):
         self.face: FaceState | None = None
         self.source: HistoryEntry | None = None  # what edits start from (a photo's face or a generated face)
         self.history = History()
+        # faces of the open photo left for another one: their history, to come back to (index -> FaceSession)
+        self._face_sessions: dict[int, dict] = {}
         self.display = "photo"  # "photo" (pasted back into the full photo) | "crop" (the aligned face)
         self.scheduler = LiveScheduler()
         self.last_timing = ""
@@ -611,6 +613,7 @@ class MainWindow(QMainWindow):
             self._drop_note = None  # about a drop whose photo did not open
         self.canvas.pick_single = False
         self._photo_has_edits = False
+        self._face_sessions = {}
         self._deferred_export = self._deferred_action = None
         self.settings.add_recent_file(str(photo.path))
         self.photo = photo
@@ -662,6 +665,10 @@ class MainWindow(QMainWindow):
         self.host.cancel(kind="invert")
         cur = getattr(self, "current_entry", None)
         if self.face is not None and index != self.face.index:
+            # the face being left keeps its history: clicking it again comes back to it (not to a new inversion of
+            # its edited pixels), with its steps to undo
+            self._face_sessions[self.face.index] = dict(face=self.face, history=self.history, current=cur,
+                                                        region=self._face_region())
             composed = cur.composed if cur is not None else None  # read once: an old step rebuilds it on access
             if composed is not None and composed is not self.face.photo.image:
                 # the edit of the face being left (a preview, an applied or refined step) stays in the photo: the
@@ -672,8 +679,48 @@ class MainWindow(QMainWindow):
                 self._photo_has_edits = True
                 self.statusBar().showMessage(f"Face {self.face.index + 1}'s edit is kept in the photo.", 6000)
             self.captions.set_strength(0.0, emit=False)  # the captions stay; the slider applies them to this face
+            if index in self._face_sessions:
+                self._resume_face(self._face_sessions.pop(index))
+                return
         photo, tier = self.photo, self.settings.tier
         self.submit("invert", lambda b, progress, cancel: b.prepare_face(photo, index, tier, progress, cancel))
+
+    def _resume_face(self, session: dict) -> None:
+        """Back to a face edited before on this photo: its own history, on the photo as it is now (the other faces'
+        edits kept), its region as it was before its own first edit. Faces are assumed not to overlap (as
+        paste-back assumes)."""
+        from dataclasses import replace
+
+        old = session["face"]
+        region = session["region"]
+        base = self.photo.image
+        if region is not None and old.photo.image.shape == base.shape:
+            h, w = base.shape[:2]
+            x0, y0 = max(0, int(region[0]) - 2), max(0, int(region[1]) - 2)
+            x1, y1 = min(w, int(np.ceil(region[2])) + 2), min(h, int(np.ceil(region[3])) + 2)
+            base = base.copy()
+            base[y0:y1, x0:x1] = old.photo.image[y0:y1, x0:x1]
+            history = session["history"]
+            entries = list(history.entries)
+            cur = session["current"]
+            for e in entries + ([cur] if cur is not None and not any(cur is x for x in entries) else []):
+                full = e.composed
+                if full is None or full.shape != base.shape:
+                    continue
+                new = base.copy()
+                new[y0:y1, x0:x1] = full[y0:y1, x0:x1]
+                e.composed = new
+                e.compact(base, region)
+        else:  # no region to move (should not happen for a photo face): invert it again
+            photo, index, tier = self.photo, old.index, self.settings.tier
+            self.submit("invert", lambda b, progress, cancel: b.prepare_face(photo, index, tier, progress, cancel))
+            return
+        self.photo = replace(self.photo, image=base)
+        self.face = replace(old, photo=self.photo)
+        self.history = session["history"]
+        self.canvas.pick_single = False
+        self._restore(session["current"] or self.history.current)
+        self.statusBar().showMessage(f"Back to face {old.index + 1}: its steps are in History.", 6000)
 
     def _face_not_inverted(self, why: str) -> None:
         """The photo is open but no face of it is being edited (its first inversion was cancelled or failed): a
@@ -689,6 +736,8 @@ class MainWindow(QMainWindow):
         first = HistoryEntry("Photo (inverted)", face.ws, face.reconstruction, face.photo.image,
                              params={"captions": [], "strength": 0.0})
         self.source = first
+        self._face_sessions.pop(face.index, None)  # inverted afresh (a tier change): its old steps are gone
+        self.history = History()  # the face left (if any) keeps its own in its session
         self.history.reset(first)
         self.history_panel.show_history(self.history)
         self._update_actions()
@@ -984,6 +1033,7 @@ class MainWindow(QMainWindow):
         if result is None or ask and not self.confirm_discard("Edit this face"):
             return
         self._photo_has_edits = False
+        self._face_sessions = {}
         self._deferred_export = self._deferred_action = None
         self.scheduler.invalidate()
         self.photo, self.face = None, None
@@ -1304,6 +1354,7 @@ class MainWindow(QMainWindow):
         self.photo = self.face = self.source = None
         self.current_entry = self._live_entry = None
         self._photo_has_edits = False
+        self._face_sessions = {}
         self._deferred_export = self._deferred_action = None
         self.history.reset()
         self.history_panel.show_history(self.history)

@@ -1080,6 +1080,27 @@ def test_edits_of_several_faces_add_up_in_the_photo_and_the_export(qtbot, tmp_pa
     win.pick_face(other)
     wait_idle(qtbot, win)
     assert win.history.index == n and win.face.index == other
+    edited_other = _region(win.current_entry.composed, boxes[other]).copy()
+    # back to face 1: its own history comes back (a review found it inverted face 1's EDITED pixels again, so its
+    # original could never be had back), on the photo with face 2's edit kept
+    inverts = [0]
+    win.host.worker.started.connect(lambda job: inverts.__setitem__(0, inverts[0] + (job.kind == "invert")))
+    win.pick_face(first)
+    wait_idle(qtbot, win)
+    assert inverts[0] == 0 and win.face.index == first and win.history.index >= 1
+    assert np.array_equal(_region(win.current_entry.composed, boxes[first]), edited_first)
+    assert np.array_equal(_region(win.current_entry.composed, boxes[other]), edited_other)
+    win.jump_history(0)  # face 1 as it was: the original pixels, face 2's edit still in the photo
+    shown = win.current_entry.composed
+    assert np.array_equal(_region(shown, boxes[first]), _region(original, boxes[first]))
+    assert np.array_equal(_region(shown, boxes[other]), edited_other)
+    win.jump_history(win.history.index + 1)  # and redo
+    assert np.array_equal(_region(win.current_entry.composed, boxes[first]), edited_first)
+    # face 2 again: its steps are there too
+    win.pick_face(other)
+    wait_idle(qtbot, win)
+    assert inverts[0] == 0 and win.face.index == other and win.history.index == n
+    assert np.array_equal(_region(win.current_entry.composed, boxes[first]), edited_first)
     close_window(qtbot, win)
 
 
@@ -1267,10 +1288,12 @@ def test_several_faces_applied_edits_going_back_and_failed_switches(qtbot, tmp_p
     qtbot.waitUntil(lambda: win.face.index == other, timeout=5000)
     wait_idle(qtbot, win)
     assert np.array_equal(_region(win.current_entry.composed, boxes[first]), applied)
-    # a switch that fails (back to face 1 now): everything stays on face 2
+    # a switch that fails: everything stays on face 2 (face 1 had been edited, so going back to it would resume its
+    # history without an inversion: its session is dropped here to make the switch invert)
     def broken(*a, **k):
         raise RuntimeError("inversion failed")
     backend.prepare_face = broken
+    win._face_sessions.pop(first)
     win.pick_face(first)
     qtbot.waitUntil(lambda: bool(open_error_boxes()), timeout=5000)
     wait_idle(qtbot, win)
