@@ -329,7 +329,8 @@ class BatchReport:
     ok: int = 0
     failed: int = 0
     reused: int = 0  # ok items an earlier run had done
-    cancelled: bool = False
+    cancelled: bool = False  # some inputs were not run (see not_run_why)
+    not_run_why: str = "cancelled"  # or, for a merge, "a shard never ran", ...
     seconds: float = 0.0
     output_dir: str = ""
     report_json: str | None = None
@@ -358,7 +359,7 @@ class BatchReport:
             s += f" ({self.reused} by an earlier run)"
         s += f", {self.failed} failed"
         if self.cancelled:
-            s += f", cancelled with {self.total - self.ok - self.failed} left"
+            s += f", {self.total - self.ok - self.failed} not run ({self.not_run_why})"
         s += f" in {self.seconds:.1f} s"
         if self.report_csv:
             s += f"; report: {self.report_csv}"
@@ -850,6 +851,8 @@ def _run_one(item: BatchInput, out: Path, out_res: Path, staging: Path, process,
         names = [f"{item.out_stem}{OUTPUT_TAG}{o.tag}.{o.ext}" for o in outputs]
         if len(set(n.casefold() for n in names)) != len(names):
             raise AnyFaceError(f"The processor returned two outputs with the same name ({names}).")
+        if should_cancel is not None and should_cancel():  # before any write (seconds for a large photo)
+            raise CancelledError("Cancelled before this photo's outputs were written.")
         for o, name in zip(outputs, names):
             final = out / name
             _safe_target(final, out_res, item, owned, name, overwrite)
@@ -961,6 +964,7 @@ def merge_reports(sources: Iterable[str | os.PathLike], dest: str | os.PathLike 
     state = dest_p / STATE_DIR
     state.mkdir(parents=True, exist_ok=True)
     report = BatchReport(output_dir=str(dest_p))
+    not_run_codes: list[str] = []
     writer = _ReportWriter(dest_p, REPORT_STEM, state)
     mtmp = state / f"manifest.merged.{uuid.uuid4().hex[:8]}.tmp"
     try:
@@ -984,6 +988,7 @@ def merge_reports(sources: Iterable[str | os.PathLike], dest: str | os.PathLike 
                                    "cancelled first; re-run its shard.", out_dir=str(out_dir),
                                    path=rec.get("input", ""))
                     report.cancelled = True
+                    not_run_codes.append(bi.code)
                 else:
                     bi = BatchItem(rel, "failed", code="error", reason="Not finished (the run was stopped before "
                                    "this input completed); re-run its shard.", out_dir=str(out_dir))
@@ -992,6 +997,9 @@ def merge_reports(sources: Iterable[str | os.PathLike], dest: str | os.PathLike 
                 writer.add(bi)
                 mf.write(json.dumps({**rec, "out_dir": str(out_dir)}) + "\n")
         os.replace(mtmp, state / "manifest.merged.jsonl")
+        whys = {"cancelled": "cancelled", "shard_missing": "a shard never ran", "stale": "an earlier run with other "
+                "settings"}
+        report.not_run_why = " / ".join(dict.fromkeys(whys[c] for c in not_run_codes)) or "cancelled"
         report.seconds = time.perf_counter() - t0
         report.report_csv, report.report_json = str(writer.csv_path), str(writer.json_path)
         writer.close(report.to_json())
