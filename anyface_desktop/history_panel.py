@@ -130,6 +130,9 @@ class HistoryPanel(QWidget):
             self.list.clear()
             for i, e in enumerate(history.entries):
                 item = QListWidgetItem(f"{i + 1}. {e.label}")
+                caps = e.params.get("captions") or e.params.get("applied_captions") or []
+                if caps:  # the label shortens long caption sets: the whole of them on hover
+                    item.setToolTip("\n".join(caps))
                 if i > history.index:
                     item.setForeground(self.palette().color(self.palette().ColorRole.PlaceholderText))
                 if i == history.index:

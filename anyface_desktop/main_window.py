@@ -793,7 +793,9 @@ class MainWindow(QMainWindow):
         how = f" · {p['method']}" if p.get("method") else ""
         how += f" · lock {p['identity_layers']}" if p.get("identity_layers") is not None else ""
         short = caps if len(caps) <= 28 else caps[:27] + "…"
-        entry = HistoryEntry(f"“{short}” @ {p.get('strength', 0):.2f}{how}", out.result.ws, out.result.image,
+        n = len(p.get("captions", []))
+        more = f" ({n} captions)" if n > 1 and len(caps) > 28 else ""  # two long sets that start alike differ here
+        entry = HistoryEntry(f"“{short}”{more} @ {p.get('strength', 0):.2f}{how}", out.result.ws, out.result.image,
                              out.composed, out.result, p, source=source)
         self._live_entry = entry
         self._show_entry(entry)

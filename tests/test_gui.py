@@ -736,6 +736,24 @@ def test_apply_and_export_right_after_a_slider_move_use_the_value_the_slider_sho
     close_window(qtbot, win)
 
 
+def test_history_steps_of_long_caption_sets_differ_and_show_them_whole(qtbot, photo):
+    """A review: after a fifth caption, steps 3 and 4 read the same ("“cheerful | blond curly hair…” @ 0.60")."""
+    win = make_window(qtbot)
+    open_ready(qtbot, win, photo)
+    win.captions.set_captions(["cheerful", "blond curly hair", "green background", "looking up"])
+    win.captions.set_strength(0.6)
+    qtbot.waitUntil(lambda: win.history.index >= 1, timeout=5000)
+    wait_idle(qtbot, win)
+    win.captions.add_caption("dim light")
+    qtbot.waitUntil(lambda: win.history.index >= 2, timeout=5000)
+    wait_idle(qtbot, win)
+    a, b = (e.label for e in win.history.entries[-2:])
+    assert a != b and "(4 captions)" in a and "(5 captions)" in b
+    item = win.history_panel.list.item(win.history.index)
+    assert item.toolTip().splitlines()[-1] == "dim light"
+    close_window(qtbot, win)
+
+
 def test_after_a_tier_change_a_click_on_the_only_face_inverts_it_again(qtbot, photo, monkeypatch):
     from anyface_desktop.main_window import SettingsDialog
 
