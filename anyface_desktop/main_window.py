@@ -403,6 +403,8 @@ class MainWindow(QMainWindow):
             self._back_to_current_face()  # a face switch failed
         elif job.kind == "invert" and not self._inverting(but=job) and self.photo is not None and self.photo.faces:
             self._face_not_inverted("The face could not be inverted")
+        if job.kind == "preview":
+            self._deferred_action = None  # Apply / Refine asked for the value that failed: not an older one
         if job.kind == "preview" and open_error_boxes():
             log.warning("preview failed again: %s", exc)  # one box at a time while dragging
             return
@@ -602,6 +604,7 @@ class MainWindow(QMainWindow):
         self._resume_invert = (self.photo, self.canvas_face_index()) if inverting and self.photo is not None else None
         self.host.cancel(kind="invert")
         detector = self.settings.detector
+        self._deferred_action = None  # an Apply / Refine waiting for a preview was about the photo being left
         self.submit("open", lambda b, progress, cancel: _open_photo_any_faces(b, path, detector))
 
     def canvas_face_index(self) -> int:
@@ -649,6 +652,7 @@ class MainWindow(QMainWindow):
     def pick_face(self, index: int) -> None:
         if self.photo is None or not (0 <= index < len(self.photo.faces)):
             return
+        self._deferred_action = None  # an Apply / Refine waiting for a preview was about the face being edited
         if self.face is not None and index == self.face.index:
             if self._inverting():  # back to the face being edited while a switch runs: stop the switch
                 self.host.cancel(kind="invert")
@@ -687,19 +691,18 @@ class MainWindow(QMainWindow):
 
     def _resume_face(self, session: dict) -> None:
         """Back to a face edited before on this photo: its own history, on the photo as it is now (the other faces'
-        edits kept), its region as it was before its own first edit. Faces are assumed not to overlap (as
-        paste-back assumes)."""
+        edits kept), its pixels as they were before its own first edit. Where two faces' paste-back masks overlap,
+        this face's pixels win (as a paste-back of it would)."""
         from dataclasses import replace
 
         old = session["face"]
         region = session["region"]
         base = self.photo.image
-        if region is not None and old.photo.image.shape == base.shape:
-            h, w = base.shape[:2]
-            x0, y0 = max(0, int(region[0]) - 2), max(0, int(region[1]) - 2)
-            x1, y1 = min(w, int(np.ceil(region[2])) + 2), min(h, int(np.ceil(region[3])) + 2)
+        mask = _paste_mask(old.transform, base.shape[:2])
+        if mask is not None and old.photo.image.shape == base.shape:
+            # only where this face's paste-back can change pixels: a neighbour's edit inside the crop area stays
             base = base.copy()
-            base[y0:y1, x0:x1] = old.photo.image[y0:y1, x0:x1]
+            base[mask] = old.photo.image[mask]
             history = session["history"]
             entries = list(history.entries)
             cur = session["current"]
@@ -708,7 +711,7 @@ class MainWindow(QMainWindow):
                 if full is None or full.shape != base.shape:
                     continue
                 new = base.copy()
-                new[y0:y1, x0:x1] = full[y0:y1, x0:x1]
+                new[mask] = full[mask]
                 e.composed = new
                 e.compact(base, region)
         else:  # no region to move (should not happen for a photo face): invert it again
@@ -938,6 +941,8 @@ class MainWindow(QMainWindow):
     def _restore(self, entry: HistoryEntry | None) -> None:
         if entry is None:
             return
+        self._deferred_action = None  # an Apply / Refine waiting for a preview was about the step left
+        self._preview_timer.stop()  # so was a slider move not previewed yet (it made a step that dropped the redo)
         self.source = entry.source if entry.source is not None else entry
         self.scheduler.invalidate()
         self._live_entry = entry
@@ -951,6 +956,8 @@ class MainWindow(QMainWindow):
             self.captions.set_strength(0.0, emit=False)
         self.history_panel.show_history(self.history)
         self._update_actions()
+        if getattr(self, "_deferred_export", None) is not None and not self.scheduler.busy:
+            self._run_deferred_export()  # an export waiting for the preview just stopped: it writes what is shown
 
     def undo(self) -> None:
         if self.history.can_undo():
@@ -1172,10 +1179,10 @@ class MainWindow(QMainWindow):
     def _run_deferred_export(self) -> None:
         """An export (or Apply, Refine) asked for while a preview was on its way: now that none is, do it on what is
         shown."""
+        if self.scheduler.busy:
+            return  # the next preview's end runs them
         opts, self._deferred_export = getattr(self, "_deferred_export", None), None
         action, self._deferred_action = getattr(self, "_deferred_action", None), None
-        if self.scheduler.busy:
-            return
         if opts is not None or action is not None:
             self._commit_current()
         if opts is not None:
@@ -1316,6 +1323,7 @@ class MainWindow(QMainWindow):
         self.batch_dialog.raise_()
 
     def run_batch(self, batch_job) -> Job:
+        self.host.backend.last_batch_report = None  # a batch cancelled before it starts has no report (not the last)
         return self.submit("batch", lambda b, progress, cancel: b.run_batch(batch_job, progress, cancel))
 
     def _done_batch(self, job: Job, report) -> None:
@@ -1441,3 +1449,21 @@ def _open_photo_any_faces(b: Backend, path: str, detector: str) -> PhotoState:
         return b.open_photo(path, detector)
     except NoFaceFoundError:
         return PhotoState(path=str(path), image=b.read_image(path), faces=[])
+
+
+def _paste_mask(transform, shape: tuple[int, int]) -> np.ndarray | None:
+    """Bool [H, W]: where pasting a face back with ``transform`` can change pixels (core.align.warped_mask), or its box
+    for a plain (x0, y0, x1, y1) transform; None when there is neither."""
+    if hasattr(transform, "image_size") and hasattr(transform, "output_size"):
+        from core.align import warped_mask
+
+        if tuple(transform.image_size) != tuple(shape):
+            return None
+        return warped_mask(transform) > 0
+    if isinstance(transform, (tuple, list)) and len(transform) == 4:
+        h, w = shape
+        x0, y0, x1, y1 = transform
+        m = np.zeros((h, w), bool)
+        m[max(0, int(y0)):min(h, int(np.ceil(y1))), max(0, int(x0)):min(w, int(np.ceil(x1)))] = True
+        return m
+    return None

@@ -223,9 +223,9 @@ def iter_inputs(input: str | os.PathLike, *, recursive: bool = False, shard: tup
     files named like the runner's outputs are not inputs (so output folder == input folder works); the same in
     any subfolder where an earlier run wrote (it holds ``.anyface-batch``), so a second run with another -o inside
     the input does not edit the first run's outputs again, while the photos beside them stay inputs. The folder
-    given itself is taken as it is (pointing a run at an output folder edits its images), unless an earlier run
-    wrote there in place: then an output-named file beside its photo is that run's output, and so are the
-    output-named files of its subfolders."""
+    given itself is taken as it is (pointing a run at an output folder edits its images), except the outputs an
+    earlier run wrote there in place (its manifest lists them, and their photos are still there), in subfolders
+    too."""
     root = Path(input)
     out_res = Path(output_dir).resolve() if output_dir is not None else None
     if root.is_file() or (root.is_symlink() and not root.is_dir()):
@@ -244,17 +244,16 @@ def iter_inputs(input: str | os.PathLike, *, recursive: bool = False, shard: tup
                 code = "permission_denied" if isinstance(e, PermissionError) else "unlistable_folder"
                 yield BatchInput(d, rel_dir, rel_dir, (code, f"Cannot list the folder: {e.strerror or e}."))
                 return
-            raise
+            raise AnyFaceError(f"Cannot list the folder '{d}': {e.strerror or e}.") from e
         d_res = d.resolve()
         # this run's output folder, or one where an earlier run wrote (in place, or as its -o): its outputs are not
         # inputs, the photos beside them are
         in_out = (out_res is not None and _under(d_res, out_res) or in_earlier_out
                   or bool(rel_dir) and (d / STATE_DIR).is_dir())  # the folder given itself: as the user says
-        # ... unless an earlier run wrote there in place: its outputs sit beside their photos (another -o this time)
-        root_earlier = not rel_dir and not in_out and (d / STATE_DIR).is_dir()
-        images = [n for n, is_dir in entries if not is_dir and not n.startswith(".") and is_image_name(n)]
-        names = [n for n in images if not ((in_out or root_earlier) and _OUTPUT_NAME.search(n))]
-        if in_out and out_res is not None and d_res == out_res or root_earlier:
+        images = [n for n, is_dir in entries if not is_dir and not n.startswith(".") and is_image_name(n)
+                  and (f"{rel_dir}/{n}" if rel_dir else n) not in earlier_outputs]
+        names = [n for n in images if not (in_out and _OUTPUT_NAME.search(n))]
+        if in_out and out_res is not None and (d_res == out_res or out_res == root_res):  # in place, subfolders too
             # in place (outputs beside the photos): a name like an output is one only when its photo is here too;
             # the user's own "me_anyface.jpg" with no "me.*" beside it is a photo like any other
             def photo_here(n: str, stems: set[str]) -> bool:
@@ -263,8 +262,6 @@ def iter_inputs(input: str | os.PathLike, *, recursive: bool = False, shard: tup
             first = [n for n in images if photo_here(n, set(plan_stems(names).values()))]
             stems_here = set(plan_stems(names + first).values())  # "me_anyface_anyface.png" is me_anyface's output
             names = sorted(names + [n for n in first if photo_here(n, stems_here)])
-            if root_earlier and len(names) < len(images):  # it was in place: its subfolders hold its outputs too
-                in_out = True
         stems = plan_stems(names)
         for name, is_dir in entries:
             if name.startswith("."):
@@ -282,6 +279,8 @@ def iter_inputs(input: str | os.PathLike, *, recursive: bool = False, shard: tup
 
     if not root.exists():
         raise InvalidImageError(f"'{root}' does not exist. Give a photo or a folder of photos.")
+    earlier_outputs = _in_place_outputs(root)
+    root_res = root.resolve()
     if not root.is_dir():
         raise InvalidImageError(f"'{root}' is neither a file nor a folder.")
     yield from walk(root, "")
@@ -430,6 +429,20 @@ class _ReportWriter:
 
 
 # ----------------------------------------------------------------------------------------------- manifest
+
+def _in_place_outputs(root: Path) -> set[str]:
+    """Paths (relative to ``root``, "/"-separated) of the outputs an earlier run wrote IN PLACE into ``root``: its
+    manifest there lists them, and the photo each was made from is still at the same place under ``root`` (for a
+    run whose -o was ``root``, the photos are elsewhere and nothing is listed)."""
+    if not (root / STATE_DIR).is_dir():
+        return set()
+    out: set[str] = set()
+    for rel, rec in read_manifest(manifest_paths(root)).items():
+        if not (root / rel).is_file():
+            continue
+        out.update(o for o in _owned(rec) if o != rel)  # relative to the output folder, i.e. to ``root``
+    return out
+
 
 def manifest_paths(out_dir: str | os.PathLike) -> list[Path]:
     """Every manifest in an output folder (one per shard, plus the unsharded/merged one)."""

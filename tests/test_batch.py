@@ -808,15 +808,6 @@ def test_in_place_a_users_own_photo_named_like_an_output_is_an_input(tmp_path):
     assert rels == ["me_anyface.png", "p.png", "q.jpg"]
     other = tmp_path / "other_out"  # not in place: the input folder is taken as it is
     assert len([i.rel for i in batch.iter_inputs(tmp_path, output_dir=other)]) == 6
-    # ... unless an earlier run wrote there in place (it left its state): then `-o other` does not edit that run's
-    # outputs again (a review found astronaut_anyface_anyface.png and sub/s1_anyface_anyface.png), in subfolders
-    # too, while the user's own me_anyface.png stays a photo
-    (tmp_path / batch.STATE_DIR).mkdir()
-    (tmp_path / "sub").mkdir()
-    for n in ("s1.png", "s1_anyface.png"):
-        (tmp_path / "sub" / n).write_bytes(b"x")
-    rels = [i.rel for i in batch.iter_inputs(tmp_path, recursive=True, output_dir=other)]
-    assert rels == ["me_anyface.png", "p.png", "q.jpg", "sub/s1.png"], rels
 
 
 def test_a_write_error_that_names_its_file_is_not_said_twice(tmp_path):
@@ -862,3 +853,42 @@ def test_a_cancel_seen_after_a_photo_was_made_writes_nothing_for_it(tmp_path):
     flag.clear()
     r = batch.run(src, out, process, should_cancel=lambda: False)
     assert r.ok == 1 and (out / "a_anyface.png").is_file()
+
+
+def test_a_run_with_another_output_skips_what_an_earlier_run_wrote_in_place(tmp_path):
+    """A review: after an in-place run (`edit rp -o rp -r`), `edit rp -o rp/edited -r` edited its outputs again
+    (astronaut_anyface_anyface.png, sub/s1_anyface_anyface.png), also when the folder holds only subfolders. What
+    the earlier run's manifest lists as written beside a photo that is still there is skipped; the user's own
+    files named like outputs are not."""
+    src = tmp_path / "rp"
+    for rel in ("a.png", "sub/s1.png", "only/deep/d.png", "sub/party_anyface.jpg"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(_encode(astronaut(40), "PNG"))
+    before = {i.rel for i in batch.iter_inputs(src, recursive=True)}
+    r = batch.run(src, src, fake_process, recursive=True)
+    assert r.ok == 4 and (src / "sub" / "s1_anyface.png").is_file() and (src / "only/deep/d_anyface.png").is_file()
+    again = {i.rel for i in batch.iter_inputs(src, recursive=True, output_dir=src / "edited")}
+    assert again == before == {"a.png", "sub/s1.png", "only/deep/d.png", "sub/party_anyface.jpg"}
+    # a folder that was another run's -o (its photos are elsewhere) is still taken as it is
+    other_out = tmp_path / "out"
+    batch.run(src, other_out, fake_process, recursive=True, overwrite=True)
+    assert {i.rel for i in batch.iter_inputs(other_out, recursive=True, output_dir=tmp_path / "o2")} == {
+        "a_anyface.png", "sub/s1_anyface.png", "only/deep/d_anyface.png", "sub/party_anyface_anyface.png"}
+
+
+def test_an_input_folder_that_cannot_be_listed_says_so(tmp_path, monkeypatch):
+    """It raised a bare PermissionError: the GUI showed "Unexpected error" (root reads any folder, so scandir is
+    made to fail)."""
+    from core.errors import AnyFaceError
+
+    (tmp_path / "in").mkdir()
+    real = os.scandir
+
+    def denied(path):
+        if Path(path) == tmp_path / "in":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(AnyFaceError, match="Cannot list the folder .*in': Permission denied"):
+        list(batch.iter_inputs(tmp_path / "in"))

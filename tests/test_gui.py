@@ -736,6 +736,39 @@ def test_apply_and_export_right_after_a_slider_move_use_the_value_the_slider_sho
     close_window(qtbot, win)
 
 
+def test_an_apply_waiting_for_its_preview_is_dropped_by_undo_a_face_switch_or_a_failed_preview(qtbot, photo,
+                                                                                                 tmp_path):
+    """A review: Apply pressed right after a slider move and then Undo applied the older step anyway (and lost the
+    redo step); after a failed preview an older edit was applied."""
+    win = make_window(qtbot)
+    open_ready(qtbot, win, photo)
+    win.captions.add_caption("smile")
+    win.captions.set_strength(0.6)
+    wait_idle(qtbot, win)
+    steps = [e.label for e in win.history.entries]
+    win.captions.set_strength(0.9)
+    win.act_apply.trigger()  # waits for the 0.9 preview...
+    win.undo()  # ...but the user goes back first
+    wait_idle(qtbot, win)
+    assert not any(e.params.get("applied") for e in win.history.entries)
+    assert [e.label for e in win.history.entries][:len(steps)] == steps
+    # a preview that fails drops the waiting Apply
+    backend = win.host.backend
+    win.captions.set_strength(0.3)
+    orig = backend.edit
+    backend.edit = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("preview failed"))
+    try:
+        win.act_apply.trigger()
+        qtbot.waitUntil(lambda: bool(open_error_boxes()), timeout=5000)
+        wait_idle(qtbot, win)
+    finally:
+        backend.edit = orig
+        for box in open_error_boxes():
+            box.close()
+    assert not any(e.params.get("applied") for e in win.history.entries)
+    close_window(qtbot, win)
+
+
 def test_history_steps_of_long_caption_sets_differ_and_show_them_whole(qtbot, photo):
     """A review: after a fifth caption, steps 3 and 4 read the same ("“cheerful | blond curly hair…” @ 0.60")."""
     win = make_window(qtbot)
