@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit,
-                               QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
+                               QLabel, QLineEdit, QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox,
+                               QVBoxLayout, QWidget)
 
 from anyface_desktop.backend import BatchJob
 from core.batch import IMAGE_SUFFIXES, iter_inputs
@@ -51,6 +52,12 @@ class BatchDialog(QDialog):
         self.recursive = QCheckBox("Include subfolders (their structure is kept in the output folder)")
         form.addRow("", self.recursive)
         form.addRow("Captions:", self.captions)
+        # what the pack's dictionary makes of words its text model never saw (as under the main window's captions)
+        self.reading_hint = QLabel()
+        self.reading_hint.setStyleSheet("QLabel { color: #2d6a8f; }")
+        self.reading_hint.hide()
+        form.addRow("", self.reading_hint)
+        self.captions.textChanged.connect(self._update_reading_hint)
         form.addRow("Strength:", self.strength)
         form.addRow("Identity lock:", self.identity)
         form.addRow("Method:", self.method)
@@ -102,6 +109,7 @@ class BatchDialog(QDialog):
     def prefill(self, captions, strength, method, identity_layers, output_dir) -> None:
         if captions and not self.captions.text():
             self.captions.setText(" | ".join(captions))
+        self._update_reading_hint()  # the pack (and its dictionary) may have changed
         info = getattr(self.window, "engine_info", None)
         if info is not None and self.job is None:  # the loaded pack's methods and layers (the pack may have changed)
             chosen = self.method.currentData()
@@ -118,6 +126,26 @@ class BatchDialog(QDialog):
                 self.identity.setValue(int(identity_layers))
         if not self.output.text():
             self.output.setText(str(Path(output_dir) / "batch"))
+
+    def _update_reading_hint(self) -> None:
+        info = getattr(self.window, "engine_info", None)
+        word_map = getattr(info, "word_map", None)
+        found: dict[str, tuple[str, ...]] = {}
+        if word_map is not None:
+            for c in split_captions(self.captions.text()):
+                for r in word_map.readings(c):
+                    found.setdefault(r.word, r.read_as)
+        if not found:
+            self.reading_hint.hide()
+            return
+        read = [f"{w} → {' '.join(r)}" for w, r in found.items() if r]
+        unknown = [w for w, r in found.items() if not r]
+        parts = ([f"Read as: {', '.join(read[:4])}{', …' if len(read) > 4 else ''}"] if read else []) + (
+            [f"Not known: {', '.join(unknown[:4])}{', …' if len(unknown) > 4 else ''}"] if unknown else [])
+        self.reading_hint.setText("\n".join(parts))
+        self.reading_hint.setToolTip("\n".join(f"{w} → {' '.join(r) if r else '(no word it knows)'}"
+                                               for w, r in found.items()))
+        self.reading_hint.show()
 
     def batch_job(self) -> BatchJob:
         s = self.window.settings

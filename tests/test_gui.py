@@ -1594,6 +1594,13 @@ def test_words_the_text_model_never_saw_show_what_the_dictionary_reads_them_as(q
     assert not hint.isHidden()
     win.captions.set_word_map(None)  # what a pack without a map (an official CLIP) shows
     assert hint.isHidden() and win.captions.readings() == []
+    # the Batch dialog's captions say it too
+    win.open_batch()
+    dlg = win.batch_dialog
+    dlg.captions.setText("a person with red hair | someone with a crimson mane")
+    assert not dlg.reading_hint.isHidden() and "mane → hair" in dlg.reading_hint.text()
+    dlg.captions.setText("a person with red hair")
+    assert dlg.reading_hint.isHidden()
     close_window(qtbot, win)
 
 
