@@ -1261,11 +1261,23 @@ class MainWindow(QMainWindow):
         """What is shown holds an edit (a step after the history's start, or another face's edit kept in the photo)
         that was not exported as it is."""
         cur = getattr(self, "current_entry", None)
-        if cur is None or cur is self._root() and not getattr(self, "_photo_has_edits", False):
+        if cur is None or cur is self._root() and not self._other_faces_edited():
             return False
         saved = getattr(self, "_exported_entry", None)
         return not (saved is cur or saved is not None and saved.params == cur.params and saved.source is cur.source
                     and torch_equal(saved.ws, cur.ws))
+
+    def _other_faces_edited(self) -> bool:
+        """Another face of the photo shows an edit now (its History is not at its start): it is in the photo."""
+        if not getattr(self, "_photo_has_edits", False):
+            return False
+        for index, session in self._face_sessions.items():
+            if self.face is not None and index == self.face.index:
+                continue  # a switch away from it did not happen: it is the face being edited
+            entries, cur = session["history"].entries, session["current"]
+            if cur is not None and entries and cur is not entries[0]:
+                return True
+        return False
 
     def confirm_discard(self, action: str) -> bool:
         """Before an edit that was not exported is replaced: ask (Settings can turn the question off)."""

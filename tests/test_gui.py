@@ -1152,6 +1152,13 @@ def test_edits_of_several_faces_add_up_in_the_photo_and_the_export(qtbot, tmp_pa
     wait_idle(qtbot, win)
     assert inverts[0] == 0 and win.face.index == other and win.history.index == n
     assert np.array_equal(_region(win.current_entry.composed, boxes[first]), edited_first)
+    # both faces undone to their start: the photo is as opened, so there is nothing to lose (it still asked)
+    win.jump_history(0)
+    assert win.unexported_edit()  # face 1's edit is still in the photo
+    win.pick_face(first)
+    wait_idle(qtbot, win)
+    win.jump_history(0)
+    assert np.array_equal(win.current_entry.composed, original) and not win.unexported_edit()
     close_window(qtbot, win)
 
 
