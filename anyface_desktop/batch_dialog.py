@@ -10,7 +10,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDoubleSpinBox, QF
 
 from anyface_desktop.backend import BatchJob
 from core.batch import IMAGE_SUFFIXES, iter_inputs
-from anyface_desktop.captions import METHOD_LABELS, split_captions
+from anyface_desktop.captions import METHOD_LABELS, show_readings, split_captions
 
 
 class BatchDialog(QDialog):
@@ -128,24 +128,9 @@ class BatchDialog(QDialog):
             self.output.setText(str(Path(output_dir) / "batch"))
 
     def _update_reading_hint(self) -> None:
-        info = getattr(self.window, "engine_info", None)
-        word_map = getattr(info, "word_map", None)
-        found: dict[str, tuple[str, ...]] = {}
-        if word_map is not None:
-            for c in split_captions(self.captions.text()):
-                for r in word_map.readings(c):
-                    found.setdefault(r.word, r.read_as)
-        if not found:
-            self.reading_hint.hide()
-            return
-        read = [f"{w} → {' '.join(r)}" for w, r in found.items() if r]
-        unknown = [w for w, r in found.items() if not r]
-        parts = ([f"Read as: {', '.join(read[:4])}{', …' if len(read) > 4 else ''}"] if read else []) + (
-            [f"Not known: {', '.join(unknown[:4])}{', …' if len(unknown) > 4 else ''}"] if unknown else [])
-        self.reading_hint.setText("\n".join(parts))
-        self.reading_hint.setToolTip("\n".join(f"{w} → {' '.join(r) if r else '(no word it knows)'}"
-                                               for w, r in found.items()))
-        self.reading_hint.show()
+        word_map = getattr(getattr(self.window, "engine_info", None), "word_map", None)
+        show_readings(self.reading_hint,
+                      word_map.readings_of(split_captions(self.captions.text())) if word_map is not None else [])
 
     def batch_job(self) -> BatchJob:
         s = self.window.settings

@@ -21,6 +21,31 @@ def split_captions(text: str) -> list[str]:
     the batch dialog); empty parts are dropped."""
     return [c.strip() for c in str(text).split("|") if c.strip()]
 
+def show_readings(label: QLabel, found: list[tuple[str, tuple[str, ...]]]) -> None:
+    """Show in ``label`` what the pack's dictionary reads the unknown words of the captions as (hidden when none);
+    the caption editor and the Batch dialog use it."""
+    if not found:
+        label.hide()
+        return
+    read = [f"{w} → {' '.join(r)}" for w, r in found if r]
+    unknown = [w for w, r in found if not r]
+    # lines broken by hand, three words a line, at most two lines of each kind (see the caption editor's title)
+    lines = []
+    if read:
+        lines.append("Read as: " + ", ".join(read[:3]))
+        if len(read) > 3:
+            lines.append("  " + ", ".join(read[3:6]) + (", …" if len(read) > 6 else ""))
+    if unknown:
+        lines.append("Not known: " + ", ".join(unknown[:3]) + (", …" if len(unknown) > 3 else ""))
+    label.setText("\n".join(lines))
+    label.setToolTip(
+        "The pack's text model was trained on a few hundred words. For other words it looks up a word it knows in "
+        "its dictionary (WordNet) and reads the caption with it added.\n\n"
+        + "\n".join(f"{w} → {' '.join(r) if r else '(no word it knows)'}" for w, r in found)
+        + "\n\nIf a reading is wrong, say it with a plainer word.")
+    label.show()
+
+
 class CaptionEditor(QWidget):
     """Emits ``captionsChanged(list)`` when the caption list changes and ``settingsChanged()`` when the method,
     identity lock or strength change. ``strengthChanged(float)`` fires continuously while dragging."""
@@ -200,36 +225,10 @@ class CaptionEditor(QWidget):
 
     def readings(self) -> list[tuple[str, tuple[str, ...]]]:
         """(word, known words it is read as) for the words of the captions the pack's text model never saw."""
-        if self._word_map is None:
-            return []
-        seen: dict[str, tuple[str, ...]] = {}
-        for c in self.captions():
-            for r in self._word_map.readings(c):
-                seen.setdefault(r.word, r.read_as)
-        return list(seen.items())
+        return self._word_map.readings_of(self.captions()) if self._word_map is not None else []
 
     def _update_reading_hint(self) -> None:
-        found = self.readings()
-        if not found:
-            self.reading_hint.hide()
-            return
-        read = [f"{w} → {' '.join(r)}" for w, r in found if r]
-        unknown = [w for w, r in found if not r]
-        # lines broken by hand, three words a line, at most two lines of each kind (see the title about word wrap)
-        lines = []
-        if read:
-            lines.append("Read as: " + ", ".join(read[:3]))
-            if len(read) > 3:
-                lines.append("  " + ", ".join(read[3:6]) + (", …" if len(read) > 6 else ""))
-        if unknown:
-            lines.append("Not known: " + ", ".join(unknown[:3]) + (", …" if len(unknown) > 3 else ""))
-        self.reading_hint.setText("\n".join(lines))
-        self.reading_hint.setToolTip(
-            "The pack's text model was trained on a few hundred words. For other words it looks up a word it knows in "
-            "its dictionary (WordNet) and reads the caption with it added.\n\n"
-            + "\n".join(f"{w} → {' '.join(r) if r else '(no word it knows)'}" for w, r in found)
-            + "\n\nIf a reading is wrong, say it with a plainer word.")
-        self.reading_hint.show()
+        show_readings(self.reading_hint, self.readings())
 
     # ------------------------------------------------------------------ history
     def set_history(self, prompts: list[str]) -> None:

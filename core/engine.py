@@ -340,13 +340,7 @@ class Engine:
     def readings(self, captions: str | Iterable[str]) -> list[tuple[str, tuple[str, ...]]]:
         """(word, known words it is read as) for each word of the cleaned captions that the CLIP never saw, in
         order, each word once; an empty tuple: the dictionary knows no word for it. Empty without a word map."""
-        if self._word_map is None:
-            return []
-        seen: dict[str, tuple[str, ...]] = {}
-        for c in clean_captions(captions):
-            for r in self._word_map.readings(c):
-                seen.setdefault(r.word, r.read_as)
-        return list(seen.items())
+        return self._word_map.readings_of(clean_captions(captions)) if self._word_map is not None else []
 
     @torch.inference_mode()
     def text_embedding(self, captions: str | Iterable[str]) -> torch.Tensor:

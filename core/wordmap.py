@@ -172,6 +172,14 @@ class WordMap:
             out.append(Reading(w, tuple(n for n, wt in self.neighbours(w)[: self.k] if wt >= self.min_weight)))
         return out
 
+    def readings_of(self, captions) -> list[tuple[str, tuple[str, ...]]]:
+        """(word, known words it is read as) over several captions, in order, each word once."""
+        seen: dict[str, tuple[str, ...]] = {}
+        for c in captions:
+            for r in self.readings(c):
+                seen.setdefault(r.word, r.read_as)
+        return list(seen.items())
+
     def additions(self, caption: str) -> list[str]:
         """The known words appended to ``caption``, in order, each once, none the caption already has."""
         have = set(words(caption))

