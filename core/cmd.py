@@ -13,6 +13,7 @@ and ``pad_sets`` to batch caption sets of different sizes.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Sequence
 
@@ -57,7 +58,7 @@ class CMD(nn.Module):
 
     def __init__(self, embed_dim: int, num_ws: int, w_dim: int, *, d_model: int = 512, num_layers: int = 6,
                  num_heads: int = 8, ff_dim: int | None = None, hidden_dim: int = 1024, dropout: float = 0.1,
-                 predict_offset: bool = True):
+                 predict_offset: bool = True, sample_spread: float = 0.0):
         super().__init__()
         if d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
@@ -65,6 +66,12 @@ class CMD(nn.Module):
                            num_layers=int(num_layers), num_heads=int(num_heads),
                            ff_dim=int(ff_dim or 4 * d_model), hidden_dim=int(hidden_dim), dropout=float(dropout),
                            predict_offset=bool(predict_offset))
+        # How far the engine spreads the faces of one caption set, a property of the file (0, the paper: one code
+        # per caption set; the faces differ only in the first layers, from random z). s > 0: face i's text layers
+        # are ``code + diversity * s * (mapping(z_i) - w_avg)``, a random generator face's offset from the average
+        # face, scaled. For a generator whose random first layers carry little of the face (the tiny pack's 1 of
+        # 10), chosen after training on held-out validation captions (`python -m training.val_presence`).
+        self.sample_spread = sample_spread
         self.embed_dim, self.num_ws, self.w_dim = int(embed_dim), int(num_ws), int(w_dim)
         self.d_model = int(d_model)
         self.predict_offset = bool(predict_offset)
@@ -82,6 +89,21 @@ class CMD(nn.Module):
             nn.init.normal_(self.head[-1].weight, std=1e-3)
             nn.init.zeros_(self.head[-1].bias)
         self.register_buffer("w_avg", torch.zeros(w_dim))
+
+    @property
+    def sample_spread(self) -> float:
+        return self._sample_spread
+
+    @sample_spread.setter
+    def sample_spread(self, value: float) -> None:
+        value = float(value)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"sample_spread must be a finite number >= 0, got {value}")
+        self._sample_spread = value
+        if value:  # kept out of the config at 0, so files written before it existed keep their bytes
+            self.config["sample_spread"] = value
+        else:
+            self.config.pop("sample_spread", None)
 
     # ------------------------------------------------------------------------------------------------------
     def set_w_avg(self, w_avg: torch.Tensor) -> None:

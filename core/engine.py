@@ -365,8 +365,9 @@ class Engine:
     def text_codes(self, captions: str | Iterable[str], method: str | None = None, n: int = 1, seed: int = 0,
                    diversity: float = 1.0) -> torch.Tensor:
         """Text codes ws [n, num_ws, w_dim] on the engine device (read-only: may be a cached/expanded view);
-        code i depends only on (captions, method, seed + i, diversity); the CMD code on the captions alone.
-        Cached per (caption set, method, seed, n, diversity)."""
+        code i depends only on (captions, method, seed + i, diversity). The CMD gives one code per caption set
+        (the paper); a CMD file with a ``sample_spread`` s > 0 adds ``diversity * s * (mapping(z_i) - w_avg)``
+        to it, z_i from seed + i. Cached per (caption set, method, seed, n, diversity)."""
         caps = clean_captions(captions)
         method = self._method(method)
         if n < 1:
@@ -374,18 +375,27 @@ class Engine:
         diversity = float(diversity)
         if not math.isfinite(diversity) or diversity < 0:
             raise ValueError(f"diversity must be >= 0, got {diversity}")
-        if method == "cmd":  # deterministic: one code per caption set, whatever the seed, n and diversity
+        spread = float(self.cmd.sample_spread) * diversity if method == "cmd" else 0.0
+        one_code = method == "cmd" and not spread  # one code per caption set, whatever the seed and n
+        if one_code:
             key = (frozenset(caps), method)
         else:
-            key = (frozenset(caps), method, int(seed), int(n), diversity)
+            key = (frozenset(caps), method, int(seed), int(n), diversity, spread)
         with self._lock:
             hit = self._code_cache.get(key)
             if hit is not None:
                 self._code_cache.move_to_end(key)
-                return hit.expand(n, -1, -1) if method == "cmd" else hit
+                return hit.expand(n, -1, -1) if one_code else hit
         emb = self.text_embedding(caps)  # [k, D]
         if method == "cmd":
             codes = self.cmd(emb.unsqueeze(0))  # [1, num_ws, w_dim]
+            if spread:  # a random generator face's offset from the average face, scaled, for face i
+                G = self.generator
+                z = torch.stack([torch.randn(G.z_dim,
+                                             generator=torch.Generator().manual_seed(sub_seed(int(seed) + i, "cmd")))
+                                 for i in range(n)]).to(self.device)
+                w = torch.cat([G.mapping(z[i:i + 1]) for i in range(n)])  # [n, num_ws, w_dim], one at a time
+                codes = codes.to(w) + spread * (w - G.w_avg.to(w))
         else:
             e = F.normalize(emb.mean(0), dim=0)  # the set's direction in CLIP space
             if method == "cvae":
@@ -402,7 +412,7 @@ class Engine:
         assert codes.shape[1:] == (self.num_ws, self.w_dim), codes.shape
         with self._lock:
             self._cache_put(self._code_cache, key, codes)
-        return codes.expand(n, -1, -1) if method == "cmd" else codes
+        return codes.expand(n, -1, -1) if one_code else codes
 
     # ------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -437,8 +447,8 @@ class Engine:
         (``batch_size`` 1; a larger one renders faster on a GPU but batched kernels may round differently, by
         one level of 255 at most). The text code sets layers ``coarse_layers..num_ws``,
         the mapping network on random z the first ``coarse_layers``. ``diversity`` (>= 0) scales the
-        randomness: the CVAE temperature, the KNN mixing, and z truncation (psi = min(1, 0.7 * diversity)
-        unless ``truncation_psi`` is given)."""
+        randomness: the CVAE temperature, the KNN mixing, the CMD file's spread, and z truncation
+        (psi = min(1, 0.7 * diversity) unless ``truncation_psi`` is given)."""
         t0 = time.perf_counter()
         caps = clean_captions(captions)
         method = self._method(method)

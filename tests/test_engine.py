@@ -449,6 +449,55 @@ def test_build_bank_clears_cached_codes():
     assert not torch.allclose(e.text_codes(["a face"], "knn", n=1, seed=0), before)
 
 
+def test_cmd_sample_spread_varies_the_faces_of_one_caption_set(engine, source):
+    """A CMD file with sample_spread s: face i's text layers are code + diversity * s * (mapping(z_i) - w_avg)."""
+    caps = ["a smiling woman", "red hair"]
+    c = engine.coarse_layers
+    engine.clear_cache()
+    one = engine.synthesize(caps, n=3, seed=5, method="cmd")
+    code = engine.text_codes(caps, "cmd", 1)[0]
+    try:
+        engine.cmd.sample_spread = 0.5
+        engine.clear_cache()
+        spread = engine.synthesize(caps, n=3, seed=5, method="cmd")
+        assert not torch.equal(spread[0].ws[c:], spread[2].ws[c:])  # the faces differ in the text layers too
+        for a, b in zip(one, spread):
+            assert torch.equal(a.ws[:c], b.ws[:c])  # the random first layers are as before
+        G = engine.generator
+        for i, r in enumerate(spread):
+            z = torch.randn(G.z_dim, generator=torch.Generator().manual_seed(sub_seed(5 + i, "cmd")))
+            want = code + 0.5 * (G.mapping(z[None])[0] - G.w_avg)
+            torch.testing.assert_close(r.ws[c:], want[c:], atol=1e-5, rtol=1e-5)
+            alone = engine.synthesize(caps, n=1, seed=5 + i, method="cmd")[0]  # face i alone, bit for bit
+            assert torch.equal(alone.ws, r.ws) and np.array_equal(alone.image, r.image)
+        # the engine's diversity scales it: half the diversity, half the offset
+        half = engine.synthesize(caps, n=1, seed=5, method="cmd", diversity=0.5)[0]
+        z = torch.randn(G.z_dim, generator=torch.Generator().manual_seed(sub_seed(5, "cmd")))
+        torch.testing.assert_close(half.ws[c:], (code + 0.25 * (G.mapping(z[None])[0] - G.w_avg))[c:],
+                                   atol=1e-5, rtol=1e-5)
+        # diversity 0: the code itself, for every seed; an edit (diversity 0 by default) uses the code itself
+        calm = engine.synthesize(caps, n=2, seed=5, method="cmd", diversity=0.0)
+        assert torch.equal(calm[0].ws[c:], calm[1].ws[c:]) and torch.equal(calm[0].ws[c:], code[c:])
+        edited = engine.edit(source, caps, 1.0, method="cmd")
+        engine.cmd.sample_spread = 0.0
+        engine.clear_cache()
+        assert torch.equal(edited.ws, engine.edit(source, caps, 1.0, method="cmd").ws)
+    finally:
+        engine.cmd.sample_spread = 0.0
+        engine.clear_cache()
+
+
+def test_the_bundled_cmd_varies_the_faces_of_a_prompt():
+    """The tiny pack's CMD spreads its faces (sample_spread in its file): 8 faces of one prompt are 8 faces."""
+    eng = Engine.from_pack("tiny")
+    assert eng.cmd.sample_spread > 0
+    faces = eng.synthesize(["a person with blond hair"], n=4, seed=0, method="cmd")
+    imgs = np.stack([f.image for f in faces]).astype(np.float32)
+    # closest pair's mean absolute difference, in levels of 255: 14.7 with the file's spread, 4.7 without it
+    # (only the random first layer varies then: the same face, slightly turned)
+    assert min(np.abs(imgs[i] - imgs[j]).mean() for i in range(4) for j in range(i + 1, 4)) > 9.0
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_seed_gives_the_same_face_whatever_n_on_the_real_pack(method):
     """Batched matrix products round differently from single ones (1 level of 255 on the tiny pack when faces

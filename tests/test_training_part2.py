@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from training import dist
+from core.inversion import sface_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,7 +52,10 @@ def test_stages_produce_loadable_weights_and_report(tmp_path, run):
     cmd_args = ["--samples", "16", "--samples-file", str(tmp_path / "s.pt"), "--no-annotate", "--steps", "3",
                 "--batch", "4", "--image-batch", "2", "--d-model", "16", "--layers", "1", "--heads", "2",
                 "--hidden", "32"]
-    run(train_cmd.main, [*TOY, *cmd_args, "--out", str(cmd), "--ckpt", str(tmp_path / "cmd.ckpt")])
+    run(train_cmd.main, [*TOY, *cmd_args, "--sample-spread", "0.3", "--out", str(cmd), "--ckpt",
+                         str(tmp_path / "cmd.ckpt")])
+    assert CMD.load(cmd).sample_spread == 0.3  # stored in the file, kept out of the checkpoint's config
+    assert "sample_spread" not in torch.load(tmp_path / "cmd.ckpt", weights_only=True)["config"]
     data = torch.load(tmp_path / "s.pt", weights_only=True)
     assert data["cap_idx"].shape == (16, 12) and int(data["cap_idx"].max()) < len(data["texts"])
     assert data["text_emb"].shape == (len(data["texts"]), 32)
@@ -77,7 +81,18 @@ def test_stages_produce_loadable_weights_and_report(tmp_path, run):
                         "--parts", "text,ablation", "--threads", "1"])
     res = json.loads((out / "evaluation.json").read_text())
     assert set(res["summary"]["consistency"]) == {"cmd", "cvae", "knn"}
-    assert res["ablation"]["ratio_within"] > 0
+    abl = res["ablation"]
+    assert abl["ratio_within"] > 0 and abl["sample_spread"] == 0.3
+    assert CMD.load(pw).sample_spread == 0.0  # the ablation file is sampled with the DT file's spread, not changed
+    for tag in ("dt", "pairwise", "ref_collapsed", "ref_random"):
+        assert abl[tag]["within_prompt"] >= 0 and abl[tag]["across_prompts"] >= 0, tag
+    assert "code_distance_from_w_avg" in abl["dt"] and "code_distance_from_w_avg" not in abl["ref_random"]
+    # measured again at the paper's sampling (spread 0) since the file has a spread
+    assert set(abl["paper_sampling"]) >= {"dt", "pairwise", "ref_collapsed", "ref_random", "ratio_across"}
+    if sface_model_path() is not None:  # identity features too
+        assert abl["dt"]["identity_across_prompts"] >= 0 and abl["identity_ratio_across"] > 0
+    md = (out / "evaluation.md").read_text()
+    assert "complete collapse" in md and "a random generator face per prompt" in md
     assert (out / "eval_text_cmd.png").is_file()
     text = card.read_text()
     assert "Other sections stay." in text and evaluate.CARD_BEGIN in text

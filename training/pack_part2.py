@@ -16,6 +16,10 @@ from training import dist
 FULL2 = {
     "knn_size": 20000,
     "cmd_samples": 3000, "cmd_steps": 2400, "cmd_batch": 64, "cmd_minutes": 25, "cmd_lr": 1e-3,
+    # the faces of one caption set spread by 0.45 of a random face's offset from w_avg (CMD.sample_spread): the
+    # smallest spread whose faces vary within a prompt as much as the KNN bank's (training.val_presence --spread,
+    # validation wordings, seeds from 5000; session 10)
+    "cmd_spread": 0.45,
     # "" = annotate the generator's renders (~10 faces/s per core). "data/train.pt" = reuse z + labels of part 1's
     # annotated DCGAN faces (fast, but measured on a step-900 generator only 0-45% of those labels held on its
     # renders of the same z, so it is off by default)
@@ -34,7 +38,7 @@ FULL2 = {
 }
 SMOKE2 = {
     "knn_size": 64,
-    "cmd_samples": 16, "cmd_labels_from": "", "cmd_lr": 1e-3, "cmd_steps": 2, "cmd_batch": 4, "cmd_minutes": 0,
+    "cmd_samples": 16, "cmd_labels_from": "", "cmd_lr": 1e-3, "cmd_steps": 2, "cmd_batch": 4, "cmd_minutes": 0, "cmd_spread": 0.45,
     "cvae_steps": 2, "cvae_batch": 8, "cvae_minutes": 0, "cvae_bank_k": 4, "cvae_temperature": 0.5,
     "enc_steps": 2, "enc_batch": 4, "enc_minutes": 0, "enc_pixel_every": 1,
     "eval_quick": True,
@@ -105,7 +109,7 @@ def stage_cmd(out: Path, work: Path, sizes: dict, log=print) -> dict:
     s = _sizes(sizes)
     common = [*_pair(out), "--samples", str(s["cmd_samples"]), "--samples-file", str(work / "cmd_samples.pt"),
               "--steps", str(s["cmd_steps"]), "--batch", str(s["cmd_batch"]), "--lr", str(s["cmd_lr"]),
-              "--image-every", "4",
+              "--image-every", "4", "--sample-spread", str(s["cmd_spread"]),
               "--resume", "--other-models-ok", "--manifest-id", "", "--coarse-layers", str(s["coarse_layers"])]
     if s["cmd_labels_from"] and (work / s["cmd_labels_from"]).is_file():
         common += ["--labels-from", str(work / s["cmd_labels_from"])]

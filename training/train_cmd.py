@@ -97,6 +97,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fast path for the tiny pack: z + labels of a training.annotate dataset of the DCGAN the "
                         "generator was distilled from (same z), instead of annotating the renders")
     p.add_argument("--loss", choices=("dt", "pairwise"), default="dt", help="pairwise: the diversity ablation")
+    p.add_argument("--sample-spread", type=float, default=0.0,
+                   help="stored in the output file, not used in training: how far the engine spreads the faces of "
+                        "one caption set (core.cmd.CMD.sample_spread; 0, the paper: one code per caption set). "
+                        "Choose it with `python -m training.val_presence --method cmd --spread ...`; a finished run "
+                        "with --resume only re-exports")
     p.add_argument("--margin", type=float, default=0.1)
     p.add_argument("--lam-cmt", type=float, default=1.0)
     p.add_argument("--lam-clip", type=float, default=1.0)
@@ -204,6 +209,7 @@ def train(args: argparse.Namespace) -> dict:
         if stop:
             dist.log(f"[cmd] stopped at step {step + 1} (resume with --resume)")
             break
+    cmd.sample_spread = args.sample_spread  # a sampling setting of the file, kept out of the checkpoint's config
     return finish_stage("cmd", cmd, args, step + 1, last)
 
 

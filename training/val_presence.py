@@ -13,7 +13,9 @@ not held out), on other seeds:
 
 For the CVAE the engine's diversity multiplies the file's ``sample_temperature`` (and sets the truncation of
 the random layers); ``--temperature`` sweeps the stored value itself. A chosen value is stored in the file by
-``training.train_cvae --sample-temperature T --resume`` (a finished run only re-exports).
+``training.train_cvae --sample-temperature T --resume`` (a finished run only re-exports). For the CMD,
+``--spread`` sweeps the file's ``sample_spread`` the same way (stored by ``training.train_cmd --sample-spread S
+--resume``).
 """
 from __future__ import annotations
 
@@ -45,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CVAE only: comma-separated sampling temperatures to try in place of the file's "
                         "sample_temperature, at the first --diversity value (the diversity also sets the truncation "
                         "of the random layers, so a temperature sweep keeps it fixed)")
+    p.add_argument("--spread", default="",
+                   help="CMD only: comma-separated values to try in place of the file's sample_spread, at the first "
+                        "--diversity value")
     p.add_argument("--cvae-bank-k", type=int, default=-1,
                    help="CVAE only: read text through the --knn bank's K nearest image embeddings (0: the embedding "
                         "itself, the paper's way; -1: as the file says)")
@@ -124,18 +129,24 @@ def main(argv=None) -> list[dict]:
         if a.method != "cvae":
             raise SystemExit("--temperature is for --method cvae")
         settings = [(diversities[0], float(t)) for t in a.temperature.split(",")]
+    elif a.spread:
+        if a.method != "cmd":
+            raise SystemExit("--spread is for --method cmd")
+        settings = [(diversities[0], float(t)) for t in a.spread.split(",")]
     else:
         settings = [(d, None) for d in diversities]
     rows = []
-    print("| diversity | CVAE temperature | plain-1 | val-1 (PARAPHRASES_VAL) | within-prompt feature distance | s |",
+    print("| diversity | CVAE temperature / CMD spread | plain-1 | val-1 (PARAPHRASES_VAL) | within-prompt feature distance | s |",
           flush=True)
     print("|---|---|---|---|---|---|", flush=True)
     for d, t in settings:
         t0 = time.time()
         if t is not None:
-            engine.cvae.sample_temperature = t
+            setattr(engine.cvae if a.method == "cvae" else engine.cmd,
+                    "sample_temperature" if a.method == "cvae" else "sample_spread", t)
             engine.clear_cache()  # codes are cached per (captions, method, seed, n, diversity)
-        temp = engine.cvae.sample_temperature if engine.cvae is not None else None
+        temp = (engine.cvae.sample_temperature if engine.cvae is not None
+                else engine.cmd.sample_spread if engine.cmd is not None else None)
         m = measure(engine, a.method, d, a.faces, a.seed, not a.no_annotate)
         rows.append({"diversity": d, "temperature": temp, **m})
         if engine.cvae is not None:
