@@ -495,7 +495,7 @@ class Engine:
         source grows strictly with strength (layers blend in one after another, from the last layer down to
         ``identity_layers``). The first ``identity_layers`` layers (default ``coarse_layers``; 0 ..
         num_ws - 1) always keep the source. ``seed``/``diversity`` pick the text code for the CVAE/KNN
-        methods (diversity 0: their most typical code)."""
+        methods and for a CMD file with a ``sample_spread`` (diversity 0: the most typical code)."""
         t0 = time.perf_counter()
         src = torch.as_tensor(source_ws).detach()
         if src.ndim == 3 and src.shape[0] == 1:

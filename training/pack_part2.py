@@ -10,16 +10,19 @@ from pathlib import Path
 from training import dist
 
 # build_pack merges these into its FULL / SMOKE size tables
-# FULL2 fits a shared 2-core CPU (about 75 min for all part-2 stages one after another, ~40 min with two
+# FULL2 fits a shared 2-core CPU (about 100 min for all part-2 stages one after another, ~65 min with two
 # processes: the cmd stage in one, knn + cvae + encoder in the other; the cmd stage runs the pairwise ablation after
 # the DT CMD, up to the step the DT run reached; the minutes cap each training stage); on a GPU raise the steps.
 FULL2 = {
     "knn_size": 20000,
-    "cmd_samples": 3000, "cmd_steps": 2400, "cmd_batch": 64, "cmd_minutes": 25, "cmd_lr": 1e-3,
-    # the faces of one caption set spread by 0.45 of a random face's offset from w_avg (CMD.sample_spread): the
-    # smallest spread whose faces vary within a prompt as much as the KNN bank's (training.val_presence --spread,
+    # 6,000 annotated faces and 4,800 steps (~5 min annotation + ~28 min at 2.8 steps/s on one thread here; the
+    # ablation runs after it, or beside it in a second process): twice session 3's recipe, chosen in session 10 on the
+    # validation wordings read through the word map (model card, section 4)
+    "cmd_samples": 6000, "cmd_steps": 4800, "cmd_batch": 64, "cmd_minutes": 45, "cmd_lr": 1e-3,
+    # the faces of one caption set spread by 0.55 of a random face's offset from w_avg (CMD.sample_spread): the
+    # smallest spread tried whose faces vary within a prompt as much as the KNN bank's (training.val_presence --spread,
     # validation wordings, seeds from 5000; session 10)
-    "cmd_spread": 0.45,
+    "cmd_spread": 0.55,
     # "" = annotate the generator's renders (~10 faces/s per core). "data/train.pt" = reuse z + labels of part 1's
     # annotated DCGAN faces (fast, but measured on a step-900 generator only 0-45% of those labels held on its
     # renders of the same z, so it is off by default)
@@ -38,7 +41,7 @@ FULL2 = {
 }
 SMOKE2 = {
     "knn_size": 64,
-    "cmd_samples": 16, "cmd_labels_from": "", "cmd_lr": 1e-3, "cmd_steps": 2, "cmd_batch": 4, "cmd_minutes": 0, "cmd_spread": 0.45,
+    "cmd_samples": 16, "cmd_labels_from": "", "cmd_lr": 1e-3, "cmd_steps": 2, "cmd_batch": 4, "cmd_minutes": 0, "cmd_spread": 0.55,
     "cvae_steps": 2, "cvae_batch": 8, "cvae_minutes": 0, "cvae_bank_k": 4, "cvae_temperature": 0.5,
     "enc_steps": 2, "enc_batch": 4, "enc_minutes": 0, "enc_pixel_every": 1,
     "eval_quick": True,

@@ -101,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stored in the output file, not used in training: how far the engine spreads the faces of "
                         "one caption set (core.cmd.CMD.sample_spread; 0, the paper: one code per caption set). "
                         "Choose it with `python -m training.val_presence --method cmd --spread ...`; a finished run "
-                        "with --resume only re-exports")
+                        "with --resume only re-exports, with this value (0 when not given)")
     p.add_argument("--margin", type=float, default=0.1)
     p.add_argument("--lam-cmt", type=float, default=1.0)
     p.add_argument("--lam-clip", type=float, default=1.0)
@@ -118,7 +118,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--dropout", type=float, default=0.1,
                    help="dropout masks are per rank: use 0 to compare runs with different world sizes bit-close")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not (math.isfinite(args.sample_spread) and args.sample_spread >= 0):  # before any training, not after it
+        p.error(f"--sample-spread must be a finite number >= 0, got {args.sample_spread}")
+    return args
 
 
 def train(args: argparse.Namespace) -> dict:

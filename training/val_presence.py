@@ -148,7 +148,7 @@ def main(argv=None) -> list[dict]:
         temp = (engine.cvae.sample_temperature if engine.cvae is not None
                 else engine.cmd.sample_spread if engine.cmd is not None else None)
         m = measure(engine, a.method, d, a.faces, a.seed, not a.no_annotate)
-        rows.append({"diversity": d, "temperature": temp, **m})
+        rows.append({"diversity": d, ("spread" if a.method == "cmd" else "temperature"): temp, **m})
         if engine.cvae is not None:
             rows[-1]["cvae_bank_k"] = engine.cvae.condition_bank_k
         print(f"| {d:g} | {'-' if temp is None else f'{temp:g}'} | {m['plain-1']:.1%} | {m['val-1']:.1%} | "
