@@ -276,6 +276,30 @@ def test_compact_halves_part2_files_and_refuses_others(tmp_path):
     assert back.sample_temperature == 0.4
     assert all(torch.allclose(back.state_dict()[k], v.half().float()) for k, v in m.state_dict().items())
 
+    # --set: a sampling setting changes, the weights do not; a bad key or value changes nothing
+    weights = {k: v.clone() for k, v in back.state_dict().items()}
+    compact.main([str(path), "--set", "sample_temperature=0.45", "--set", "condition_bank_k=8"])
+    back = CVAE.load(path)
+    assert (back.sample_temperature, back.condition_bank_k) == (0.45, 8)
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in weights.items())
+    data = path.read_bytes()
+    for bad, match in ((["--set", "sample_spread=0.3"], "no such setting"), (["--set", "sample_temperature=-1"], "> 0"),
+                       (["--set", "sample_temperature=hot"], "not a number")):
+        with pytest.raises(SystemExit, match=match):
+            compact.main([str(path), *bad])
+        assert path.read_bytes() == data, bad
+    with pytest.raises(SystemExit):
+        compact.main([str(path), "--set", "sample_temperature"])
+    compact.main([str(path), "--set", "sample_temperature=1"])  # the default: written as a rebuild writes it
+    assert "sample_temperature" not in CVAE.load(path).config
+
+    from core.cmd import CMD
+
+    cmd_path = tmp_path / "cmd.safetensors"
+    CMD(32, 6, 16, d_model=16, num_layers=1, num_heads=2, hidden_dim=16).save(cmd_path)
+    compact.main([str(cmd_path), "--set", "sample_spread=0.55"])
+    assert CMD.load(cmd_path).sample_spread == 0.55
+
 
 def test_cvae_refuses_a_bank_of_another_generator_of_the_same_shapes():
     """A KNN bank of the NVlabs golden generator has the rosinality one's shapes (8 x 64): the CVAE trained on it

@@ -30,8 +30,9 @@ FULL2 = {
     "cvae_steps": 2000, "cvae_batch": 128, "cvae_minutes": 5,
     # stored in the CVAE file, chosen with training.val_presence on the validation wordings (model card, section 4):
     # text read through the KNN bank's 16 nearest image embeddings, and the sampling temperature that is the most
-    # accurate while at least as varied within a prompt as the KNN bank; re-check both after retraining
-    "cvae_bank_k": 16, "cvae_temperature": 0.5,
+    # accurate while at least as varied within a prompt as the KNN bank; re-check both after retraining (0.5 in
+    # session 5; 0.45 since session 10, re-checked with captions read through the word map)
+    "cvae_bank_k": 16, "cvae_temperature": 0.45,
     "enc_steps": 600, "enc_batch": 16, "enc_minutes": 9, "enc_pixel_every": 3,
     "eval_quick": False,
     # W+ layers synthesis takes from random z (the manifest's pack "coarse_layers"; -1: the engine's default).
