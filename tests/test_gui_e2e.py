@@ -216,6 +216,24 @@ def test_e2e_generate_four_faces(qtbot, win):
     _shot(win, "gallery.png")
 
 
+def test_e2e_generate_with_the_cmd_gives_different_faces(qtbot, win):
+    """The AnyFace (CMD) method spreads the faces of one prompt (its file's sample_spread): four faces, not one
+    face turned four ways (closest pair 4.3 levels of 255 apart without the spread, 19 with it; engine test)."""
+    combo = win.captions.method
+    before = combo.currentIndex()
+    combo.setCurrentIndex(combo.findData("cmd"))
+    try:
+        win.captions.set_captions(["a person with blond hair"])
+        _idle(qtbot, win)
+        win.generate(4, 0)
+        qtbot.waitUntil(lambda: len(win.gallery.results) == 4 and win.idle, timeout=60000)
+        assert {r.method for r in win.gallery.results} == {"cmd"}
+        imgs = np.stack([r.image for r in win.gallery.results]).astype(np.float32)
+        assert min(np.abs(imgs[i] - imgs[j]).mean() for i in range(4) for j in range(i + 1, 4)) > 9.0
+    finally:
+        combo.setCurrentIndex(before)
+
+
 def test_e2e_batch_report_and_cancel(qtbot, win, workdir):
     src = workdir / "batch_in"
     src.mkdir()
