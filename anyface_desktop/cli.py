@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--recursive", "-r", action="store_true", help="include subfolders (mirrored in the output)")
     e.add_argument("--shard", default=None, metavar="K/N",
                    help="process only shard K of N (1 <= K <= N) of the inputs; merge with batch-merge")
-    e.add_argument("--seed", type=int, default=0, help="seed of the text code (cvae/knn methods)")
+    e.add_argument("--seed", type=int, default=0,
+                   help="kept for scripts: an edit takes each method's most typical text code, so the seed does not "
+                        "change it (generate's --seed does pick the faces)")
     e.add_argument("--overwrite", action="store_true",
                    help="replace existing files at output names this batch did not write (never inputs)")
 

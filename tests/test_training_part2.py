@@ -299,6 +299,16 @@ def test_compact_halves_part2_files_and_refuses_others(tmp_path):
     CMD(32, 6, 16, d_model=16, num_layers=1, num_heads=2, hidden_dim=16).save(cmd_path)
     compact.main([str(cmd_path), "--set", "sample_spread=0.55"])
     assert CMD.load(cmd_path).sample_spread == 0.55
+    # several files: a setting one of them does not have stops the run before any file is rewritten
+    cmd_bytes, cvae_bytes = cmd_path.read_bytes(), path.read_bytes()
+    with pytest.raises(SystemExit, match="no such setting"):
+        compact.main([str(cmd_path), str(path), "--set", "sample_spread=0.3"])
+    assert cmd_path.read_bytes() == cmd_bytes and path.read_bytes() == cvae_bytes
+    with pytest.raises(SystemExit):
+        compact.main([str(cmd_path), "--set", "sample_spread=0.3", "--set", "sample_spread=0.4"])
+    with pytest.raises(SystemExit, match="whole number"):
+        compact.main([str(path), "--set", "condition_bank_k=1.5"])
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_cvae_refuses_a_bank_of_another_generator_of_the_same_shapes():

@@ -48,12 +48,13 @@ def _with_settings(path: Path, meta: dict, settings: dict[str, str]) -> dict:
     config = json.loads(meta.get("config", "{}"))
     for key, value in settings.items():
         if key not in allowed:
-            raise SystemExit(f"{path}: --set {key}: a {fmt or 'file of unknown format'} file has no such setting "
+            raise SystemExit(f"{path}: --set {key}: this file ({fmt or 'unknown format'}) has no such setting "
                              f"(it has: {', '.join(allowed) or 'none'})")
         try:
             config[key] = allowed[key](value)
         except ValueError:
-            raise SystemExit(f"{path}: --set {key}={value}: not a number") from None
+            kind = "a whole number" if allowed[key] is int else "a number"
+            raise SystemExit(f"{path}: --set {key}={value}: not {kind}") from None
     try:
         model = _model_class(fmt).from_config(config)
     except (ValueError, TypeError) as e:
@@ -104,12 +105,18 @@ def main(argv=None) -> None:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
             ap.error(f"--set {item!r}: use KEY=VALUE")
-        settings[key.strip()] = value.strip()
-    for p in files:  # every path checked before any file is rewritten
+        key = key.strip()
+        if key in settings:
+            ap.error(f"--set {key} given twice")
+        settings[key] = value.strip()
+    for p in files:  # every path and setting checked before any file is rewritten
         if not p.is_file():
             raise SystemExit(f"{p}: no such file")
         if p.name not in MANIFEST_IDS:
             raise SystemExit(f"{p}: not a part-2 pack file ({', '.join(MANIFEST_IDS)})")
+        if settings:
+            with safe_open(str(p), "pt") as f:
+                _with_settings(p, f.metadata() or {}, settings)
     for p in files:
         before, after = to_fp16(p, settings)
         print(f"{p.name}: {before:,} -> {after:,} bytes")

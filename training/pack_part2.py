@@ -15,13 +15,14 @@ from training import dist
 # the DT CMD, up to the step the DT run reached; the minutes cap each training stage); on a GPU raise the steps.
 FULL2 = {
     "knn_size": 20000,
-    # 6,000 annotated faces and 4,800 steps (~5 min annotation + ~28 min at 2.8 steps/s on one thread here; the
-    # ablation runs after it, or beside it in a second process): twice session 3's recipe, chosen in session 10 on the
-    # validation wordings read through the word map (model card, section 4)
-    "cmd_samples": 6000, "cmd_steps": 4800, "cmd_batch": 64, "cmd_minutes": 45, "cmd_lr": 1e-3,
+    # 6,000 annotated faces and 4,800 steps (~5 min annotation + ~28 min at 2.8 steps/s on one thread here, up to
+    # ~55 min at the 1.5 steps/s of a busier CPU; the ablation runs after it, or beside it in a second process):
+    # twice session 3's recipe, chosen in session 10 on the validation wordings read through the word map (model
+    # card, section 4). A run cut by the cap resumes with the next `--stage cmd`
+    "cmd_samples": 6000, "cmd_steps": 4800, "cmd_batch": 64, "cmd_minutes": 60, "cmd_lr": 1e-3,
     # the faces of one caption set spread by 0.55 of a random face's offset from w_avg (CMD.sample_spread): the
-    # smallest spread tried whose faces vary within a prompt as much as the KNN bank's (training.val_presence --spread,
-    # validation wordings, seeds from 5000; session 10)
+    # most accurate spread tried whose faces vary within a prompt at least as much as the KNN bank's
+    # (training.val_presence --spread, validation wordings, seeds from 5000; session 10)
     "cmd_spread": 0.55,
     # "" = annotate the generator's renders (~10 faces/s per core). "data/train.pt" = reuse z + labels of part 1's
     # annotated DCGAN faces (fast, but measured on a step-900 generator only 0-45% of those labels held on its
