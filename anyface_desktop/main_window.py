@@ -266,6 +266,10 @@ class MainWindow(QMainWindow):
         tb.addAction(self.act_batch)
         tb.addAction(self.act_models)
         tb.addAction(self.act_settings)
+        # Undo and Redo as arrows only (their tooltips and shortcuts say which): at 1280 px with the face picker shown
+        # the text put Settings behind the toolbar's "»"
+        for a in (self.act_undo, self.act_redo):
+            tb.widgetForAction(a).setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonIconOnly)
         self.addToolBar(tb)
 
     def _fill_recent(self) -> None:

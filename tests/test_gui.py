@@ -1629,6 +1629,24 @@ def test_at_its_smallest_the_window_squeezes_no_gallery_button(qtbot):
     close_window(qtbot, win)
 
 
+def test_at_1280_px_with_the_face_picker_every_toolbar_button_shows(qtbot):
+    """With the face picker shown (a photo with several faces), Settings moved behind the toolbar's "»" at 1280 px.
+    Undo and Redo are arrows only now; their tooltips still say what they do."""
+    win = make_window(qtbot)
+    win.resize(1280, 800)
+    win.face_combo.addItems([f"Face {i} of 12" for i in range(1, 13)])
+    win.face_combo_action.setVisible(True)
+    qtbot.wait(50)
+    from PySide6.QtWidgets import QToolBar
+
+    tb = win.findChild(QToolBar, "main_toolbar")
+    hidden = [a.iconText() for a in tb.actions()
+              if not a.isSeparator() and a.isVisible() and not tb.widgetForAction(a).isVisible()]
+    assert hidden == [], hidden
+    assert "Undo" in win.act_undo.toolTip() and "Redo" in win.act_redo.toolTip()
+    close_window(qtbot, win)
+
+
 def test_junk_in_the_settings_file_falls_back_to_defaults(qtbot, photo, tmp_path):
     """Values from another computer, an older version or a hand edit: an unknown pack or device is replaced (and
     said), a junk detector/tier is the default, and export values are kept within what the Export dialog allows
