@@ -46,7 +46,11 @@ class PhotoCanvas(QWidget):
         self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
         self.before: QPixmap | None = None
         self._before_src: np.ndarray | None = None
-        self.after: QPixmap | None = None
+        self._after: QPixmap | None = None
+        # an "after" that is "before" with one patch (x0, y0, image) pasted in: the full-size pixmap is made only
+        # when something needs it (a 24 MP copy took ~40 ms per preview; a fitted view needs only the patch)
+        self._patch: tuple[int, int, QImage] | None = None
+        self._after_version = 0
         self.view_mode = "after"
         self.wipe = 0.5
         self.scale = 1.0
@@ -60,6 +64,26 @@ class PhotoCanvas(QWidget):
         self._last = QPointF()
         self._region: tuple[int, int, int, int] | None = None  # where "after" may differ from "before"
         self._scaled: dict[str, tuple[tuple, QPixmap]] = {}  # display-size copies (a big photo scaled per paint is slow)
+
+    @property
+    def after(self) -> QPixmap | None:
+        """The full-size "after" pixmap (made from "before" and the patch on first use)."""
+        if self._after is None and self._patch is not None and self.before is not None:
+            x0, y0, img = self._patch
+            pm = QPixmap(self.before)
+            q = QPainter(pm)
+            q.drawImage(QPointF(x0, y0), img)
+            q.end()
+            self._after = pm
+        return self._after
+
+    @after.setter
+    def after(self, pm: QPixmap | None) -> None:
+        self._after, self._patch = pm, None
+        self._after_version += 1
+
+    def _has_after(self) -> bool:
+        return self._after is not None or self._patch is not None
 
     # ------------------------------------------------------------------ content
     def set_images(self, before: np.ndarray | None, after: np.ndarray | None = None, refit: bool = False,
@@ -82,21 +106,12 @@ class PhotoCanvas(QWidget):
             if x1 <= x0 or y1 <= y0:
                 self.after = self.before
             else:
-                pm = QPixmap(self.before)
-                p = QPainter(pm)
-                p.drawImage(QPointF(x0, y0), to_qimage(after[y0:y1, x0:x1]))
-                p.end()
-                self.after = pm
+                self.after = None
+                self._patch = (x0, y0, to_qimage(after[y0:y1, x0:x1]))
                 self._region = (x0, y0, x1, y1)
         else:
             self.after = to_pixmap(after) if after is not None else None
         if refit or old_size is None or (self.before is not None and self.before.size() != old_size):
-            self.fit()
-        self.update()
-
-    def set_after(self, after: np.ndarray | None) -> None:
-        self.after = to_pixmap(after) if after is not None else None
-        if self.before is None and self.after is not None:
             self.fit()
         self.update()
 
@@ -183,11 +198,11 @@ class PhotoCanvas(QWidget):
                        self.busy_text or self.empty_text)
             return
         r = self.image_rect()
-        before = self.before if self.before is not None else self.after
-        after = self.after if self.after is not None else self.before
+        before = "before" if self.before is not None else "after"
+        after = "after" if self._has_after() else "before"
         if self.view_mode == "before":
             self._draw(p, r, "before", before)
-        elif self.view_mode == "after" or self.after is None:
+        elif self.view_mode == "after" or not self._has_after():
             self._draw(p, r, "after", after)
         else:
             x = r.left() + r.width() * self.wipe
@@ -214,47 +229,64 @@ class PhotoCanvas(QWidget):
         if self.busy_text:
             self._label(p, QPointF(12, self.height() - 34), self.busy_text)
 
-    def _draw(self, p: QPainter, r: QRectF, which: str, pm: QPixmap) -> None:
-        """Draw ``pm`` into ``r``. Scaled down, through a display-size copy made once per image and zoom (smoothly
-        scaling a big photo on every paint took ~0.3 s for 24 MP); for an "after" that differs from "before" only in
-        ``_region``, the copy is the scaled "before" with just that region scaled again."""
+    def _draw(self, p: QPainter, r: QRectF, which: str, source: str) -> None:
+        """Draw the ``source`` image ("before" / "after") into ``r`` for the ``which`` side. Scaled down, through a
+        display-size copy made once per image and zoom (smoothly scaling a big photo on every paint took ~0.3 s for
+        24 MP); for an "after" that differs from "before" only in ``_region``, the copy is the scaled "before" with
+        just that region scaled again, and the full-size "after" is never made."""
+        lazy = source == "after" and self._after is None and self._patch is not None and self.before is not None
+        size = self.before.size() if lazy else (self.before if source == "before" else self.after).size()
+        pw, ph = size.width(), size.height()
         dpr = self.devicePixelRatioF() or 1.0  # a HiDPI screen shows device pixels: scale to those
         w, h = round(r.width() * dpr), round(r.height() * dpr)
-        if self.scale * dpr >= 1.0 or w < 1 or h < 1 or pm.width() * pm.height() < 1_000_000:
+        if self.scale * dpr >= 1.0 or w < 1 or h < 1 or pw * ph < 1_000_000:
+            pm = self.before if source == "before" else self.after
             p.drawPixmap(r, pm, QRectF(pm.rect()))
             return
-        key = (pm.cacheKey(), w, h)
+        key = ((self.before.cacheKey() if source == "before" else ("after", self._after_version)), w, h)
         hit = self._scaled.get(which)
         if hit is None or hit[0] != key:
             base = self._scaled.get("before")
-            if which == "after" and self._region is not None and self.before is not None and (
-                    base is None or base[0] != (self.before.cacheKey(), w, h)):
+            patch = source == "after" and self._region is not None and self.before is not None
+            if patch and (base is None or base[0] != (self.before.cacheKey(), w, h)):
                 base = ((self.before.cacheKey(), w, h), self.before.scaled(
                     w, h, Qt.AspectRatioMode.IgnoreAspectRatio, Qt.TransformationMode.SmoothTransformation))
                 self._scaled["before"] = base  # once per photo and zoom; every preview after it reuses it
-            if which == "after" and self._region is not None and base is not None:
+            if patch and base is not None:
                 scaled = QPixmap(base[1])
                 x0, y0, x1, y1 = self._region
-                sx, sy = w / pm.width(), h / pm.height()
+                sx, sy = w / pw, h / ph
                 # scale a wider source so the region's own display pixels see their neighbours (no seam), and keep
                 # only the region's display pixels
                 mx, my = int(np.ceil(3 / sx)), int(np.ceil(3 / sy))
                 ox0, oy0 = max(0, x0 - mx), max(0, y0 - my)
-                ox1, oy1 = min(pm.width(), x1 + mx), min(pm.height(), y1 + my)
+                ox1, oy1 = min(pw, x1 + mx), min(ph, y1 + my)
                 q = QPainter(scaled)
                 q.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform, True)
                 q.setClipRect(QRectF(np.floor(x0 * sx), np.floor(y0 * sy), np.ceil(x1 * sx) - np.floor(x0 * sx),
                                      np.ceil(y1 * sy) - np.floor(y0 * sy)))
                 # the same filter as the full-image scale (QPixmap.scaled), not the painter's bilinear sampling
-                sub = pm.copy(ox0, oy0, ox1 - ox0, oy1 - oy0).scaled(
+                sub = self._area(source, ox0, oy0, ox1 - ox0, oy1 - oy0).scaled(
                     max(1, round((ox1 - ox0) * sx)), max(1, round((oy1 - oy0) * sy)),
                     Qt.AspectRatioMode.IgnoreAspectRatio, Qt.TransformationMode.SmoothTransformation)
                 q.drawPixmap(QPointF(round(ox0 * sx), round(oy0 * sy)), sub)
                 q.end()
             else:
+                pm = self.before if source == "before" else self.after
                 scaled = pm.scaled(w, h, Qt.AspectRatioMode.IgnoreAspectRatio, Qt.TransformationMode.SmoothTransformation)
             self._scaled[which] = hit = (key, scaled)
         p.drawPixmap(r, hit[1], QRectF(hit[1].rect()))  # device pixels 1:1 (r is in logical pixels)
+
+    def _area(self, source: str, x: int, y: int, w: int, h: int) -> QPixmap:
+        """A full-resolution piece of the ``source`` image; of a patched "after", without making all of it."""
+        if source == "before" or self._after is not None or self._patch is None:
+            return (self.before if source == "before" else self.after).copy(x, y, w, h)
+        pm = self.before.copy(x, y, w, h)
+        px, py, img = self._patch
+        q = QPainter(pm)
+        q.drawImage(QPointF(px - x, py - y), img)
+        q.end()
+        return pm
 
     def _label(self, p: QPainter, at: QPointF, text: str, right: bool = False) -> None:
         fm = p.fontMetrics()
@@ -268,7 +300,7 @@ class PhotoCanvas(QWidget):
 
     # ------------------------------------------------------------------ interaction
     def _near_divider(self, pos: QPointF) -> bool:
-        if self.view_mode != "wipe" or self.after is None:
+        if self.view_mode != "wipe" or not self._has_after():
             return False
         r = self.image_rect()
         return abs(pos.x() - (r.left() + r.width() * self.wipe)) < 10 and r.top() <= pos.y() <= r.bottom()

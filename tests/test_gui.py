@@ -1246,17 +1246,21 @@ def test_canvas_region_updates_show_the_same_pixels_as_full_updates(qtbot):
             after[600:900, 800 + 50 * k:1100 + 50 * k] = (40 * k, 200, 90)
             c.set_images(before, after, region=(790 + 50 * k, 590, 1110 + 50 * k, 910) if mode == "region" else None)
             shots[(mode, k)] = c.grab().toImage()
+            if mode == "region":  # the full-size "after" (a copy of the whole photo) is not made for a fitted view
+                assert c._after is None
         c.set_view_mode("wipe")
         shots[(mode, "wipe")] = c.grab().toImage()
         c.set_view_mode("after")
         c.zoom_by(3.0)
         shots[(mode, "zoom")] = c.grab().toImage()
+        c.zoom_by(4.0)  # past 1:1: drawn from the full-size pixmap, made now
+        shots[(mode, "zoom 1:1")] = c.grab().toImage()
 
     def arr(img):
         img = img.convertToFormat(img.Format.Format_RGB888)
         return np.frombuffer(img.constBits(), np.uint8).reshape(img.height(), img.bytesPerLine())[:, : img.width() * 3]
 
-    for key in (0, 1, 2, "wipe", "zoom"):
+    for key in (0, 1, 2, "wipe", "zoom", "zoom 1:1"):
         a, b = arr(shots[("full", key)]).astype(int), arr(shots[("region", key)]).astype(int)
         d = np.abs(a - b)  # the region is scaled on its own: at most sub-pixel shifts at sharp edges
         assert a.shape == b.shape and d.mean() < 0.5 and (d > 48).mean() < 0.005, (key, d.mean(), (d > 48).mean())
