@@ -243,7 +243,9 @@ class PhotoCanvas(QWidget):
             pm = self.before if source == "before" else self.after
             p.drawPixmap(r, pm, QRectF(pm.rect()))
             return
-        key = ((self.before.cacheKey() if source == "before" else ("after", self._after_version)), w, h)
+        # an "after" that is the photo itself (a starting step) shares the photo's display-size copy
+        same = source == "before" or (self._after is self.before and self._patch is None)
+        key = ((self.before.cacheKey() if same else ("after", self._after_version)), w, h)
         hit = self._scaled.get(which)
         if hit is None or hit[0] != key:
             base = self._scaled.get("before")

@@ -1241,6 +1241,8 @@ def test_canvas_region_updates_show_the_same_pixels_as_full_updates(qtbot):
         c.show()
         c.set_images(before, before, refit=True)
         c.grab()  # the scaled "before" is made at the first paint
+        # an "after" that is the photo itself uses the photo's display-size copy (no second smooth scale)
+        assert c._scaled["after"][0][0] == c.before.cacheKey()
         for k in range(3):  # consecutive previews
             after = before.copy()
             after[600:900, 800 + 50 * k:1100 + 50 * k] = (40 * k, 200, 90)
