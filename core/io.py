@@ -72,6 +72,9 @@ class LoadedImage:
     mode: str  # the file's original Pillow mode
     n_frames: int
     exif_transposed: bool
+    # the file's own colour under its transparency (before compositing on white), when it had any: what an edit
+    # writes back where it changed nothing (core.photo.with_alpha)
+    straight: np.ndarray | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -189,7 +192,8 @@ def _tell(f) -> int | None:
         return None
 
 
-def _read_tiff(src, max_pixels: int, name: str) -> tuple[np.ndarray, np.ndarray | None, str, bool] | None:
+def _read_tiff(src, max_pixels: int, name: str
+               ) -> tuple[np.ndarray, np.ndarray | None, str, bool, np.ndarray | None] | None:
     """A TIFF Pillow cannot decode (float or 32-bit RGB, as HDR and scientific cameras write) read by tifffile:
     ``(rgb, alpha, mode, turned upright)``, or None when ``src`` is no TIFF or tifffile is not installed. The first page; float
     data scaled like a float greyscale TIFF (kept in [0, 1] or [0, 255], else its own min..max)."""
@@ -248,13 +252,15 @@ def _read_tiff(src, max_pixels: int, name: str) -> tuple[np.ndarray, np.ndarray 
         colour, alpha = (_orient(colour, orientation), None if alpha is None else _orient(alpha, orientation))
     if colour.shape[2] == 1:
         colour = np.repeat(colour, 3, axis=2)
+    straight = None
     if alpha is not None:
         if alpha.min() == 255:
             alpha = None
         else:
+            straight = np.ascontiguousarray(colour)
             al = alpha.astype(np.float32)[:, :, None] / 255.0
             colour = np.round(colour.astype(np.float32) * al + 255.0 * (1.0 - al)).astype(np.uint8)
-    return np.ascontiguousarray(colour), alpha, mode, transposed
+    return np.ascontiguousarray(colour), alpha, mode, transposed, straight
 
 
 def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
@@ -276,25 +282,27 @@ def _tiff_unsigned32(img: Image.Image) -> bool:
     return bits == 32 and fmt == 1
 
 
-def _decode(img: Image.Image, unsigned32: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """Loaded Pillow image (any mode) -> (rgb [H,W,3] uint8, alpha [H,W] uint8 | None)."""
+def _decode(img: Image.Image, unsigned32: bool = False
+            ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Loaded Pillow image (any mode) -> (rgb [H,W,3] uint8 on white, alpha [H,W] uint8 | None, the colour under
+    the alpha [H,W,3] uint8 | None)."""
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(img)
         g = _to_uint8(a.view(np.uint32) if unsigned32 and a.dtype == np.int32 else a, mode)
-        return np.repeat(g[:, :, None], 3, axis=2), None
+        return np.repeat(g[:, :, None], 3, axis=2), None, None
     if mode == "CMYK":
-        return np.asarray(_cmyk_to_rgb(img)), None
+        return np.asarray(_cmyk_to_rgb(img)), None, None
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
     if has_alpha:
         rgba = np.asarray(img.convert("RGBA"))
         alpha = rgba[:, :, 3].copy()
         if alpha.min() == 255:
-            return np.ascontiguousarray(rgba[:, :, :3]), None
+            return np.ascontiguousarray(rgba[:, :, :3]), None, None
         a = alpha.astype(np.float32)[:, :, None] / 255.0
         rgb = np.round(rgba[:, :, :3].astype(np.float32) * a + 255.0 * (1.0 - a)).astype(np.uint8)
-        return rgb, alpha
-    return np.asarray(img.convert("RGB")), None
+        return rgb, alpha, np.ascontiguousarray(rgba[:, :, :3])
+    return np.asarray(img.convert("RGB")), None, None
 
 
 def load_image(source: PathLike | bytes | io.IOBase, *, max_pixels: int | None = None) -> LoadedImage:
@@ -330,9 +338,10 @@ def load_image(source: PathLike | bytes | io.IOBase, *, max_pixels: int | None =
             tiff = _read_tiff(src, max_pixels, name)
         if tiff is None:
             raise
-        rgb, alpha, mode, transposed = tiff
+        rgb, alpha, mode, transposed, straight = tiff
         return LoadedImage(rgb=np.ascontiguousarray(rgb), alpha=None if alpha is None else np.ascontiguousarray(alpha),
-                           path=path, format="TIFF", mode=mode, n_frames=1, exif_transposed=transposed)
+                           path=path, format="TIFF", mode=mode, n_frames=1, exif_transposed=transposed,
+                           straight=straight)
     try:
         fmt = img.format
         n_frames = int(getattr(img, "n_frames", 1) or 1)
@@ -352,13 +361,13 @@ def load_image(source: PathLike | bytes | io.IOBase, *, max_pixels: int | None =
         # Pillow returns a copy even for orientation 1 ("as stored"): that is no turn
         did_transpose = transposed is not None and transposed is not img and orientation in (2, 3, 4, 5, 6, 7, 8)
         work = transposed if transposed is not None else img
-        rgb, alpha = _decode(work, unsigned32=_tiff_unsigned32(img))
+        rgb, alpha, straight = _decode(work, unsigned32=_tiff_unsigned32(img))
     finally:
         img.close()
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     assert rgb.ndim == 3 and rgb.shape[2] == 3
     return LoadedImage(rgb=rgb, alpha=alpha, path=path, format=fmt, mode=orig_mode, n_frames=n_frames,
-                       exif_transposed=did_transpose)
+                       exif_transposed=did_transpose, straight=straight)
 
 
 def read_image(source: PathLike | bytes | io.IOBase, *, max_pixels: int | None = None) -> np.ndarray:

@@ -42,6 +42,7 @@ class PreparedPhoto:
     path: Path | None = None
     alpha: np.ndarray | None = None  # [H, W] uint8 when the file had transparency
     extras: dict = field(default_factory=dict)
+    straight: np.ndarray | None = None  # [H, W, 3] the file's colour under its transparency (``image`` is on white)
 
     def crop_index(self, face_index: int) -> int:
         """Position in ``aligned``/``transforms`` of face ``face_index`` (an index into ``faces``)."""
@@ -77,14 +78,15 @@ def prepare_photo(path_or_array: Union[str, os.PathLike, np.ndarray], *, resolut
     is found (``FaceTooSmallError`` when the chosen face is too small to align meaningfully).
     """
     path = None
-    alpha = None
+    alpha = straight = None
     if isinstance(path_or_array, np.ndarray):
         image = as_rgb_uint8(path_or_array)
         if path_or_array.ndim == 3 and path_or_array.shape[2] == 4 and path_or_array.dtype == np.uint8:
             alpha = np.ascontiguousarray(path_or_array[:, :, 3])
+            straight = np.ascontiguousarray(path_or_array[:, :, :3])  # as_rgb_uint8 composites on white
     else:
         loaded = load_image(path_or_array, max_pixels=max_pixels)
-        image, alpha, path = loaded.rgb, loaded.alpha, loaded.path
+        image, alpha, path, straight = loaded.rgb, loaded.alpha, loaded.path, loaded.straight
     faces = detect_faces(image, detector, max_detect_side=max_detect_side)
     name = f"'{path.name}'" if path is not None else "the photo"
     if not faces:
@@ -103,7 +105,8 @@ def prepare_photo(path_or_array: Union[str, os.PathLike, np.ndarray], *, resolut
         aligned.append(a)
         transforms.append(t)
     return PreparedPhoto(image=image, faces=faces, selected=selected, aligned=aligned, transforms=transforms,
-                         resolution=int(resolution), detector=faces[0].detector, path=path, alpha=alpha)
+                         resolution=int(resolution), detector=faces[0].detector, path=path, alpha=alpha,
+                         straight=straight)
 
 
 def invert_faces(prepared: PreparedPhoto, invert_fn: Callable[[np.ndarray], object], *,
@@ -140,7 +143,19 @@ def compose_all(prepared: PreparedPhoto, edited: dict[int, np.ndarray], **kw) ->
 
 
 def with_alpha(prepared: PreparedPhoto, rgb: np.ndarray) -> np.ndarray:
-    """Re-attach the original's transparency (RGBA uint8) when it had any; else return ``rgb``."""
+    """Re-attach the original's transparency (RGBA uint8) when it had any; else return ``rgb``.
+
+    ``rgb`` is an edit of ``prepared.image``, the photo composited on white. Where the edit changed nothing, the
+    file's own colour comes back (the composited colour under partial transparency is not the file's: a soft
+    cut-out edge turned whitish); where it changed a pixel, the edited colour is taken off the white again."""
     if prepared.alpha is None:
         return rgb
-    return np.concatenate([rgb, prepared.alpha[:, :, None]], axis=2)
+    out = rgb
+    if prepared.straight is not None and prepared.straight.shape == rgb.shape == prepared.image.shape:
+        out = prepared.straight.copy()
+        changed = np.any(rgb != prepared.image, axis=2)
+        a = prepared.alpha[changed].astype(np.float32)[:, None] / 255.0
+        c = rgb[changed].astype(np.float32)
+        un = np.where(a > 0, (c - 255.0 * (1.0 - a)) / np.maximum(a, 1e-6), c)
+        out[changed] = np.clip(np.round(un), 0, 255).astype(np.uint8)
+    return np.concatenate([out, prepared.alpha[:, :, None]], axis=2)

@@ -160,3 +160,23 @@ def test_invert_faces_with_any_callable(astronaut):
     assert len(out) == 2 and seen == [(1, 2), (2, 2)]
     with pytest.raises(CancelledError):
         invert_faces(p, lambda crop: 0, should_cancel=lambda: True)
+
+
+def test_an_edit_keeps_the_colour_under_partial_transparency(tmp_path, astronaut):
+    """A cut-out portrait with soft edges: its colours under partial alpha came back composited on white (a whitish
+    halo, 90 levels off) wherever the edit changed nothing; they must come back as the file has them."""
+    rgba = np.dstack([astronaut, np.full(astronaut.shape[:2], 255, np.uint8)])
+    rgba[400:, :, 3] = 128  # a soft band far from the face
+    path = tmp_path / "soft.png"
+    Image.fromarray(rgba).save(path)
+    p = prepare_photo(path, resolution=64)
+    assert p.straight is not None and np.array_equal(p.straight, astronaut)
+    edited = compose(p, p.selected[0], np.ascontiguousarray(255 - p.aligned[0]))  # a visible edit of the face
+    out = with_alpha(p, edited)
+    assert out.shape == (512, 512, 4) and np.array_equal(out[..., 3], rgba[..., 3])
+    assert np.array_equal(out[400:], rgba[400:])  # away from the face: the file's own pixels
+    changed = np.any(edited != p.image, axis=2)
+    assert changed.sum() > 1000 and np.array_equal(out[..., :3][changed], edited[changed])  # opaque: as edited
+    # an RGBA array (no file): the same
+    q = prepare_photo(rgba, resolution=64)
+    assert np.array_equal(with_alpha(q, q.image), rgba)
