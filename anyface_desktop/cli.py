@@ -469,7 +469,8 @@ def cmd_generate(args) -> int:
                                   "pack": engine.pack_id, "outputs": rows, **read_as}, indent=2, default=str))
             elif rows:
                 print(_generated_text(rows))
-            print(f"interrupted: {e}" + (f"; the {len(rows)} written are kept" if rows else ""), file=sys.stderr)
+            print(f"interrupted: {str(e).rstrip('.')}" + (f"; the {len(rows)} written are kept" if rows else ""),
+                  file=sys.stderr)
             return 130
         finally:
             bar.close()
@@ -498,14 +499,15 @@ def _say_readings(args, engine, captions) -> dict:
 
 def _write_generated(args, out, r) -> dict:
     """Write one generated face (never over an existing file) and its latent; the row the output lists."""
-    from core.io import provenance_tag, unique_path, write_image
+    from core.io import provenance_tag, unique_pair, unique_path, write_image
 
     fmt = {"jpeg": "jpg"}.get(args.format, args.format)
     meta = provenance_tag("generated", captions=list(r.captions), seed=r.seed, method=r.method, pack=r.pack_id,
                           diversity=r.diversity)
     if "refine_steps" in r.extra:
         meta["refine_steps"] = r.extra["refine_steps"]
-    path = write_image(unique_path(out / f"{_slug(args.captions)}_s{r.seed}.{fmt}"), r.image, fmt,
+    name = out / f"{_slug(args.captions)}_s{r.seed}.{fmt}"  # with --save-latent, one name for the image and its .npz
+    path = write_image(unique_pair(name) if args.save_latent else unique_path(name), r.image, fmt,
                        quality=args.quality, metadata=meta, overwrite=False,
                        description="AI-generated with AnyFace Desktop")
     row = {"image": str(path), "seed": r.seed, "method": r.method, "captions": list(r.captions)}

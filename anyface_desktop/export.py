@@ -67,7 +67,7 @@ def export_image(req: ExportRequest) -> ExportResult:
     from PIL import Image
 
     from core.errors import OutputError
-    from core.io import unique_path, write_image
+    from core.io import unique_pair, unique_path, write_image
 
     if not str(req.path).strip() or not Path(req.path).name:
         raise OutputError("Choose a file name to export to.")
@@ -80,8 +80,9 @@ def export_image(req: ExportRequest) -> ExportResult:
         path = path.with_name(path.name + exts[0]) if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp") \
             else path.with_suffix(exts[0])
         path = unique_path(path)  # a name the user did not type must not replace an existing file
+    with_latent = req.save_latent and req.ws is not None
     if req.unique:  # decided here, on the worker, so two quick exports in a row never get the same name
-        path = unique_path(path)
+        path = unique_pair(path) if with_latent else unique_path(path)  # the image and its .npz: one name
     for src in req.inputs:
         if src and _same_file(path, Path(src)):
             raise OutputError(f"Refusing to write over the input photo {path}. Choose another file name.")
@@ -92,20 +93,23 @@ def export_image(req: ExportRequest) -> ExportResult:
         pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.LANCZOS)
         img = np.asarray(pil)
     image_existed = path.exists()
-    meta = provenance(req)
-    desc = f"{PROVENANCE} (AI-{'edited' if req.edited else 'generated'}); prompt: {meta['prompt']}; pack: {req.pack}"
-    written = write_image(path, img, FORMATS[fmt], int(req.quality), metadata=meta, protect=list(req.inputs),
-                          description=desc)
     latent_path = None
-    if req.save_latent and req.ws is not None:
-        latent_path = str(Path(written).with_suffix(".npz"))
+    if with_latent:
+        latent_path = str(path.with_suffix(".npz"))
         # the .npz name is the app's choice: it replaces the latent of an image the user chose to overwrite, never
-        # an unrelated file beside a new image
+        # an unrelated file beside a new image (then the image's metadata names its latent)
         if Path(latent_path).exists() and not (image_existed and _is_latent(Path(latent_path))):
             latent_path = str(unique_path(Path(latent_path)))
         for src in req.inputs:
             if src and _same_file(Path(latent_path), Path(src)):
                 raise OutputError(f"Refusing to write the latent over the input {src}.")
+    meta = provenance(req)
+    if latent_path is not None and Path(latent_path).stem != path.stem:
+        meta["latent"] = Path(latent_path).name
+    desc = f"{PROVENANCE} (AI-{'edited' if req.edited else 'generated'}); prompt: {meta['prompt']}; pack: {req.pack}"
+    written = write_image(path, img, FORMATS[fmt], int(req.quality), metadata=meta, protect=list(req.inputs),
+                          description=desc)
+    if latent_path is not None:
         try:
             save_latent_file(latent_path, req)
         except OSError as e:  # e.g. the disk filled up between the two files: say what is on disk

@@ -497,7 +497,7 @@ def write_image(path: PathLike, img: np.ndarray, fmt: str | None = None, quality
     if fmt == "JPEG" and pil.mode == "RGBA":
         pil = Image.fromarray(as_rgb_uint8(a))
     meta = {str(k): v for k, v in (metadata or {}).items()}
-    meta_s = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
+    meta_s = {k: (v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)) for k, v in meta.items()}
     blob = json.dumps(meta, ensure_ascii=False, default=str, sort_keys=True)
     kwargs: dict = {}
     if fmt == "PNG":
@@ -592,5 +592,16 @@ def unique_path(path: PathLike, *, reserved: Iterable[PathLike] = ()) -> Path:
         if free(cand):
             return cand
         i += 1
+
+
+def unique_pair(path: PathLike, companion: str = ".npz") -> Path:
+    """``path`` if both it and its ``companion`` file (same stem) are free, else ``stem-1.ext``, ``stem-2.ext``...:
+    an image and its latent written together keep one name."""
+    path = Path(path)
+    cand, i = path, 0
+    while cand.exists() or cand.with_suffix(companion).exists():
+        i += 1
+        cand = path.with_name(f"{path.stem}-{i}{path.suffix}")
+    return cand
 
 

@@ -171,6 +171,8 @@ def test_generate(tmp_path, weights_env):
     out.mkdir()
     theirs = out / "a-smiling-woman-with-glasses_s1.png"
     theirs.write_bytes(b"someone else's file")
+    stray = out / "a-smiling-woman-with-glasses_s2.npz"  # a latent without its image: the pair moves to "-1"
+    stray.write_bytes(b"a stray latent")
     blocker = tmp_path / "no_qt" / "PySide6"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('the CLI must not import Qt')\n")
@@ -185,7 +187,10 @@ def test_generate(tmp_path, weights_env):
         with Image.open(o["image"]) as im:
             assert im.size[0] == im.size[1] >= 16
     assert Path(js["outputs"][0]["image"]).name == "a-smiling-woman-with-glasses_s1-1.png"
-    assert theirs.read_bytes() == b"someone else's file"
+    for o in js["outputs"]:  # an image and its latent share their name
+        assert Path(o["image"]).stem == Path(o["latent"]).stem, o
+    assert Path(js["outputs"][1]["image"]).name == "a-smiling-woman-with-glasses_s2-1.png"
+    assert theirs.read_bytes() == b"someone else's file" and stray.read_bytes() == b"a stray latent"
     # the same provenance tag as a GUI export (the GUI reads it back), marked as generated
     from anyface_desktop.export import read_provenance
 

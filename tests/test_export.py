@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -84,3 +86,26 @@ def test_a_latent_that_cannot_be_written_says_the_image_was_saved(tmp_path, monk
     msg = str(e.value)
     assert f"saved as {tmp_path / 'x.jpg'}" in msg and "x.npz" in msg and "No space left" in msg
     assert (tmp_path / "x.jpg").is_file()
+
+
+def test_an_image_and_its_latent_are_linked_by_name_or_by_metadata(tmp_path):
+    """The same edit exported as PNG, then JPEG under the same stem, each with its latent: the JPEG's latent cannot
+    take the PNG's .npz name, so the JPEG's metadata names it. Quick exports (unique names) pick one free name for
+    both files. Non-ASCII captions stay readable in XMP."""
+    import torch
+
+    from core.io import unique_pair
+
+    req = dict(image=np.full((16, 16, 3), 90, np.uint8), save_latent=True, ws=torch.zeros(4, 8),
+               captions=["cheveux bouclés"], method="knn", pack="tiny")
+    png = export_image(ExportRequest(path=str(tmp_path / "astro_e.png"), fmt="png", **req))
+    assert png.latent_path == str(tmp_path / "astro_e.npz") and "latent" not in read_provenance(png.image_path)
+    jpg = export_image(ExportRequest(path=str(tmp_path / "astro_e.jpg"), fmt="jpg", **req))
+    assert jpg.latent_path == str(tmp_path / "astro_e-1.npz")
+    assert read_provenance(jpg.image_path)["latent"] == "astro_e-1.npz"
+    raw = Path(jpg.image_path).read_bytes()
+    assert "bouclés".encode() in raw and b"boucl\\u00e9s" not in raw  # XMP as well as EXIF
+    quick = export_image(ExportRequest(path=str(tmp_path / "astro_e.webp"), fmt="webp", unique=True, **req))
+    # astro_e.webp is free but astro_e.npz and astro_e-1.npz are taken: both files move to astro_e-2
+    assert Path(quick.image_path).name == "astro_e-2.webp" and Path(quick.latent_path).name == "astro_e-2.npz"
+    assert unique_pair(tmp_path / "new.png") == tmp_path / "new.png"
