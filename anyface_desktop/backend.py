@@ -27,8 +27,10 @@ class PhotoState:
     """A photo opened in the canvas and the faces found in it."""
 
     path: str
-    image: np.ndarray  # [H, W, 3] uint8 RGB
+    image: np.ndarray  # [H, W, 3] uint8 RGB (a photo with transparency: composited on white)
     faces: list = field(default_factory=list)  # core.align.Face objects (box = x0, y0, x1, y1)
+    alpha: np.ndarray | None = None  # [H, W] uint8 when the file had transparency (exports keep it)
+    straight: np.ndarray | None = None  # [H, W, 3] the file's colour under that transparency
 
     def face_boxes(self) -> list[tuple[float, float, float, float]]:
         out = []
@@ -212,14 +214,17 @@ class Backend:
 
     # ------------------------------------------------------------------ jobs
     def open_photo(self, path: str, detector: str = "auto") -> PhotoState:
-        image = self.read_image(path)
+        from core.io import load_image
+
+        loaded = load_image(path)
+        image = loaded.rgb
         faces = list(self.detect_faces(image, detector))
         if not faces:
             from core.errors import NoFaceFoundError
 
             raise NoFaceFoundError(f"No face was found in {Path(path).name}. Try another photo, or a different "
                                    "face detector in Settings; you can still generate faces from text.")
-        return PhotoState(path=str(path), image=image, faces=faces)
+        return PhotoState(path=str(path), image=image, faces=faces, alpha=loaded.alpha, straight=loaded.straight)
 
     def prepare_face(self, photo: PhotoState, index: int, tier: str = "fast", progress: ProgressFn = None,
                      should_cancel: CancelFn = None) -> FaceState:

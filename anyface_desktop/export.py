@@ -36,6 +36,11 @@ class ExportRequest:
     identity_layers: int | None = None  # the identity lock of the edit
     steps: Sequence[str] = ()  # how the face was made: the history's labels, from its start to this state
     variation_of: int | None = None  # the seed of the face a "More like this" variation was made from
+    # a photo with transparency: its alpha [H, W], the photo as composited on white (what ``image`` edits) and the
+    # file's own colour under the alpha; the export re-attaches it (core.photo.restore_alpha)
+    alpha: np.ndarray | None = None
+    on_white: np.ndarray | None = None
+    straight: np.ndarray | None = None
 
 
 @dataclass
@@ -87,6 +92,10 @@ def export_image(req: ExportRequest) -> ExportResult:
         if src and _same_file(path, Path(src)):
             raise OutputError(f"Refusing to write over the input photo {path}. Choose another file name.")
     img = np.ascontiguousarray(req.image, dtype=np.uint8)
+    if req.alpha is not None and req.on_white is not None and img.shape[:2] == req.alpha.shape:
+        from core.photo import restore_alpha
+
+        img = restore_alpha(img, req.on_white, req.alpha, req.straight)
     if req.size and max(img.shape[:2]) != req.size:
         pil = Image.fromarray(img)  # RGB, RGBA or grey as the array has it
         scale = req.size / max(pil.size)

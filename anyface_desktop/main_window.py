@@ -1071,6 +1071,15 @@ class MainWindow(QMainWindow):
             return entry.composed
         return entry.face_image
 
+    def _export_alpha(self, image: np.ndarray) -> dict:
+        """The opened photo's transparency for an export of the whole photo (the worker re-attaches it, as the CLI
+        and Batch do); nothing for a face crop or a photo without transparency."""
+        photo = self.face.photo if self.face is not None else None
+        alpha = getattr(photo, "alpha", None)
+        if self.display != "photo" or alpha is None or image.shape[:2] != alpha.shape:
+            return {}
+        return dict(alpha=alpha, on_white=photo.image, straight=getattr(photo, "straight", None))
+
     @staticmethod
     def _face_entry(result, strength: float | None) -> HistoryEntry:
         """A face made without a photo (generated, a variation, a reopened latent) as a history state."""
@@ -1157,7 +1166,8 @@ class MainWindow(QMainWindow):
         root = self._root()
         root_kind = (getattr(getattr(root, "result", None), "extra", None) or {}).get("kind")
         from_photo = not self._is_gallery_entry(entry) and (self.face is not None or root_kind == "edited")
-        return ExportRequest(path=opts["path"], image=self._export_image(entry), fmt=opts.get("fmt", "png"),
+        image = self._export_image(entry)
+        return ExportRequest(path=opts["path"], image=image, **self._export_alpha(image), fmt=opts.get("fmt", "png"),
                              quality=int(opts.get("quality", 92)), size=opts.get("size"),
                              save_latent=bool(opts.get("save_latent", True)), ws=entry.ws,
                              captions=list(p.get("captions", [])), method=str(p.get("method", "")),

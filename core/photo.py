@@ -143,19 +143,26 @@ def compose_all(prepared: PreparedPhoto, edited: dict[int, np.ndarray], **kw) ->
 
 
 def with_alpha(prepared: PreparedPhoto, rgb: np.ndarray) -> np.ndarray:
-    """Re-attach the original's transparency (RGBA uint8) when it had any; else return ``rgb``.
-
-    ``rgb`` is an edit of ``prepared.image``, the photo composited on white. Where the edit changed nothing, the
-    file's own colour comes back (the composited colour under partial transparency is not the file's: a soft
-    cut-out edge turned whitish); where it changed a pixel, the edited colour is taken off the white again."""
+    """Re-attach the original's transparency (RGBA uint8) when it had any; else return ``rgb``
+    (see :func:`restore_alpha`)."""
     if prepared.alpha is None:
         return rgb
+    return restore_alpha(rgb, prepared.image, prepared.alpha, prepared.straight)
+
+
+def restore_alpha(rgb: np.ndarray, on_white: np.ndarray, alpha: np.ndarray,
+                  straight: np.ndarray | None) -> np.ndarray:
+    """An edit ``rgb`` of ``on_white`` (a photo with transparency ``alpha``, composited on white) -> RGBA uint8.
+
+    Where the edit changed nothing, the file's own colour ``straight`` comes back (the composited colour under
+    partial transparency is not the file's: a soft cut-out edge turned whitish); where it changed a pixel, the
+    edited colour is taken off the white again. Without ``straight`` the colours are kept as they are."""
     out = rgb
-    if prepared.straight is not None and prepared.straight.shape == rgb.shape == prepared.image.shape:
-        out = prepared.straight.copy()
-        changed = np.any(rgb != prepared.image, axis=2)
-        a = prepared.alpha[changed].astype(np.float32)[:, None] / 255.0
+    if straight is not None and straight.shape == rgb.shape == on_white.shape:
+        out = straight.copy()
+        changed = np.any(rgb != on_white, axis=2)
+        a = alpha[changed].astype(np.float32)[:, None] / 255.0
         c = rgb[changed].astype(np.float32)
         un = np.where(a > 0, (c - 255.0 * (1.0 - a)) / np.maximum(a, 1e-6), c)
         out[changed] = np.clip(np.round(un), 0, 255).astype(np.uint8)
-    return np.concatenate([out, prepared.alpha[:, :, None]], axis=2)
+    return np.concatenate([out, alpha[:, :, None]], axis=2)

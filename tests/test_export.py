@@ -109,3 +109,22 @@ def test_an_image_and_its_latent_are_linked_by_name_or_by_metadata(tmp_path):
     # astro_e.webp is free but astro_e.npz and astro_e-1.npz are taken: both files move to astro_e-2
     assert Path(quick.image_path).name == "astro_e-2.webp" and Path(quick.latent_path).name == "astro_e-2.npz"
     assert unique_pair(tmp_path / "new.png") == tmp_path / "new.png"
+
+
+def test_an_export_of_a_photo_with_transparency_keeps_it(tmp_path):
+    """The GUI passes the opened photo's alpha: the export is RGBA with the file's own colours where the edit changed
+    nothing (it was flat RGB on white, unlike the CLI's edits of the same photo)."""
+    rng = np.random.default_rng(0)
+    straight = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    alpha = np.full((32, 32), 255, np.uint8)
+    alpha[20:] = 100
+    a = alpha[:, :, None] / 255.0
+    on_white = np.round(straight * a + 255 * (1 - a)).astype(np.uint8)
+    edited = on_white.copy()
+    edited[2:8, 2:8] = (10, 200, 30)  # the face, opaque
+    res = export_image(ExportRequest(path=str(tmp_path / "cut.png"), image=edited, fmt="png", save_latent=False,
+                                     alpha=alpha, on_white=on_white, straight=straight))
+    with Image.open(res.image_path) as im:
+        out = np.asarray(im)
+    assert out.shape == (32, 32, 4) and np.array_equal(out[..., 3], alpha)
+    assert np.array_equal(out[20:, :, :3], straight[20:]) and (out[2:8, 2:8, :3] == (10, 200, 30)).all()

@@ -271,3 +271,27 @@ def test_e2e_batch_report_and_cancel(qtbot, win, workdir):
     out = list((workdir / "batch_big_out").glob("*.png")) if (workdir / "batch_big_out").exists() else []
     assert len(out) < 12
     dlg.close()
+
+
+def test_e2e_export_of_a_photo_with_transparency_keeps_it(qtbot, win, workdir):
+    """A cut-out portrait with a soft band: the exported photo is RGBA, and away from the face it is the file."""
+    from PIL import Image
+    from skimage import data
+
+    rgba = np.dstack([data.astronaut(), np.full((512, 512), 255, np.uint8)])
+    rgba[440:, :, 3] = 128
+    src = workdir / "cutout.png"
+    Image.fromarray(rgba).save(src)
+    win.open_photo(str(src))
+    qtbot.waitUntil(lambda: win.face is not None and win.face.photo.path == str(src), timeout=60000)
+    _idle(qtbot, win)
+    win.captions.set_captions(["blond hair"])
+    win.captions.set_strength(1.0)
+    _idle(qtbot, win)
+    out = workdir / "exports" / "cutout_edit.png"
+    win.export_to({"path": str(out), "fmt": "png", "save_latent": False})
+    qtbot.waitUntil(lambda: out.is_file() and win.idle, timeout=60000)
+    with Image.open(out) as im:
+        got = np.asarray(im)
+    assert got.shape == (512, 512, 4) and np.array_equal(got[..., 3], rgba[..., 3])
+    assert np.array_equal(got[440:], rgba[440:])
