@@ -75,8 +75,8 @@ class EngineInfo:
     coarse_layers: int = 4
     bank_size: int = 0  # entries of the loaded KNN bank (0: none)
     bank_bytes_per_entry: int = 0  # disk size of one bank entry for this generator + CLIP (estimates)
-    needs_bank: list = field(default_factory=list)  # methods loaded but waiting for a KNN bank (a CVAE reading text
-    #                                                through it)
+    needs_bank: list = field(default_factory=list)  # methods loaded but waiting for a KNN bank (a CMD or CVAE whose
+    #                                                file reads text through it: Engine.needs_bank)
     word_map: Any = None  # core.wordmap.WordMap of the pack (read-only; the caption editor shows what it reads)
 
 
@@ -170,9 +170,7 @@ class Backend:
                           coarse_layers=int(getattr(e, "coarse_layers", min(4, int(e.num_ws) - 1))),
                           bank_size=len(e.bank) if getattr(e, "bank", None) is not None else 0,
                           bank_bytes_per_entry=_bank_entry_bytes(e),
-                          needs_bank=["cvae"] if (getattr(e, "cvae", None) is not None
-                                                  and getattr(e.cvae, "condition_bank_k", 0)
-                                                  and getattr(e, "bank", None) is None) else [],
+                          needs_bank=list(getattr(e, "needs_bank", [])),
                           word_map=getattr(e, "word_map", None))
 
     def require_engine(self):

@@ -516,7 +516,7 @@ class MainWindow(QMainWindow):
             self.offer_bank()
 
     def _set_methods(self, info) -> None:
-        """The pack's methods, plus KNN always, and a loaded CVAE that reads text through the bank: without a bank,
+        """The pack's methods, plus KNN always, and a loaded CMD/CVAE that reads text through the bank: without a bank,
         picking either offers to build one."""
         waiting = [m for m in getattr(info, "needs_bank", []) if m not in info.methods]
         self.captions.set_methods(list(info.methods) + ([] if "knn" in info.methods else ["knn"]) + waiting)

@@ -58,7 +58,7 @@ class CMD(nn.Module):
 
     def __init__(self, embed_dim: int, num_ws: int, w_dim: int, *, d_model: int = 512, num_layers: int = 6,
                  num_heads: int = 8, ff_dim: int | None = None, hidden_dim: int = 1024, dropout: float = 0.1,
-                 predict_offset: bool = True, sample_spread: float = 0.0):
+                 predict_offset: bool = True, sample_spread: float = 0.0, condition_bank_k: int = 0):
         super().__init__()
         if d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
@@ -72,6 +72,13 @@ class CMD(nn.Module):
         # face, scaled. For a generator whose random first layers carry little of the face (the tiny pack's 1 of
         # 10), chosen after training on held-out validation captions (`python -m training.val_presence`).
         self.sample_spread = sample_spread
+        # 0 (the paper): the caption set goes in as it is. k > 0: the engine adds one member to the set, the set's
+        # direction carried to CLIP's image side through the pack's KNN bank (the mean image embedding of its k
+        # nearest entries, ``LatentBank.image_side``). The reconstruction stream trained the model on image
+        # embeddings and the cross-modal loss aligned the two, so the member stays in its domain; it helps wordings
+        # the captions of training never used (a small CLIP's text and image embeddings lie far apart). Training is
+        # unchanged; chosen like ``sample_spread``.
+        self.condition_bank_k = condition_bank_k
         self.embed_dim, self.num_ws, self.w_dim = int(embed_dim), int(num_ws), int(w_dim)
         self.d_model = int(d_model)
         self.predict_offset = bool(predict_offset)
@@ -104,6 +111,24 @@ class CMD(nn.Module):
             self.config["sample_spread"] = value
         else:
             self.config.pop("sample_spread", None)
+
+    @property
+    def condition_bank_k(self) -> int:
+        return self._condition_bank_k
+
+    @condition_bank_k.setter
+    def condition_bank_k(self, value: int) -> None:
+        try:
+            ok = not isinstance(value, bool) and int(value) == value and int(value) >= 0
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise ValueError(f"condition_bank_k must be a whole number >= 0, got {value}")
+        self._condition_bank_k = int(value)
+        if self._condition_bank_k:  # kept out of the config at 0, as sample_spread
+            self.config["condition_bank_k"] = self._condition_bank_k
+        else:
+            self.config.pop("condition_bank_k", None)
 
     # ------------------------------------------------------------------------------------------------------
     def set_w_avg(self, w_avg: torch.Tensor) -> None:

@@ -275,11 +275,21 @@ class Engine:
     @property
     def methods(self) -> list[str]:
         """Text-to-latent methods available with the loaded models, in preference order."""
-        have = {"cmd": self.cmd is not None, "knn": self.bank is not None,
-                # a CVAE that takes its condition through the KNN bank needs the bank too
-                "cvae": self.cvae is not None and (not self.cvae.condition_bank_k or self.bank is not None)}
+        have = {"cmd": self.cmd is not None and not self._waits_for_bank("cmd"), "knn": self.bank is not None,
+                "cvae": self.cvae is not None and not self._waits_for_bank("cvae")}
         order = sorted(METHODS, key=lambda m: m != self.preferred_method)  # stable: the rest keep their order
         return [m for m in order if have[m]]
+
+    def _waits_for_bank(self, method: str) -> bool:
+        """A loaded CMD or CVAE whose file says it reads text through the KNN bank (``condition_bank_k``), and no
+        bank is loaded."""
+        model = {"cmd": self.cmd, "cvae": self.cvae}.get(method)
+        return model is not None and bool(getattr(model, "condition_bank_k", 0)) and self.bank is None
+
+    @property
+    def needs_bank(self) -> list[str]:
+        """Methods that are loaded but wait for a KNN bank (see :meth:`_waits_for_bank`)."""
+        return [m for m in ("cmd", "cvae") if self._waits_for_bank(m)]
 
     @property
     def default_method(self) -> str | None:
@@ -292,10 +302,11 @@ class Engine:
         if method not in self.methods:
             have = ", ".join(self.methods) or "none"
             build_bank = "build a KNN bank (Models > Build KNN bank…, or `anyface models build-bank`)"
-            if method == "cvae" and self.cvae is not None:  # loaded, but it needs the bank
+            if self._waits_for_bank(method):  # loaded, but it needs the bank
+                k = getattr(self, method).condition_bank_k
                 raise MethodUnavailableError(
-                    f"Method 'cvae' ({METHOD_TITLES['cvae']}) of pack '{self.pack_id}' reads text through the "
-                    f"pack's KNN bank (condition_bank_k={self.cvae.condition_bank_k}), which is not loaded. "
+                    f"Method '{method}' ({METHOD_TITLES[method]}) of pack '{self.pack_id}' reads text through the "
+                    f"pack's KNN bank (condition_bank_k={k}), which is not loaded. "
                     f"Available here: {have}. To get it, restore the pack's knn_bank file or {build_bank}.")
             hint = (build_bank if method == "knn"
                     else "train it with `python -m training.build_pack` for this generator and CLIP")
@@ -388,6 +399,10 @@ class Engine:
                 return hit.expand(n, -1, -1) if one_code else hit
         emb = self.text_embedding(caps)  # [k, D]
         if method == "cmd":
+            k = int(getattr(self.cmd, "condition_bank_k", 0))
+            if k:  # one more member: the set's direction carried to the image side by the bank (see CMD)
+                e = F.normalize(emb.mean(0), dim=0)
+                emb = torch.cat([emb, self.bank.image_side(e, k).to(emb).unsqueeze(0)])
             codes = self.cmd(emb.unsqueeze(0))  # [1, num_ws, w_dim]
             if spread:  # a random generator face's offset from the average face, scaled, for face i
                 G = self.generator

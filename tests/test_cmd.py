@@ -112,6 +112,7 @@ def test_sample_spread_is_a_checked_setting_of_the_file(tmp_path):
         with pytest.raises(ValueError, match="sample_spread"):
             tiny_cmd(sample_spread=bad)
     # the same weights: the spread changes how the engine samples, not what the model computes
+    # (test_condition_bank_k_is_a_checked_setting_of_the_file: the same for the bank member)
     emb = torch.randn(2, 3, D)
     with torch.no_grad():
         torch.testing.assert_close(CMD.load(tmp_path / "spread.safetensors")(emb),
@@ -156,3 +157,24 @@ def test_cmt_kl_and_clip_loss():
     e = torch.nn.functional.normalize(torch.randn(4, D), dim=1)
     assert clip_loss(e, e).abs().item() < 1e-6
     assert abs(clip_loss(e, -e).item() - 2.0) < 1e-6
+
+
+def test_condition_bank_k_is_a_checked_setting_of_the_file(tmp_path):
+    m = tiny_cmd()
+    assert m.condition_bank_k == 0 and "condition_bank_k" not in m.config  # older files keep their bytes
+    m.condition_bank_k = 16
+    assert m.config["condition_bank_k"] == 16
+    m.save(tmp_path / "bank.safetensors")
+    back = CMD.load(tmp_path / "bank.safetensors")
+    assert back.condition_bank_k == 16 and tiny_cmd(condition_bank_k=4).condition_bank_k == 4
+    emb = torch.randn(2, 3, D)
+    with torch.no_grad():  # a sampling setting: the model computes the same
+        torch.testing.assert_close(m(emb), back(emb), atol=0, rtol=0)
+    m.condition_bank_k = 0
+    assert "condition_bank_k" not in m.config
+    for bad in (-1, 1.5, "16", True, float("nan"), None):
+        with pytest.raises(ValueError, match="condition_bank_k"):
+            m.condition_bank_k = bad
+        with pytest.raises(ValueError, match="condition_bank_k"):
+            tiny_cmd(condition_bank_k=bad)
+    assert m.condition_bank_k == 0

@@ -487,6 +487,41 @@ def test_cmd_sample_spread_varies_the_faces_of_one_caption_set(engine, source):
         engine.clear_cache()
 
 
+def test_cmd_reads_text_through_the_bank_when_its_file_says_so():
+    """condition_bank_k k > 0: the caption set gets one more member, its direction carried to the image side by
+    the bank's k nearest entries; without a bank the CMD waits for one (as such a CVAE does)."""
+    G, clip, cmd, cvae, bank = make_models()
+    caps = ["red hair", "a smile"]
+    plain = Engine(G, clip, cmd=cmd, bank=bank, device="cpu").text_codes(caps, "cmd")[0].clone()
+    cmd.condition_bank_k = 5
+    try:
+        alone = Engine(G, clip, cmd=cmd, device="cpu", pack_id="nb")
+        assert alone.methods == [] and alone.needs_bank == ["cmd"]
+        with pytest.raises(MethodUnavailableError, match="'cmd'.*reads text through the pack's KNN bank"):
+            alone.synthesize(caps, n=1, method="cmd")
+        e = Engine(G, clip, cmd=cmd, cvae=cvae, bank=bank, device="cpu")
+        assert e.methods == ["cmd", "cvae", "knn"] and e.needs_bank == []
+        code = e.text_codes(caps, "cmd", n=3, seed=4)
+        assert torch.equal(code[0], code[2])  # spread 0: still one code per caption set
+        emb = e.text_embedding(caps)
+        member = bank.image_side(F.normalize(emb.mean(0), dim=0), 5)
+        idx, _ = bank.nearest(F.normalize(emb.mean(0), dim=0), 5)
+        assert torch.allclose(member, F.normalize(bank.embeds[idx].mean(0), dim=0))
+        with torch.no_grad():
+            want = cmd(torch.cat([emb, member[None]]).unsqueeze(0))[0]
+        torch.testing.assert_close(code[0], want)
+        assert not torch.allclose(code[0], plain, atol=1e-4)  # not the captions alone
+        assert torch.equal(e.text_codes(list(reversed(caps)), "cmd")[0], code[0])  # still a set
+        cmd.sample_spread = 0.5  # the spread adds to the bank-read code as it does to the plain one
+        spread = e.text_codes(caps, "cmd", n=2, seed=4)
+        z = torch.randn(G.z_dim, generator=torch.Generator().manual_seed(sub_seed(5, "cmd")))
+        with torch.no_grad():
+            off = 0.5 * (G.mapping(z[None]) - G.w_avg)[0]
+        torch.testing.assert_close(spread[1], want + off)
+    finally:
+        cmd.condition_bank_k, cmd.sample_spread = 0, 0.0
+
+
 def test_the_bundled_cmd_varies_the_faces_of_a_prompt():
     """The tiny pack's CMD spreads its faces (sample_spread in its file): 8 faces of one prompt are 8 faces."""
     eng = Engine.from_pack("tiny")

@@ -201,13 +201,16 @@ def test_refine_adds_a_history_entry_that_edits_start_from(qtbot, full_win):
 
 def test_a_cvae_that_reads_text_through_the_bank_is_offered_and_builds_it(qtbot, qapp, engine, tmp_path,
                                                                           monkeypatch):
-    """Without a bank the bundled CVAE (condition_bank_k 16) silently vanished from the method list."""
+    """Without a bank the bundled CVAE (condition_bank_k 16) silently vanished from the method list; the bundled
+    CMD reads captions through the bank too (session 11)."""
     engine.bank = None
     w = _window(qapp, engine, tmp_path, monkeypatch)
     try:
-        assert w.engine_info.needs_bank == ["cvae"]
+        assert w.engine_info.needs_bank == ["cmd", "cvae"] and w.engine_info.methods == []
+        for m in ("cmd", "cvae"):
+            i = w.captions.method.findData(m)
+            assert i >= 0 and "needs the KNN bank" in w.captions.method.itemText(i), m
         i = w.captions.method.findData("cvae")
-        assert i >= 0 and "needs the KNN bank" in w.captions.method.itemText(i)
         if w.bank_question is not None:
             w.bank_question.close()
         w.captions.method.setCurrentIndex(i)

