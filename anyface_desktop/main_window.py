@@ -549,7 +549,11 @@ class MainWindow(QMainWindow):
         info = self.engine_info
         box = QMessageBox(QMessageBox.Icon.Question, "Build the KNN bank?",
                           f"Pack “{info.pack_id if info else self.pack_id}” has no KNN latent bank yet"
-                          + ("" if info is None or info.methods else " and no trained text model (CMD/CVAE)") + ".",
+                          + ("" if info is None or info.methods
+                             else f": its {' and '.join(m.upper() for m in info.needs_bank)} read"
+                             f"{'s' if len(info.needs_bank) == 1 else ''} text through it"
+                             if getattr(info, "needs_bank", None)
+                             else " and no trained text model (CMD/CVAE)") + ".",
                           QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, self)
         box.setInformativeText("Build it now? It samples faces from the generator once (you choose how many) and "
                                "keeps them for next time; then text-to-face works with no training.")

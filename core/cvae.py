@@ -53,27 +53,27 @@ class CVAE(nn.Module):
 
     def __init__(self, embed_dim: int, num_ws: int, w_dim: int, *, z_dim: int = 64, hidden_dim: int = 512,
                  num_layers: int = 4, w_plus: bool = False, sample_temperature: float = 1.0,
-                 condition_bank_k: int = 0):
+                 condition_bank_k: int = 0, condition_bank_m: int = 0):
         super().__init__()
-        if not (math.isfinite(float(sample_temperature)) and float(sample_temperature) > 0):
-            raise ValueError(f"sample_temperature must be > 0, got {sample_temperature}")
         self.config = dict(embed_dim=int(embed_dim), num_ws=int(num_ws), w_dim=int(w_dim), z_dim=int(z_dim),
                            hidden_dim=int(hidden_dim), num_layers=int(num_layers), w_plus=bool(w_plus))
         # the scale of the random code at temperature 1.0: a property of the file, chosen after training on
         # held-out validation captions (text embeddings lie outside the image embeddings the CVAE was trained on,
         # and a narrower code keeps more of what the text asks; `python -m training.val_presence`)
-        self.sample_temperature = float(sample_temperature)
-        if self.sample_temperature != 1.0:
-            self.config["sample_temperature"] = self.sample_temperature
+        self.sample_temperature = sample_temperature
         # 0: the condition is the CLIP embedding itself (the paper: text at inference, image in training). k > 0:
         # at inference the engine first carries a TEXT embedding to the image side through the pack's KNN bank
         # (the mean image embedding of its k nearest entries, ``LatentBank.image_side``): for a CLIP whose text and
         # image embeddings lie far apart. Training is unchanged (image embeddings only).
-        if int(condition_bank_k) < 0:
-            raise ValueError(f"condition_bank_k must be >= 0, got {condition_bank_k}")
-        self.condition_bank_k = int(condition_bank_k)
-        if self.condition_bank_k:
-            self.config["condition_bank_k"] = self.condition_bank_k
+        self.condition_bank_k = condition_bank_k
+        # 0: every face of a prompt takes that mean of all k. m > 0 (needs k >= m): face i takes the mean image
+        # embedding of its own random m of the k nearest (seeded by the face's seed), so the faces of a prompt vary
+        # through the condition as well as through the random code, and a narrower code (sample_temperature) keeps
+        # more of what the text asks for the same variety. Diversity 0 takes the mean of all k.
+        self.condition_bank_m = condition_bank_m
+        if self.condition_bank_m > self.condition_bank_k:
+            raise ValueError(f"condition_bank_m ({self.condition_bank_m}) must be <= condition_bank_k "
+                             f"({self.condition_bank_k}): it picks m of the k nearest entries")
         self.embed_dim, self.num_ws, self.w_dim, self.z_dim = int(embed_dim), int(num_ws), int(w_dim), int(z_dim)
         self.w_plus = bool(w_plus)
         self.out_dim = self.w_dim * (self.num_ws if self.w_plus else 1)
@@ -82,6 +82,58 @@ class CVAE(nn.Module):
         nn.init.zeros_(self.decoder[-1].bias)
         self.register_buffer("w_avg", torch.zeros(w_dim))
         self.register_buffer("w_std", torch.ones(w_dim))
+
+    @staticmethod
+    def _count(name: str, value) -> int:
+        try:
+            ok = not isinstance(value, bool) and int(value) == value and int(value) >= 0
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be a whole number >= 0, got {value}")
+        return int(value)
+
+    @property
+    def sample_temperature(self) -> float:
+        return self._sample_temperature
+
+    @sample_temperature.setter
+    def sample_temperature(self, value: float) -> None:
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"sample_temperature must be > 0, got {value!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"sample_temperature must be > 0, got {value}")
+        self._sample_temperature = value
+        if value != 1.0:  # kept out of the config at 1.0, so older files keep their bytes
+            self.config["sample_temperature"] = value
+        else:
+            self.config.pop("sample_temperature", None)
+
+    @property
+    def condition_bank_k(self) -> int:
+        return self._condition_bank_k
+
+    @condition_bank_k.setter
+    def condition_bank_k(self, value: int) -> None:
+        self._condition_bank_k = self._count("condition_bank_k", value)
+        if self._condition_bank_k:  # kept out of the config at 0, so older files keep their bytes
+            self.config["condition_bank_k"] = self._condition_bank_k
+        else:
+            self.config.pop("condition_bank_k", None)
+
+    @property
+    def condition_bank_m(self) -> int:
+        return self._condition_bank_m
+
+    @condition_bank_m.setter
+    def condition_bank_m(self, value: int) -> None:
+        self._condition_bank_m = self._count("condition_bank_m", value)
+        if self._condition_bank_m:
+            self.config["condition_bank_m"] = self._condition_bank_m
+        else:
+            self.config.pop("condition_bank_m", None)
 
     # ------------------------------------------------------------------------------------------------------
     def set_w_stats(self, w_avg: torch.Tensor, w_std: torch.Tensor | float = 1.0) -> None:

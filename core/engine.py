@@ -185,7 +185,7 @@ class Engine:
         self.clip = self._to_device(clip)
         self.cmd = cmd.to(self.device).eval() if cmd is not None else None
         self.cvae = cvae.to(self.device).eval() if cvae is not None else None
-        self.bank = bank
+        self._bank = bank
         self.encoder = self._to_device(encoder) if encoder is not None else None
         self._word_map = word_map  # core.wordmap.WordMap of the CLIP's vocabulary, or None (captions read as typed)
         self.z_dim = int(generator.z_dim)
@@ -327,6 +327,19 @@ class Engine:
             self._code_cache.clear()
 
     @property
+    def bank(self):
+        """The KNN latent bank (core.latent_bank.LatentBank) or None."""
+        return self._bank
+
+    @bank.setter
+    def bank(self, value) -> None:
+        """Another bank gives other KNN codes, and other CMD/CVAE codes where their file reads text through it: the
+        cached codes go."""
+        self._bank = value
+        if hasattr(self, "_code_cache"):
+            self.clear_cache()
+
+    @property
     def word_map(self):
         return self._word_map
 
@@ -388,10 +401,15 @@ class Engine:
             raise ValueError(f"diversity must be >= 0, got {diversity}")
         spread = float(self.cmd.sample_spread) * diversity if method == "cmd" else 0.0
         one_code = method == "cmd" and not spread  # one code per caption set, whatever the seed and n
+        # the model's sampling settings are part of the key: a caller may change them on a loaded model
+        model = {"cmd": self.cmd, "cvae": self.cvae}.get(method)
+        settings = (id(model), *(getattr(model, a, None) for a in ("condition_bank_k", "condition_bank_m",
+                                                                     "sample_spread", "sample_temperature")),
+                    self.knn_k, self.knn_m)
         if one_code:
-            key = (frozenset(caps), method)
+            key = (frozenset(caps), method, settings)
         else:
-            key = (frozenset(caps), method, int(seed), int(n), diversity, spread)
+            key = (frozenset(caps), method, int(seed), int(n), diversity, spread, settings)
         with self._lock:
             hit = self._code_cache.get(key)
             if hit is not None:
@@ -414,9 +432,14 @@ class Engine:
         else:
             e = F.normalize(emb.mean(0), dim=0)  # the set's direction in CLIP space
             if method == "cvae":
-                if self.cvae.condition_bank_k:  # the text embedding carried to the image side (see CVAE)
-                    e = self.bank.image_side(e, self.cvae.condition_bank_k).to(e)
-                codes = torch.cat([self.cvae.sample(e, 1, temperature=diversity,
+                k, m = self.cvae.condition_bank_k, min(self.cvae.condition_bank_m, self.cvae.condition_bank_k)
+                conds = [e] * n
+                if k and m and diversity > 0:  # face i: the mean of its own m of the k nearest (see CVAE)
+                    conds = [self.bank.image_side(e, k, m=m, seed=sub_seed(int(seed) + i, "cvae-bank")).to(e)
+                             for i in range(n)]
+                elif k:  # the text embedding carried to the image side (see CVAE)
+                    conds = [self.bank.image_side(e, k).to(e)] * n
+                codes = torch.cat([self.cvae.sample(conds[i], 1, temperature=diversity,
                                                     generator=sub_seed(int(seed) + i, "cvae"))
                                    for i in range(n)])
             else:

@@ -126,11 +126,17 @@ class LatentBank:
             d = torch.minimum(d, (x - x[nxt]).pow(2).sum(1))
         return chosen
 
-    def image_side(self, text_emb: torch.Tensor, k: int) -> torch.Tensor:
+    def image_side(self, text_emb: torch.Tensor, k: int, m: int = 0, seed: int = 0) -> torch.Tensor:
         """A text embedding carried over to the image side of CLIP: the normalised mean of the IMAGE embeddings of
         the ``k`` nearest entries [D] (CPU float32). A model trained on image embeddings only (the text-free CVAE)
-        can take it where CLIP's text and image embeddings lie far apart (a small CLIP's modality gap)."""
+        can take it where CLIP's text and image embeddings lie far apart (a small CLIP's modality gap).
+        ``m`` (1..k): the mean of a random ``m`` of the ``k`` nearest instead, drawn with ``seed``."""
         idx, _ = self.nearest(text_emb, k)
+        if m:
+            if not 1 <= int(m) <= len(idx):
+                raise ValueError(f"m must be in 1..{len(idx)} (the k nearest), got {m}")
+            rng = np.random.default_rng(int(seed))
+            idx = idx[torch.from_numpy(np.sort(rng.choice(len(idx), int(m), replace=False)))]
         return F.normalize(self.embeds[idx].mean(0), dim=0)
 
     def query(self, text_emb: torch.Tensor, k: int = 16, m: int = 3, n: int = 1, seed: int = 0,

@@ -129,3 +129,23 @@ def test_condition_bank_k_is_stored_and_checked(tmp_path):
     assert tiny().condition_bank_k == 0 and "condition_bank_k" not in tiny().config
     with pytest.raises(ValueError, match="condition_bank_k"):
         CVAE(D, NUM_WS, W_DIM, condition_bank_k=-1)
+
+
+def test_condition_bank_m_and_the_sampling_settings_are_checked_and_kept_in_the_config(tmp_path):
+    m = CVAE(D, NUM_WS, W_DIM, z_dim=8, hidden_dim=32, num_layers=3, condition_bank_k=16, condition_bank_m=4)
+    m.save(tmp_path / "c.safetensors")
+    back = CVAE.load(tmp_path / "c.safetensors")
+    assert (back.condition_bank_k, back.condition_bank_m) == (16, 4)
+    assert "condition_bank_m" not in tiny().config and tiny().condition_bank_m == 0
+    with pytest.raises(ValueError, match="condition_bank_m .* must be <= condition_bank_k"):
+        CVAE(D, NUM_WS, W_DIM, condition_bank_k=3, condition_bank_m=4)
+    for name, bad in (("condition_bank_m", -1), ("condition_bank_m", 2.5), ("condition_bank_k", "16"),
+                      ("condition_bank_k", True), ("sample_temperature", 0.0), ("sample_temperature", "hot")):
+        with pytest.raises(ValueError, match=name):
+            setattr(back, name, bad)
+    # setting a value after loading keeps the config (what save writes) in step; the defaults leave it
+    back.sample_temperature, back.condition_bank_m, back.condition_bank_k = 0.3, 0, 0
+    assert back.config.get("sample_temperature") == 0.3
+    assert "condition_bank_m" not in back.config and "condition_bank_k" not in back.config
+    back.sample_temperature = 1.0
+    assert "sample_temperature" not in back.config

@@ -441,6 +441,45 @@ def test_cvae_reads_text_through_the_bank_when_its_file_says_so():
     cvae.condition_bank_k = 0
 
 
+def test_cvae_faces_read_their_own_m_of_the_k_nearest_when_the_file_says_so():
+    """condition_bank_m m: face i conditions on the mean image embedding of its own seeded m of the k nearest; a
+    face alone equals the same face in a batch; diversity 0 takes the mean of all k."""
+    G, clip, cmd, cvae, bank = make_models()
+    cvae.condition_bank_k, cvae.condition_bank_m = 6, 2
+    try:
+        e = Engine(G, clip, cvae=cvae, bank=bank, device="cpu")
+        codes = e.text_codes(["red hair"], "cvae", n=3, seed=7)
+        emb = F.normalize(e.text_embedding(["red hair"]).mean(0), dim=0)
+        idx, _ = bank.nearest(emb, 6)
+        for i in range(3):
+            cond = bank.image_side(emb, 6, m=2, seed=sub_seed(7 + i, "cvae-bank"))
+            want = cvae.sample(cond, 1, generator=sub_seed(7 + i, "cvae"))
+            torch.testing.assert_close(codes[i:i + 1], want, atol=1e-6, rtol=0)
+            alone = e.text_codes(["red hair"], "cvae", n=1, seed=7 + i)
+            assert torch.equal(alone[0], codes[i])
+        conds = {tuple(bank.image_side(emb, 6, m=2, seed=sub_seed(7 + i, "cvae-bank")).tolist()) for i in range(3)}
+        assert len(conds) > 1  # the faces do not all read the same subset
+        typical = e.text_codes(["red hair"], "cvae", n=1, seed=7, diversity=0.0)
+        torch.testing.assert_close(typical, cvae.sample(bank.image_side(emb, 6), 1, temperature=0.0), atol=1e-6,
+                                   rtol=0)
+    finally:
+        cvae.condition_bank_k, cvae.condition_bank_m = 0, 0
+
+
+def test_image_side_of_a_random_m_of_the_k_nearest():
+    G, clip, cmd, cvae, bank = make_models()
+    emb = F.normalize(torch.randn(D), dim=0)
+    idx, _ = bank.nearest(emb, 5)
+    sub = bank.image_side(emb, 5, m=2, seed=3)
+    assert torch.equal(sub, bank.image_side(emb, 5, m=2, seed=3))  # seeded
+    assert any(torch.allclose(sub, F.normalize(bank.embeds[idx[[a, b]]].mean(0), dim=0))
+               for a in range(5) for b in range(a + 1, 5))  # the mean of two of the five nearest
+    torch.testing.assert_close(bank.image_side(emb, 5, m=5, seed=3), bank.image_side(emb, 5))
+    for bad in (6, -1):
+        with pytest.raises(ValueError, match="m must be in 1..5"):
+            bank.image_side(emb, 5, m=bad)
+
+
 def test_build_bank_clears_cached_codes():
     G, clip, cmd, cvae, bank = make_models()
     e = Engine(G, clip, bank=bank, device="cpu")
@@ -518,6 +557,17 @@ def test_cmd_reads_text_through_the_bank_when_its_file_says_so():
         with torch.no_grad():
             off = 0.5 * (G.mapping(z[None]) - G.w_avg)[0]
         torch.testing.assert_close(spread[1], want + off)
+        # a cached code follows the settings and the bank (set on the loaded objects, not only through build_bank)
+        cmd.sample_spread = 0.0
+        assert torch.equal(e.text_codes(caps, "cmd")[0], code[0])
+        cmd.condition_bank_k = 0
+        torch.testing.assert_close(e.text_codes(caps, "cmd")[0], plain)
+        cmd.condition_bank_k = 5
+        e.bank = LatentBank.build(G, clip, size=32, batch=32, seed=9)
+        other = e.text_codes(caps, "cmd")[0]
+        assert not torch.allclose(other, code[0], atol=1e-5)
+        e.bank = bank
+        assert torch.equal(e.text_codes(caps, "cmd")[0], code[0])
     finally:
         cmd.condition_bank_k, cmd.sample_spread = 0, 0.0
 

@@ -216,5 +216,8 @@ def test_a_cvae_that_reads_text_through_the_bank_is_offered_and_builds_it(qtbot,
         w.captions.method.setCurrentIndex(i)
         assert w.needs_bank()  # picking it offers to build the bank
         qtbot.waitUntil(lambda: w.bank_question is not None and w.bank_question.isVisible(), timeout=5000)
+        # the pack has trained text models: the offer says why they need the bank, not that there are none
+        assert "its CMD and CVAE read text through it" in w.bank_question.text()
+        assert "no trained text model" not in w.bank_question.text()
     finally:
         _close(w)

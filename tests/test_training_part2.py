@@ -242,7 +242,11 @@ def test_val_presence_reports_each_setting_on_the_validation_wordings(tmp_path, 
 
     LatentBank.build(G, clip, size=16, batch=16, seed=0).save(tmp_path / "bank.safetensors")
     rows = val_presence.main([*bridge, "--knn", str(tmp_path / "bank.safetensors")])
-    assert rows[0]["cvae_bank_k"] == 3
+    assert rows[0]["cvae_bank_k"] == 3 and rows[0]["cvae_bank_m"] == 0
+    rows_m = val_presence.main([*bridge, "--cvae-bank-m", "2", "--knn", str(tmp_path / "bank.safetensors")])
+    assert rows_m[0]["cvae_bank_m"] == 2 and rows_m[0]["diversity_within"] != rows[0]["diversity_within"]
+    with pytest.raises(SystemExit, match="needs a K at least as large"):
+        val_presence.main([*bridge, "--cvae-bank-m", "4", "--knn", str(tmp_path / "bank.safetensors")])
     # the CMD's bank member the same way; the rows differ from the captions alone
     from core.cmd import CMD
 
@@ -271,6 +275,41 @@ def test_tools_measure_with_the_packs_own_split():
     assert pack_coarse_layers(str(TINY_DIR / "generator.safetensors")) == 1 != coarse_layers_for(10)
     assert pack_coarse_layers(str(TINY_DIR / "clip.safetensors")) is None
     assert pack_coarse_layers("toy") is None
+
+
+def test_tools_know_the_pack_split_with_a_copy_in_the_user_data_dir(tmp_path, monkeypatch):
+    """A copy of the generator in the user's weights folder is found first by the app; the bundled file is still
+    the tiny pack's."""
+    import shutil
+
+    from core import weights
+    from training.stage_utils import TINY_DIR, pack_coarse_layers
+
+    monkeypatch.setattr(weights, "user_data_dir", lambda: tmp_path)
+    (tmp_path / "weights" / "tiny").mkdir(parents=True)
+    copy = tmp_path / "weights" / "tiny" / "generator.safetensors"
+    shutil.copyfile(TINY_DIR / "generator.safetensors", copy)
+    assert pack_coarse_layers(str(TINY_DIR / "generator.safetensors")) == 1
+    assert pack_coarse_layers(str(copy)) == 1
+    other = tmp_path / "elsewhere" / "generator.safetensors"
+    other.parent.mkdir()
+    shutil.copyfile(copy, other)
+    assert pack_coarse_layers(str(other)) is None  # a file of the same name outside the app's folders
+
+
+def test_evaluate_refuses_a_model_that_waits_for_a_bank_it_was_not_given(tmp_path):
+    from core.cmd import CMD
+    from training import evaluate
+    from training.stage_utils import ToyClip, toy_generator
+
+    G, clip = toy_generator(), ToyClip()
+    cmd = CMD(clip.embed_dim, G.num_ws, G.w_dim, d_model=16, num_layers=1, num_heads=2, hidden_dim=16,
+              condition_bank_k=4)
+    cmd.save(tmp_path / "cmd.safetensors")
+    with pytest.raises(SystemExit, match="CMD read.*pass --knn"):
+        evaluate.main(["--generator", "toy", "--clip", "toy", "--cmd", str(tmp_path / "cmd.safetensors"),
+                       "--cvae", "", "--knn", "", "--encoder", "", "--cmd-pairwise", "", "--out-dir", str(tmp_path / "eval"), "--model-card", "", "--quick", "--no-annotate",
+                       "--threads", "1"])
 
 
 @pytest.mark.parametrize("stage", ["cvae", "encoder"])
@@ -309,9 +348,10 @@ def test_compact_halves_part2_files_and_refuses_others(tmp_path):
 
     # --set: a sampling setting changes, the weights do not; a bad key or value changes nothing
     weights = {k: v.clone() for k, v in back.state_dict().items()}
-    compact.main([str(path), "--set", "sample_temperature=0.45", "--set", "condition_bank_k=8"])
+    compact.main([str(path), "--set", "sample_temperature=0.45", "--set", "condition_bank_k=8", "--set",
+                  "condition_bank_m=4"])
     back = CVAE.load(path)
-    assert (back.sample_temperature, back.condition_bank_k) == (0.45, 8)
+    assert (back.sample_temperature, back.condition_bank_k, back.condition_bank_m) == (0.45, 8, 4)
     assert all(torch.equal(back.state_dict()[k], v) for k, v in weights.items())
     data = path.read_bytes()
     for bad, match in ((["--set", "sample_spread=0.3"], "no such setting"), (["--set", "sample_temperature=-1"], "> 0"),
@@ -377,6 +417,36 @@ def test_resume_with_other_model_options_says_which_differ(tmp_path, capsys):
         train_cvae.main(common + ["--hidden", "32", "--resume", "--steps", "4"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "other model options" in err and "hidden" in err and "size mismatch" not in err
+
+
+def test_a_finished_cvae_run_re_exports_with_other_sampling_settings(tmp_path):
+    """The sampling settings are stored in the file, not trained: `--resume` with another temperature / bank K / M
+    only re-exports (it was refused as 'other model options', the CVAE kept them in its checkpoint config), and
+    they are checked before any training."""
+    from core.cvae import CVAE
+    from training import train_cvae
+
+    common = ["--generator", "toy", "--clip", "toy", "--pairs", "", "--steps", "2", "--batch", "4", "--z-dim", "4",
+              "--hidden", "16", "--image-batch", "2", "--threads", "1", "--manifest-id", "", "--ckpt",
+              str(tmp_path / "c.pt"), "--out", str(tmp_path / "c.safetensors")]
+    train_cvae.main(common + ["--sample-temperature", "0.5"])
+    first = CVAE.load(tmp_path / "c.safetensors")
+    assert "sample_temperature" not in torch.load(tmp_path / "c.pt", weights_only=True)["config"]
+    train_cvae.main(common + ["--resume", "--sample-temperature", "0.3", "--condition-bank-k", "8",
+                              "--condition-bank-m", "4"])
+    back = CVAE.load(tmp_path / "c.safetensors")
+    assert (back.sample_temperature, back.condition_bank_k, back.condition_bank_m) == (0.3, 8, 4)
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in first.state_dict().items())
+    # an older checkpoint that kept them in its config resumes too
+    st = torch.load(tmp_path / "c.pt", weights_only=True)
+    st["config"] = {**st["config"], "sample_temperature": 0.5, "condition_bank_k": 16}
+    torch.save(st, tmp_path / "c.pt")
+    train_cvae.main(common + ["--resume", "--sample-temperature", "0.4"])
+    assert CVAE.load(tmp_path / "c.safetensors").sample_temperature == 0.4
+    for bad in (["--sample-temperature", "0"], ["--sample-temperature", "nan"], ["--condition-bank-m", "2"],
+                ["--condition-bank-k", "2", "--condition-bank-m", "3"], ["--condition-bank-k", "-1"]):
+        with pytest.raises(SystemExit):
+            train_cvae.parse_args(common + bad)
 
 
 def test_ablation_markdown_says_what_was_measured():

@@ -789,6 +789,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     word_map = load_word_map(args.wordmap, args.clip)
     engine = Engine(G, clip, cmd=cmd, cvae=cvae, bank=bank, encoder=enc, pack_id="eval", device=info.device,
                     word_map=word_map)
+    if engine.needs_bank:  # a CMD/CVAE file that reads text through the bank would leave the report silently
+        raise SystemExit(f"the {' and '.join(m.upper() for m in engine.needs_bank)} read(s) text through a KNN bank "
+                         f"(condition_bank_k in the file): pass --knn (no such file: {args.knn!r})")
     coarse = args.coarse_layers if args.coarse_layers >= 0 else pack_coarse_layers(args.generator)
     if coarse is not None:
         engine.coarse_layers = int(coarse)

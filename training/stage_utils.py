@@ -118,7 +118,7 @@ def pack_coarse_layers(generator: str) -> int | None:
     manifest's pack ``coarse_layers``; the tiny pack: 1), or None when it is no pack's generator or the pack keeps
     the engine's default. Tools that build an Engine themselves (evaluate, val_presence) measure what the app
     shows only with the pack's split."""
-    from core.weights import Manifest, find_file
+    from core.weights import Manifest, search_paths
 
     path = Path(generator)
     if not path.is_file():
@@ -130,9 +130,8 @@ def pack_coarse_layers(generator: str) -> int | None:
             continue
         for fid in pack.files:
             wf = m.get(fid)
-            if wf.role == "generator" and wf.file_name == path.name:
-                found = find_file(wf, pack=pid)
-                if found is not None and found.resolve() == path:
+            if wf.role == "generator" and wf.file_name == path.name:  # any place the app looks for it
+                if any(p.is_file() and p.resolve() == path for p in search_paths(wf, pack=pid)):
                     return int(pack.coarse_layers)
     return None
 
@@ -369,11 +368,17 @@ def resume_state(args: argparse.Namespace, path: Path) -> dict | None:
     return st
 
 
+SAMPLING_SETTINGS = frozenset({"sample_temperature", "sample_spread", "condition_bank_k", "condition_bank_m"})
+
+
 def load_resumed(model, opt, st: dict, path: Path) -> None:
     """Load a checkpoint's model and optimiser state; a checkpoint of another model size (e.g. another --d-model
     or --hidden) says which options differ instead of pages of "size mismatch"."""
     old, now = st.get("config"), getattr(model, "config", None)
     if isinstance(old, dict) and isinstance(now, dict):
+        # sampling settings are stored in the exported file, not trained: older checkpoints of the CVAE kept them in
+        # their config, and a resume that only re-exports with another value must not be refused
+        old, now = ({k: v for k, v in c.items() if k not in SAMPLING_SETTINGS} for c in (old, now))
         diff = {k: (old.get(k), now.get(k)) for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)}
         if diff:
             raise StageError(f"--resume: {path} was trained with other model options ("

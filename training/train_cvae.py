@@ -74,11 +74,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stored in the file: at inference read text through the pack's KNN bank (the mean image "
                         "embedding of the K nearest entries); 0: the text embedding itself (the paper). Training "
                         "is the same either way; choose it with training.val_presence --cvae-bank-k")
+    p.add_argument("--condition-bank-m", type=int, default=0,
+                   help="stored in the file (needs --condition-bank-k K >= M): face i reads the mean image embedding of "
+                        "its own random M of the K nearest entries instead of all K, so a narrower code gives the "
+                        "same variety; choose it with training.val_presence --cvae-bank-m")
     p.add_argument("--z-dim", type=int, default=64)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--truncation", type=float, default=1.0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # the sampling settings are only stored at the end: check them before any training
+    if not (math.isfinite(args.sample_temperature) and args.sample_temperature > 0):
+        p.error(f"--sample-temperature must be a finite number > 0, got {args.sample_temperature}")
+    if args.condition_bank_k < 0 or args.condition_bank_m < 0:
+        p.error("--condition-bank-k and --condition-bank-m must be >= 0")
+    if args.condition_bank_m > args.condition_bank_k:
+        p.error(f"--condition-bank-m {args.condition_bank_m} picks from the K nearest: it needs --condition-bank-k "
+                f">= {args.condition_bank_m} (got {args.condition_bank_k})")
+    return args
 
 
 @torch.no_grad()
@@ -136,7 +149,7 @@ def train(args: argparse.Namespace) -> dict:
         ws_s = G.mapping(zs, truncation_psi=args.truncation)[:, 0].float().cpu()
     torch.manual_seed(args.seed)
     cvae = CVAE(clip.embed_dim, G.num_ws, G.w_dim, z_dim=args.z_dim, hidden_dim=args.hidden, num_layers=args.layers,
-                sample_temperature=args.sample_temperature, condition_bank_k=args.condition_bank_k)
+                )  # sampling settings of the file are set after training, kept out of the checkpoint's config
     cvae.set_w_stats(G.w_avg.detach().cpu(), ws_s.std(0))
     cvae.to(dev)
     opt = torch.optim.AdamW(cvae.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -197,6 +210,8 @@ def train(args: argparse.Namespace) -> dict:
         if stop:
             dist.log(f"[cvae] stopped at step {step + 1} (resume with --resume)")
             break
+    cvae.sample_temperature = args.sample_temperature
+    cvae.condition_bank_k, cvae.condition_bank_m = args.condition_bank_k, args.condition_bank_m
     return finish_stage("cvae", cvae, args, step + 1, last)
 
 

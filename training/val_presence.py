@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cvae-bank-k", type=int, default=-1,
                    help="CVAE only: read text through the --knn bank's K nearest image embeddings (0: the embedding "
                         "itself, the paper's way; -1: as the file says)")
+    p.add_argument("--cvae-bank-m", type=int, default=-1,
+                   help="CVAE only: face i reads the mean of its own random M of the K nearest (0: all K; -1: as the "
+                        "file says)")
     p.add_argument("--cmd-bank-k", type=int, default=-1,
                    help="CMD only: add the set's direction carried to the image side by the --knn bank's K nearest "
                         "image embeddings as one more member of the caption set (0: the captions alone, the paper's "
@@ -120,6 +123,11 @@ def main(argv=None) -> list[dict]:
         kw["cvae"] = CVAE.load(path)
         if a.cvae_bank_k >= 0:
             kw["cvae"].condition_bank_k = a.cvae_bank_k
+        if a.cvae_bank_m >= 0:
+            kw["cvae"].condition_bank_m = a.cvae_bank_m
+        if kw["cvae"].condition_bank_m > kw["cvae"].condition_bank_k:
+            raise SystemExit(f"--cvae-bank-m {kw['cvae'].condition_bank_m} needs a K at least as large "
+                             f"(K={kw['cvae'].condition_bank_k})")
         if kw["cvae"].condition_bank_k:
             if not a.knn or not Path(a.knn).is_file():
                 raise SystemExit(f"the CVAE reads text through a KNN bank (K={kw['cvae'].condition_bank_k}): "
@@ -164,6 +172,7 @@ def main(argv=None) -> list[dict]:
         rows.append({"diversity": d, ("spread" if a.method == "cmd" else "temperature"): temp, **m})
         if engine.cvae is not None:
             rows[-1]["cvae_bank_k"] = engine.cvae.condition_bank_k
+            rows[-1]["cvae_bank_m"] = engine.cvae.condition_bank_m
         if engine.cmd is not None:
             rows[-1]["cmd_bank_k"] = engine.cmd.condition_bank_k
         print(f"| {d:g} | {'-' if temp is None else f'{temp:g}'} | {m['plain-1']:.1%} | {m['val-1']:.1%} | "
