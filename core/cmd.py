@@ -58,7 +58,8 @@ class CMD(nn.Module):
 
     def __init__(self, embed_dim: int, num_ws: int, w_dim: int, *, d_model: int = 512, num_layers: int = 6,
                  num_heads: int = 8, ff_dim: int | None = None, hidden_dim: int = 1024, dropout: float = 0.1,
-                 predict_offset: bool = True, sample_spread: float = 0.0, condition_bank_k: int = 0):
+                 predict_offset: bool = True, sample_spread: float = 0.0, condition_bank_k: int = 0,
+                 layer_detail: float = 1.0):
         super().__init__()
         if d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
@@ -79,6 +80,12 @@ class CMD(nn.Module):
         # the captions of training never used (a small CLIP's text and image embeddings lie far apart). Training is
         # unchanged; chosen like ``sample_spread``.
         self.condition_bank_k = condition_bank_k
+        # 1 (the paper): the engine uses the W+ code as the head gives it, a code per layer. a < 1: each layer's
+        # difference from the code's mean over the layers is scaled by a (0: one w for every layer). A generator's
+        # random faces have one w for every layer; where the head's per-layer differences leave that set (the tiny
+        # pack's 64 px generator renders some of them as no face at all), a smaller a keeps the face. Chosen like
+        # ``sample_spread``.
+        self.layer_detail = layer_detail
         self.embed_dim, self.num_ws, self.w_dim = int(embed_dim), int(num_ws), int(w_dim)
         self.d_model = int(d_model)
         self.predict_offset = bool(predict_offset)
@@ -111,6 +118,32 @@ class CMD(nn.Module):
             self.config["sample_spread"] = value
         else:
             self.config.pop("sample_spread", None)
+
+    @property
+    def layer_detail(self) -> float:
+        return self._layer_detail
+
+    @layer_detail.setter
+    def layer_detail(self, value: float) -> None:
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"layer_detail must be a number in [0, 1], got {value!r}") from None
+        if not 0.0 <= value <= 1.0:  # also refuses NaN
+            raise ValueError(f"layer_detail must be a number in [0, 1], got {value}")
+        self._layer_detail = value
+        if value != 1.0:  # kept out of the config at 1, as the other sampling settings at their defaults
+            self.config["layer_detail"] = value
+        else:
+            self.config.pop("layer_detail", None)
+
+    def as_sampled(self, ws: torch.Tensor) -> torch.Tensor:
+        """ws [..., num_ws, w_dim] with each layer's difference from the layers' mean scaled by ``layer_detail``
+        (the code the engine uses; unchanged at 1)."""
+        if self._layer_detail == 1.0:
+            return ws
+        mean = ws.mean(-2, keepdim=True)
+        return mean + self._layer_detail * (ws - mean)
 
     @property
     def condition_bank_k(self) -> int:

@@ -390,8 +390,8 @@ class Engine:
                    diversity: float = 1.0) -> torch.Tensor:
         """Text codes ws [n, num_ws, w_dim] on the engine device (read-only: may be a cached/expanded view);
         code i depends only on (captions, method, seed + i, diversity). The CMD gives one code per caption set
-        (the paper); a CMD file with a ``sample_spread`` s > 0 adds ``diversity * s * (mapping(z_i) - w_avg)``
-        to it, z_i from seed + i. Cached per (caption set, method, seed, n, diversity)."""
+        (the paper; with the file's ``condition_bank_k`` and ``layer_detail``, see CMD); a CMD file with a
+        ``sample_spread`` s > 0 adds ``diversity * s * (mapping(z_i) - w_avg)`` to it, z_i from seed + i. Cached per (caption set, method, seed, n, diversity)."""
         caps = clean_captions(captions)
         method = self._method(method)
         if n < 1:
@@ -404,7 +404,8 @@ class Engine:
         # the model's sampling settings are part of the key: a caller may change them on a loaded model
         model = {"cmd": self.cmd, "cvae": self.cvae}.get(method)
         settings = (id(model), *(getattr(model, a, None) for a in ("condition_bank_k", "condition_bank_m",
-                                                                     "sample_spread", "sample_temperature")),
+                                                                     "sample_spread", "sample_temperature",
+                                                                     "layer_detail")),
                     self.knn_k, self.knn_m)
         if one_code:
             key = (frozenset(caps), method, settings)
@@ -422,6 +423,8 @@ class Engine:
                 e = F.normalize(emb.mean(0), dim=0)
                 emb = torch.cat([emb, self.bank.image_side(e, k).to(emb).unsqueeze(0)])
             codes = self.cmd(emb.unsqueeze(0))  # [1, num_ws, w_dim]
+            if hasattr(self.cmd, "as_sampled"):  # the file's layer_detail (see CMD)
+                codes = self.cmd.as_sampled(codes)
             if spread:  # a random generator face's offset from the average face, scaled, for face i
                 G = self.generator
                 z = torch.stack([torch.randn(G.z_dim,

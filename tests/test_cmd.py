@@ -178,3 +178,25 @@ def test_condition_bank_k_is_a_checked_setting_of_the_file(tmp_path):
         with pytest.raises(ValueError, match="condition_bank_k"):
             tiny_cmd(condition_bank_k=bad)
     assert m.condition_bank_k == 0
+
+
+def test_layer_detail_is_a_checked_setting_that_scales_the_per_layer_differences(tmp_path):
+    m = tiny_cmd()
+    assert m.layer_detail == 1.0 and "layer_detail" not in m.config
+    ws = torch.randn(2, 6, 4)
+    assert m.as_sampled(ws) is ws  # 1: the code as the head gives it (the paper)
+    m.layer_detail = 0.25
+    mean = ws.mean(1, keepdim=True)
+    torch.testing.assert_close(m.as_sampled(ws), mean + 0.25 * (ws - mean))
+    m.layer_detail = 0
+    flat = m.as_sampled(ws)
+    assert torch.allclose(flat, flat[:, :1].expand_as(flat)) and torch.allclose(flat[:, 0], ws.mean(1))
+    m.save(tmp_path / "flat.safetensors")
+    assert CMD.load(tmp_path / "flat.safetensors").layer_detail == 0.0
+    m.layer_detail = 1
+    assert "layer_detail" not in m.config
+    for bad in (-0.1, 1.5, float("nan"), "a", None):
+        with pytest.raises(ValueError, match="layer_detail"):
+            m.layer_detail = bad
+        with pytest.raises(ValueError, match="layer_detail"):
+            tiny_cmd(layer_detail=bad)

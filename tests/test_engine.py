@@ -572,6 +572,24 @@ def test_cmd_reads_text_through_the_bank_when_its_file_says_so():
         cmd.condition_bank_k, cmd.sample_spread = 0, 0.0
 
 
+def test_cmd_layer_detail_reaches_the_codes_and_the_cache_follows_it():
+    G, clip, cmd, cvae, bank = make_models()
+    e = Engine(G, clip, cmd=cmd, device="cpu")
+    full = e.text_codes(["red hair"], "cmd")[0].clone()
+    assert not torch.allclose(full, full[:1].expand_as(full))  # the head gives a code per layer
+    cmd.layer_detail = 0.0
+    try:
+        flat = e.text_codes(["red hair"], "cmd")[0]
+        torch.testing.assert_close(flat, full.mean(0, keepdim=True).expand_as(full))
+        cmd.sample_spread = 0.5  # the spread's offset is added after: one w plus one w per face
+        spread = e.text_codes(["red hair"], "cmd", n=2, seed=1)
+        assert torch.allclose(spread[1], spread[1][:1].expand_as(spread[1]), atol=1e-6)
+        edit = e.edit(e.text_codes(["blue eyes"], "cmd")[0], ["red hair"], 1.0, method="cmd")
+        assert torch.allclose(edit.ws[-1], flat[-1], atol=1e-5)  # edits take the same code
+    finally:
+        cmd.layer_detail, cmd.sample_spread = 1.0, 0.0
+
+
 def test_the_bundled_cmd_varies_the_faces_of_a_prompt():
     """The tiny pack's CMD spreads its faces (sample_spread in its file): 8 faces of one prompt are 8 faces."""
     eng = Engine.from_pack("tiny")

@@ -52,12 +52,12 @@ def test_stages_produce_loadable_weights_and_report(tmp_path, run):
     cmd_args = ["--samples", "16", "--samples-file", str(tmp_path / "s.pt"), "--no-annotate", "--steps", "3",
                 "--batch", "4", "--image-batch", "2", "--d-model", "16", "--layers", "1", "--heads", "2",
                 "--hidden", "32"]
-    run(train_cmd.main, [*TOY, *cmd_args, "--sample-spread", "0.3", "--condition-bank-k", "4", "--out", str(cmd),
-                         "--ckpt", str(tmp_path / "cmd.ckpt")])
-    stored = CMD.load(cmd)
-    assert (stored.sample_spread, stored.condition_bank_k) == (0.3, 4)  # in the file, not in the checkpoint's config
+    run(train_cmd.main, [*TOY, *cmd_args, "--sample-spread", "0.3", "--condition-bank-k", "4", "--layer-detail",
+                         "0.5", "--out", str(cmd), "--ckpt", str(tmp_path / "cmd.ckpt")])
+    stored = CMD.load(cmd)  # in the file, not in the checkpoint's config
+    assert (stored.sample_spread, stored.condition_bank_k, stored.layer_detail) == (0.3, 4, 0.5)
     ck_config = torch.load(tmp_path / "cmd.ckpt", weights_only=True)["config"]
-    assert "sample_spread" not in ck_config and "condition_bank_k" not in ck_config
+    assert not {"sample_spread", "condition_bank_k", "layer_detail"} & set(ck_config)
     data = torch.load(tmp_path / "s.pt", weights_only=True)
     assert data["cap_idx"].shape == (16, 12) and int(data["cap_idx"].max()) < len(data["texts"])
     assert data["text_emb"].shape == (len(data["texts"]), 32)
@@ -84,9 +84,9 @@ def test_stages_produce_loadable_weights_and_report(tmp_path, run):
     res = json.loads((out / "evaluation.json").read_text())
     assert set(res["summary"]["consistency"]) == {"cmd", "cvae", "knn"}
     abl = res["ablation"]
-    assert abl["ratio_within"] > 0 and abl["sample_spread"] == 0.3 and abl["condition_bank_k"] == 4
+    assert abl["ratio_within"] > 0 and (abl["sample_spread"], abl["condition_bank_k"], abl["layer_detail"]) == (0.3, 4, 0.5)
     # the ablation file is sampled with the DT file's settings, not changed
-    assert (CMD.load(pw).sample_spread, CMD.load(pw).condition_bank_k) == (0.0, 0)
+    assert (CMD.load(pw).sample_spread, CMD.load(pw).condition_bank_k, CMD.load(pw).layer_detail) == (0.0, 0, 1.0)
     for tag in ("dt", "pairwise", "ref_collapsed", "ref_random"):
         assert abl[tag]["within_prompt"] >= 0 and abl[tag]["across_prompts"] >= 0, tag
     assert "code_distance_from_w_avg" in abl["dt"] and "code_distance_from_w_avg" not in abl["ref_random"]
@@ -264,6 +264,10 @@ def test_val_presence_reports_each_setting_on_the_validation_wordings(tmp_path, 
     banked = val_presence.main([*cmd_args, "--cmd-bank-k", "3", "--knn", str(tmp_path / "bank.safetensors")])
     assert (plain[0]["cmd_bank_k"], banked[0]["cmd_bank_k"]) == (0, 3)
     assert banked[0]["diversity_within"] != plain[0]["diversity_within"]
+    flat = val_presence.main([*cmd_args, "--cmd-layer-detail", "0"])
+    assert flat[0]["cmd_layer_detail"] == 0.0 and flat[0]["diversity_within"] != plain[0]["diversity_within"]
+    with pytest.raises(SystemExit, match="layer_detail"):
+        val_presence.main([*cmd_args, "--cmd-layer-detail", "3"])
 
 
 def test_tools_measure_with_the_packs_own_split():
@@ -368,8 +372,12 @@ def test_compact_halves_part2_files_and_refuses_others(tmp_path):
 
     cmd_path = tmp_path / "cmd.safetensors"
     CMD(32, 6, 16, d_model=16, num_layers=1, num_heads=2, hidden_dim=16).save(cmd_path)
-    compact.main([str(cmd_path), "--set", "sample_spread=0.55", "--set", "condition_bank_k=16"])
-    assert (CMD.load(cmd_path).sample_spread, CMD.load(cmd_path).condition_bank_k) == (0.55, 16)
+    compact.main([str(cmd_path), "--set", "sample_spread=0.55", "--set", "condition_bank_k=16", "--set",
+                  "layer_detail=0"])
+    back_cmd = CMD.load(cmd_path)
+    assert (back_cmd.sample_spread, back_cmd.condition_bank_k, back_cmd.layer_detail) == (0.55, 16, 0.0)
+    with pytest.raises(SystemExit):
+        compact.main([str(cmd_path), "--set", "layer_detail=2"])
     # several files: a setting one of them does not have stops the run before any file is rewritten
     cmd_bytes, cvae_bytes = cmd_path.read_bytes(), path.read_bytes()
     with pytest.raises(SystemExit, match="no such setting"):
@@ -474,8 +482,11 @@ def test_ablation_markdown_says_what_was_measured():
     assert "KNN bank" not in md and "captions alone" not in md
     banked = "\n".join(evaluate.ablation_markdown({**both, "condition_bank_k": 16}))
     app, paper = banked.split("As the paper samples")
-    assert "sample_spread 0.55 and caption sets read with the KNN bank's member, condition_bank_k 16" in app
-    assert "the captions alone" in paper
+    assert "sample_spread 0.55, caption sets read with the KNN bank's member, condition_bank_k 16;" in app
+    assert "the captions alone" in paper and "layer_detail" not in banked
+    flat = "\n".join(evaluate.ablation_markdown({**both, "condition_bank_k": 16, "layer_detail": 0.0}))
+    app, paper = flat.split("As the paper samples")
+    assert "condition_bank_k 16, layer_detail 0;" in app and "every layer of the code as the model gives it" in paper
 
 
 def test_train_cmd_checks_its_sampling_settings_before_training(tmp_path):
@@ -487,4 +498,6 @@ def test_train_cmd_checks_its_sampling_settings_before_training(tmp_path):
         train_cmd.parse_args([*TOY, "--sample-spread", "nan", "--out", str(tmp_path / "c.safetensors")])
     with pytest.raises(SystemExit):
         train_cmd.parse_args([*TOY, "--condition-bank-k", "-1", "--out", str(tmp_path / "c.safetensors")])
+    with pytest.raises(SystemExit):
+        train_cmd.parse_args([*TOY, "--layer-detail", "1.5", "--out", str(tmp_path / "c.safetensors")])
     assert not any(tmp_path.iterdir())

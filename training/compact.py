@@ -6,7 +6,7 @@ files are written by their stages (the CLIP in fp16 with fp32 BatchNorm statisti
     python -m training.compact resources/weights/tiny/cmd.safetensors ...
 
 ``--set KEY=VALUE`` also changes a sampling setting stored in a CMD or CVAE file's config (the CVAE's
-``sample_temperature``, ``condition_bank_k`` and ``condition_bank_m``, the CMD's ``sample_spread`` and ``condition_bank_k``), for a file whose training checkpoint
+``sample_temperature``, ``condition_bank_k`` and ``condition_bank_m``, the CMD's ``sample_spread``, ``condition_bank_k`` and ``layer_detail``), for a file whose training checkpoint
 is gone (otherwise ``train_cvae``/``train_cmd --resume`` with the option re-exports it). The weights stay as they
 are; the file must load with the new value before it replaces the old one:
 
@@ -30,7 +30,7 @@ MANIFEST_IDS = {"cmd.safetensors": "tiny-cmd", "cvae.safetensors": "tiny-cvae", 
 
 
 SETTINGS = {"anyface-cvae": {"sample_temperature": float, "condition_bank_k": int, "condition_bank_m": int},
-            "anyface-cmd": {"sample_spread": float, "condition_bank_k": int}}
+            "anyface-cmd": {"sample_spread": float, "condition_bank_k": int, "layer_detail": float}}
 
 
 def _model_class(fmt: str):

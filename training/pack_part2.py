@@ -20,13 +20,14 @@ FULL2 = {
     # twice session 3's recipe, chosen in session 10 on the validation wordings read through the word map (model
     # card, section 4). A run cut by the cap resumes with the next `--stage cmd`
     "cmd_samples": 6000, "cmd_steps": 4800, "cmd_batch": 64, "cmd_minutes": 60, "cmd_lr": 1e-3,
-    # stored in the CMD file, chosen with training.val_presence on the validation wordings (model card, section 4):
-    # the caption set read with one more member, its direction carried to the image side by the KNN bank's 16
-    # nearest image embeddings (CMD.condition_bank_k; session 11: val-1 44.9 -> 48.8% over seeds 5000 and 6000,
-    # plain-1 71.8 -> 72.2%), and the faces of one caption set spread by 0.47 of a random face's offset from w_avg
-    # (CMD.sample_spread): the most accurate spread tried whose faces vary within a prompt at least as much as the
-    # KNN bank's (0.55 in session 10, without the bank member)
-    "cmd_bank_k": 16, "cmd_spread": 0.47,
+    # stored in the CMD file, chosen with training.val_presence on the validation wordings (model card, section 4,
+    # session 11; seeds 5000 and 6000): the caption set read with one more member, its direction carried to the
+    # image side by the KNN bank's 16 nearest image embeddings (CMD.condition_bank_k); every layer given the code's
+    # layer mean (CMD.layer_detail 0: the head's per-layer codes rendered no face for some captions, "blond hair");
+    # and the faces of one caption set spread by 0.45 of a random face's offset from w_avg (CMD.sample_spread), the
+    # most accurate spread tried whose faces vary within a prompt at least as much as the KNN bank's. Validation
+    # plain-1 / val-1: 71.8 / 44.9% (session 10: captions alone, every layer, spread 0.55) -> 73.4 / 51.2%
+    "cmd_bank_k": 16, "cmd_spread": 0.45, "cmd_layer_detail": 0.0,
     # "" = annotate the generator's renders (~10 faces/s per core). "data/train.pt" = reuse z + labels of part 1's
     # annotated DCGAN faces (fast, but measured on a step-900 generator only 0-45% of those labels held on its
     # renders of the same z, so it is off by default)
@@ -50,7 +51,7 @@ FULL2 = {
 SMOKE2 = {
     "knn_size": 64,
     "cmd_samples": 16, "cmd_labels_from": "", "cmd_lr": 1e-3, "cmd_steps": 2, "cmd_batch": 4, "cmd_minutes": 0, "cmd_spread": 0.55,
-    "cmd_bank_k": 4,
+    "cmd_bank_k": 4, "cmd_layer_detail": 0.5,
     "cvae_steps": 2, "cvae_batch": 8, "cvae_minutes": 0, "cvae_bank_k": 4, "cvae_bank_m": 2, "cvae_temperature": 0.5,
     "enc_steps": 2, "enc_batch": 4, "enc_minutes": 0, "enc_pixel_every": 1,
     "eval_quick": True,
@@ -123,6 +124,7 @@ def stage_cmd(out: Path, work: Path, sizes: dict, log=print) -> dict:
     common = [*_pair(out), "--samples", str(s["cmd_samples"]), "--samples-file", str(work / "cmd_samples.pt"),
               "--steps", str(s["cmd_steps"]), "--batch", str(s["cmd_batch"]), "--lr", str(s["cmd_lr"]),
               "--image-every", "4", "--sample-spread", str(s["cmd_spread"]), "--condition-bank-k", str(s["cmd_bank_k"]),
+              "--layer-detail", str(s["cmd_layer_detail"]),
               "--resume", "--other-models-ok", "--manifest-id", "", "--coarse-layers", str(s["coarse_layers"])]
     if s["cmd_labels_from"] and (work / s["cmd_labels_from"]).is_file():
         common += ["--labels-from", str(work / s["cmd_labels_from"])]

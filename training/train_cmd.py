@@ -108,6 +108,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "of the K nearest entries) as one more member of the set (core.cmd.CMD.condition_bank_k; 0, "
                         "the paper: the captions alone). Choose it with `python -m training.val_presence --method cmd "
                         "--cmd-bank-k ...`; with --resume a finished run only re-exports")
+    p.add_argument("--layer-detail", type=float, default=1.0,
+                   help="stored in the output file, not used in training: the share of the code's per-layer "
+                        "differences the engine keeps (core.cmd.CMD.layer_detail; 1, the paper: all; 0: one w for "
+                        "every layer). Choose it with `python -m training.val_presence --method cmd "
+                        "--cmd-layer-detail ...`")
     p.add_argument("--margin", type=float, default=0.1)
     p.add_argument("--lam-cmt", type=float, default=1.0)
     p.add_argument("--lam-clip", type=float, default=1.0)
@@ -129,6 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--sample-spread must be a finite number >= 0, got {args.sample_spread}")
     if args.condition_bank_k < 0:
         p.error(f"--condition-bank-k must be >= 0, got {args.condition_bank_k}")
+    if not 0.0 <= args.layer_detail <= 1.0:
+        p.error(f"--layer-detail must be in [0, 1], got {args.layer_detail}")
     return args
 
 
@@ -221,7 +228,7 @@ def train(args: argparse.Namespace) -> dict:
             dist.log(f"[cmd] stopped at step {step + 1} (resume with --resume)")
             break
     cmd.sample_spread = args.sample_spread  # sampling settings of the file, kept out of the checkpoint's config
-    cmd.condition_bank_k = args.condition_bank_k
+    cmd.condition_bank_k, cmd.layer_detail = args.condition_bank_k, args.layer_detail
     return finish_stage("cmd", cmd, args, step + 1, last)
 
 

@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CMD only: add the set's direction carried to the image side by the --knn bank's K nearest "
                         "image embeddings as one more member of the caption set (0: the captions alone, the paper's "
                         "way; -1: as the file says)")
+    p.add_argument("--cmd-layer-detail", type=float, default=-1.0,
+                   help="CMD only: the share of the code's per-layer differences kept (1: all, the paper; 0: one w "
+                        "for every layer; -1: as the file says)")
     p.add_argument("--knn-k", type=int, default=0, help="KNN: nearest entries to choose from (0: the engine's)")
     p.add_argument("--knn-m", type=int, default=0, help="KNN: entries mixed per face (0: the engine's)")
     p.add_argument("--faces", type=int, default=8)
@@ -115,6 +118,11 @@ def main(argv=None) -> list[dict]:
         kw["cmd"] = CMD.load(path)
         if a.cmd_bank_k >= 0:
             kw["cmd"].condition_bank_k = a.cmd_bank_k
+        if a.cmd_layer_detail >= 0:
+            try:
+                kw["cmd"].layer_detail = a.cmd_layer_detail
+            except ValueError as e:
+                raise SystemExit(f"--cmd-layer-detail: {e}") from None
         if kw["cmd"].condition_bank_k:
             if not a.knn or not Path(a.knn).is_file():
                 raise SystemExit(f"the CMD reads text through a KNN bank (K={kw['cmd'].condition_bank_k}): pass --knn")
@@ -175,6 +183,7 @@ def main(argv=None) -> list[dict]:
             rows[-1]["cvae_bank_m"] = engine.cvae.condition_bank_m
         if engine.cmd is not None:
             rows[-1]["cmd_bank_k"] = engine.cmd.condition_bank_k
+            rows[-1]["cmd_layer_detail"] = engine.cmd.layer_detail
         print(f"| {d:g} | {'-' if temp is None else f'{temp:g}'} | {m['plain-1']:.1%} | {m['val-1']:.1%} | "
               f"{m['diversity_within']:.3f} | {time.time() - t0:.0f} |", flush=True)
     if a.json:
