@@ -1182,11 +1182,21 @@ class MainWindow(QMainWindow):
                              steps=self._steps_to(entry), variation_of=self._variation_of(entry))
 
     def _steps_to(self, entry: HistoryEntry) -> list[str]:
-        """The history's labels from its start to ``entry`` (a refine or an applied edit on the way shows there)."""
+        """The history's labels from its start to ``entry`` (a refine or an applied edit on the way shows there). A
+        preview not (yet) in the history, e.g. shown while the slider is held, follows the steps to its source."""
         entries = list(self.history.entries)
-        if self._is_gallery_entry(entry) or not any(e is entry for e in entries):
+        if self._is_gallery_entry(entry):
             return [entry.label]
-        return [e.label for e in entries[:next(i for i, e in enumerate(entries) if e is entry) + 1]]
+
+        def upto(target) -> list[str] | None:
+            i = next((i for i, e in enumerate(entries) if e is target), None)
+            return None if i is None else [e.label for e in entries[:i + 1]]
+
+        steps = upto(entry)
+        if steps is None:
+            before = upto(getattr(entry, "source", None))
+            steps = (before or []) + [entry.label]
+        return steps
 
     def _variation_of(self, entry: HistoryEntry) -> int | None:
         """The seed a "More like this" variation was made from (its own seed is None: it cannot be remade alone)."""

@@ -365,6 +365,34 @@ def test_export_writes_metadata_and_latent_never_over_input(qtbot, photo, tmp_pa
     close_window(qtbot, win)
 
 
+def test_export_of_a_preview_not_yet_in_the_history_names_the_steps_to_it(qtbot, photo, tmp_path):
+    """A preview shown while the slider is held is not a history step yet; its export named only itself and lost
+    the photo's start step."""
+    win = make_window(qtbot)
+    open_ready(qtbot, win, photo)
+    win.captions.add_caption("blue eyes")
+    wait_idle(qtbot, win)
+    committed = [e.label for e in win.history.entries]
+    win.captions.slider.setSliderDown(True)
+    try:
+        win.captions.set_strength(0.3)
+        qtbot.waitUntil(lambda: win.current_entry is not None and win.current_entry.params.get("strength") == 0.3,
+                        timeout=5000)
+        wait_idle(qtbot, win)
+        live = win.current_entry
+        assert not any(e is live for e in win.history.entries)  # shown, not committed
+        out = tmp_path / "live.png"
+        win.export_to({"path": str(out), "fmt": "png", "save_latent": False})
+        wait_idle(qtbot, win)
+        steps = read_provenance(str(out))["steps"]
+        at = next(i for i, e in enumerate(win.history.entries) if e is live.source)
+        source_steps = committed[:at + 1]
+        assert steps == source_steps + [live.label] and steps[0] == committed[0]
+    finally:
+        win.captions.slider.setSliderDown(False)
+    close_window(qtbot, win)
+
+
 def test_engine_failure_becomes_error_box_and_app_survives(qtbot, photo):
     win = make_window(qtbot, FakeBackend(FakeEngine(fail_on="explode")))
     open_ready(qtbot, win, photo)
