@@ -1102,9 +1102,13 @@ class EditProcessor:
             if not big:
                 raise
             prepared = prepare_photo(path, resolution=res, detector=self.detector, face=big)
-        meta = provenance_tag("edited", captions=self.captions, strength=self.strength, method=self.method,
+        # what the edit used, as a GUI export says it: the method and identity lock the engine resolves when none
+        # was given, and no seed (an edit does not depend on one)
+        method = self.method or getattr(self.engine, "default_method", None)
+        lock = self.identity_layers if self.identity_layers is not None else getattr(self.engine, "coarse_layers", None)
+        meta = provenance_tag("edited", captions=self.captions, strength=self.strength, method=method,
                               pack=str(getattr(self.engine, "pack_id", "")), source=name, tier=self.tier,
-                              seed=self.seed, identity_layers=self.identity_layers,
+                              seed=None, identity_layers=lock,
                               detector=getattr(prepared, "detector", None) or self.detector)
         outputs: list[Output] = []
         edited: dict[int, object] = {}
@@ -1121,7 +1125,7 @@ class EditProcessor:
             else:
                 edited[i] = r.image
             if self.save_latent:
-                outputs.append(latent_output(r.ws, tag=tag, kind="edited", captions=self.captions, seed=self.seed,
+                outputs.append(latent_output(r.ws, tag=tag, kind="edited", captions=self.captions, seed=None,
                                              method=r.method, pack_id=r.pack_id, strength=self.strength,
                                              source=name, face=i))
         if not self.aligned_only:

@@ -254,6 +254,8 @@ def test_edit_single_photo(tmp_path, weights_env):
     meta = read_metadata(out / "me_anyface_face0.webp")
     assert meta.get("captions") == ["grey hair"]
     assert meta.get("kind") == "edited" and meta.get("provenance")
+    # what the edit used, as a GUI export says it (it said method null, seed 0, identity_layers null)
+    assert meta.get("method") == "knn" and meta.get("identity_layers") == 1 and meta.get("seed") is None
 
 
 def test_edit_quiet_still_names_failures_and_bad_values_need_no_photo_work(tmp_path, weights_env):
