@@ -1183,7 +1183,8 @@ class MainWindow(QMainWindow):
 
     def _steps_to(self, entry: HistoryEntry) -> list[str]:
         """The history's labels from its start to ``entry`` (a refine or an applied edit on the way shows there). A
-        preview not (yet) in the history, e.g. shown while the slider is held, follows the steps to its source."""
+        preview not (yet) in the history, e.g. shown while the slider is held, gets the steps its commit will give:
+        those up to the current step, then its own."""
         entries = list(self.history.entries)
         if self._is_gallery_entry(entry):
             return [entry.label]
@@ -1194,8 +1195,7 @@ class MainWindow(QMainWindow):
 
         steps = upto(entry)
         if steps is None:
-            before = upto(getattr(entry, "source", None))
-            steps = (before or []) + [entry.label]
+            steps = (upto(self.history.current) or []) + [entry.label]
         return steps
 
     def _variation_of(self, entry: HistoryEntry) -> int | None:

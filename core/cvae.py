@@ -213,6 +213,9 @@ class CVAE(nn.Module):
         return cls(**config)
 
     def save(self, path: str | os.PathLike) -> None:
+        if self.condition_bank_m > self.condition_bank_k:  # set one by one after loading: a file load() refuses
+            raise ValueError(f"condition_bank_m ({self.condition_bank_m}) must be <= condition_bank_k "
+                             f"({self.condition_bank_k}): it picks m of the k nearest entries")
         save_safetensors(path, dict(self.state_dict()), self.config, FORMAT)
 
     @classmethod

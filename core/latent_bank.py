@@ -130,13 +130,14 @@ class LatentBank:
         """A text embedding carried over to the image side of CLIP: the normalised mean of the IMAGE embeddings of
         the ``k`` nearest entries [D] (CPU float32). A model trained on image embeddings only (the text-free CVAE)
         can take it where CLIP's text and image embeddings lie far apart (a small CLIP's modality gap).
-        ``m`` (1..k): the mean of a random ``m`` of the ``k`` nearest instead, drawn with ``seed``."""
+        ``m`` (>= 1): the mean of a random ``m`` of the ``k`` nearest instead, drawn with ``seed`` (all of them when
+        fewer are found: a bank smaller than ``k``, as ``nearest`` gives)."""
         idx, _ = self.nearest(text_emb, k)
         if m:
-            if not 1 <= int(m) <= len(idx):
-                raise ValueError(f"m must be in 1..{len(idx)} (the k nearest), got {m}")
+            if int(m) < 1:
+                raise ValueError(f"m must be >= 1 (entries of the k nearest to average), got {m}")
             rng = np.random.default_rng(int(seed))
-            idx = idx[torch.from_numpy(np.sort(rng.choice(len(idx), int(m), replace=False)))]
+            idx = idx[torch.from_numpy(np.sort(rng.choice(len(idx), min(int(m), len(idx)), replace=False)))]
         return F.normalize(self.embeds[idx].mean(0), dim=0)
 
     def query(self, text_emb: torch.Tensor, k: int = 16, m: int = 3, n: int = 1, seed: int = 0,

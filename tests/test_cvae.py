@@ -149,3 +149,7 @@ def test_condition_bank_m_and_the_sampling_settings_are_checked_and_kept_in_the_
     assert "condition_bank_m" not in back.config and "condition_bank_k" not in back.config
     back.sample_temperature = 1.0
     assert "sample_temperature" not in back.config
+    back.condition_bank_m = 2  # set one by one: a file load() would refuse is not written
+    with pytest.raises(ValueError, match="condition_bank_m .2. must be <= condition_bank_k .0."):
+        back.save(tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()

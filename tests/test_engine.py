@@ -459,6 +459,9 @@ def test_cvae_faces_read_their_own_m_of_the_k_nearest_when_the_file_says_so():
             assert torch.equal(alone[0], codes[i])
         conds = {tuple(bank.image_side(emb, 6, m=2, seed=sub_seed(7 + i, "cvae-bank")).tolist()) for i in range(3)}
         assert len(conds) > 1  # the faces do not all read the same subset
+        # a bank smaller than m (a CLI build-bank --size 3) still gives faces: all of its entries
+        small = Engine(G, clip, cvae=cvae, bank=LatentBank.build(G, clip, size=1, batch=1, seed=1), device="cpu")
+        assert small.text_codes(["red hair"], "cvae", n=2, seed=7).shape == (2, NUM_WS, W_DIM)
         typical = e.text_codes(["red hair"], "cvae", n=1, seed=7, diversity=0.0)
         torch.testing.assert_close(typical, cvae.sample(bank.image_side(emb, 6), 1, temperature=0.0), atol=1e-6,
                                    rtol=0)
@@ -475,9 +478,11 @@ def test_image_side_of_a_random_m_of_the_k_nearest():
     assert any(torch.allclose(sub, F.normalize(bank.embeds[idx[[a, b]]].mean(0), dim=0))
                for a in range(5) for b in range(a + 1, 5))  # the mean of two of the five nearest
     torch.testing.assert_close(bank.image_side(emb, 5, m=5, seed=3), bank.image_side(emb, 5))
-    for bad in (6, -1):
-        with pytest.raises(ValueError, match="m must be in 1..5"):
-            bank.image_side(emb, 5, m=bad)
+    # more than are found (a bank smaller than k): all of them, as nearest() does for k
+    torch.testing.assert_close(bank.image_side(emb, len(bank) + 10, m=len(bank) + 4, seed=3),
+                               bank.image_side(emb, len(bank)))
+    with pytest.raises(ValueError, match="m must be >= 1"):
+        bank.image_side(emb, 5, m=-1)
 
 
 def test_build_bank_clears_cached_codes():

@@ -385,11 +385,16 @@ def test_export_of_a_preview_not_yet_in_the_history_names_the_steps_to_it(qtbot,
         win.export_to({"path": str(out), "fmt": "png", "save_latent": False})
         wait_idle(qtbot, win)
         steps = read_provenance(str(out))["steps"]
-        at = next(i for i, e in enumerate(win.history.entries) if e is live.source)
-        source_steps = committed[:at + 1]
-        assert steps == source_steps + [live.label] and steps[0] == committed[0]
+        assert steps == committed + [live.label] and steps[0] == committed[0]
     finally:
         win.captions.slider.setSliderDown(False)
+    # once released, the preview is committed: the same face exports the same steps
+    win.captions.slider.sliderReleased.emit()
+    wait_idle(qtbot, win)
+    assert win.history.current is live
+    win.export_to({"path": str(tmp_path / "committed.png"), "fmt": "png", "save_latent": False})
+    wait_idle(qtbot, win)
+    assert read_provenance(str(tmp_path / "committed.png"))["steps"] == steps
     close_window(qtbot, win)
 
 

@@ -247,6 +247,14 @@ def test_val_presence_reports_each_setting_on_the_validation_wordings(tmp_path, 
     assert rows_m[0]["cvae_bank_m"] == 2 and rows_m[0]["diversity_within"] != rows[0]["diversity_within"]
     with pytest.raises(SystemExit, match="needs a K at least as large"):
         val_presence.main([*bridge, "--cvae-bank-m", "4", "--knn", str(tmp_path / "bank.safetensors")])
+    # a file with M: --cvae-bank-k 0 (the paper's way) or a smaller K takes the file's M down with it
+    with_m = tmp_path / "cvae_m.safetensors"
+    CVAE(clip.embed_dim, G.num_ws, G.w_dim, z_dim=4, hidden_dim=16, num_layers=2, condition_bank_k=4,
+         condition_bank_m=3).save(with_m)
+    base = ["--generator", "toy", "--clip", "toy", "--cvae", str(with_m), "--method", "cvae", "--faces", "2",
+            "--no-annotate", "--knn", str(tmp_path / "bank.safetensors")]
+    assert (lambda r: (r["cvae_bank_k"], r["cvae_bank_m"]))(val_presence.main([*base, "--cvae-bank-k", "0"])[0]) == (0, 0)
+    assert (lambda r: (r["cvae_bank_k"], r["cvae_bank_m"]))(val_presence.main([*base, "--cvae-bank-k", "2"])[0]) == (2, 2)
     # the CMD's bank member the same way; the rows differ from the captions alone
     from core.cmd import CMD
 

@@ -368,7 +368,8 @@ def resume_state(args: argparse.Namespace, path: Path) -> dict | None:
     return st
 
 
-SAMPLING_SETTINGS = frozenset({"sample_temperature", "sample_spread", "condition_bank_k", "condition_bank_m"})
+SAMPLING_SETTINGS = frozenset({"sample_temperature", "sample_spread", "condition_bank_k", "condition_bank_m",
+                               "layer_detail"})
 
 
 def load_resumed(model, opt, st: dict, path: Path) -> None:

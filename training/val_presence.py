@@ -131,11 +131,13 @@ def main(argv=None) -> list[dict]:
         kw["cvae"] = CVAE.load(path)
         if a.cvae_bank_k >= 0:
             kw["cvae"].condition_bank_k = a.cvae_bank_k
+            if a.cvae_bank_m < 0:  # the file's M, at most the K asked for (K 0: the paper's way, no bank)
+                kw["cvae"].condition_bank_m = min(kw["cvae"].condition_bank_m, a.cvae_bank_k)
         if a.cvae_bank_m >= 0:
             kw["cvae"].condition_bank_m = a.cvae_bank_m
         if kw["cvae"].condition_bank_m > kw["cvae"].condition_bank_k:
             raise SystemExit(f"--cvae-bank-m {kw['cvae'].condition_bank_m} needs a K at least as large "
-                             f"(K={kw['cvae'].condition_bank_k})")
+                             f"(K={kw['cvae'].condition_bank_k}: --cvae-bank-k or the file's)")
         if kw["cvae"].condition_bank_k:
             if not a.knn or not Path(a.knn).is_file():
                 raise SystemExit(f"the CVAE reads text through a KNN bank (K={kw['cvae'].condition_bank_k}): "
