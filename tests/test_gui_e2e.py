@@ -218,7 +218,7 @@ def test_e2e_generate_four_faces(qtbot, win):
 
 def test_e2e_generate_with_the_cmd_gives_different_faces(qtbot, win):
     """The AnyFace (CMD) method spreads the faces of one prompt (its file's sample_spread): four faces, not one
-    face turned four ways (closest pair 4.3 levels of 255 apart without the spread, 19 with it; engine test)."""
+    face turned four ways (closest pair 3.7 levels of 255 apart without the spread, 12.5 with it; engine test)."""
     combo = win.captions.method
     before = combo.currentIndex()
     combo.setCurrentIndex(combo.findData("cmd"))
