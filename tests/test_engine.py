@@ -601,9 +601,9 @@ def test_the_bundled_cmd_varies_the_faces_of_a_prompt():
     assert eng.cmd.sample_spread > 0
     faces = eng.synthesize(["a person with blond hair"], n=4, seed=0, method="cmd")
     imgs = np.stack([f.image for f in faces]).astype(np.float32)
-    # closest pair's mean absolute difference, in levels of 255: 12.5 with the file's spread, 3.7 without it (19.3 / 4.3
-    # in session 10, before the bank member and one w for every layer)
-    # (only the random first layer varies then: the same face, slightly turned)
+    # closest pair's mean absolute difference, in levels of 255: 12.5 with the file's spread, 3.7 without it (only
+    # the random first layer varies then: the same face, slightly turned); 19.3 / 4.3 in session 10, before the
+    # bank member and one w for every layer
     assert min(np.abs(imgs[i] - imgs[j]).mean() for i in range(4) for j in range(i + 1, 4)) > 9.0
 
 
