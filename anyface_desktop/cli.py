@@ -233,7 +233,9 @@ def cmd_models(args) -> int:
             rows.append({"pack": pid, "id": s.file.id, "file": s.file.file_name, "state": s.state,
                          "path": str(s.path) if s.path else None, "detail": s.detail, "optional": s.file.optional,
                          "installed": installed})
-            bad += (s.state == "corrupt" or s.state == "missing" and installed) and not s.file.optional
+            # a corrupt file is a problem even where the pack can do without it (it is not used, and a bank's
+            # damage hides a working setup); a missing optional one is not
+            bad += s.state == "corrupt" or (s.state == "missing" and installed and not s.file.optional)
     text = "\n".join(f"{r['pack']:10s} {r['id']:24s} {r['state']:10s} "
                      + " — ".join(x for x in (r["path"], r["detail"]) if x) for r in rows)
     _print(args, rows, text)
@@ -348,7 +350,7 @@ class _CancelOnSignal:
         return False
 
 
-def _load_engine(args):
+def _load_engine(args, *, skip_bank: bool = False):
     from core.device import pick_device
     from core.engine import Engine
 
@@ -358,7 +360,7 @@ def _load_engine(args):
         raise _UsageError(str(e)) from e
     bar = _Progress(args, "loading models", "file")
     try:
-        engine = Engine.from_pack(args.pack or "tiny", device=device, progress=bar)
+        engine = Engine.from_pack(args.pack or "tiny", device=device, progress=bar, skip_bank=skip_bank)
     finally:
         bar.close()
     _set_threads(args, engine, device)
@@ -570,6 +572,7 @@ def cmd_edit(args) -> int:
     _output_folder(args.output, create=False)  # the batch runner creates it
     _check_detector(args.detector)
     engine = _load_engine(args)
+    engine.resolve_method(args.method)  # a method that cannot run fails here, not once per photo
     read_as = _say_readings(args, engine, args.caption)
     try:
         proc = batch.EditProcessor(engine, args.caption, strength=args.strength, method=args.method,
@@ -719,8 +722,13 @@ def cmd_models_build_bank(args) -> int:
     if args.size < 1 or args.batch < 1:
         raise _UsageError("--size and --batch must be at least 1")
     args.pack = args.models_pack or args.pack
-    engine = _load_engine(args)
-    own = locate_pack(engine.pack_id).get("knn")
+    from core.errors import AnyFaceError
+
+    engine = _load_engine(args, skip_bank=True)  # the pack's own bank (missing, corrupt) is not needed to build one
+    try:
+        own = locate_pack(engine.pack_id).get("knn")
+    except AnyFaceError:  # a damaged pack bank: the one built here replaces it
+        own = None
     bar = _Progress(args, "building KNN bank", "face")
     with _CancelOnSignal(args.quiet or args.json, "no bank is saved") as cancel:
         try:

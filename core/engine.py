@@ -155,6 +155,11 @@ def _check_writable(folder: Path, what: str) -> None:
                           "ANYFACE_DATA_DIR to a writable folder.") from e
 
 
+def _by_role_names(manifest, pack_id: str) -> list[str]:
+    """The roles of a pack's files in the manifest."""
+    return sorted({wf.role for wf in manifest.pack_files(pack_id)})
+
+
 def bank_cache_path(pack_id: str) -> Path:
     """Where a KNN bank built on this machine for a pack without one is kept (user data dir)."""
     from core.weights import user_data_dir
@@ -232,30 +237,42 @@ class Engine:
     # ------------------------------------------------------------------------------------------------------
     @classmethod
     def from_pack(cls, pack_id: str = "tiny", device: torch.device | str | None = None, *, manifest=None,
-                  progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> "Engine":
+                  progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
+                  skip_bank: bool = False) -> "Engine":
         """Load every file of a pack (roles generator, clip, cmd, cvae, knn, encoder, wordmap; the last five
         optional).
         A KNN bank built with :meth:`build_bank` (kept in the user data dir) is used in place of the pack's own.
 
         Every file's size and sha256 are checked against the manifest first (the hash once per file version; see
         ``core.weights.verify_file``). A file that fails, or that its loader cannot read, raises
-        ``CorruptWeightsError`` naming the file, where it is and where to get it again."""
+        ``CorruptWeightsError`` naming the file, where it is and where to get it again. The pack's own bank is
+        checked only when it is used: not while a bank built here replaces it, and not with ``skip_bank`` (to build
+        one: a missing or corrupt pack bank must not stop that)."""
         from core.weights import Manifest, locate_pack_files
 
         dev = device if isinstance(device, torch.device) else pick_device(device)
         manifest = manifest if manifest is not None else Manifest.load()
-        files = locate_pack_files(pack_id, manifest=manifest, verify=True, should_cancel=should_cancel)
+        user_bank = not skip_bank and bank_cache_path(pack_id).is_file()
+        roles = [r for r in _by_role_names(manifest, pack_id) if r != "knn" or not (skip_bank or user_bank)]
+        files = locate_pack_files(pack_id, manifest=manifest, verify=True, should_cancel=should_cancel, roles=roles)
         steps = ["generator", "clip", "cmd", "cvae", "knn", "encoder", "wordmap"]
         loaded: dict[str, Any] = {}
         for i, role in enumerate(steps):
             _check(should_cancel, "Loading the models")
             wf, path = files.get(role, (None, None))
-            if role == "knn" and bank_cache_path(pack_id).is_file():  # one the user built: it replaces the pack's
-                user_bank = _load_user_bank(bank_cache_path(pack_id), loaded)
-                if user_bank is not None:
-                    loaded[role] = user_bank
+            if role == "knn" and skip_bank:
+                _tick(progress, i + 1, len(steps))
+                continue
+            if role == "knn" and user_bank:  # one the user built: it replaces the pack's
+                built = _load_user_bank(bank_cache_path(pack_id), loaded)
+                if built is not None:
+                    loaded[role] = built
                     _tick(progress, i + 1, len(steps))
                     continue
+                # unusable: the pack's own, checked now
+                files.update(locate_pack_files(pack_id, manifest=manifest, verify=True, should_cancel=should_cancel,
+                                               roles=["knn"]))
+                wf, path = files.get(role, (None, None))
             if path is not None:
                 loaded[role] = _load_role(role, Path(path), dev, wf)
             _tick(progress, i + 1, len(steps))
@@ -295,8 +312,14 @@ class Engine:
     def default_method(self) -> str | None:
         return self.methods[0] if self.methods else None
 
+    def resolve_method(self, method: str | None = None) -> str:
+        """The method a request for ``method`` (None: the default) uses, or ``MethodUnavailableError`` saying why it
+        cannot be used and how to get it (checked once before a batch, not once per photo)."""
+        return self._method(method)
+
     def _method(self, method: str | None) -> str:
-        method = (method or self.default_method or "cmd").lower()
+        # none asked: the first available, else the pack's preferred one (what the user would get with its files)
+        method = (method or self.default_method or self.preferred_method or "cmd").lower()
         if method not in METHODS:
             raise MethodUnavailableError(f"Unknown method '{method}'. Available: {', '.join(METHODS)}.")
         if method not in self.methods:
@@ -308,10 +331,14 @@ class Engine:
                     f"Method '{method}' ({METHOD_TITLES[method]}) of pack '{self.pack_id}' reads text through the "
                     f"pack's KNN bank (condition_bank_k={k}), which is not loaded. "
                     f"Available here: {have}. To get it, restore the pack's knn_bank file or {build_bank}.")
-            hint = (build_bank if method == "knn"
-                    else "train it with `python -m training.build_pack` for this generator and CLIP")
+            if method == "knn":
+                raise MethodUnavailableError(
+                    f"Method 'knn' ({METHOD_TITLES['knn']}) needs a KNN bank, and none is loaded for pack "
+                    f"'{self.pack_id}'. Available here: {have}. To get it, restore the pack's knn_bank file (if it "
+                    f"has one) or {build_bank}.")
             raise MethodUnavailableError(f"Method '{method}' ({METHOD_TITLES[method]}) is not part of pack "
-                                         f"'{self.pack_id}'. Available here: {have}. To get it, {hint}.")
+                                         f"'{self.pack_id}'. Available here: {have}. To get it, train it with "
+                                         "`python -m training.build_pack` for this generator and CLIP.")
         return method
 
     # ------------------------------------------------------------------------------------------------------

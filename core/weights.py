@@ -365,16 +365,21 @@ def _by_role(manifest: Manifest, pack: str) -> dict[str, list[WeightFile]]:
 
 def locate_pack_files(pack: str, *, manifest: Manifest | None = None, verify: bool = False,
                       include_optional: bool = True, progress: ProgressFn | None = None,
-                      should_cancel: CancelFn | None = None) -> dict[str, tuple[WeightFile, Path]]:
+                      should_cancel: CancelFn | None = None,
+                      roles: Iterable[str] | None = None) -> dict[str, tuple[WeightFile, Path]]:
     """(entry, path) of every role of a pack. Several files with the same role are alternatives
     (e.g. NVIDIA's ffhq.pkl or rosinality's .pt): the first one present whose size (and, with ``verify``,
     sha256) checks out is used. All roles that no file satisfies are reported together in one
-    ``MissingWeightsError``; a role whose only present files are corrupt raises ``CorruptWeightsError``."""
+    ``MissingWeightsError``; a role whose only present files are corrupt raises ``CorruptWeightsError``.
+    ``roles``: only these roles (None: all)."""
     manifest = manifest or Manifest.load()
     found: dict[str, tuple[WeightFile, Path]] = {}
     missing: list[MissingFile] = []
     corrupt: CorruptWeightsError | None = None
+    wanted = None if roles is None else set(roles)
     for role, wfs in _by_role(manifest, pack).items():
+        if wanted is not None and role not in wanted:
+            continue
         if all(wf.optional for wf in wfs) and not include_optional:
             continue
         hit, error = _choose(wfs, pack, verify, progress, should_cancel)

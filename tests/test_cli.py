@@ -461,3 +461,27 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, monkey
         with pytest.raises(cli._UsageError, match="cannot create the output folder in .*Read-only"):
             cli._output_folder(tmp_path / "new" / "deeper", create=False)
     assert cli._output_folder(tmp_path / "new", create=True).is_dir()
+
+
+def test_edit_names_an_unusable_method_once_before_any_photo(tmp_path, weights_env):
+    """A method that cannot run (here: the pack's bank is damaged, so nothing reads text) failed every photo of a
+    folder with the same line; it is said once, before the work, with how to fix it."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(photo(128)).save(src / f"p{i}.png")
+    data = tmp_path / "data"
+    bad = data / "weights" / "tiny" / "knn_bank.safetensors"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\0" * 1000)
+    env = {**weights_env, "ANYFACE_DATA_DIR": str(data)}
+    r = anyface("edit", src, "--caption", "smiling", "--tier", "fast", "-o", tmp_path / "out", env_extra=env)
+    assert r.returncode == 1 and "corrupt" in r.stderr and "tiny-knn" in r.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    # building one's own bank is not blocked by the damaged one, and then everything works
+    r = anyface("--quiet", "models", "build-bank", "--size", "32", env_extra=env, check_rc=0)
+    r = anyface("edit", src, "--caption", "smiling", "--tier", "fast", "-o", tmp_path / "out", "--threads", "1",
+                env_extra=env, check_rc=0)
+    assert "3 of 3 photos done, 0 failed" in r.stdout
+    r = anyface("models", "verify", "--pack", "tiny", env_extra=env)
+    assert r.returncode == 1 and "corrupt" in r.stdout  # a damaged file is reported, even an optional one

@@ -714,3 +714,37 @@ def test_bad_arguments_from_an_integrator_are_refused(engine, source):
     with pytest.raises(CaptionError, match="bytes"):
         engine.synthesize(b"abc", n=1)
     assert engine.synthesize(["a face"], n=np.int64(2))[1].seed == 1  # numpy whole numbers are fine
+
+
+def test_a_damaged_pack_bank_does_not_block_building_or_using_ones_own(tmp_path):
+    """A corrupt knn_bank of the pack stopped every load, also `models build-bank` and a bank built earlier, which
+    replace it. Loading still refuses it when it is the bank in use."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from core.engine import bank_cache_path
+    from core.errors import CorruptWeightsError
+    from core.weights import resources_dir
+
+    data = Path(os.environ["ANYFACE_DATA_DIR"])
+    own = data / "weights" / "tiny" / "knn_bank.safetensors"  # found before the bundled one
+    own.parent.mkdir(parents=True)
+    good = resources_dir() / "weights" / "tiny" / "knn_bank.safetensors"
+    own.write_bytes(good.read_bytes()[:100_000])
+    with pytest.raises(CorruptWeightsError, match="tiny-knn"):
+        Engine.from_pack("tiny")
+    e = Engine.from_pack("tiny", skip_bank=True)  # what build-bank loads
+    assert e.bank is None and e.needs_bank == ["cmd", "cvae"]
+    with pytest.raises(MethodUnavailableError, match="'knn'.*needs a KNN bank.*restore the pack's knn_bank"):
+        e.resolve_method("knn")
+    with pytest.raises(MethodUnavailableError, match="Method 'knn'"):  # none asked: the pack's preferred one
+        e.resolve_method(None)
+    e.build_bank(size=16, batch=16, seed=1)
+    assert bank_cache_path("tiny").is_file()
+    again = Engine.from_pack("tiny")  # the built bank replaces the damaged one
+    assert len(again.bank) == 16 and again.methods == ["knn", "cmd", "cvae"]
+    bank_cache_path("tiny").write_bytes(b"not a bank")  # unusable: the pack's own is checked after all
+    with pytest.raises(CorruptWeightsError, match="tiny-knn"):
+        Engine.from_pack("tiny")
+    shutil.rmtree(own.parent)
