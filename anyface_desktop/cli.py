@@ -506,13 +506,15 @@ def _write_generated(args, out, r) -> dict:
     fmt = {"jpeg": "jpg"}.get(args.format, args.format)
     meta = provenance_tag("generated", captions=list(r.captions), seed=r.seed, method=r.method, pack=r.pack_id,
                           diversity=r.diversity)
-    if "refine_steps" in r.extra:
-        meta["refine_steps"] = r.extra["refine_steps"]
+    for key in ("refine_steps", "bank"):  # the bank read: another one gives other faces for the seed
+        if key in r.extra:
+            meta[key] = r.extra[key]
     name = out / f"{_slug(args.captions)}_s{r.seed}.{fmt}"  # with --save-latent, one name for the image and its .npz
     path = write_image(unique_pair(name) if args.save_latent else unique_path(name), r.image, fmt,
                        quality=args.quality, metadata=meta, overwrite=False,
                        description="AI-generated with AnyFace Desktop")
-    row = {"image": str(path), "seed": r.seed, "method": r.method, "captions": list(r.captions)}
+    row = {"image": str(path), "seed": r.seed, "method": r.method, "captions": list(r.captions),
+           **({"bank": r.extra["bank"]} if "bank" in r.extra else {})}
     if "refine_steps" in r.extra:
         row.update(refine_steps=r.extra["refine_steps"], clip_similarity_before=r.extra["clip_similarity_before"],
                    clip_similarity_after=r.extra["clip_similarity_after"])

@@ -36,6 +36,7 @@ class ExportRequest:
     identity_layers: int | None = None  # the identity lock of the edit
     steps: Sequence[str] = ()  # how the face was made: the history's labels, from its start to this state
     variation_of: int | None = None  # the seed of the face a "More like this" variation was made from
+    bank: str | None = None  # the KNN bank the method read (Engine.bank_label): another gives other faces
     # a photo with transparency: its alpha [H, W], the photo as composited on white (what ``image`` edits) and the
     # file's own colour under the alpha; the export re-attaches it (core.photo.restore_alpha)
     alpha: np.ndarray | None = None
@@ -53,7 +54,7 @@ def provenance(req: ExportRequest) -> dict:
     from core.io import provenance_tag
 
     extra = {k: v for k, v in (("identity_layers", req.identity_layers), ("steps", list(req.steps) or None),
-                                ("variation_of", req.variation_of)) if v is not None}
+                                ("variation_of", req.variation_of), ("bank", req.bank)) if v is not None}
     return provenance_tag("edited" if req.edited else "generated", prompt=" | ".join(req.captions),
                           captions=list(req.captions), pack=req.pack, method=req.method, strength=req.strength,
                           seed=req.seed, **extra)

@@ -1179,7 +1179,8 @@ class MainWindow(QMainWindow):
                              pack=self.engine_info.pack_id if self.engine_info else self.pack_id,
                              edited=from_photo, inputs=[self.photo.path] if self.photo else [],
                              unique=bool(opts.get("unique", False)), identity_layers=p.get("identity_layers"),
-                             steps=self._steps_to(entry), variation_of=self._variation_of(entry))
+                             steps=self._steps_to(entry), variation_of=self._variation_of(entry),
+                             bank=(getattr(getattr(entry, "result", None), "extra", None) or {}).get("bank"))
 
     def _steps_to(self, entry: HistoryEntry) -> list[str]:
         """The history's labels from its start to ``entry`` (a refine or an applied edit on the way shows there). A

@@ -1106,10 +1106,12 @@ class EditProcessor:
         # was given, and no seed (an edit does not depend on one)
         method = self.method or getattr(self.engine, "default_method", None)
         lock = self.identity_layers if self.identity_layers is not None else getattr(self.engine, "coarse_layers", None)
+        bank = getattr(self.engine, "bank_label", lambda m: None)(method) if self.strength else None
         meta = provenance_tag("edited", captions=self.captions, strength=self.strength, method=method,
                               pack=str(getattr(self.engine, "pack_id", "")), source=name, tier=self.tier,
                               seed=None, identity_layers=lock,
-                              detector=getattr(prepared, "detector", None) or self.detector)
+                              detector=getattr(prepared, "detector", None) or self.detector,
+                              **({"bank": bank} if bank else {}))
         outputs: list[Output] = []
         edited: dict[int, object] = {}
         for i, crop in zip(prepared.selected, prepared.aligned):

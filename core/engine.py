@@ -191,6 +191,7 @@ class Engine:
         self.cmd = cmd.to(self.device).eval() if cmd is not None else None
         self.cvae = cvae.to(self.device).eval() if cvae is not None else None
         self._bank = bank
+        self.bank_origin = "pack"  # "built here" for a bank from build_bank (from_pack finds it next time)
         self.encoder = self._to_device(encoder) if encoder is not None else None
         self._word_map = word_map  # core.wordmap.WordMap of the CLIP's vocabulary, or None (captions read as typed)
         self.z_dim = int(generator.z_dim)
@@ -267,6 +268,7 @@ class Engine:
                 built = _load_user_bank(bank_cache_path(pack_id), loaded)
                 if built is not None:
                     loaded[role] = built
+                    loaded["bank_origin"] = "built here"
                     _tick(progress, i + 1, len(steps))
                     continue
                 # unusable: the pack's own, checked now
@@ -284,10 +286,12 @@ class Engine:
             wf, path = files["generator"]
             raise CorruptWeightsError(wf.id, path, f"it holds a {gen.img_resolution} px generator, but pack "
                                       f"'{pack_id}' is {pack.resolution} px", wf.where_to_get())
-        return cls(gen, loaded["clip"], cmd=loaded.get("cmd"), cvae=loaded.get("cvae"),
-                   bank=loaded.get("knn"), encoder=loaded.get("encoder"), pack_id=pack_id, device=dev,
-                   coarse_layers=pack.coarse_layers, default_method=pack.default_method,
-                   word_map=loaded.get("wordmap"))
+        engine = cls(gen, loaded["clip"], cmd=loaded.get("cmd"), cvae=loaded.get("cvae"),
+                     bank=loaded.get("knn"), encoder=loaded.get("encoder"), pack_id=pack_id, device=dev,
+                     coarse_layers=pack.coarse_layers, default_method=pack.default_method,
+                     word_map=loaded.get("wordmap"))
+        engine.bank_origin = loaded.get("bank_origin", "pack")
+        return engine
 
     @property
     def methods(self) -> list[str]:
@@ -296,6 +300,17 @@ class Engine:
                 "cvae": self.cvae is not None and not self._waits_for_bank("cvae")}
         order = sorted(METHODS, key=lambda m: m != self.preferred_method)  # stable: the rest keep their order
         return [m for m in order if have[m]]
+
+    def bank_label(self, method: str | None) -> str | None:
+        """Which KNN bank ``method`` reads (for the metadata of what it makes: another bank gives other faces for
+        the same seed), or None when it reads none: "pack's own, 20000 faces" / "built here, 200 faces, seed 0"."""
+        uses = method == "knn" or (method in ("cmd", "cvae")
+                                   and getattr({"cmd": self.cmd, "cvae": self.cvae}[method], "condition_bank_k", 0))
+        if not uses or self.bank is None:
+            return None
+        seed = (getattr(self.bank, "config", None) or {}).get("seed")
+        return (("built here" if self.bank_origin == "built here" else "pack's own") + f", {len(self.bank)} faces"
+                + ("" if seed is None or self.bank_origin != "built here" else f", seed {seed}"))
 
     def _waits_for_bank(self, method: str) -> bool:
         """A loaded CMD or CVAE whose file says it reads text through the KNN bank (``condition_bank_k``), and no
@@ -551,7 +566,8 @@ class Engine:
         dt = (time.perf_counter() - t0) / n
         return [FaceResult(image=images[i], ws=ws_cpu[i].clone(), seed=int(seed) + i, captions=caps, method=method,
                            diversity=float(diversity), pack_id=self.pack_id, elapsed_s=dt,
-                           extra={"truncation_psi": psi, "coarse_layers": c}) for i in range(n)]
+                           extra={"truncation_psi": psi, "coarse_layers": c,
+                                 **({"bank": bl} if (bl := self.bank_label(method)) else {})}) for i in range(n)]
 
     @torch.inference_mode()
     def edit(self, source_ws, captions: str | Sequence[str], strength: float, method: str | None = None,
@@ -594,7 +610,8 @@ class Engine:
         _tick(progress, 2, 2)
         return FaceResult(image=image, ws=ws_out if strength == 0.0 else ws_out.float().cpu(), seed=int(seed),
                           captions=caps, method=method, strength=strength, diversity=float(diversity),
-                          identity_layers=L, pack_id=self.pack_id, elapsed_s=time.perf_counter() - t0)
+                          identity_layers=L, pack_id=self.pack_id, elapsed_s=time.perf_counter() - t0,
+                          extra={"bank": bl} if (bl := self.bank_label(method)) and strength else {})
 
     # ------------------------------------------------------------------------------------------------------
     def build_bank(self, size: int = 20000, batch: int = 32, *, truncation: float = 1.0, seed: int = 0,
@@ -610,6 +627,7 @@ class Engine:
         if save:
             bank.save(bank_cache_path(self.pack_id))
         self.bank = bank
+        self.bank_origin = "built here"
         self._check_compatible()
         self.clear_cache()  # cached KNN codes, and CVAE codes that read text through the bank, came from the old one
         return bank

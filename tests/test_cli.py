@@ -182,6 +182,7 @@ def test_generate(tmp_path, weights_env):
     assert r.stderr.strip() == "", r.stderr[-2000:]  # --json: no progress bars, no library noise
     js = json.loads(r.stdout)
     assert [o["seed"] for o in js["outputs"]] == [1, 2]
+    assert js["outputs"][0]["bank"].startswith("pack's own, ")  # the default method (knn) reads the pack's bank
     for o in js["outputs"]:
         assert Path(o["image"]).is_file() and Path(o["latent"]).is_file()
         with Image.open(o["image"]) as im:
@@ -196,6 +197,7 @@ def test_generate(tmp_path, weights_env):
 
     tag = read_provenance(js["outputs"][0]["image"])
     assert tag is not None and tag["kind"] == "generated" and tag["captions"] == ["a smiling woman", "with glasses"]
+    assert tag["bank"] == js["outputs"][0]["bank"]
     assert "AI-generated" in tag.get("description", "")
 
 
@@ -483,5 +485,9 @@ def test_edit_names_an_unusable_method_once_before_any_photo(tmp_path, weights_e
     r = anyface("edit", src, "--caption", "smiling", "--tier", "fast", "-o", tmp_path / "out", "--threads", "1",
                 env_extra=env, check_rc=0)
     assert "3 of 3 photos done, 0 failed" in r.stdout
+    from core.io import read_metadata
+
+    edited = sorted(p for p in (tmp_path / "out").iterdir() if p.suffix == ".png")
+    assert read_metadata(edited[0])["bank"] == "built here, 32 faces, seed 0"  # the faces came from that bank
     r = anyface("models", "verify", "--pack", "tiny", env_extra=env)
     assert r.returncode == 1 and "corrupt" in r.stdout  # a damaged file is reported, even an optional one

@@ -748,3 +748,26 @@ def test_a_damaged_pack_bank_does_not_block_building_or_using_ones_own(tmp_path)
     with pytest.raises(CorruptWeightsError, match="tiny-knn"):
         Engine.from_pack("tiny")
     shutil.rmtree(own.parent)
+
+
+def test_results_say_which_bank_their_method_read():
+    """Another bank gives other faces for the same seed: a result (and so its metadata) names the bank its method
+    read, None where it read none."""
+    G, clip, cmd, cvae, bank = make_models()
+    e = Engine(G, clip, cmd=cmd, cvae=cvae, bank=bank, device="cpu")
+    assert e.bank_label("knn") == "pack's own, 64 faces" and e.bank_label("cmd") is None
+    assert e.synthesize(["red hair"], n=1, method="knn")[0].extra["bank"] == "pack's own, 64 faces"
+    assert "bank" not in e.synthesize(["red hair"], n=1, method="cmd")[0].extra  # this CMD reads no bank
+    cmd.condition_bank_k = 4
+    try:
+        e.clear_cache()
+        assert e.synthesize(["red hair"], n=1, method="cmd")[0].extra["bank"] == "pack's own, 64 faces"
+        src = e.synthesize(["a face"], n=1, method="knn")[0].ws
+        assert e.edit(src, ["red hair"], 0.5, method="cmd").extra["bank"] == "pack's own, 64 faces"
+        assert "bank" not in e.edit(src, ["red hair"], 0.0, method="cmd").extra  # strength 0: the source itself
+        e.build_bank(size=16, batch=16, seed=3, save=False)
+        assert e.bank_label("cmd") == "built here, 16 faces, seed 3"
+        e.bank = None
+        assert e.bank_label("knn") is None
+    finally:
+        cmd.condition_bank_k = 0

@@ -32,6 +32,10 @@ def test_export_keeps_alpha_when_resizing_and_names_match_the_format(tmp_path):
     with Image.open(res.image_path) as im:
         assert im.format == "JPEG"
     assert read_provenance(res.image_path)["kind"] == "generated"
+    assert "bank" not in read_provenance(res.image_path)
+    res = export_image(ExportRequest(path=str(tmp_path / "banked.png"), image=rgba[..., :3].copy(), fmt="png",
+                                     save_latent=False, captions=["x"], bank="built here, 200 faces, seed 0"))
+    assert read_provenance(res.image_path)["bank"] == "built here, 200 faces, seed 0"
     import pytest
 
     from core.errors import OutputError

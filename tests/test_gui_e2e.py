@@ -216,7 +216,7 @@ def test_e2e_generate_four_faces(qtbot, win):
     _shot(win, "gallery.png")
 
 
-def test_e2e_generate_with_the_cmd_gives_different_faces(qtbot, win):
+def test_e2e_generate_with_the_cmd_gives_different_faces(qtbot, win, tmp_path):
     """The AnyFace (CMD) method spreads the faces of one prompt (its file's sample_spread): four faces, not one
     face turned four ways (closest pair 3.7 levels of 255 apart without the spread, 12.5 with it; engine test)."""
     combo = win.captions.method
@@ -230,6 +230,14 @@ def test_e2e_generate_with_the_cmd_gives_different_faces(qtbot, win):
         assert {r.method for r in win.gallery.results} == {"cmd"}
         imgs = np.stack([r.image for r in win.gallery.results]).astype(np.float32)
         assert min(np.abs(imgs[i] - imgs[j]).mean() for i in range(4) for j in range(i + 1, 4)) > 9.0
+        # the export names the bank the CMD read its caption through (another bank: other faces for the seed)
+        win.gallery.select(0)
+        win.export_to({"path": str(tmp_path / "cmd_face.png"), "fmt": "png", "save_latent": False})
+        _idle(qtbot, win)
+        from anyface_desktop.export import read_provenance
+
+        tag = read_provenance(win.last_export.image_path)
+        assert tag["method"] == "cmd" and tag["bank"].startswith("pack's own, 20000 faces"), tag
     finally:
         combo.setCurrentIndex(before)
 
