@@ -205,6 +205,7 @@ def _print(args, obj, text: str) -> None:
 
 def cmd_models(args) -> int:
     from core import weights
+    from core.engine import bank_cache_path
     from core.errors import AnyFaceError
 
     if args.models_command is None:
@@ -230,12 +231,21 @@ def cmd_models(args) -> int:
         installed = bool(args.models_pack or args.pack) or manifest.packs[pid].bundled or any(
             s.state in ("present", "unverified", "corrupt") and s.file.pack == pid for s in statuses)
         for s in statuses:
-            rows.append({"pack": pid, "id": s.file.id, "file": s.file.file_name, "state": s.state,
+            rows.append({"pack": pid, "id": s.file.id, "file": s.file.file_name, "role": s.file.role, "state": s.state,
                          "path": str(s.path) if s.path else None, "detail": s.detail, "optional": s.file.optional,
                          "installed": installed})
             # a corrupt file is a problem even where the pack can do without it (it is not used, and a bank's
             # damage hides a working setup); a missing optional one is not
             bad += s.state == "corrupt" or (s.state == "missing" and installed and not s.file.optional)
+        built = bank_cache_path(pid)
+        if built.is_file():  # a bank built here replaces the pack's own: say which one is used
+            for r in rows:
+                if r["pack"] == pid and r.get("role") == "knn":
+                    r["detail"] = "; ".join(x for x in (r["detail"], "not used: the bank built here replaces it") if x)
+            rows.append({"pack": pid, "id": "built-bank", "file": built.name, "role": "knn", "state": "in use",
+                         "path": str(built),
+                         "detail": "built here (models build-bank); `anyface models delete --bank "
+                                   f"{pid}` goes back to the pack's own", "optional": True, "installed": installed})
     text = "\n".join(f"{r['pack']:10s} {r['id']:24s} {r['state']:10s} "
                      + " — ".join(x for x in (r["path"], r["detail"]) if x) for r in rows)
     _print(args, rows, text)

@@ -491,3 +491,8 @@ def test_edit_names_an_unusable_method_once_before_any_photo(tmp_path, weights_e
     assert read_metadata(edited[0])["bank"] == "built here, 32 faces, seed 0"  # the faces came from that bank
     r = anyface("models", "verify", "--pack", "tiny", env_extra=env)
     assert r.returncode == 1 and "corrupt" in r.stdout  # a damaged file is reported, even an optional one
+    # and the list says which bank is in use
+    r = anyface("models", "list", "--pack", "tiny", "--json", env_extra=env, check_rc=0)
+    rows = {row["id"]: row for row in json.loads(r.stdout)}
+    assert rows["built-bank"]["state"] == "in use" and rows["built-bank"]["path"].endswith("tiny.safetensors")
+    assert "not used: the bank built here replaces it" in rows["tiny-knn"]["detail"]

@@ -231,13 +231,14 @@ def test_e2e_generate_with_the_cmd_gives_different_faces(qtbot, win, tmp_path):
         imgs = np.stack([r.image for r in win.gallery.results]).astype(np.float32)
         assert min(np.abs(imgs[i] - imgs[j]).mean() for i in range(4) for j in range(i + 1, 4)) > 9.0
         # the export names the bank the CMD read its caption through (another bank: other faces for the seed)
-        win.gallery.select(0)
-        win.export_to({"path": str(tmp_path / "cmd_face.png"), "fmt": "png", "save_latent": False})
+        win.gallery.select(0)  # the gallery's Export… writes the picked face, whatever else is being edited
+        win.export_to({"path": str(tmp_path / "cmd_face.png"), "fmt": "png", "save_latent": False},
+                      win._gallery_entry(win.gallery.results[0]))
         _idle(qtbot, win)
         from anyface_desktop.export import read_provenance
 
         tag = read_provenance(win.last_export.image_path)
-        assert tag["method"] == "cmd" and tag["bank"].startswith("pack's own, 20000 faces"), tag
+        assert tag["method"] == "cmd" and tag.get("bank", "").startswith("pack's own, 20000 faces"), tag
     finally:
         combo.setCurrentIndex(before)
 
