@@ -11,7 +11,7 @@ from core import __version__
 EXIT_OK, EXIT_FAILED_ITEMS, EXIT_USAGE = 0, 1, 2
 
 EPILOG = """examples:
-  anyface generate "a smiling woman with glasses" -n 8 --seed 1 -o faces/
+  anyface generate "a smiling woman with red hair" -n 8 --seed 1 -o faces/
   anyface edit photo.jpg --caption "grey hair" --caption "smiling" --strength 0.6 -o edited/
   anyface edit photos/ --recursive --caption "a beard" --face all --tier fast --format jpg -o edited/
   anyface edit photos/ --caption "old" --shard 2/8 -o edited/     # worker 2 of 8 (job array)
@@ -741,6 +741,7 @@ def cmd_models_build_bank(args) -> int:
         own = locate_pack(engine.pack_id).get("knn")
     except AnyFaceError:  # a damaged pack bank: the one built here replaces it
         own = None
+    replaced = bank_cache_path(engine.pack_id).is_file()  # an earlier bank built here: this one replaces it
     bar = _Progress(args, "building KNN bank", "face")
     with _CancelOnSignal(args.quiet or args.json, "no bank is saved") as cancel:
         try:
@@ -753,9 +754,14 @@ def cmd_models_build_bank(args) -> int:
             bar.close()
     path = bank_cache_path(engine.pack_id)
     info = {"pack": engine.pack_id, "size": len(bank), "path": str(path), "bytes": path.stat().st_size,
-            "pack_has_own_bank": own is not None}
+            "pack_has_own_bank": own is not None, "replaced_earlier_bank": replaced}
     note = (f"\nnote: pack '{engine.pack_id}' ships its own bank ({own}); this one is used instead until you delete "
             f"{path}" if own else "")
+    if replaced:
+        note += "\nnote: it replaced the bank built here before"
+    if len(bank) < 2000:
+        note += (f"\nnote: {len(bank)} faces give KNN (and a CMD/CVAE that reads text through the bank) few faces to "
+                 "choose from; the app builds 2,000-200,000 (default 20,000)")
     _print(args, info, f"KNN bank of {len(bank)} faces for pack '{engine.pack_id}' saved to {path} "
                        f"({info['bytes'] / 1e6:.1f} MB){note}")
     return EXIT_OK

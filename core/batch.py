@@ -1129,7 +1129,8 @@ class EditProcessor:
             if self.save_latent:
                 outputs.append(latent_output(r.ws, tag=tag, kind="edited", captions=self.captions, seed=None,
                                              method=r.method, pack_id=r.pack_id, strength=self.strength,
-                                             source=name, face=i))
+                                             source=name, face=i, identity_layers=lock, tier=self.tier,
+                                             **({"bank": bank} if bank else {})))
         if not self.aligned_only:
             full = compose_all(prepared, edited)  # [H, W, 3] uint8, full resolution
             if self.fmt != "jpg":

@@ -258,6 +258,11 @@ def test_edit_single_photo(tmp_path, weights_env):
     assert meta.get("kind") == "edited" and meta.get("provenance")
     # what the edit used, as a GUI export says it (it said method null, seed 0, identity_layers null)
     assert meta.get("method") == "knn" and meta.get("identity_layers") == 1 and meta.get("seed") is None
+    from core.latents import load_latent
+
+    lat = load_latent(out / "me_anyface_face0.npz")  # the latent says the same
+    assert lat.method == "knn" and lat.seed is None
+    assert lat.extra.get("identity_layers") == 1 and lat.extra.get("tier") == "fast" and "bank" in lat.extra
 
 
 def test_edit_quiet_still_names_failures_and_bad_values_need_no_photo_work(tmp_path, weights_env):
@@ -481,7 +486,10 @@ def test_edit_names_an_unusable_method_once_before_any_photo(tmp_path, weights_e
     assert r.returncode == 1 and "corrupt" in r.stderr and "tiny-knn" in r.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     # building one's own bank is not blocked by the damaged one, and then everything works
-    r = anyface("--quiet", "models", "build-bank", "--size", "32", env_extra=env, check_rc=0)
+    r = anyface("models", "build-bank", "--size", "32", env_extra=env, check_rc=0)
+    assert "few faces to choose from" in r.stdout and "replaced the bank built here" not in r.stdout
+    r = anyface("models", "build-bank", "--size", "32", "--json", env_extra=env, check_rc=0)
+    assert json.loads(r.stdout)["replaced_earlier_bank"] is True
     r = anyface("edit", src, "--caption", "smiling", "--tier", "fast", "-o", tmp_path / "out", "--threads", "1",
                 env_extra=env, check_rc=0)
     assert "3 of 3 photos done, 0 failed" in r.stdout
