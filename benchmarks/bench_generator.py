@@ -94,7 +94,7 @@ def measure_one(res: int, batch: int, device: str, precision: str, warmup: int, 
 def plan(args) -> list[tuple]:
     import torch
 
-    devices = [("cpu", "fp32")]
+    devices = [] if args.cuda_only else [("cpu", "fp32")]
     if torch.cuda.is_available() and not args.cpu_only:
         devices += [("cuda", "fp32"), ("cuda", "fp16")]
     jobs = []
@@ -137,6 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed passes per configuration")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--cpu-only", action="store_true")
+    p.add_argument("--cuda-only", action="store_true", help="leave out the CPU rows")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     p.add_argument("--one", nargs=6, help=argparse.SUPPRESS)  # res batch device precision warmup repeats
     args = p.parse_args(argv)
