@@ -78,6 +78,22 @@ class EngineInfo:
     needs_bank: list = field(default_factory=list)  # methods loaded but waiting for a KNN bank (a CMD or CVAE whose
     #                                                file reads text through it: Engine.needs_bank)
     word_map: Any = None  # core.wordmap.WordMap of the pack (read-only; the caption editor shows what it reads)
+    bank_problem: str = ""  # why the pack's own KNN bank is not used (damaged file): the pack loaded without it
+
+
+def _is_bank_file_error(err: Exception, pack: str) -> bool:
+    """Whether loading ``pack`` failed on its own KNN bank file (corrupt or unreadable), and on nothing else."""
+    from core.errors import CorruptWeightsError
+
+    if not isinstance(err, CorruptWeightsError):
+        return False
+    try:
+        from core.weights import Manifest
+
+        wf = Manifest.load().files.get(err.id)
+    except Exception:  # noqa: BLE001 - no manifest: not a file we know
+        return False
+    return wf is not None and wf.role == "knn" and wf.pack == pack
 
 
 class Backend:
@@ -87,6 +103,7 @@ class Backend:
         self.engine = engine
         self.pack = pack
         self.device = device
+        self.bank_problem = ""
 
     # ------------------------------------------------------------------ engine
     def load(self, pack: str | None = None, device: str | None = None, progress: ProgressFn = None,
@@ -102,8 +119,17 @@ class Backend:
             from core.engine import Engine
 
             self.engine = None  # free the old pack first
-            self.engine = Engine.from_pack(self.pack, device=pick_device(self.device), progress=progress,
-                                           should_cancel=should_cancel)
+            self.bank_problem = ""
+            dev = pick_device(self.device)
+            try:
+                self.engine = Engine.from_pack(self.pack, device=dev, progress=progress, should_cancel=should_cancel)
+            except Exception as e:  # noqa: BLE001 - only a damaged KNN bank is let through, below
+                if not _is_bank_file_error(e, self.pack):
+                    raise
+                # the bank is the one file the app can make again itself (Build bank): load the rest, and say why
+                self.bank_problem = str(e)
+                self.engine = Engine.from_pack(self.pack, device=dev, progress=progress, should_cancel=should_cancel,
+                                               skip_bank=True)
         from core.errors import CancelledError
 
         for step in ((lambda: self.warm_up(detector)) if detector else None, lambda: self.warm_up_engine(tier)):
@@ -171,7 +197,7 @@ class Backend:
                           bank_size=len(e.bank) if getattr(e, "bank", None) is not None else 0,
                           bank_bytes_per_entry=_bank_entry_bytes(e),
                           needs_bank=list(getattr(e, "needs_bank", [])),
-                          word_map=getattr(e, "word_map", None))
+                          word_map=getattr(e, "word_map", None), bank_problem=self.bank_problem)
 
     def require_engine(self):
         if self.engine is None:
@@ -257,6 +283,7 @@ class Backend:
         """Build (and save in the user data dir) the KNN bank of the loaded pack; a cancelled build saves nothing."""
         t0 = time.perf_counter()
         self.require_engine().build_bank(size=int(size), progress=progress, should_cancel=should_cancel)
+        self.bank_problem = ""  # the bank built here replaces the damaged one (and is used from now on)
         return self.info(time.perf_counter() - t0)
 
     def refine(self, face: FaceState | None, source_ws: Any, captions: Sequence[str], steps: int,

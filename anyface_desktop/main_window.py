@@ -512,8 +512,11 @@ class MainWindow(QMainWindow):
         reopen, self._reopen_after_load = getattr(self, "_reopen_after_load", None), None
         if reopen:  # the photo that was open, with this pack's encoder
             self.open_photo(reopen)
-        if not info.methods:  # e.g. an imported official pack: no CMD/CVAE trained, no bank built yet
-            self.offer_bank()
+        if getattr(info, "bank_problem", ""):
+            self.statusBar().showMessage("The pack's KNN bank is damaged: loaded without it (build one, or restore "
+                                         "the file).", 20000)
+        if not info.methods or getattr(info, "bank_problem", ""):  # e.g. an imported official pack: no CMD/CVAE
+            self.offer_bank()                                      # trained, no bank built yet; or a damaged bank
 
     def _set_methods(self, info) -> None:
         """The pack's methods, plus KNN always, and a loaded CMD/CVAE that reads text through the bank: without a bank,
@@ -547,8 +550,10 @@ class MainWindow(QMainWindow):
                 j.kind == "bank" for j in self.host.active.values()):
             return
         info = self.engine_info
-        box = QMessageBox(QMessageBox.Icon.Question, "Build the KNN bank?",
-                          f"Pack “{info.pack_id if info else self.pack_id}” has no KNN latent bank yet"
+        problem = getattr(info, "bank_problem", "") if info is not None else ""
+        lead = (f"The KNN latent bank of pack “{info.pack_id}” is damaged, so the pack loaded without it" if problem
+                else f"Pack “{info.pack_id if info else self.pack_id}” has no KNN latent bank yet")
+        box = QMessageBox(QMessageBox.Icon.Question, "Build the KNN bank?", lead
                           + ("" if info is None or info.methods
                              else f": its {' and '.join(m.upper() for m in info.needs_bank)} read"
                              f"{'s' if len(info.needs_bank) == 1 else ''} text through it"
@@ -556,7 +561,9 @@ class MainWindow(QMainWindow):
                              else " and no trained text model (CMD/CVAE)") + ".",
                           QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, self)
         box.setInformativeText("Build it now? It samples faces from the generator once (you choose how many) and "
-                               "keeps them for next time; then text-to-face works with no training.")
+                               "keeps them for next time; then text-to-face works with no training."
+                               + (f"\n\n{problem}\nA bank built here replaces it; so does a good copy of the file."
+                                  if problem else ""))
         box.button(QMessageBox.StandardButton.Yes).setText("Build bank…")
         box.button(QMessageBox.StandardButton.No).setText("Not now")
         box.buttonClicked.connect(lambda b: self.build_bank_dialog()

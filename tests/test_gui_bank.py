@@ -221,3 +221,71 @@ def test_a_cvae_that_reads_text_through_the_bank_is_offered_and_builds_it(qtbot,
         assert "no trained text model" not in w.bank_question.text()
     finally:
         _close(w)
+
+
+def _damaged_pack_bank():
+    """A damaged copy of the pack's bank where the app looks first (the user data dir): the bundled file is kept."""
+    import os
+
+    from core.weights import resources_dir
+
+    own = Path(os.environ["ANYFACE_DATA_DIR"]) / "weights" / "tiny" / "knn_bank.safetensors"
+    own.parent.mkdir(parents=True, exist_ok=True)
+    own.write_bytes((resources_dir() / "weights" / "tiny" / "knn_bank.safetensors").read_bytes()[:100_000])
+    return own
+
+
+def test_a_damaged_pack_bank_loads_the_pack_without_it_and_a_built_bank_replaces_it():
+    """The GUI refused the whole pack when its KNN bank was damaged, though the bank is the one file the app can
+    make again: the pack now loads without it and says why; any other damaged file still stops the load."""
+    from core.errors import CorruptWeightsError
+
+    own = _damaged_pack_bank()
+    try:
+        b = Backend(pack="tiny", device="cpu")
+        info = b.load(detector=None)
+        assert info.methods == [] and info.needs_bank == ["cmd", "cvae"] and info.bank_size == 0
+        assert "tiny-knn" in info.bank_problem and "corrupt" in info.bank_problem
+        info = b.build_bank(16)
+        assert info.bank_problem == "" and info.methods == ["knn", "cmd", "cvae"] and info.bank_size == 16
+        assert len(b.engine.synthesize(["red hair"], n=1, method="cmd")) == 1
+        _bank_file().unlink()
+        cmd = own.parent / "cmd.safetensors"  # a damaged CMD is not let through
+        from core.weights import resources_dir
+
+        cmd.write_bytes((resources_dir() / "weights" / "tiny" / "cmd.safetensors").read_bytes()[:1000])
+        with pytest.raises(CorruptWeightsError, match="tiny-cmd"):
+            Backend(pack="tiny", device="cpu").load(detector=None)
+    finally:
+        import shutil
+
+        shutil.rmtree(own.parent)
+        if _bank_file().is_file():
+            _bank_file().unlink()
+
+
+def test_the_window_says_the_bank_is_damaged_and_offers_to_build_one(qtbot, qapp, tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_SETTINGS_FILE, str(tmp_path / "settings.ini"))
+    from anyface_desktop.main_window import MainWindow
+
+    own = _damaged_pack_bank()
+    w = None
+    try:
+        w = MainWindow(pack="tiny", device="cpu", backend=Backend(pack="tiny", device="cpu"))
+        w.settings.set("ask_before_discard", False)
+        w.show()
+        qtbot.waitUntil(lambda: w.engine_info is not None, timeout=60000)
+        qtbot.waitUntil(lambda: w.idle, timeout=60000)
+        assert not open_error_boxes(), "the pack did not load"
+        box = w.bank_question
+        assert box is not None and box.isVisible()
+        assert "is damaged, so the pack loaded without it" in box.text() and "CMD and CVAE read text" in box.text()
+        assert "tiny-knn" in box.informativeText() and "A bank built here replaces it" in box.informativeText()
+        assert "damaged" in w.statusBar().currentMessage()
+        assert w.captions.method.findData("cmd") >= 0  # still listed: "needs the KNN bank: built on first use"
+    finally:
+        if w is not None:
+            _close(w)
+        import shutil
+
+        shutil.rmtree(own.parent)
