@@ -176,3 +176,32 @@ def test_engine_reads_captions_through_the_pack_word_map():
     full = " ".join(full)  # fits, one word more would not
     assert engine.read_as(full) == full
 
+
+
+def test_moods_are_read_as_the_clips_expression_words_and_held_out_wordings_are_untouched(tmp_path):
+    """WordNet led "bad" to "big", "angry" to "black", "shocked" to "water": the mood list reads them as the
+    expression words the tiny CLIP knows. No word of the report's held-out wordings or of the validation wordings is
+    in the list, nor reaches it by an inflection rule, so their readings (and the report's numbers) do not move."""
+    from training import build_wordmap
+    from training import captions as C
+    from core.wordmap import POS, words
+
+    wm = WordMap.load(BUNDLED)
+    vocab = build_wordmap.vocabulary()
+    listed = {w for ws in build_wordmap.EXPRESSIONS.values() for w in ws}
+    assert set(build_wordmap.EXPRESSIONS) <= vocab and not listed & vocab
+    for d in (C.PARAPHRASES, C.PARAPHRASES_VAL):
+        for vals in d.values():
+            for text in vals.values():
+                for w in words(text):
+                    looked_up = {x for pos in POS for x in wm.lemmas(w, pos)} | {w}
+                    assert not looked_up & listed, (text, w)
+    for caption, read in (("bad news", "serious"), ("a sad face", "serious"), ("an angry woman", "stern"),
+                          ("a frowning man", "stern"), ("someone scowled", "stern"), ("a shocked man", "astonished"),
+                          ("a terrified child", "astonished"), ("good news", "smiling")):
+        assert wm.expand(caption).startswith(f"{caption}, {read}"), (caption, wm.expand(caption))
+    # a built map: each listed word's first reading, whatever WordNet offered ("bad" -> "big" before)
+    built = build_wordmap.build(_wordnet(tmp_path), vocab={"red", "hair", "serious", "stern", "smiling"})
+    assert built.neighbours("sad")[0] == ("serious", build_wordmap.EXPRESSION_WEIGHT)
+    assert built.neighbours("frowning")[0][0] == "stern"  # through the verb rule: frown
+    assert built.neighbours("shocked") == []  # "astonished" is not in this vocabulary: no reading made up

