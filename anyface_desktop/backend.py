@@ -107,13 +107,16 @@ class Backend:
 
     # ------------------------------------------------------------------ engine
     def load(self, pack: str | None = None, device: str | None = None, progress: ProgressFn = None,
-             should_cancel: CancelFn = None, detector: str | None = "auto", tier: str = "fast") -> EngineInfo:
+             should_cancel: CancelFn = None, detector: str | None = "auto", tier: str = "fast",
+             force: bool = False) -> EngineInfo:
+        """Load ``pack`` on ``device`` (kept as it is when neither changed, unless ``force``: files on disk changed,
+        e.g. a bank built here was deleted or a damaged file replaced)."""
         t0 = time.perf_counter()
         if pack is not None:
             self.pack = pack
         if device is not None:
             self.device = device
-        if (self.engine is None or pack is not None and getattr(self.engine, "pack_id", None) != pack
+        if (force or self.engine is None or pack is not None and getattr(self.engine, "pack_id", None) != pack
                 or device is not None and self._device_changed(device)):
             from core.device import pick_device
             from core.engine import Engine

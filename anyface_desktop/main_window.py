@@ -487,12 +487,18 @@ class MainWindow(QMainWindow):
             return "auto"
         return stored
 
-    def load_engine(self) -> None:
+    def load_engine(self, force: bool = False) -> None:
+        """Load the pack on the worker; ``force``: read its files again even if pack and device are the same (a
+        bank built here was deleted, so the pack's own is used again)."""
         pack, device, detector, tier = self.pack_id, self.device_pref, self.settings.detector, self.settings.tier
         self.engine_info = None
         self.captions.set_word_map(None)  # the next pack's dictionary (if it has one) comes with its models
         self._update_actions()  # nothing to generate with until the models are loaded
-        self.submit("load", lambda b, progress, cancel: b.load(pack, device, progress, cancel, detector, tier))
+        if force:
+            self.submit("load", lambda b, progress, cancel: b.load(pack, device, progress, cancel, detector, tier,
+                                                                   force=True))
+        else:
+            self.submit("load", lambda b, progress, cancel: b.load(pack, device, progress, cancel, detector, tier))
 
     def _done_load(self, job: Job, info) -> None:
         self.engine_info = info
@@ -504,6 +510,9 @@ class MainWindow(QMainWindow):
         self.captions.set_word_map(getattr(info, "word_map", None))
         self._update_canvas_empty_text()
         self._update_actions()
+        if getattr(info, "bank_problem", ""):
+            self._startup_notes.append("The pack's KNN bank is damaged: loaded without it (build one, or restore the "
+                                       "file).")
         if self._startup_notes:
             self.statusBar().showMessage(" ".join(self._startup_notes), 20000)
             self._startup_notes = []
@@ -512,9 +521,6 @@ class MainWindow(QMainWindow):
         reopen, self._reopen_after_load = getattr(self, "_reopen_after_load", None), None
         if reopen:  # the photo that was open, with this pack's encoder
             self.open_photo(reopen)
-        if getattr(info, "bank_problem", ""):
-            self.statusBar().showMessage("The pack's KNN bank is damaged: loaded without it (build one, or restore "
-                                         "the file).", 20000)
         if not info.methods or getattr(info, "bank_problem", ""):  # e.g. an imported official pack: no CMD/CVAE
             self.offer_bank()                                      # trained, no bank built yet; or a damaged bank
 
@@ -562,8 +568,8 @@ class MainWindow(QMainWindow):
                           QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, self)
         box.setInformativeText("Build it now? It samples faces from the generator once (you choose how many) and "
                                "keeps them for next time; then text-to-face works with no training."
-                               + (f"\n\n{problem}\nA bank built here replaces it; so does a good copy of the file."
-                                  if problem else ""))
+                               + (f"\n\n{problem}\nA bank built here replaces it; so does a good copy of the file "
+                                  "(then restart the app, or pick the pack again in Models)." if problem else ""))
         box.button(QMessageBox.StandardButton.Yes).setText("Build bank…")
         box.button(QMessageBox.StandardButton.No).setText("Not now")
         box.buttonClicked.connect(lambda b: self.build_bank_dialog()
@@ -1385,7 +1391,7 @@ class MainWindow(QMainWindow):
             self.model_manager = ModelManager(self.pack_id, self)
             self.model_manager.packChosen.connect(self.use_pack)
             self.model_manager.bankRequested.connect(lambda *_: self.build_bank_dialog())
-            self.model_manager.bankDeleted.connect(lambda pid: pid == self.pack_id and self.load_engine())
+            self.model_manager.bankDeleted.connect(lambda pid: pid == self.pack_id and self.load_engine(force=True))
         self.model_manager.refresh()
         self.model_manager.show()
         self.model_manager.raise_()
@@ -1396,13 +1402,14 @@ class MainWindow(QMainWindow):
         if pack != self.pack_id and not self.confirm_discard("Switch the model pack"):
             return
         reopen = str(self.photo.path) if self.photo is not None and pack != self.pack_id else None
-        if pack != self.pack_id:
+        same = pack == self.pack_id
+        if not same:
             self._clear_work()
         self.pack_id = pack
         self.settings.set("pack", pack)
         self.pack_label.setText(f"Pack: {pack}")
         self._reopen_after_load = reopen
-        self.load_engine()
+        self.load_engine(force=same)  # the pack in use, picked again: read its files again (one may be replaced)
 
     def _clear_work(self) -> None:
         """Close the photo, its face and history, and the gallery (codes of another pack mean nothing here)."""

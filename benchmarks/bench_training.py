@@ -8,8 +8,9 @@ The generator (FFHQ config F) and the open_clip model are built with RANDOM weig
 be downloaded here, and a step costs the same whatever the weights. The CMD's training faces get pseudo-labels
 (`--no-annotate`); with real files the dlib annotator labels them on the CPU (training/README.md gives its rate).
 
-Printed per stage: the steady rate (steps or entries per second, between the first and the last log line, so
-start-up and the first steps' kernel selection are left out), the seconds from launch to the first log line, the
+Printed per stage: the steady rate (steps or entries per second between the first and the last progress line, timed
+as they arrive, so start-up and the first steps' kernel selection are left out; the KNN bank logs every 20 s, so a
+short bank run is timed by its one cumulative line, start-up included), the seconds from launch to the first log line, the
 peak memory the GPU held while it ran (the whole device, less what was in use before), and the projected time
 of the README's full run on one such device.
 """
@@ -33,7 +34,6 @@ from benchmarks.bench_generator import CONFIGS  # noqa: E402
 
 STEP_RE = re.compile(r"step (\d+)/(\d+) .*\| ([\d.]+) it/s")
 KNN_RE = re.compile(r"(\d+)/(\d+) entries \((\d+)/s")
-KNN_DONE_RE = re.compile(r"wrote .*: (\d+) entries in (\d+) s")
 
 # stage -> (module, arguments of the README's full run at 1024 px, full-run amount, unit)
 FULL = {
@@ -53,6 +53,7 @@ class GpuMemory:
 
     def __init__(self, device: str):
         self.on = device.startswith("cuda")
+        self.device = device
         self.peak = 0.0
         self.base = 0.0
         self._stop = threading.Event()
@@ -60,7 +61,7 @@ class GpuMemory:
     def _used(self) -> float:
         import torch
 
-        free, total = torch.cuda.mem_get_info()
+        free, total = torch.cuda.mem_get_info(torch.device(self.device))
         return (total - free) / 2 ** 30
 
     def __enter__(self):
@@ -104,17 +105,19 @@ def make_models(work: Path, res: int, clip: str, device: str) -> tuple[str, str]
     return str(g_path), f"{clip}:{c_path}"
 
 
-def steady_rate(lines: list[str]) -> tuple[float | None, int]:
-    """Steps/s between the first and the last log line (each line's cumulative rate gives its elapsed time)."""
+def steady_rate(timed: list[tuple[float, str]], stage: str = "") -> tuple[float | None, int]:
+    """Steps (entries for the KNN bank) per second between the first and the last progress line, timed as the
+    lines arrived (the children print unbuffered); with one line, that line's own cumulative rate."""
     pts = []
-    for ln in lines:
-        m = STEP_RE.search(ln)
-        if m and float(m.group(3)) > 0:
-            s = int(m.group(1))
-            pts.append((s, s / float(m.group(3))))
+    for t, ln in timed:
+        m = (KNN_RE if stage == "knn" else STEP_RE).search(ln)
+        if m:
+            pts.append((int(m.group(1)), t, float(m.group(3))))
+    if not pts:
+        return None, 0
     if len(pts) < 2:
-        return (pts[0][0] / pts[0][1] if pts else None), len(pts)
-    (s0, t0), (s1, t1) = pts[0], pts[-1]
+        return (pts[0][2] or None), 1
+    (s0, t0, _), (s1, t1, _) = pts[0], pts[-1]
     return (s1 - s0) / max(t1 - t0, 1e-9), len(pts)
 
 
@@ -139,6 +142,7 @@ def run_stage(stage: str, gen: str, clip: str, work: Path, args) -> dict:
     print(f"\n$ {' '.join(cmd[1:])}", flush=True)
     t_start = time.perf_counter()
     lines: list[str] = []
+    timed: list[tuple[float, str]] = []
     first_log = None
     killed = threading.Event()
     with GpuMemory(args.device) as mem:
@@ -148,6 +152,7 @@ def run_stage(stage: str, gen: str, clip: str, work: Path, args) -> dict:
         try:
             for ln in proc.stdout:
                 lines.append(ln.rstrip())
+                timed.append((time.perf_counter(), ln.rstrip()))
                 print("   " + ln.rstrip(), flush=True)
                 if first_log is None and (STEP_RE.search(ln) or KNN_RE.search(ln)):
                     first_log = time.perf_counter() - t_start
@@ -162,21 +167,19 @@ def run_stage(stage: str, gen: str, clip: str, work: Path, args) -> dict:
     wall = time.perf_counter() - t_start
     row = dict(stage=stage, unit=unit, measured=amount, wall_s=wall, first_log_s=first_log, peak_gb=mem.peak,
                rc=proc.returncode, command=" ".join(["python"] + cmd[1:]),
-               batch=int(_get(cmd, "--batch") or 0))
-    if proc.returncode != 0:
+               batch=int(_get(cmd, "--batch") or 0), readme_batch=int(_get(FULL[stage][1], "--batch") or 0))
+    rate, _ = steady_rate(timed, stage)
+    if proc.returncode != 0 and not (killed.is_set() and rate):
         row["error"] = next((ln for ln in reversed(lines) if ln.strip()), "?")[:200]
         return row
-    if stage == "knn":
-        done = [KNN_DONE_RE.search(ln) for ln in lines]
-        done = [m for m in done if m]
-        rates = [int(m.group(3)) for ln in lines if (m := KNN_RE.search(ln))]
-        rate = (rates[-1] if rates else (int(done[-1].group(1)) / max(int(done[-1].group(2)), 1)) if done else None)
-    else:
-        rate, _ = steady_rate(lines)
+    if killed.is_set():  # stopped by the watchdog after some log lines: what they measured still counts
+        row["partial"] = True
     row["rate"] = rate
     if rate:
-        row["full"] = full
-        row["full_h"] = full / rate / 3600
+        # a stage run at a smaller batch (out of memory) needs more steps for the same samples
+        scale = row["readme_batch"] / row["batch"] if unit == "steps" and row["batch"] and row["readme_batch"] else 1
+        row["full"] = int(round(full * scale))
+        row["full_h"] = row["full"] / rate / 3600
     return row
 
 
@@ -202,11 +205,14 @@ def table(rows: list[dict], device_name: str) -> str:
             continue
         unit = "entries/s" if r["unit"] == "entries" else "steps/s"
         full = f"{r['full']:,} {r['unit']}" if r.get("full") else "-"
+        if r.get("full") and r["unit"] == "steps" and r["batch"] != r.get("readme_batch", r["batch"]):
+            full += f" (the README's {r['readme_batch']}-batch run at batch {r['batch']})"
         h = r.get("full_h")
         took = "-" if h is None else (f"{h * 60:.0f} min" if h < 1.5 else f"{h:.1f} h")
         mem = f"{r['peak_gb']:.1f} GB" if r["peak_gb"] else "-"
         first = f"{r['first_log_s']:.0f} s" if r["first_log_s"] is not None else "-"
-        out.append(f"| {r['stage']} | {r['batch']} | {r['rate']:.2f} {unit} | {first} | {mem} | {full} | {took} |")
+        part = " (partial: stopped by --stage-timeout)" if r.get("partial") else ""
+        out.append(f"| {r['stage']} | {r['batch']} | {r['rate']:.2f} {unit}{part} | {first} | {mem} | {full} | {took} |")
     return "\n".join(out)
 
 
@@ -236,7 +242,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
+    name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else args.device
     t0 = time.perf_counter()
     gen, clip = make_models(args.work, args.res, args.clip, args.device)
     print(f"models: {gen} ({args.res} px), {clip}; made in {time.perf_counter() - t0:.0f} s", flush=True)

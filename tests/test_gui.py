@@ -91,7 +91,7 @@ class FakeBackend(Backend):
         super().__init__(engine or FakeEngine())
         self.invert_seconds = invert_seconds
 
-    def load(self, pack=None, device=None, progress=None, should_cancel=None, detector=None, tier="fast"):
+    def load(self, pack=None, device=None, progress=None, should_cancel=None, detector=None, tier="fast", force=False):
         return self.info(0.0)
 
     def read_image(self, path):

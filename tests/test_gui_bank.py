@@ -29,7 +29,7 @@ if any(s.state == "missing" and not s.file.optional for s in weights.pack_status
 class QuickBackend(Backend):
     """The real backend on an already loaded engine, minus the detector warm-up (no photo here)."""
 
-    def load(self, pack=None, device=None, progress=None, should_cancel=None, detector="auto", tier="fast"):
+    def load(self, pack=None, device=None, progress=None, should_cancel=None, detector="auto", tier="fast", force=False):
         return self.info(0.0)
 
 
@@ -249,7 +249,10 @@ def test_a_damaged_pack_bank_loads_the_pack_without_it_and_a_built_bank_replaces
         info = b.build_bank(16)
         assert info.bank_problem == "" and info.methods == ["knn", "cmd", "cvae"] and info.bank_size == 16
         assert len(b.engine.synthesize(["red hair"], n=1, method="cmd")) == 1
-        _bank_file().unlink()
+        _bank_file().unlink()  # Models > delete the built bank: the window loads again with force
+        assert b.load(detector=None).bank_size == 16  # same pack, same device: nothing read again
+        info = b.load(detector=None, force=True)  # read again: the damaged pack bank is back, and said so
+        assert info.bank_size == 0 and "tiny-knn" in info.bank_problem
         cmd = own.parent / "cmd.safetensors"  # a damaged CMD is not let through
         from core.weights import resources_dir
 

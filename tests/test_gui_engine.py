@@ -40,7 +40,7 @@ def _engine():
 
 
 class ToyBackend(Backend):
-    def load(self, pack=None, device=None, progress=None, should_cancel=None, detector="auto", tier="fast"):
+    def load(self, pack=None, device=None, progress=None, should_cancel=None, detector="auto", tier="fast", force=False):
         self.warm_up(detector)
         self.warm_up_engine("balanced")
         return self.info(0.0)

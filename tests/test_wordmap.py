@@ -198,8 +198,12 @@ def test_moods_are_read_as_the_clips_expression_words_and_held_out_wordings_are_
                     assert not looked_up & listed, (text, w)
     for caption, read in (("bad news", "serious"), ("a sad face", "serious"), ("an angry woman", "stern"),
                           ("a frowning man", "stern"), ("someone scowled", "stern"), ("a shocked man", "astonished"),
-                          ("a terrified child", "astonished"), ("good news", "smiling")):
+                          ("a terrified child", "astonished"), ("a pleased woman", "smiling")):
         assert wm.expand(caption).startswith(f"{caption}, {read}"), (caption, wm.expand(caption))
+    # words whose everyday sense in a face caption is not a mood are not read as one
+    for caption in ("a man with a shock of white hair", "a woman with a severe bob", "fierce eyebrows",
+                    "a good-looking young man", "madder red hair", "shocking pink hair"):
+        assert not set(wm.additions(caption)) & set(build_wordmap.EXPRESSIONS), (caption, wm.expand(caption))
     # a built map: each listed word's first reading, whatever WordNet offered ("bad" -> "big" before)
     built = build_wordmap.build(_wordnet(tmp_path), vocab={"red", "hair", "serious", "stern", "smiling"})
     assert built.neighbours("sad")[0] == ("serious", build_wordmap.EXPRESSION_WEIGHT)

@@ -57,7 +57,9 @@ KEEP = 3
 # links for "sad" lead to "glad" (an antonym) or gloss words ("showing"); "bad" led to "big" (a synonym in "a bad
 # cold"), "angry" to "black", "frowning" to "face". The tiny CLIP knows smiling vs. not and an open mouth, so a
 # mood is read as the nearest of those: sadness and worry as "serious", anger as "stern", shock and fright as
-# "astonished" (an open mouth), pleasure as "smiling". Written for this project (the developers' guide's "bad
+# "astonished" (an open mouth), pleasure as "smiling". Left out: words whose everyday sense in a face caption is
+# not a mood ("a shock of white hair", "a severe bob", "fierce eyebrows", "good-looking", "madder red"); "bad" stays
+# for "bad news" and "a bad mood", so "bad skin" is read as "serious" too. Written for this project (the developers' guide's "bad
 # news" among them); no word of the report's held-out wordings (captions.PARAPHRASES) or of the validation ones
 # (PARAPHRASES_VAL) is here, so neither set reads differently (tests/test_wordmap.py). Each entry goes into the
 # noun, verb and adjective tables, so inflections ("frowning", "scowled") find it; its weight (2) puts it before
@@ -68,19 +70,19 @@ sad sadness unhappy unhappiness upset miserable misery depressed melancholy mela
 mourning grieving grief tearful teary cry crying weep weeping sob sobbing worried worry anxious troubled distressed
 heartbroken disappointed dejected downcast despondent glum somber sombre dour pensive bad tragic hurt lonely sorry
 regretful bored weary
-""".split()),
+    """.split()),
     "stern": tuple("""
-angry anger furious fury mad annoyed irritated irate grumpy grouchy sullen sulky scowl frown hostile fierce menacing
-threatening rage enraged outraged displeased disapproving strict severe
-""".split()),
+angry anger furious fury annoyed irritated irate grumpy grouchy sullen sulky scowl frown hostile menacing
+threatening rage enraged outraged displeased disapproving strict
+    """.split()),
     "astonished": tuple("""
-shocked shock stunned amazed amazement startled aghast flabbergasted dumbfounded astounded speechless gasp awestruck
+shocked stunned amazed amazement startled aghast flabbergasted dumbfounded astounded speechless gasp awestruck
 awed scream screaming terrified horrified frightened scared afraid fear panic panicked
-""".split()),
+    """.split()),
     "smiling": tuple("""
 pleased content contented amused cheery jolly merry elated ecstatic excited thrilled overjoyed gleeful jovial playful
-friendly good chuckle giggle
-""".split()),
+friendly chuckle giggle
+    """.split()),
 }
 EXPRESSION_WEIGHT = 2.0
 LINKS = ("&", "^", "=", "@", "@i", "+", "\\", "<")  # similar, also see, attribute, hypernym(s), derived, pertainym, participle
