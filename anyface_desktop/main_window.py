@@ -494,11 +494,8 @@ class MainWindow(QMainWindow):
         self.engine_info = None
         self.captions.set_word_map(None)  # the next pack's dictionary (if it has one) comes with its models
         self._update_actions()  # nothing to generate with until the models are loaded
-        if force:
-            self.submit("load", lambda b, progress, cancel: b.load(pack, device, progress, cancel, detector, tier,
-                                                                   force=True))
-        else:
-            self.submit("load", lambda b, progress, cancel: b.load(pack, device, progress, cancel, detector, tier))
+        self.submit("load", lambda b, progress, cancel: b.load(pack, device, progress, cancel, detector, tier,
+                                                               force=force))
 
     def _done_load(self, job: Job, info) -> None:
         self.engine_info = info

@@ -10,9 +10,9 @@ be downloaded here, and a step costs the same whatever the weights. The CMD's tr
 
 Printed per stage: the steady rate (steps or entries per second between the first and the last progress line, timed
 as they arrive, so start-up and the first steps' kernel selection are left out; the KNN bank logs every 20 s, so a
-short bank run is timed by its one cumulative line, start-up included), the seconds from launch to the first log line, the
-peak memory the GPU held while it ran (the whole device, less what was in use before), and the projected time
-of the README's full run on one such device.
+short bank run is timed by its one cumulative line, start-up included), the seconds from launch to the first log
+line, the peak memory the GPU held while it ran (the whole device, less what was in use before), and the projected
+time of the README's full run on one such device.
 """
 
 from __future__ import annotations
@@ -212,7 +212,8 @@ def table(rows: list[dict], device_name: str) -> str:
         mem = f"{r['peak_gb']:.1f} GB" if r["peak_gb"] else "-"
         first = f"{r['first_log_s']:.0f} s" if r["first_log_s"] is not None else "-"
         part = " (partial: stopped by --stage-timeout)" if r.get("partial") else ""
-        out.append(f"| {r['stage']} | {r['batch']} | {r['rate']:.2f} {unit}{part} | {first} | {mem} | {full} | {took} |")
+        out.append(f"| {r['stage']} | {r['batch']} | {r['rate']:.2f} {unit}{part} | {first} | {mem} | {full} "
+                   f"| {took} |")
     return "\n".join(out)
 
 

@@ -99,11 +99,6 @@ class RecordText(nn.Module):
         return self
 
 
-def fits_text_replay(clip):
-    """The engine asks ``clip.fits_text`` before encoding; the answer was recorded with the embeddings."""
-    return lambda text: True
-
-
 def run_engine(eng, aligned: np.ndarray) -> dict:
     """The calls compared: synthesize per method and case, invert (fast, balanced), edit per method/strength."""
     out: dict = {"synth": {}, "edit": {}, "invert": {}, "time": {}}
@@ -208,7 +203,7 @@ def cmd_compare(args) -> int:
     ref = torch.load(args.ref, weights_only=True, map_location="cpu")
     eng = Engine.from_pack("tiny", device=device)
     object.__setattr__(eng.clip, "_text_tower", ReplayText(ref["text"], int(eng.clip.config["max_text_tokens"])))
-    eng.clip.fits_text = fits_text_replay(eng.clip)
+    eng.clip.fits_text = lambda text: True  # asked before encoding; every recorded caption fitted on the CPU
     if list(eng.methods) != list(ref["methods"]):
         print(f"methods differ: CPU {ref['methods']}, here {eng.methods}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)

@@ -6,16 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-
-
-@pytest.fixture(autouse=True)
-def _data(tmp_path, monkeypatch):
-    monkeypatch.setenv("ANYFACE_DATA_DIR", str(tmp_path / "data"))  # no bank built by another test
 
 
 def test_reference_on_the_cpu_matches_the_cpu_and_a_changed_face_fails(tmp_path, capsys):

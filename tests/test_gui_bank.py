@@ -240,38 +240,31 @@ def test_a_damaged_pack_bank_loads_the_pack_without_it_and_a_built_bank_replaces
     make again: the pack now loads without it and says why; any other damaged file still stops the load."""
     from core.errors import CorruptWeightsError
 
-    own = _damaged_pack_bank()
-    try:
-        b = Backend(pack="tiny", device="cpu")
-        info = b.load(detector=None)
-        assert info.methods == [] and info.needs_bank == ["cmd", "cvae"] and info.bank_size == 0
-        assert "tiny-knn" in info.bank_problem and "corrupt" in info.bank_problem
-        info = b.build_bank(16)
-        assert info.bank_problem == "" and info.methods == ["knn", "cmd", "cvae"] and info.bank_size == 16
-        assert len(b.engine.synthesize(["red hair"], n=1, method="cmd")) == 1
-        _bank_file().unlink()  # Models > delete the built bank: the window loads again with force
-        assert b.load(detector=None).bank_size == 16  # same pack, same device: nothing read again
-        info = b.load(detector=None, force=True)  # read again: the damaged pack bank is back, and said so
-        assert info.bank_size == 0 and "tiny-knn" in info.bank_problem
-        cmd = own.parent / "cmd.safetensors"  # a damaged CMD is not let through
-        from core.weights import resources_dir
+    from core.weights import resources_dir
 
-        cmd.write_bytes((resources_dir() / "weights" / "tiny" / "cmd.safetensors").read_bytes()[:1000])
-        with pytest.raises(CorruptWeightsError, match="tiny-cmd"):
-            Backend(pack="tiny", device="cpu").load(detector=None)
-    finally:
-        import shutil
-
-        shutil.rmtree(own.parent)
-        if _bank_file().is_file():
-            _bank_file().unlink()
+    own = _damaged_pack_bank()  # in this test's own user data dir (conftest), like the bank built below
+    b = Backend(pack="tiny", device="cpu")
+    info = b.load(detector=None)
+    assert info.methods == [] and info.needs_bank == ["cmd", "cvae"] and info.bank_size == 0
+    assert "tiny-knn" in info.bank_problem and "corrupt" in info.bank_problem
+    info = b.build_bank(16)
+    assert info.bank_problem == "" and info.methods == ["knn", "cmd", "cvae"] and info.bank_size == 16
+    assert len(b.engine.synthesize(["red hair"], n=1, method="cmd")) == 1
+    _bank_file().unlink()  # Models > delete the built bank: the window loads again with force
+    assert b.load(detector=None).bank_size == 16  # same pack, same device: nothing read again
+    info = b.load(detector=None, force=True)  # read again: the damaged pack bank is back, and said so
+    assert info.bank_size == 0 and "tiny-knn" in info.bank_problem
+    cmd = own.parent / "cmd.safetensors"  # a damaged CMD is not let through
+    cmd.write_bytes((resources_dir() / "weights" / "tiny" / "cmd.safetensors").read_bytes()[:1000])
+    with pytest.raises(CorruptWeightsError, match="tiny-cmd"):
+        Backend(pack="tiny", device="cpu").load(detector=None)
 
 
 def test_the_window_says_the_bank_is_damaged_and_offers_to_build_one(qtbot, qapp, tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_SETTINGS_FILE, str(tmp_path / "settings.ini"))
     from anyface_desktop.main_window import MainWindow
 
-    own = _damaged_pack_bank()
+    _damaged_pack_bank()
     w = None
     try:
         w = MainWindow(pack="tiny", device="cpu", backend=Backend(pack="tiny", device="cpu"))
@@ -289,6 +282,3 @@ def test_the_window_says_the_bank_is_damaged_and_offers_to_build_one(qtbot, qapp
     finally:
         if w is not None:
             _close(w)
-        import shutil
-
-        shutil.rmtree(own.parent)

@@ -10,7 +10,8 @@ of these, the words the tiny CLIP was trained on (``captions.training_words()``,
 three per lemma. The engine appends the best one (weight >= 0.5) for each word of a caption the CLIP never saw.
 Words for moods and expressions, which WordNet does not lead to the CLIP's expression words, are read through a
 short list written for this project (``EXPRESSIONS``: "sad" -> "serious", "angry" -> "stern", "shocked" ->
-"astonished", "pleased" -> "smiling").
+"astonished", "pleased" -> "smiling"); a few other words WordNet led astray get the CLIP's own word (``READINGS``),
+and words for looks and origin, whose WordNet word would be a colour, get none (``NO_READING``).
 
 Chosen on the validation wordings only (``PARAPHRASES_VAL``; the report's ``PARAPHRASES`` were not looked at),
 with the KNN engine, 8 faces per prompt, seeds from 5000 (``training.val_presence``): without the map plain-1 /
@@ -53,17 +54,16 @@ lots wearing wears wear wore worn
 SENSES = 3
 KEEP = 3
 
-# Words for moods and expressions, read as the expression word the CLIP knows. WordNet does not reach them: its
-# links for "sad" lead to "glad" (an antonym) or gloss words ("showing"); "bad" led to "big" (a synonym in "a bad
-# cold"), "angry" to "black", "frowning" to "face". The tiny CLIP knows smiling vs. not and an open mouth, so a
-# mood is read as the nearest of those: sadness and worry as "serious", anger as "stern", shock and fright as
-# "astonished" (an open mouth), pleasure as "smiling". Left out: words whose everyday sense in a face caption is
-# not a mood ("a shock of white hair", "a severe bob", "fierce eyebrows", "good-looking", "madder red"); "bad" stays
-# for "bad news" and "a bad mood", so "bad skin" is read as "serious" too. Written for this project (the developers' guide's "bad
-# news" among them); no word of the report's held-out wordings (captions.PARAPHRASES) or of the validation ones
-# (PARAPHRASES_VAL) is here, so neither set reads differently (tests/test_wordmap.py). Each entry goes into the
-# noun, verb and adjective tables, so inflections ("frowning", "scowled") find it; its weight (2) puts it before
-# any WordNet word.
+# Words for moods and expressions, read as the expression word the CLIP knows. WordNet does not reach them: its links
+# for "sad" lead to "glad" (an antonym) or gloss words ("showing"); "bad" led to "big" (a synonym in "a bad cold"),
+# "angry" to "black", "frowning" to "face". The tiny CLIP knows smiling vs. not and an open mouth, so a mood is read
+# as the nearest of those: sadness and worry as "serious", anger as "stern", shock and fright as "astonished" (an open
+# mouth), pleasure as "smiling". Left out: words whose everyday sense in a face caption is not a mood ("a shock of
+# white hair", "a severe bob", "fierce eyebrows", "good-looking", "madder red"); "bad" stays for "bad news" and "a bad
+# mood", so "bad skin" is read as "serious" too. Written for this project (the developers' guide's "bad news" among
+# them); no word of the report's held-out wordings (captions.PARAPHRASES) or of the validation ones (PARAPHRASES_VAL)
+# is here, so neither set reads differently (tests/test_wordmap.py). Each entry goes into the noun, verb and adjective
+# tables, so inflections ("frowning", "scowled") find it; its weight (2) puts it before any WordNet word.
 EXPRESSIONS: dict[str, tuple[str, ...]] = {
     "serious": tuple("""
 sad sadness unhappy unhappiness upset miserable misery depressed melancholy melancholic sorrowful sorrow mournful
